@@ -1,0 +1,43 @@
+# lora_ref: two commands on a fresh machine with only python3 and make.
+#   make tour   the main job (pretrains or reuses the tutorial model, writes runs/tour/)
+#   make test   every test, interop included
+# Both create or refresh .venv from pyproject.toml when it changed.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PYTEST_ARGS ?=
+
+# bitsandbytes on CPU: odd last dimensions otherwise trigger torch.compile.
+export TORCHDYNAMO_DISABLE := 1
+
+.PHONY: venv test tour book lab bench clean-book
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "installing lora_ref and its extras into $(VENV) (pip; the CPU torch wheel comes from local disk)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,interop]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+tour: $(STAMP)
+	$(BIN)/lora-ref tour $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/lora-ref bench $(ARGS)
+
+book: $(STAMP)
+	$(BIN)/python book/build.py
+
+clean-book:
+	rm -rf book/_build
+
+lab: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[notebooks]'
+	$(BIN)/jupyter lab notebooks/

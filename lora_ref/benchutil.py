@@ -1,0 +1,56 @@
+"""Timing helpers shared by every benchmark: ours and the baseline measured alternately in one run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+
+def time_pair(ours: Callable[[], object], baseline: Callable[[], object], *, repeats: int = 7,
+              warmup: int = 2) -> tuple[float, float]:
+    """Median wall-clock seconds of ``ours()`` and ``baseline()``, run alternately after ``warmup`` calls each.
+
+    Alternating the two means that a slow phase of the machine (another process, a frequency change) costs both
+    sides alike, so their ratio is steadier than either time.
+    """
+    for _ in range(warmup):
+        ours()
+        baseline()
+    t_ours, t_base = [], []
+    for i in range(repeats):
+        pair = ((ours, t_ours), (baseline, t_base)) if i % 2 == 0 else ((baseline, t_base), (ours, t_ours))
+        for fn, acc in pair:
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(t_ours), statistics.median(t_base)
+
+
+def row(name: str, ours_s: float, baseline: str, baseline_s: float, **params) -> dict:
+    """One result row of ``lora-ref bench --json``; ratio = our time / baseline time (lower is better)."""
+    return {"name": name, "ours_s": ours_s, "baseline": baseline, "baseline_s": baseline_s,
+            "ratio": ours_s / baseline_s if baseline_s > 0 else float("inf"), "params": params}
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import numpy as np
+        info["numpy"] = np.__version__
+        from threadpoolctl import threadpool_info  # optional
+        info["blas"] = [{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")} for d in threadpool_info()]
+    except Exception:
+        pass
+    return info

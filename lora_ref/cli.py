@@ -1,0 +1,115 @@
+"""The ``lora-ref`` command line.
+
+Each command lives in ``lora_ref/commands/<name>.py`` and provides ``HELP`` (one line), ``EXAMPLES`` (text shown
+under ``--help``), ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their command
+runs, so ``lora-ref --help`` stays fast.
+
+Exit codes: 0 ok, 1 the work failed (bad files, NaN weights, a check that failed), 2 bad usage (unknown flags,
+flag values that are not allowed). Errors are one line on stderr, never a traceback; set ``LORA_REF_DEBUG=1`` to
+see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> one-line help (kept here so ``lora-ref --help`` needs no imports)
+COMMANDS: dict[str, str] = {
+    "tour": "run the whole story: pretrain (cached), fine-tune, LoRA, QLoRA, ranks, memory, merging, NF4",
+    "count": "count parameters and predict memory for full fine-tuning, LoRA and QLoRA",
+    "quantize": "quantize a checkpoint's linear layers to 4 bit in bitsandbytes' format",
+    "finetune": "fine-tune the tutorial model with full, LoRA or QLoRA training",
+    "merge": "merge one or more PEFT adapters into a base checkpoint",
+    "vectors": "write the reference vectors (safetensors + manifest.json)",
+    "check": "check results against reference vectors",
+    "bench": "benchmarks, each a ratio against a baseline measured in the same run",
+    "generate": "generate text from a checkpoint",
+}
+
+
+class UsageError(ValueError):
+    """A flag value that is not allowed (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like argparse but without the usage dump
+        sys.stderr.write(f"lora-ref: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _load(name: str):
+    return importlib.import_module(f"lora_ref.commands.{name}")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lora-ref",
+        description="LoRA, QLoRA and adapter merging from first principles in NumPy.",
+        epilog="Run 'lora-ref COMMAND --help' for a command's flags and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, helptext in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=helptext, add_help=False)
+            continue
+        mod = _load(name)
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext,
+            epilog=getattr(mod, "EXAMPLES", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        sys.stderr.write(f"lora-ref: error: unknown command '{command}'; known: {', '.join(COMMANDS)}\n")
+        return 2
+    if command is None:
+        parser = build_parser(only="")
+        if any(a in ("-h", "--help") for a in argv):
+            parser.print_help()
+            return 0
+        parser.print_help(sys.stderr)
+        return 2
+    parser = build_parser(only=command)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or bad usage (2)
+        return int(e.code or 0)
+    mod = _load(command)
+    try:
+        return int(mod.run(args) or 0)
+    except UsageError as e:
+        if os.environ.get("LORA_REF_DEBUG"):
+            raise
+        sys.stderr.write(f"lora-ref {command}: error: {_one_line(e)}\n")
+        return 2
+    except (ValueError, OSError, KeyError) as e:
+        if os.environ.get("LORA_REF_DEBUG"):
+            raise
+        sys.stderr.write(f"lora-ref {command}: error: {_one_line(e)}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"lora-ref {command}: interrupted; no partial output was kept\n")
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.strerror}: {e.filename}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per ``lora-ref`` command; see ``lora_ref.cli``."""

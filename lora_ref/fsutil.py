@@ -1,0 +1,93 @@
+"""Safe output: write to a temporary sibling, rename at the end; refuse to write into a non-empty folder.
+
+Every command that writes files goes through :func:`output_dir` or :func:`atomic_write`, so an error or an
+interrupt leaves no partial output behind and never touches an existing file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def check_out_dir(path: str | os.PathLike, *, replace_marker: str | None = None) -> Path:
+    """Check that ``path`` may be written: missing, empty, or (with ``replace_marker``) a folder we wrote before.
+
+    Raises ``ValueError`` naming the path otherwise. Nothing is created here.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"output path exists and is not a folder: {p}")
+    if p.is_dir() and any(p.iterdir()):
+        if replace_marker is None or not (p / replace_marker).is_file():
+            raise ValueError(f"output folder is not empty: {p} (choose a new folder or empty it)")
+    parent = p.resolve().parent
+    if not parent.exists():
+        raise ValueError(f"parent folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output folder is not writable: {parent}")
+    return p
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, *, replace_marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` atomically.
+
+    On any exception (or KeyboardInterrupt) the temporary folder is removed and ``path`` is left as it was.
+    With ``replace_marker``, an existing folder that holds that marker file (one we wrote before) is replaced.
+    """
+    final = check_out_dir(path, replace_marker=replace_marker)
+    parent = final.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if replace_marker is not None:
+            (tmp / replace_marker).write_text("written by lora_ref; this folder may be replaced by the same command\n")
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
+            os.rename(final, old / "x")
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """Return ``Path(path)`` or raise ``ValueError`` naming the missing path."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{what} not found: {p}")
+    return p
+
+
+def require_dir(path: str | os.PathLike, what: str = "folder") -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{what} not found: {p}" if not p.exists() else f"{what} is not a folder: {p}")
+    return p
