@@ -15,7 +15,7 @@ from lora_ref import functional as F
 from lora_ref import ops
 from lora_ref.tensor import Tensor
 
-__all__ = ["Parameter", "Module", "ModuleList", "Linear", "Embedding", "RMSNorm"]
+__all__ = ["Parameter", "Module", "ModuleList", "ModuleDict", "Linear", "Embedding", "RMSNorm"]
 
 
 class Parameter(Tensor):
@@ -201,6 +201,42 @@ class ModuleList(Module):
 
     def __iter__(self):
         return iter(self._modules.values())
+
+
+class ModuleDict(Module):
+    """Modules by name (PEFT keeps one ``lora_A`` per adapter name in one: ``lora_A.default.weight``)."""
+
+    def __init__(self, modules: dict | None = None):
+        super().__init__()
+        for k, m in (modules or {}).items():
+            self[k] = m
+
+    def __getitem__(self, key: str) -> Module:
+        return self._modules[key]
+
+    def __setitem__(self, key: str, module: Module) -> None:
+        setattr(self, key, module)
+
+    def __delitem__(self, key: str) -> None:
+        delattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def keys(self):
+        return self._modules.keys()
+
+    def items(self):
+        return self._modules.items()
+
+    def values(self):
+        return self._modules.values()
 
 
 class Linear(Module):
