@@ -1,0 +1,574 @@
+"""Blockwise absmax quantization to 4 bits (NF4, FP4) and 8 bits (the dynamic map), as bitsandbytes does it.
+
+A tensor x of any shape is flattened (row-major) and cut into blocks of ``blocksize`` consecutive elements; a block
+may span two rows. Each block b keeps one float32 scale, its absolute maximum, and each element keeps the index of
+the nearest entry of a code table after normalisation [QLoRA §2, §3]::
+
+    absmax_b = max_{i in b} |x_i|                     # float32[nblocks]
+    code_i   = nearest(code, x_i / absmax_b)          # 4-bit index
+    x̂_i      = code[code_i] * absmax_b                # float32 product, then cast to x's dtype
+
+Two 4-bit codes share a byte, the first element in the high nibble. *Double quantization* quantizes the
+float32 scales again: their mean (``offset``) is subtracted and the rest is quantized blockwise to 8 bits with
+the dynamic map, blocksize 256 (:func:`quantize_blockwise`).
+
+"Nearest" is where implementations differ, and this module reproduces two of them bit for bit
+(``rounding=``):
+
+- ``"cuda"`` — bitsandbytes' CUDA kernels (``kQuantizeBlockwise``, ``dQuantizeNF4``, ``dQuantizeFP4``,
+  ``dQuantize``): s = x · (1/absmax), codes from decimal-literal thresholds with strict ``>``, an all-zero block
+  gives NaN scales and code 0 (NF4: −1 · 0 = −0.0 after dequantization); 8 bits by a 7-step binary search.
+- ``"cpu"`` — bitsandbytes' CPU path (``backends/default/ops.py`` for 4 bits, ``csrc/cpu_ops.cpp`` for 8
+  bits): s = clamp(x · (1/max(absmax, 1e-38)), −1, 1) but true division x / absmax in a trailing partial block,
+  codes by ``bucketize`` against the float32 midpoints (a value on a midpoint goes to the lower code), FP4
+  through the sorted table; 8 bits through a 65,536-bin lookup table.
+
+The readable low-level steps are module-level functions on plain arrays (:func:`absmax_blocks`,
+:func:`encode_4bit`, :func:`pack_nibbles`, :func:`unpack_nibbles`, :func:`decode_4bit`, :func:`encode_8bit`,
+:func:`decode_8bit`). ``lora_ref.quant.kernels`` holds Numba twins with the same names and signatures; the public
+functions choose between them with ``impl="numpy" | "numba"``.
+
+Taught in ``notebooks/05_nf4.ipynb``. References: [QLoRA] Dettmers et al. 2023, arXiv 2305.14314;
+bitsandbytes 0.50.2 ``functional.py`` (``quantize_4bit``, ``dequantize_4bit``, ``quantize_blockwise``,
+``QuantState``), ``csrc/kernels.cu``, ``backends/default/ops.py``, ``csrc/cpu_ops.cpp``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import ml_dtypes
+import numpy as np
+
+from lora_ref.quant import nf4
+
+__all__ = [
+    "ALLOWED_BLOCKSIZES",
+    "NESTED_BLOCKSIZE",
+    "QUANT_TYPES",
+    "ROUNDINGS",
+    "QuantState",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "absmax_blocks",
+    "encode_4bit",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "decode_4bit",
+    "encode_8bit",
+    "decode_8bit",
+    "bits_per_parameter",
+]
+
+ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Blocksizes bitsandbytes accepts for 4-bit and 8-bit blockwise quantization."""
+NESTED_BLOCKSIZE = 256
+"""Blocksize of the second level of double quantization ([QLoRA] §3: "8-bit Floats with a blocksize of 256")."""
+QUANT_TYPES = ("nf4", "fp4")
+ROUNDINGS = ("cuda", "cpu")
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+
+F32 = np.float32
+_CPU_MIN_ABSMAX = F32(1e-38)  # bitsandbytes' CPU path: absmax.clamp(min=1e-38)
+
+# Decision thresholds, computed once from nf4.py.
+_CUDA_NF4_T = nf4.cuda_nf4_thresholds()  # float32[15]
+_CUDA_FP4_T = nf4.cuda_fp4_thresholds()  # float32[7], magnitudes
+_CPU_NF4_T = nf4.midpoints_f32(nf4.NF4_CODE)  # float32[15]
+_CPU_FP4_T = nf4.midpoints_f32(nf4.FP4_CODE[nf4.FP4_SORTED_ORDER])  # float32[15]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization state
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantState:
+    """Everything needed to dequantize, with bitsandbytes' ``QuantState`` field names.
+
+    Attributes
+    ----------
+    absmax : float32[nblocks] block scales; with double quantization uint8[nblocks] nested codes.
+    shape : the original tensor's shape.
+    dtype : the original dtype (float32, float16 or ml_dtypes.bfloat16); dequantization returns it.
+    blocksize : elements per block.
+    quant_type : "nf4" or "fp4" for 4-bit states; None for an 8-bit (``quantize_blockwise``) state.
+    code : float32[16] (4-bit) or float32[256] (8-bit) code table, index = stored code.
+    offset : with double quantization, the mean of the float32 scales that was subtracted (a Python float).
+    state2 : with double quantization, the 8-bit state of the scales (absmax float32[ceil(nblocks/256)],
+        code = the dynamic map, blocksize 256).
+    """
+
+    absmax: np.ndarray
+    shape: tuple
+    dtype: np.dtype
+    blocksize: int
+    quant_type: Optional[str]
+    code: np.ndarray
+    offset: Optional[float] = None
+    state2: Optional["QuantState"] = None
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+    def block_absmax(self, impl: str = "numpy") -> np.ndarray:
+        """float32[nblocks]: the scales, dequantized from the nested state when double-quantized.
+
+        absmax = code2[q] · absmax2[i // 256] + offset, each step in float32 (bitsandbytes' order).
+        """
+        if not self.nested:
+            return np.asarray(self.absmax, dtype=np.float32)
+        s2 = self.state2
+        scales = _impl("decode_8bit", impl)(np.asarray(self.absmax, dtype=np.uint8), s2.absmax, s2.code, s2.blocksize)
+        return (scales + F32(self.offset)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Low-level steps on flat arrays (each has a Numba twin in lora_ref.quant.kernels)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def absmax_blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
+    """Per-block absolute maximum of a flat float32 vector.
+
+    Parameters
+    ----------
+    flat : float32[n]
+    blocksize : elements per block; the last block holds the n % blocksize leftover elements (if any).
+
+    Returns
+    -------
+    float32[ceil(n / blocksize)], absmax_b = max_{i in block b} |flat_i|.
+    """
+    n = flat.shape[0]
+    nblocks = -(-n // blocksize)
+    padded = np.zeros(nblocks * blocksize, dtype=np.float32)  # |0| never raises a maximum
+    padded[:n] = np.abs(flat)
+    return padded.reshape(nblocks, blocksize).max(axis=1)  # (nblocks,)
+
+
+def _block_index(n: int, blocksize: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) // blocksize  # (n,)
+
+
+def _scaled(flat: np.ndarray, absmax: np.ndarray, blocksize: int, rounding: str) -> np.ndarray:
+    """float32[n]: x normalised by its block's absmax, with the arithmetic of the chosen implementation."""
+    n = flat.shape[0]
+    blk = _block_index(n, blocksize)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if rounding == "cuda":
+            inv = (F32(1.0) / absmax).astype(np.float32)  # 1/0 = inf, so a zero block gives 0·inf = NaN
+            return (flat * inv[blk]).astype(np.float32)
+        # cpu: reciprocal multiply, clamp to [-1, 1]; the trailing partial block uses true division
+        safe = np.maximum(absmax, _CPU_MIN_ABSMAX)
+        inv = (F32(1.0) / safe).astype(np.float32)
+        s = (flat * inv[blk]).astype(np.float32)
+        rem = n % blocksize
+        if rem:
+            s[n - rem:] = flat[n - rem:] / safe[-1]
+        return np.clip(s, F32(-1.0), F32(1.0))
+
+
+def encode_4bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type: str, rounding: str) -> np.ndarray:
+    """4-bit codes of a flat float32 vector, given its block scales.
+
+    Parameters
+    ----------
+    flat : float32[n]
+    absmax : float32[ceil(n / blocksize)] block scales (from :func:`absmax_blocks`)
+    blocksize : elements per block
+    quant_type : "nf4" or "fp4"
+    rounding : "cuda" (decimal thresholds, strict >, NaN → 0) or "cpu" (float32 midpoints, bucketize)
+
+    Returns
+    -------
+    uint8[n], values 0..15: index into ``get_4bit_type(quant_type)``.
+    """
+    s = _scaled(flat, absmax, blocksize, rounding)  # (n,)
+    if rounding == "cuda":
+        nan = np.isnan(s)
+        if quant_type == "nf4":
+            # code = number of thresholds t with s > t
+            codes = np.searchsorted(_CUDA_NF4_T, s, side="left").astype(np.uint8)
+            codes[nan] = 0
+            return codes
+        sign = np.where(s < 0, 0b1000, 0).astype(np.uint8)  # -0.0 and NaN count as positive
+        rank = np.searchsorted(_CUDA_FP4_T, np.abs(s), side="left")  # number of literals below |s|
+        rank[nan] = 0
+        return (nf4.CUDA_FP4_MAGNITUDE_CODES[rank] + sign).astype(np.uint8)
+    # cpu: torch.bucketize(s, midpoints, right=False) = number of midpoints strictly below s
+    if quant_type == "nf4":
+        return np.searchsorted(_CPU_NF4_T, s, side="left").astype(np.uint8)
+    return nf4.FP4_SORTED_ORDER[np.searchsorted(_CPU_FP4_T, s, side="left")]
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Pack 4-bit codes two to a byte, the first element in the high nibble.
+
+    Parameters
+    ----------
+    codes : uint8[n], values 0..15. For odd n the caller appends the padding code first (see
+        :func:`quantize_4bit`), or the last low nibble is 0.
+
+    Returns
+    -------
+    uint8[ceil(n / 2)], byte j = (codes[2j] << 4) | codes[2j + 1].
+    """
+    n = codes.shape[0]
+    padded = np.zeros(n + (n % 2), dtype=np.uint8)
+    padded[:n] = codes
+    return ((padded[0::2] << 4) | padded[1::2]).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of :func:`pack_nibbles`: uint8[ceil(n/2)] → uint8[n] codes (high nibble first)."""
+    out = np.empty(2 * packed.shape[0], dtype=np.uint8)
+    out[0::2] = packed >> 4
+    out[1::2] = packed & 0x0F
+    return out[:n]
+
+
+def decode_4bit(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, n: int) -> np.ndarray:
+    """Dequantize packed 4-bit codes: x̂_i = code[c_i] · absmax_{i // blocksize}, in float32.
+
+    Parameters
+    ----------
+    packed : uint8[ceil(n / 2)]
+    absmax : float32[ceil(n / blocksize)]
+    code : float32[16] code table
+    blocksize : elements per block
+    n : number of elements
+
+    Returns
+    -------
+    float32[n]
+    """
+    codes = unpack_nibbles(packed, n)  # (n,)
+    return (code[codes] * absmax[_block_index(n, blocksize)]).astype(np.float32)
+
+
+def _cuda_search_8bit(s: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """The CUDA kernel's ``dQuantize<0>``: a 7-step binary search over a sorted 256-entry code, vectorised.
+
+    The search starts at pivot 127 with steps 64, 32, …, 1 and keeps the last code below (``lower``) and above
+    (``upper``) the value, starting from −1 and +1 (code[0] / code[255] only if never updated). The final choice
+    compares against the float32 midpoint of the pivot and the neighbour on s's side, strictly; ties stay on the pivot.
+    """
+    n = s.shape[0]
+    pivot = np.full(n, 127, dtype=np.int64)
+    upper_pivot = np.full(n, 255, dtype=np.int64)
+    lower_pivot = np.zeros(n, dtype=np.int64)
+    lower = np.full(n, -1.0, dtype=np.float32)
+    upper = np.full(n, 1.0, dtype=np.float32)
+    val = code[pivot]
+    step = 64
+    while step > 0:
+        up = s > val
+        lower_pivot = np.where(up, pivot, lower_pivot)
+        lower = np.where(up, val, lower)
+        upper_pivot = np.where(up, upper_pivot, pivot)
+        upper = np.where(up, upper, val)
+        pivot = np.where(up, pivot + step, pivot - step)
+        val = code[pivot]
+        step //= 2
+    upper = np.where(upper_pivot == 255, code[255], upper)
+    lower = np.where(lower_pivot == 0, code[0], lower)
+    above = s > val
+    mid_up = ((upper + val) * F32(0.5)).astype(np.float32)
+    mid_down = ((lower + val) * F32(0.5)).astype(np.float32)
+    out = np.where(above, np.where(s > mid_up, upper_pivot, pivot), np.where(s < mid_down, lower_pivot, pivot))
+    return out.astype(np.uint8)
+
+
+_LUT_SIZE = 65536
+
+
+def _cpu_lut(code: np.ndarray) -> np.ndarray:
+    """bitsandbytes' CPU 8-bit lookup table (``build_quantize_lut``, csrc/cpu_ops.cpp): uint8[65536].
+
+    Bin i stands for v_i = −1 + 2i / 65535 (float32); its code is the first index whose float32 midpoint with
+    the next entry is not below v_i.
+    """
+    mids = nf4.midpoints_f32(code)  # (255,)
+    i = np.arange(_LUT_SIZE, dtype=np.float32)
+    v = (F32(-1.0) + (F32(2.0) * i) / F32(_LUT_SIZE - 1)).astype(np.float32)
+    return np.searchsorted(mids, v, side="left").astype(np.uint8)  # number of midpoints < v
+
+
+def _cpu_lut_index(s: np.ndarray) -> np.ndarray:
+    """The LUT bin of a normalised value: round((s + 1) · 65535 / 2), clamped to [0, 65535]."""
+    idx = np.rint((s.astype(np.float32) + F32(1.0)) * F32((_LUT_SIZE - 1) / 2.0))
+    return np.clip(idx, 0, _LUT_SIZE - 1).astype(np.int64)
+
+
+def encode_8bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, code: np.ndarray, rounding: str) -> np.ndarray:
+    """8-bit codes of a flat float32 vector with a sorted 256-entry code, given its block scales.
+
+    Parameters
+    ----------
+    flat : float32[n]
+    absmax : float32[ceil(n / blocksize)]
+    blocksize : elements per block
+    code : float32[256], sorted (the dynamic map for double quantization)
+    rounding : "cuda" (s = x · (1/absmax), binary search) or "cpu" (bitsandbytes' 65,536-bin lookup table)
+
+    Returns
+    -------
+    uint8[n]
+    """
+    n = flat.shape[0]
+    blk = _block_index(n, blocksize)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = (F32(1.0) / absmax).astype(np.float32)
+        s = (flat * inv[blk]).astype(np.float32)  # (n,)
+    if rounding == "cuda":
+        return _cuda_search_8bit(s, np.asarray(code, dtype=np.float32))
+    lut = _cpu_lut(np.asarray(code, dtype=np.float32))
+    return lut[_cpu_lut_index(np.nan_to_num(s))]
+
+
+def decode_8bit(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int) -> np.ndarray:
+    """x̂_i = code[c_i] · absmax_{i // blocksize} in float32. codes uint8[n] → float32[n]."""
+    n = codes.shape[0]
+    return (np.asarray(code, dtype=np.float32)[codes] * absmax[_block_index(n, blocksize)]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _impl(name: str, impl: str):
+    """The low-level function ``name`` from this module ("numpy") or its Numba twin in kernels.py ("numba")."""
+    if impl == "numpy":
+        return globals()[name]
+    if impl == "numba":
+        try:
+            from lora_ref.quant import kernels
+        except ImportError as e:
+            raise ValueError(f"impl='numba' needs lora_ref.quant.kernels, which cannot be imported: {e}") from e
+        fn = getattr(kernels, name, None)
+        if fn is None:
+            raise ValueError(f"impl='numba': lora_ref.quant.kernels has no Numba twin of {name!r}")
+        return fn
+    raise ValueError(f"unknown impl {impl!r}; expected 'numpy' or 'numba'")
+
+
+def _check_blocksize(blocksize, allowed=ALLOWED_BLOCKSIZES) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or int(blocksize) not in allowed:
+        raise ValueError(f"blocksize {blocksize!r} is not allowed; expected one of {', '.join(map(str, allowed))}")
+    return int(blocksize)
+
+
+def _check_rounding(rounding) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; expected 'cuda' or 'cpu'")
+    return rounding
+
+
+def _as_flat_f32(x, what: str = "x") -> tuple[np.ndarray, tuple, np.dtype]:
+    """Validate a float32/float16/bfloat16 array and return its exact float32 flattening, shape and dtype."""
+    arr = np.asarray(x)
+    if arr.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{what} has dtype {arr.dtype}; expected float32, float16 or bfloat16 (ml_dtypes.bfloat16)"
+        )
+    if arr.size == 0:
+        raise ValueError(f"{what} is empty (shape {arr.shape}); nothing to quantize")
+    flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)  # exact: fp16/bf16 ⊂ fp32
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        i = int(np.argmax(bad))
+        kind = "NaN" if np.isnan(flat[i]) else "inf"
+        raise ValueError(f"{what} contains {kind} (first at flat index {i}, {int(bad.sum())} non-finite in total)")
+    return flat, tuple(int(d) for d in arr.shape), arr.dtype
+
+
+def quantize_blockwise(
+    x,
+    blocksize: int = 4096,
+    code: Optional[np.ndarray] = None,
+    rounding: str = "cuda",
+    impl: str = "numpy",
+) -> tuple[np.ndarray, QuantState]:
+    """8-bit blockwise quantization, bitsandbytes' ``quantize_blockwise`` (used for double quantization).
+
+    Parameters
+    ----------
+    x : float32 / float16 / bfloat16 array, any shape, finite
+    blocksize : one of :data:`ALLOWED_BLOCKSIZES` (bitsandbytes' default 4096; double quantization uses 256)
+    code : float32[256] sorted code; default :data:`lora_ref.quant.nf4.DYNAMIC_MAP`
+    rounding : "cuda" (binary search, exact) or "cpu" (bitsandbytes' lookup-table approximation)
+    impl : "numpy" or "numba"
+
+    Returns
+    -------
+    codes : uint8 array of x's shape
+    state : QuantState with absmax float32[ceil(n / blocksize)], code, blocksize, dtype, quant_type None
+    """
+    blocksize = _check_blocksize(blocksize)
+    rounding = _check_rounding(rounding)
+    flat, shape, dtype = _as_flat_f32(x)
+    code = nf4.DYNAMIC_MAP if code is None else np.asarray(code, dtype=np.float32)
+    if code.shape != (256,) or not np.all(np.diff(code) >= 0):
+        raise ValueError(f"code must be a sorted float32 table of 256 entries, got shape {code.shape}")
+    absmax = _impl("absmax_blocks", impl)(flat, blocksize)
+    codes = _impl("encode_8bit", impl)(flat, absmax, blocksize, code, rounding)
+    state = QuantState(absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, quant_type=None, code=code.copy())
+    return codes.reshape(shape), state
+
+
+def dequantize_blockwise(codes, state: QuantState, impl: str = "numpy") -> np.ndarray:
+    """Inverse of :func:`quantize_blockwise`: code[c] · absmax in float32, cast to ``state.dtype``, ``state.shape``."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8:
+        raise ValueError(f"8-bit codes must be uint8, got {codes.dtype}")
+    n = state.numel
+    if codes.size != n:
+        raise ValueError(f"8-bit codes hold {codes.size} elements but the state's shape {state.shape} needs {n}")
+    nblocks = -(-n // state.blocksize)
+    if np.shape(state.absmax) != (nblocks,):
+        raise ValueError(f"state.absmax has shape {np.shape(state.absmax)}; {n} elements at blocksize "
+                         f"{state.blocksize} need ({nblocks},)")
+    out = _impl("decode_8bit", impl)(codes.reshape(-1), np.asarray(state.absmax, np.float32), state.code,
+                                     state.blocksize)
+    return out.astype(state.dtype).reshape(state.shape)
+
+
+def quantize_4bit(
+    x,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    rounding: str = "cuda",
+    impl: str = "numpy",
+) -> tuple[np.ndarray, QuantState]:
+    """Blockwise 4-bit quantization, bit for bit as bitsandbytes' ``quantize_4bit``.
+
+    Parameters
+    ----------
+    x : float32, float16 or bfloat16 (ml_dtypes) array of any shape, finite. Blocks run over ``x.reshape(-1)``.
+    blocksize : 32, 64, …, 4096 (powers of two)
+    quant_type : "nf4" or "fp4". (bitsandbytes' own default is "fp4"; QLoRA uses "nf4".)
+    double_quant : also quantize the float32 block scales (bitsandbytes' ``compress_statistics``): subtract their
+        mean, then :func:`quantize_blockwise` with the dynamic map and blocksize 256.
+    rounding : "cuda" or "cpu", the bitsandbytes implementation to reproduce (module docstring).
+    impl : "numpy" (this module's reference steps) or "numba" (their twins in ``lora_ref.quant.kernels``).
+
+    Returns
+    -------
+    packed : uint8[ceil(n / 2)], two codes per byte, the first element in the high nibble. For odd n the last low
+        nibble is the code of a 0.0 in the last block (both kernels pad with zero).
+    state : :class:`QuantState`. Without double quantization ``state.absmax`` is float32[ceil(n / blocksize)];
+        with it, uint8 nested codes, ``state.offset`` a Python float and ``state.state2`` the 8-bit state.
+
+    Notes
+    -----
+    The CUDA path computes the reciprocal 1/absmax correctly rounded; the kernel is built with ``--use_fast_math``,
+    whose approximate reciprocal flips a few FP4 codes that sit within an ulp of a threshold (NF4 is exact).
+    The double-quantization offset is the float64 mean of the scales rounded to float32; torch's float32
+    reductions (CPU and CUDA) can differ from it by an ulp.
+    """
+    blocksize = _check_blocksize(blocksize)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
+    rounding = _check_rounding(rounding)
+    flat, shape, dtype = _as_flat_f32(x)
+    n = flat.shape[0]
+
+    absmax = _impl("absmax_blocks", impl)(flat, blocksize)  # (nblocks,)
+    codes = _impl("encode_4bit", impl)(flat, absmax, blocksize, quant_type, rounding)  # (n,)
+    if n % 2:  # the padding nibble: a 0.0 in the last block, encoded like every other element
+        pad = _impl("encode_4bit", impl)(np.zeros(1, np.float32), absmax[-1:], blocksize, quant_type, rounding)
+        codes = np.concatenate([codes, pad])
+    packed = _impl("pack_nibbles", impl)(codes)  # (ceil(n/2),)
+    if rounding == "cpu" and n % blocksize:
+        absmax = absmax.copy()
+        absmax[-1] = max(absmax[-1], _CPU_MIN_ABSMAX)  # the CPU path stores the clamped tail scale
+
+    code = nf4.get_4bit_type(quant_type).copy()
+    if not double_quant:
+        return packed, QuantState(absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize,
+                                  quant_type=quant_type, code=code)
+    offset = F32(np.mean(absmax, dtype=np.float64))
+    centred = (absmax - offset).astype(np.float32)  # (nblocks,)
+    qabsmax, state2 = quantize_blockwise(centred, blocksize=NESTED_BLOCKSIZE, rounding=rounding, impl=impl)
+    return packed, QuantState(absmax=qabsmax, shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type,
+                              code=code, offset=float(offset), state2=state2)
+
+
+def _check_state_4bit(packed: np.ndarray, state: QuantState) -> np.ndarray:
+    if not isinstance(state, QuantState):
+        raise ValueError(f"state must be a QuantState, got {type(state).__name__}")
+    if state.quant_type not in QUANT_TYPES:
+        raise ValueError(f"state.quant_type is {state.quant_type!r}; expected 'nf4' or 'fp4'")
+    _check_blocksize(state.blocksize)
+    if np.dtype(state.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"state.dtype is {state.dtype}; expected float32, float16 or bfloat16")
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8:
+        raise ValueError(f"packed 4-bit data must be uint8, got {packed.dtype}")
+    n = state.numel
+    if n == 0:
+        raise ValueError(f"state.shape {state.shape} holds no elements")
+    if packed.size != (n + 1) // 2:
+        raise ValueError(f"packed data holds {packed.size} bytes but the state's shape {tuple(state.shape)} "
+                         f"({n} elements) needs {(n + 1) // 2}")
+    nblocks = -(-n // state.blocksize)
+    if np.shape(state.absmax) != (nblocks,):
+        raise ValueError(f"state.absmax has shape {np.shape(state.absmax)}; {n} elements at blocksize "
+                         f"{state.blocksize} need ({nblocks},)")
+    if np.shape(state.code) != (16,):
+        raise ValueError(f"state.code has shape {np.shape(state.code)}; a 4-bit code has 16 entries")
+    if state.nested:
+        if np.asarray(state.absmax).dtype != np.uint8:
+            raise ValueError("a double-quantized state needs uint8 absmax codes")
+        if state.offset is None:
+            raise ValueError("a double-quantized state needs an offset")
+        n2 = -(-nblocks // state.state2.blocksize)
+        if np.shape(state.state2.absmax) != (n2,) or np.shape(state.state2.code) != (256,):
+            raise ValueError(f"state.state2 does not fit: absmax {np.shape(state.state2.absmax)} (need ({n2},)), "
+                             f"code {np.shape(state.state2.code)} (need (256,))")
+    elif np.asarray(state.absmax).dtype != np.float32:
+        raise ValueError(f"state.absmax must be float32 without double quantization, got {state.absmax.dtype}")
+    return packed.reshape(-1)
+
+
+def dequantize_4bit(packed, state: QuantState, impl: str = "numpy") -> np.ndarray:
+    """Inverse of :func:`quantize_4bit`: an array of ``state.shape`` in ``state.dtype``.
+
+    x̂_i = code[c_i] · absmax_{i // blocksize} in float32 (absmax first dequantized from the nested state with
+    double quantization), then rounded to the output dtype (round to nearest even). ``packed`` may be flat or
+    bitsandbytes' (ceil(n/2), 1) column.
+    """
+    flat_packed = _check_state_4bit(packed, state)
+    absmax = state.block_absmax(impl)
+    code = np.asarray(state.code, dtype=np.float32)
+    out = _impl("decode_4bit", impl)(flat_packed, absmax, code, state.blocksize, state.numel)
+    return out.astype(state.dtype).reshape(state.shape)
+
+
+def bits_per_parameter(state: QuantState) -> float:
+    """Storage per quantized element: 4 bits + scales (+ nested scales and the offset), code tables excluded.
+
+    Without double quantization 4 + 32/blocksize (4.5 at 64); with it 4 + 8/blocksize + (32·nblocks2 + 32)/n
+    (≈ 4.127 at 64, [QLoRA] §3).
+    """
+    n = state.numel
+    bits = 8.0 * ((n + 1) // 2)
+    if state.nested:
+        bits += 8.0 * np.asarray(state.absmax).size + 32.0 * np.asarray(state.state2.absmax).size + 32.0
+    else:
+        bits += 32.0 * np.asarray(state.absmax).size
+    return bits / n
