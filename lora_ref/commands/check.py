@@ -1,0 +1,30 @@
+"""``lora-ref check VECTORS RESULTS``: compare results with reference vectors (see lora_ref/check.py)."""
+
+from __future__ import annotations
+
+HELP = "check results against reference vectors"
+EXAMPLES = """examples:
+  lora-ref vectors --out vectors/
+  lora-ref check vectors/ my_results.safetensors
+  python vectors/check.py vectors/ my_results/      # the same checker, without lora_ref installed
+
+RESULTS holds tensors named <case>/outputs/<name>, as in the vector files. One line per matched case:
+PASS or FAIL, the case name, max abs and rel error, the tolerance. Exit 1 if any case fails or none matched."""
+
+
+def add_arguments(p):
+    p.add_argument("vectors", help="folder written by 'lora-ref vectors' (manifest.json + safetensors)")
+    p.add_argument("results", help="a safetensors file, or a folder of them, with <case>/outputs/<name> tensors")
+
+
+def run(args) -> int:
+    from lora_ref.check import check
+
+    rows = check(args.vectors, args.results)
+    if not rows:
+        raise ValueError("no case of the manifest has outputs in the results (keys must look like <case>/outputs/<name>)")
+    for r in rows:
+        print(r.line())
+    failed = sum(not r.passed for r in rows)
+    print(f"{len(rows) - failed} of {len(rows)} cases passed")
+    return 1 if failed else 0
