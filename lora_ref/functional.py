@@ -12,7 +12,8 @@ from lora_ref import ops
 from lora_ref.ops import linear, silu  # noqa: F401  (re-exported: F.linear, F.silu)
 from lora_ref.tensor import Tensor
 
-__all__ = ["softmax", "log_softmax", "cross_entropy", "rms_norm", "linear", "silu", "dropout", "logsumexp"]
+__all__ = ["softmax", "log_softmax", "cross_entropy", "rms_norm", "linear", "silu", "dropout", "logsumexp", "swiglu",
+           "causal_mask", "scaled_dot_product_attention"]
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -141,3 +142,71 @@ def dropout(x, p: float, rng: np.random.Generator | None, training: bool = True)
     x = ops._t(x)
     mask = (rng.random(x.shape) >= p).astype(x.dtype) / x.dtype.type(1 - p)
     return ops.mul(x, mask)
+
+
+def swiglu(gate, up) -> Tensor:
+    """SwiGLU's gating, silu(gate) ⊙ up, as one node (Shazeer 2020; Llama's MLP before ``down_proj``).
+
+    Backward: with s = σ(gate), d/dgate = g ⊙ up ⊙ s(1 + gate(1 − s)), d/dup = g ⊙ gate ⊙ s.
+    """
+    gate, up = ops._pair(gate, up)
+    a, u = gate.data, up.data
+    s = ops._sigmoid(a)
+    act = a * s
+
+    def backward(g):
+        gg = (g * u * (s * (1 + a * (1 - s)))) if gate.requires_grad else None
+        gu = (g * act) if up.requires_grad else None
+        return gg, gu
+
+    return Tensor._make(act * u, (gate, up), backward)
+
+
+def causal_mask(T: int, S: int) -> np.ndarray:
+    """Boolean (T, S) mask of allowed positions: query i (the last T of S positions) sees keys j <= i + S − T."""
+    return np.arange(S)[None, :] <= (np.arange(T)[:, None] + (S - T))
+
+
+def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Attention softmax(q kᵀ · scale + mask) v with grouped-query heads, as one node.
+
+    q: (B, H, T, E); k, v: (B, K, S, E) with H a multiple of K (GQA: each group of H/K query heads shares one
+    key/value head, Ainslie et al. 2023). With ``causal``, query t (the last T of S positions, so a KV cache of
+    S − T earlier positions works) attends to keys s <= t + S − T. Returns (B, H, T, E).
+
+    Backward, with P the attention probabilities and dO the output gradient:
+    dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ⊙ (dP − Σ_s dP ⊙ P),  dQ = dS K · scale,  dK = dSᵀ Q · scale
+    (summed over the query heads of a group for dK and dV).
+    """
+    q, k, v = ops._t(q), ops._t(k), ops._t(v)
+    B, H, T, E = q.shape
+    _, K, S, _ = k.shape
+    if H % K:
+        raise ValueError(f"attention: {H} query heads is not a multiple of {K} key/value heads")
+    G = H // K
+    dt = q.dtype
+    sc = dt.type(1.0 / np.sqrt(E) if scale is None else scale)
+    qd = q.data.reshape(B, K, G * T, E)  # the G query heads of a group stacked along time: (B, K, G·T, E)
+    kd, vd = k.data, v.data
+    scores = np.matmul(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
+    scores *= sc
+    if causal:
+        allowed = np.tile(causal_mask(T, S), (G, 1))  # (G·T, S)
+        scores = np.where(allowed, scores, dt.type(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    p = scores  # (B, K, G·T, S)
+    out = np.matmul(p, vd).reshape(B, H, T, E)
+
+    def backward(g):
+        g4 = g.reshape(B, K, G * T, E)
+        gv = np.matmul(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
+        dp = np.matmul(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
+        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+        ds *= sc
+        gq = np.matmul(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
+        gk = np.matmul(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
+        return gq, gk, gv
+
+    return Tensor._make(out, (q, k, v), backward)

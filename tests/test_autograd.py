@@ -293,3 +293,40 @@ def test_deep_graph_does_not_recurse():
         y = y + 1.0
     y.sum().backward()
     np.testing.assert_array_equal(x.grad, [1.0, 1.0])
+
+
+@given(shape=shapes, seed=seeds)
+def test_swiglu_fused_equals_composed(shape, seed):
+    rng = np.random.default_rng(seed)
+    a, u = rand(rng, shape, -4, 4), rand(rng, shape)
+    assert gradcheck(F.swiglu, [a, u])
+    np.testing.assert_allclose(F.swiglu(a, u).data, (ops.silu(a) * u).data, rtol=1e-12)
+
+
+def attention_composed(q, k, v, causal=True):
+    """Attention from primitives: repeat the kv heads, mask with where, softmax, weighted sum."""
+    B, H, T, E = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    k = ops.concatenate([k[:, j:j + 1] for j in range(K) for _ in range(G)], axis=1)
+    v = ops.concatenate([v[:, j:j + 1] for j in range(K) for _ in range(G)], axis=1)
+    s = (q @ k.swapaxes(-1, -2)) * (1.0 / np.sqrt(E))
+    if causal:
+        s = ops.where(F.causal_mask(T, S), s, -np.inf)
+    return F.softmax(s, -1) @ v
+
+
+@given(B=st.integers(1, 2), K=st.integers(1, 2), G=st.integers(1, 3), T=st.integers(1, 4), extra=st.integers(0, 3),
+       E=st.integers(1, 4), causal=st.booleans(), seed=seeds)
+def test_attention_fused_equals_composed_with_gqa_and_cache_offset(B, K, G, T, extra, E, causal, seed):
+    rng = np.random.default_rng(seed)
+    S = T + extra  # a cache of `extra` earlier positions
+    q, k, v = rand(rng, (B, K * G, T, E)), rand(rng, (B, K, S, E)), rand(rng, (B, K, S, E))
+    np.testing.assert_allclose(F.scaled_dot_product_attention(q, k, v, causal).data,
+                               attention_composed(q, k, v, causal).data, rtol=1e-10, atol=1e-12)
+    assert gradcheck(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, causal), [q, k, v])
+
+
+def test_causal_mask_with_offset():
+    m = F.causal_mask(2, 4)  # two new queries after a cache of two
+    np.testing.assert_array_equal(m, [[1, 1, 1, 0], [1, 1, 1, 1]])
