@@ -1,0 +1,201 @@
+"""Build the lora_ref book offline: `make book` runs this file with the project's virtualenv.
+
+1. Make sure a local MathJax 3 exists in `book/_static/mathjax/` (git-ignored). When it is missing,
+   fetch the npm package once (`npm pack mathjax@<version>` in a temporary folder) and unpack its
+   `es5/` folder. Nothing is loaded from a CDN, at build time or when the book is read.
+2. Run Sphinx (myst-nb, sphinx-book-theme) with warnings as errors (`-W --keep-going`, so one build
+   lists every problem), from a fresh environment (`-E`), executing every notebook in `notebooks/`
+   (see `conf.py`). The HTML goes to `book/_build/html/`.
+3. Scan the built HTML, CSS and JS for remote assets (a `src=`, `<link href=`, `@import` or `url(`
+   that points at `http(s)://` or `//`) and fail listing them.
+
+Exit status 0 means the book is built, every notebook ran without error and nothing is remote.
+
+Usage: python book/build.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+BOOK = Path(__file__).resolve().parent
+ROOT = BOOK.parent
+STATIC = BOOK / "_static"
+MATHJAX_DIR = STATIC / "mathjax"
+MATHJAX_VERSION = "3.2.2"  # keep in step with conf.py
+MATHJAX_ENTRY = "tex-mml-chtml.js"
+VERSION_FILE = ".lora_ref-mathjax-version"
+
+REMOTE = r"""["']?\s*(?:https?:)?//"""
+HTML_PATTERNS = [
+    re.compile(r"<(?:script|img|iframe|audio|video|source|embed|track|input)\b[^>]*?\b(?:src|srcset)\s*=\s*" + REMOTE, re.I),
+    re.compile(r"<link\b[^>]*?\bhref\s*=\s*" + REMOTE, re.I),
+]
+CSS_PATTERNS = [
+    re.compile(r"@import\s*(?:url\(\s*)?" + REMOTE, re.I),
+    re.compile(r"\burl\(\s*" + REMOTE, re.I),
+]
+
+
+def log(message: str) -> None:
+    print(f"[book] {message}", flush=True)
+
+
+def ensure_mathjax() -> float:
+    """Unpack MathJax's `es5/` into `book/_static/mathjax/` unless that version is there; seconds spent."""
+    marker = MATHJAX_DIR / VERSION_FILE
+    if (MATHJAX_DIR / MATHJAX_ENTRY).is_file() and marker.is_file():
+        if marker.read_text().strip() == MATHJAX_VERSION:
+            log(f"MathJax {MATHJAX_VERSION}: local copy in {MATHJAX_DIR.relative_to(ROOT)}")
+            return 0.0
+    npm = shutil.which("npm")
+    if npm is None:
+        raise SystemExit(
+            "[book] error: npm not found. The book needs a local MathJax 3, fetched once with npm "
+            f"(npm pack mathjax@{MATHJAX_VERSION}); install node/npm and run `make book` again."
+        )
+    start = time.perf_counter()
+    log(f"fetching MathJax {MATHJAX_VERSION} with npm (once; kept in {MATHJAX_DIR.relative_to(ROOT)})")
+    STATIC.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mathjax-", dir=STATIC) as tmp:
+        tmp_path = Path(tmp)
+        proc = subprocess.run(
+            [npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--json", "--silent"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise SystemExit(
+                f"[book] error: `npm pack mathjax@{MATHJAX_VERSION}` failed (exit {proc.returncode}):\n"
+                f"{proc.stderr.strip()}"
+            )
+        tarball = tmp_path / json.loads(proc.stdout)[0]["filename"]
+        unpacked = tmp_path / "mathjax"
+        prefix = "package/es5/"
+        with tarfile.open(tarball) as tar:
+            members = []
+            for member in tar.getmembers():
+                if member.name.startswith(prefix) and (member.isfile() or member.isdir()):
+                    member.name = member.name[len(prefix):]
+                    if member.name:
+                        members.append(member)
+            tar.extractall(unpacked, members=members, filter="data")
+            license_member = tar.getmember("package/LICENSE")
+            license_member.name = "LICENSE"
+            tar.extractall(unpacked, members=[license_member], filter="data")
+        if not (unpacked / MATHJAX_ENTRY).is_file():
+            raise SystemExit(f"[book] error: the MathJax package has no es5/{MATHJAX_ENTRY}")
+        (unpacked / VERSION_FILE).write_text(MATHJAX_VERSION + "\n")
+        if MATHJAX_DIR.exists():
+            shutil.rmtree(MATHJAX_DIR)
+        unpacked.rename(MATHJAX_DIR)
+    return time.perf_counter() - start
+
+
+def run_sphinx(out: Path) -> tuple[int, float]:
+    """Run sphinx-build with warnings as errors; return (exit code, seconds)."""
+    doctrees = out.parent / "doctrees"
+    shutil.rmtree(out / "reports", ignore_errors=True)
+    env = dict(os.environ)
+    # The kernel that runs the notebooks must be this interpreter (the project's .venv).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # figures render inline
+    cmd = [
+        sys.executable, "-m", "sphinx",
+        "-b", "html",
+        "-E",  # fresh environment: every notebook is executed again
+        "-W", "--keep-going",
+        "-d", str(doctrees),
+        str(BOOK), str(out),
+    ]
+    log("running " + " ".join(cmd[1:]))
+    start = time.perf_counter()
+    code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    return code, time.perf_counter() - start
+
+
+def report_failed_notebooks(out: Path) -> list[str]:
+    """Print the tail of each notebook execution log myst-nb left in `reports/`; return the names."""
+    failed = []
+    for report in sorted((out / "reports").glob("**/*.err.log")):
+        name = report.name.removesuffix(".err.log")
+        failed.append(name)
+        lines = report.read_text(errors="replace").splitlines()
+        print(f"\n[book] notebook {name} failed; full log: {report.relative_to(ROOT)}", flush=True)
+        for line in lines[-25:]:
+            print(f"    {line}")
+    return failed
+
+
+def scan_remote_assets(out: Path, root: Path = ROOT) -> list[str]:
+    """Every remote asset reference in the built site, as 'file:line: text' (file relative to root)."""
+    found = []
+    for path in sorted(out.rglob("*")):
+        suffix = path.suffix.lower()
+        if suffix not in {".html", ".htm", ".css", ".js", ".mjs"} or not path.is_file():
+            continue
+        patterns = CSS_PATTERNS + (HTML_PATTERNS if suffix in {".html", ".htm"} else [])
+        text = path.read_text(errors="replace")
+        for pattern in patterns:
+            for match in pattern.finditer(text):
+                line = text.count("\n", 0, match.start()) + 1
+                snippet = text[match.start(): match.end() + 60].split("\n")[0]
+                found.append(f"{path.relative_to(root)}:{line}: {snippet}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=BOOK / "_build" / "html", help="HTML output folder")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    total = time.perf_counter()
+
+    chapters = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not chapters:
+        log("error: notebooks/ holds no chapter (NN_name.ipynb); nothing to build")
+        return 1
+    log(f"{len(chapters)} chapters: " + ", ".join(p.stem for p in chapters))
+
+    mathjax_seconds = ensure_mathjax()
+    code, sphinx_seconds = run_sphinx(out)
+    failed = report_failed_notebooks(out)
+    if code != 0:
+        if failed:
+            log(f"error: {len(failed)} notebook(s) failed to execute: {', '.join(failed)}")
+        log(f"error: sphinx-build exited with {code} (warnings are errors; see the messages above)")
+        return 1
+
+    start = time.perf_counter()
+    remote = scan_remote_assets(out)
+    scan_seconds = time.perf_counter() - start
+    if remote:
+        log(f"error: the built book loads {len(remote)} remote asset(s):")
+        for item in remote:
+            print(f"    {item}")
+        return 1
+
+    log(
+        f"built {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} in "
+        f"{time.perf_counter() - total:.0f} s (MathJax fetch {mathjax_seconds:.0f} s, "
+        f"sphinx with notebook execution {sphinx_seconds:.0f} s, remote-asset scan {scan_seconds:.1f} s); "
+        "no remote assets"
+    )
+    log(f"open {out / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
