@@ -13,7 +13,7 @@ from lora_ref.ops import linear, silu  # noqa: F401  (re-exported: F.linear, F.s
 from lora_ref.tensor import Tensor
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "rms_norm", "linear", "silu", "dropout", "logsumexp", "swiglu",
-           "causal_mask", "scaled_dot_product_attention"]
+           "causal_mask", "scaled_dot_product_attention", "rotate_half", "rotary"]
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -210,3 +210,28 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
         return gq, gk, gv
 
     return Tensor._make(out, (q, k, v), backward)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """[x1, x2] → [−x2, x1] over the last axis split in halves (the convention of transformers' Llama)."""
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def rotary(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
+    """Apply rotary position embedding (RoPE, Su et al. 2021) as one node: x·cos + rotate_half(x)·sin.
+
+    x: (B, H, T, E); cos, sin: (T, E) or broadcastable, constants (see ``lora_ref.llama`` for how they are made).
+    Backward: rotate_half is a linear map R with Rᵀ[y1, y2] = [y2, −y1], so dL/dx = g·cos + Rᵀ(g·sin).
+    """
+    x = ops._t(x)
+    xd = x.data
+    cos = np.asarray(cos, dtype=xd.dtype)
+    sin = np.asarray(sin, dtype=xd.dtype)
+    h = xd.shape[-1] // 2
+
+    def backward(g):
+        gs = g * sin
+        return (g * cos + np.concatenate([gs[..., h:], -gs[..., :h]], axis=-1),)
+
+    return Tensor._make(xd * cos + rotate_half(xd) * sin, (x,), backward)

@@ -330,3 +330,18 @@ def test_attention_fused_equals_composed_with_gqa_and_cache_offset(B, K, G, T, e
 def test_causal_mask_with_offset():
     m = F.causal_mask(2, 4)  # two new queries after a cache of two
     np.testing.assert_array_equal(m, [[1, 1, 1, 0], [1, 1, 1, 1]])
+
+
+@given(T=st.integers(1, 4), half=st.integers(1, 3), seed=seeds)
+def test_rotary_fused_equals_composed(T, half, seed):
+    rng = np.random.default_rng(seed)
+    E = 2 * half
+    x = rand(rng, (2, 3, T, E))
+    ang = rng.uniform(-3, 3, size=(T, half))
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    composed = x * cos + ops.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+    np.testing.assert_allclose(F.rotary(x, cos, sin).data, composed.data, rtol=1e-12)
+    assert gradcheck(lambda a: F.rotary(a, cos, sin), [x])
+    # a rotation keeps the norm of each (i, i + half) pair
+    np.testing.assert_allclose(np.linalg.norm(F.rotary(x, cos, sin).data, axis=-1),
+                               np.linalg.norm(x.data, axis=-1), rtol=1e-12)
