@@ -307,9 +307,13 @@ def _cpu_lut(code: np.ndarray) -> np.ndarray:
 
 
 def _cpu_lut_index(s: np.ndarray) -> np.ndarray:
-    """The LUT bin of a normalised value: round((s + 1) · 65535 / 2), clamped to [0, 65535]."""
-    idx = np.rint((s.astype(np.float32) + F32(1.0)) * F32((_LUT_SIZE - 1) / 2.0))
-    return np.clip(idx, 0, _LUT_SIZE - 1).astype(np.int64)
+    """The LUT bin of a normalised value, as ``csrc/cpu_ops.cpp`` computes it in float32 steps:
+    v = clamp(s, −1, 1); t = ((v + 1) · 0.5) · 65535 + 0.5; bin = trunc(t)."""
+    v = np.clip(s.astype(np.float32), F32(-1.0), F32(1.0))
+    t = ((v + F32(1.0)) * F32(0.5)).astype(np.float32)
+    t = (t * F32(_LUT_SIZE - 1)).astype(np.float32)
+    t = (t + F32(0.5)).astype(np.float32)
+    return t.astype(np.int64)  # truncation toward zero; t >= 0.5
 
 
 def encode_8bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, code: np.ndarray, rounding: str) -> np.ndarray:
@@ -335,7 +339,10 @@ def encode_8bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, code: np.n
     if rounding == "cuda":
         return _cuda_search_8bit(s, np.asarray(code, dtype=np.float32))
     lut = _cpu_lut(np.asarray(code, dtype=np.float32))
-    return lut[_cpu_lut_index(np.nan_to_num(s))]
+    zero_block = (absmax == 0)[blk]  # the CPU kernel writes code 0 for an all-zero block
+    codes = lut[_cpu_lut_index(np.where(zero_block, F32(0.0), s))]
+    codes[zero_block] = 0
+    return codes
 
 
 def decode_8bit(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int) -> np.ndarray:
@@ -551,10 +558,14 @@ def dequantize_4bit(packed, state: QuantState, impl: str = "numpy") -> np.ndarra
     x̂_i = code[c_i] · absmax_{i // blocksize} in float32 (absmax first dequantized from the nested state with
     double quantization), then rounded to the output dtype (round to nearest even). ``packed`` may be flat or
     bitsandbytes' (ceil(n/2), 1) column.
+
+    Like bitsandbytes' kernels, this uses the built-in table of ``state.quant_type``
+    (:func:`lora_ref.quant.nf4.kernel_lut`), not ``state.code``: FP4 code 8 decodes to −0.0 as on CUDA and in the
+    CPU C++ kernel. (bitsandbytes' pure-torch fallback, used on the CPU for an odd last dimension, gives +0.0.)
     """
     flat_packed = _check_state_4bit(packed, state)
     absmax = state.block_absmax(impl)
-    code = np.asarray(state.code, dtype=np.float32)
+    code = nf4.kernel_lut(state.quant_type)  # the kernels' own table; FP4 code 8 decodes to -0.0
     out = _impl("decode_4bit", impl)(flat_packed, absmax, code, state.blocksize, state.numel)
     return out.astype(state.dtype).reshape(state.shape)
 

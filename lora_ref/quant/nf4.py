@@ -47,6 +47,8 @@ __all__ = [
     "NF4_CODE",
     "FP4_CODE",
     "get_4bit_type",
+    "FP4_KERNEL_LUT",
+    "kernel_lut",
     "FP4_SORTED_ORDER",
     "dynamic_map",
     "DYNAMIC_MAP",
@@ -258,6 +260,26 @@ FP4_SORTED_ORDER = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 
 zeros (codes 0 and 8) keep their index order, so the CPU encoder maps 0.0 to code 0 and tiny positive values
 to code 8."""
 FP4_SORTED_ORDER.flags.writeable = False
+
+
+FP4_KERNEL_LUT = FP4_CODE.copy()
+FP4_KERNEL_LUT[8] = -0.0
+"""The FP4 values as bitsandbytes' kernels decode them (CUDA ``dDequantizeFP4Tree`` and the CPU C++ kernel):
+magnitude ``lut[c & 7]`` times the sign ``1 − 2·(c >> 3)``, so code 8 gives −0.0 where :data:`FP4_CODE` holds +0.0."""
+FP4_KERNEL_LUT.flags.writeable = False
+
+
+def kernel_lut(quant_type: str) -> np.ndarray:
+    """float32[16]: the values bitsandbytes' dequantization kernels use for ``quant_type``.
+
+    bitsandbytes never reads ``QuantState.code`` when it dequantizes 4-bit data: the CUDA and CPU kernels carry
+    their own tables. They equal :func:`get_4bit_type` except for the sign of FP4's second zero (code 8).
+    """
+    if quant_type == "nf4":
+        return NF4_CODE
+    if quant_type == "fp4":
+        return FP4_KERNEL_LUT
+    raise ValueError(f"unknown quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
 
 
 def get_4bit_type(quant_type: str) -> np.ndarray:
