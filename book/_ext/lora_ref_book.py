@@ -57,10 +57,10 @@ class ChapterIndex(SphinxDirective):
                 location=self.get_location(),
             )
 
-        table = nodes.table(classes=["chapter-index"])
+        table = nodes.table(classes=["chapter-index", "colwidths-given"])
         group = nodes.tgroup(cols=3)
         table += group
-        for width in (30, 30, 40):
+        for width in (28, 27, 45):
             group += nodes.colspec(colwidth=width)
         head = nodes.thead()
         group += head
