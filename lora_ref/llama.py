@@ -52,7 +52,7 @@ from lora_ref.tensor import Tensor, no_grad
 
 __all__ = [
     "LlamaConfig", "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "KVCache", "LlamaAttention",
-    "LlamaMLP", "LlamaDecoderLayer", "LlamaModel", "Llama", "causal_mask", "sample_next_token",
+    "LlamaMLP", "LlamaDecoderLayer", "LlamaModel", "Llama", "sample_next_token",
     "checkpoint_tensor_names", "read_safetensors", "load_checkpoint_tensors",
 ]
 
@@ -368,7 +368,11 @@ class LlamaAttention(Module):
     H query heads share K key/value heads in groups of G = H / K (K = H is multi-head attention, K = 1 is
     multi-query attention): query head h reads key/value head h // G, as transformers' ``repeat_kv`` arranges it.
 
-        softmax(q kᵀ / √Dh + mask) v,   mask = −∞ above the diagonal (a token sees itself and the past)
+        softmax(q kᵀ / √Dh + mask) v,   mask = −∞ where a key lies in the query's future
+
+    The softmax-attention itself is :func:`lora_ref.functional.scaled_dot_product_attention`, one graph node with
+    a fused backward rule; ``notebooks/02_llama.ipynb`` builds it step by step from primitives and checks that the
+    two agree.
     """
 
     def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None):
@@ -383,27 +387,18 @@ class LlamaAttention(Module):
         self.v_proj = Linear(D, K * Dh, bias=bias, rng=rng, std=std)
         self.o_proj = Linear(H * Dh, D, bias=bias, rng=rng, std=std)
 
-    def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray,
-                cache: KVCache | None = None) -> Tensor:
-        """x (B, T, D), cos/sin (T, Dh), additive mask (T, S) of 0 and −∞ → (B, T, D)."""
+    def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, D), cos/sin (T, Dh) of the T new positions → (B, T, D)."""
         B, T, _ = x.shape
         H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        G = H // K
         q = self.q_proj(x).reshape(B, T, H, Dh).transpose(0, 2, 1, 3)  # (B, H, T, Dh)
         k = self.k_proj(x).reshape(B, T, K, Dh).transpose(0, 2, 1, 3)  # (B, K, T, Dh)
         v = self.v_proj(x).reshape(B, T, K, Dh).transpose(0, 2, 1, 3)  # (B, K, T, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # rotate by position
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, Dh)
-        S = k.shape[2]
-        # GQA: the G query heads of a group meet their one key/value head by broadcasting (no copies)
-        q = q.reshape(B, K, G, T, Dh)  # (B, K, G, T, Dh)
-        k = k.reshape(B, K, 1, S, Dh)  # (B, K, 1, S, Dh)
-        v = v.reshape(B, K, 1, S, Dh)  # (B, K, 1, S, Dh)
-        scores = (q @ k.swapaxes(-1, -2)) * self.scaling + mask  # (B, K, G, T, S)
-        probs = F.softmax(scores, axis=-1)  # (B, K, G, T, S)
-        y = probs @ v  # (B, K, G, T, Dh)
-        y = y.reshape(B, H, T, Dh).transpose(0, 2, 1, 3).reshape(B, T, H * Dh)  # (B, T, H·Dh)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, Dh): the cached past, then the new positions
+        y = F.scaled_dot_product_attention(q, k, v, causal=True, scale=self.scaling)  # (B, H, T, Dh)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)  # (B, T, H·Dh): heads side by side
         return self.o_proj(y)  # (B, T, D)
 
 
@@ -419,7 +414,7 @@ class LlamaMLP(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, D) → (B, T, D)."""
-        return self.down_proj(self.gate_proj(x).silu() * self.up_proj(x))  # (B, T, F) → (B, T, D)
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))  # (B, T, F) → (B, T, D)
 
 
 class LlamaDecoderLayer(Module):
@@ -432,10 +427,9 @@ class LlamaDecoderLayer(Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray,
-                cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, cache: KVCache | None = None) -> Tensor:
         """x (B, T, D) → (B, T, D)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # (B, T, D)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)  # (B, T, D)
         return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, D)
 
 
@@ -458,17 +452,9 @@ class LlamaModel(Module):
         past = cache.length if cache is not None else 0
         x = self.embed_tokens(ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.inv_freq, np.arange(past, past + T), dtype=x.dtype)  # (T, Dh) each
-        mask = causal_mask(T, past, dtype=x.dtype)  # (T, S)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)  # (B, T, D)
+            x = layer(x, cos, sin, cache)  # (B, T, D)
         return self.norm(x)  # (B, T, D)
-
-
-def causal_mask(T: int, past: int = 0, dtype=np.float32) -> np.ndarray:
-    """Additive mask (T, past + T): 0 where query t (at position past + t) may attend key s (s ≤ past + t), else −∞."""
-    S = past + T
-    allowed = np.arange(S)[None, :] <= (past + np.arange(T))[:, None]  # (T, S)
-    return np.where(allowed, 0.0, -np.inf).astype(dtype)
 
 
 class Llama(Module):

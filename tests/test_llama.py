@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from lora_ref import functional as F
 from lora_ref import gradcheck
-from lora_ref.llama import (KVCache, Llama, LlamaConfig, apply_rope, causal_mask, read_safetensors, rope_cos_sin,
-                            rope_inv_freq, rotate_half, sample_next_token)
+from lora_ref.llama import (KVCache, Llama, LlamaConfig, apply_rope, read_safetensors, rope_cos_sin, rope_inv_freq,
+                            rotate_half, sample_next_token)
 from lora_ref.nn import Linear, Module
 from lora_ref.tensor import Tensor, no_grad
 
@@ -175,12 +175,6 @@ def test_rope_preserves_norms():
     cos, sin = rope_cos_sin(rope_inv_freq(c).astype(np.float64), np.arange(5), dtype=np.float64)
     y = np.asarray(apply_rope(Tensor(x), cos, sin))
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-6)
-
-
-def test_causal_mask_with_past():
-    m = causal_mask(2, past=3)
-    assert m.shape == (2, 5)
-    assert np.array_equal(np.isfinite(m), [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
 
 
 # ================================================================================================================
