@@ -335,9 +335,13 @@ def combine_lora(
     lora_Bs : per adapter, float32 (out, r_i)
     scalings : per adapter, s_i = α_i / r_i (or α_i / √r_i with rsLoRA)
     weights : per adapter, the user weight w_i (may be negative)
-    combination_type : one of :data:`COMBINATION_TYPES`. With one adapter PEFT forces "linear"; so do we.
+    combination_type : one of :data:`COMBINATION_TYPES`. (PEFT forces "linear" when the *model-level* call has one
+        adapter — :func:`add_weighted_adapter` does too — but not for a layer that only one of several adapters targets.)
     svd_rank : rank of the ``*svd`` result (default max r_i). Larger than min(out, in): zero-padded (PEFT fails).
     svd_clamp : a quantile q: entries of B and A are clipped to ±quantile(concat(B, A), q) (PEFT's ``svd_clamp``).
+        The quantile depends on the signs of the singular vectors, which LAPACK leaves open; we fix them (the
+        largest entry of each column of U is positive), PEFT takes whatever its LAPACK returns, so with a clamp the
+        two agree only when the signs happen to agree.
     density : fraction kept by ties / dare / magnitude pruning, in [0, 1]; ≥ 1 means no pruning.
     majority_sign_method : "total" or "frequency" (ties and dare_ties).
     rng : the generator DARE draws its masks from (required for dare_*). Masks are drawn per adapter, A then B.
@@ -351,8 +355,6 @@ def combine_lora(
     Σ w_i·s_i·B_i·A_i exactly (up to float32 rounding); for ``svd`` when ``svd_rank`` ≥ rank of that sum.
     """
     As, Bs, biases = _check_sources(lora_As, lora_Bs, scalings, weights, biases)
-    if len(As) == 1:
-        combination_type = "linear"
     R = new_rank([a.shape[0] for a in As], combination_type, svd_rank)
     if combination_type in _NEEDS_DENSITY and (density is None or not 0 <= density):
         raise ValueError(f"combination_type {combination_type!r} needs density in [0, 1], got {density!r}")
@@ -395,6 +397,12 @@ def combine_lora(
 def _svd_factors(delta: np.ndarray, R: int, clamp: float | None) -> tuple[np.ndarray, np.ndarray]:
     """B = U_R·diag(S_R) (out, R), A = Vᵀ_R (R, in) from ΔW (out, in); rows/columns past min(out, in) are zero."""
     U, S, Vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)  # (out, k), (k,), (k, in)
+    # Singular vectors are defined up to a sign per pair, and LAPACK builds choose differently (MKL under torch,
+    # OpenBLAS under NumPy). B·A does not depend on it; the clamp quantile does. Fix one convention: the entry of
+    # largest magnitude in each column of U is positive.
+    flip = np.sign(U[np.argmax(np.abs(U), axis=0), np.arange(U.shape[1])])
+    flip[flip == 0] = 1
+    U, Vh = U * flip, Vh * flip[:, None]
     k = min(R, S.shape[0])
     B = np.zeros((delta.shape[0], R), np.float64)
     A = np.zeros((R, delta.shape[1]), np.float64)
@@ -509,3 +517,134 @@ def paper_dare(task_vectors, drop_rate: float, rng: np.random.Generator, lam: fl
         merged = (kept * agree).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
         return unflatten((lam * merged).astype(kept.dtype))
     raise ValueError(f"unknown merge {merge!r}; expected 'task_arithmetic' or 'ties'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. A whole model: PEFT's LoraModel.add_weighted_adapter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _config_rank(config) -> int:
+    return max([config.r, *config.rank_pattern.values()]) if config.rank_pattern else config.r
+
+
+def add_weighted_adapter(
+    model,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    rng: np.random.Generator | None = None,
+    *,
+    peft_bugs: bool = False,
+):
+    """Add adapter ``adapter_name`` to ``model``: the ``weights``-weighted combination of ``adapters``.
+
+    The semantics are PEFT 0.21.2's ``LoraModel.add_weighted_adapter`` (see the module docstring and
+    :func:`combine_lora` for each ``combination_type``), with two corrections: the new adapter's scaling is 1
+    whatever ``use_rslora`` the sources have (PEFT: √R for rsLoRA sources), and ``lora_B`` biases are combined
+    (PEFT: dropped). ``peft_bugs=True`` — or :func:`add_weighted_adapter_like_peft` — reproduces PEFT.
+
+    Parameters
+    ----------
+    model : a model with LoRA layers (``inject_lora`` / ``load_adapter``) and ``model.peft_config``.
+    adapters, weights : source adapter names and one weight each (negative weights subtract).
+    adapter_name : the new adapter's name (must not exist; PEFT silently returns instead).
+    combination_type, svd_rank, svd_clamp, density, majority_sign_method : as PEFT.
+    rng : the generator DARE's masks come from (dare_* types), drawn layer by layer in model order.
+
+    The new config copies ``adapters[0]``'s with r = lora_alpha = R (the new rank), the union of the target
+    modules, no rank/alpha patterns and ``use_rslora=False`` (PEFT keeps the source's). It is added inactive, as
+    in PEFT: call ``lora_ref.lora.set_adapter(model, adapter_name)`` to use it. Returns ``model``.
+
+    Raises ``ValueError`` for unknown adapters, a name that exists, weights that do not match, DoRA adapters
+    (their magnitude vectors do not combine linearly; PEFT silently gets them wrong, issue #3761), ranks that the
+    combination type cannot combine, and mixed list / regex ``target_modules``.
+    """
+    import copy as _copy
+
+    from lora_ref.lora import lora_layers
+
+    configs = dict(getattr(model, "peft_config", None) or {})
+    adapters = list(adapters)
+    weights = [float(w) for w in weights]
+    if not adapters:
+        raise ValueError("add_weighted_adapter needs at least one adapter")
+    for a in adapters:
+        if a not in configs:
+            raise ValueError(f"adapter {a!r} does not exist (adapters: {sorted(configs)})")
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; choose a new name")
+    for a in adapters:
+        if configs[a].use_dora:
+            raise ValueError(f"adapter {a!r} is a DoRA adapter; DoRA adapters cannot be combined "
+                             "(their magnitude vectors do not add)")
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(f"unknown combination_type {combination_type!r}; expected one of {', '.join(COMBINATION_TYPES)}")
+    if len(adapters) == 1:
+        combination_type = "linear"
+    R = new_rank([_config_rank(configs[a]) for a in adapters], combination_type, svd_rank)
+
+    kinds = {isinstance(configs[a].target_modules, str) for a in adapters}
+    if len(kinds) > 1:
+        raise ValueError("adapters whose target_modules mix a regex string and a list cannot be combined")
+    if kinds == {True}:
+        targets = "|".join(f"({configs[a].target_modules})" for a in adapters)
+    else:
+        targets = sorted(set().union(*(configs[a].target_modules for a in adapters)))
+
+    first = configs[adapters[0]]
+    use_rslora = bool(first.use_rslora) if peft_bugs else False
+    lora_bias = bool(first.lora_bias) if peft_bugs else any(configs[a].lora_bias for a in adapters)
+    new_config = _copy.deepcopy(first)
+    new_config.r, new_config.lora_alpha = R, R
+    new_config.target_modules = targets
+    new_config.rank_pattern, new_config.alpha_pattern = {}, {}
+    new_config.use_rslora, new_config.lora_bias = use_rslora, lora_bias
+
+    # compute every layer first, so that a failure leaves the model untouched
+    plans = []
+    for lname, layer in lora_layers(model):
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+        if not present:
+            continue
+        names = [a for a, _ in present]
+        biases = [layer.lora_B[a].bias.data if layer.lora_bias.get(a) else None for a in names]
+        try:
+            c = combine_lora(
+                [layer.lora_A[a].weight.data for a in names], [layer.lora_B[a].weight.data for a in names],
+                [layer.scaling[a] for a in names], [w for _, w in present], combination_type,
+                svd_rank=R if combination_type in _SVD_TYPES else None, svd_clamp=svd_clamp, density=density,
+                majority_sign_method=majority_sign_method, rng=rng, biases=biases, peft_bugs=peft_bugs,
+                use_rslora=use_rslora)
+        except ValueError as e:
+            raise ValueError(f"{lname}: {e}") from None
+        plans.append((layer, c))
+
+    for layer, c in plans:
+        layer.update_layer(adapter_name, R, R, first.lora_dropout, use_rslora, None, False, lora_bias,
+                           rng=layer._rngs.get(adapters[0]))
+        A = layer.lora_A[adapter_name].weight.data  # (R, in), zeros
+        B = layer.lora_B[adapter_name].weight.data  # (out, R), zeros
+        A[: c.r] = c.lora_A[:R]
+        B[:, : c.r] = c.lora_B[:, :R]
+        if lora_bias and c.bias is not None:
+            layer.lora_B[adapter_name].bias.data[...] = c.bias
+    configs[adapter_name] = new_config
+    model.peft_config = configs
+    return model
+
+
+def add_weighted_adapter_like_peft(model, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
+                                   svd_clamp=None, density=None, majority_sign_method="total", rng=None):
+    """PEFT 0.21.2's ``add_weighted_adapter`` *with its bugs*, for comparison: the new adapter keeps
+    ``adapters[0]``'s ``use_rslora`` (scaling √R instead of 1, peft PR #3449 / issue #3761) and its ``lora_B``
+    bias is zero (the sources' biases are dropped). Use :func:`add_weighted_adapter` for the correct result."""
+    return add_weighted_adapter(model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                                density, majority_sign_method, rng, peft_bugs=True)
