@@ -341,6 +341,204 @@ def model_cases() -> list[Case]:
 
 
 # ================================================================================================================
+# LoRA, DoRA, merging, combinations
+# ================================================================================================================
+def _lora_layer(name: str, out_f: int, in_f: int, r: int, alpha: float, *, use_rslora=False, use_dora=False,
+                lora_bias=False, base_bias=False, bf16=False):
+    """A LoraLinear over a random base, with B ≠ 0 (init_lora_weights=False), from the case's own generator."""
+    from lora_ref.lora import LoraLinear, round_to_dtype
+    from lora_ref.nn import Linear
+
+    rng, seed = rng_for(name)
+    base = Linear(in_f, out_f, bias=base_bias, rng=rng, std=0.1)
+    if base_bias:
+        base.bias.data[...] = rng.normal(0, 0.1, out_f)
+    if bf16:
+        base.weight.data[...] = round_to_dtype(base.weight.data, ml_dtypes.bfloat16)
+        base.weight_dtype = np.dtype(ml_dtypes.bfloat16)
+    layer = LoraLinear(base, "default", r=r, lora_alpha=alpha, use_rslora=use_rslora, init_lora_weights=False,
+                       use_dora=use_dora, lora_bias=lora_bias, rng=rng)
+    return layer, rng, seed
+
+
+def _lora_io(layer) -> dict:
+    d = {"W": _f32(layer.base_layer.weight.data), "lora_A": _f32(layer.lora_A["default"].weight.data),
+         "lora_B": _f32(layer.lora_B["default"].weight.data)}
+    if layer.base_layer.bias is not None:
+        d["bias"] = _f32(layer.base_layer.bias.data)
+    if layer.lora_B["default"].bias is not None:
+        d["lora_B_bias"] = _f32(layer.lora_B["default"].bias.data)
+    if "default" in layer.lora_magnitude_vector:
+        d["magnitude"] = _f32(layer.lora_magnitude_vector["default"].weight.data)
+    return d
+
+
+def _lora_params(layer, seed, **extra) -> dict:
+    return {"seed": seed, "r": layer.r["default"], "lora_alpha": layer.lora_alpha["default"],
+            "scaling": layer.scaling["default"], "use_rslora": layer.use_rslora["default"],
+            "shapes": "W (out, in), lora_A (r, in), lora_B (out, r), x (..., in)", **extra}
+
+
+@builder
+def lora_cases() -> list[Case]:
+    from lora_ref.tensor import Tensor
+
+    cases = []
+    for name, kw, text in (
+        ("lora_forward_backward", dict(r=4, alpha=8), "scaling α/r = 2"),
+        ("rslora_forward_backward", dict(r=16, alpha=8, use_rslora=True), "rsLoRA scaling α/√r = 2"),
+        ("dora_forward_backward", dict(r=4, alpha=8, use_dora=True),
+         "DoRA: y = (m/‖W + sBA‖_row)·(x·(W + sBA)ᵀ) + b, the norm per output row and detached (no gradient "
+         "through it), m initialized to that norm and then perturbed"),
+    ):
+        layer, rng, seed = _lora_layer(name, 24, 20, kw["r"], kw["alpha"], use_rslora=kw.get("use_rslora", False),
+                                       use_dora=kw.get("use_dora", False), base_bias=True)
+        if "default" in layer.lora_magnitude_vector:
+            m = layer.lora_magnitude_vector["default"].weight
+            m.data[...] = m.data * (1 + 0.1 * rng.standard_normal(m.shape)).astype(np.float32)
+        inputs = _lora_io(layer)
+        x = Tensor(rng.standard_normal((3, 5, 20)).astype(np.float32), requires_grad=True)
+        y = layer(x)
+        w = rng.standard_normal(y.shape).astype(np.float32)
+        (y * Tensor(w)).sum().backward()
+        outputs = {"y": _f32(y.data), "grad_x": _f32(x.grad),
+                   "grad_lora_A": _f32(layer.lora_A["default"].weight.grad),
+                   "grad_lora_B": _f32(layer.lora_B["default"].weight.grad)}
+        if "default" in layer.lora_magnitude_vector:
+            outputs["grad_magnitude"] = _f32(layer.lora_magnitude_vector["default"].weight.grad)
+        cases.append(Case(name, "lora_forward", "lora.safetensors", F32_TOL,
+                          f"A LoRA layer y = x·Wᵀ + b + ((x·Aᵀ)·Bᵀ)·s, {text}, with B ≠ 0; gradients of "
+                          "sum(y · out_weight) for x, lora_A and lora_B (the base is frozen).",
+                          _lora_params(layer, seed, use_dora=kw.get("use_dora", False)),
+                          {**inputs, "x": _f32(x.data), "out_weight": w}, outputs))
+
+    # merge / unmerge in float32, and DoRA's merge
+    for name, dora in (("merge_unmerge_float32", False), ("dora_merge", True)):
+        layer, rng, seed = _lora_layer(name, 16, 12, 4, 16, use_dora=dora)
+        inputs = _lora_io(layer)
+        layer.merge()
+        merged = _f32(layer.base_layer.weight.data)
+        layer.unmerge()
+        cases.append(Case(name, "merge", "lora.safetensors", F32_TOL,
+                          ("DoRA merge: W' = (m/‖W + sBA‖_row)[:, None]·(W + sBA), PEFT's definition. "
+                           if dora else "Merge W' = W + s·(B @ A) in float32, and unmerge W'' = W' − s·(B @ A). ")
+                          + "Outputs: the merged and the unmerged weight.",
+                          _lora_params(layer, seed), inputs,
+                          {"merged_W": merged, "unmerged_W": _f32(layer.base_layer.weight.data)}))
+
+    # bfloat16: one rounding (PEFT's unsafe merge) vs two (safe_merge)
+    for safe in (False, True):
+        name = f"merge_bfloat16_{'safe_double_rounding' if safe else 'unsafe_single_rounding'}"
+        layer, rng, seed = _lora_layer("merge_bfloat16", 32, 32, 8, 16, bf16=True)
+        inputs = _lora_io(layer)
+        layer.merge(safe_merge=safe)
+        cases.append(Case(name, "merge_bfloat16", "lora.safetensors", "exact",
+                          ("safe_merge=True on a bfloat16 base: W' = bf16(W + bf16(s·B@A)), the update rounded "
+                           "first, then the sum (two roundings), as PEFT's safe path does."
+                           if safe else
+                           "Unsafe merge on a bfloat16 base: W' = bf16(W + s·B@A) with the update in float32, one "
+                           "rounding, as PEFT's in-place W.data += ΔW does.")
+                          + " W (an input) and W' hold bfloat16 values stored as float32; the two merges disagree "
+                            "on about a third of the weights.",
+                          _lora_params(layer, seed, dtype="bfloat16", safe_merge=safe), inputs,
+                          {"merged_W": _f32(layer.base_layer.weight.data)}))
+
+    # lora_B bias: merged with its scaling (PEFT's bitsandbytes merge forgets it)
+    name = "divergence_peft_4bit_merge_bias_scaling"
+    layer, rng, seed = _lora_layer(name, 16, 12, 4, 32, lora_bias=True, base_bias=True)
+    inputs = _lora_io(layer)
+    layer.merge()
+    cases.append(Case(name, "merge_lora_bias", "lora.safetensors", F32_TOL,
+                      "Merging an adapter with lora_bias=True: b' = b + s·b_B (s = α/r = 8). PEFT 0.21.2 does this "
+                      "for torch Linear (fixed in PR #2489) but its bitsandbytes 4-bit and 8-bit merges add b_B "
+                      "without s (issue #3741), so a merged 4-bit PEFT model's bias is off by (s − 1)·b_B; "
+                      "lora_ref scales it on every base.",
+                      _lora_params(layer, seed), inputs,
+                      {"merged_bias": _f32(layer.base_layer.bias.data), "merged_W": _f32(layer.base_layer.weight.data)}))
+    return cases
+
+
+def _combo_sources(name: str, n: int = 2, out_f: int = 12, in_f: int = 10, ranks=(4, 4)):
+    rng, seed = rng_for(name)
+    As = [rng.uniform(-0.3, 0.3, (r, in_f)).astype(np.float32) for r in ranks[:n]]
+    Bs = [rng.uniform(-0.5, 0.5, (out_f, r)).astype(np.float32) for r in ranks[:n]]
+    return rng, seed, As, Bs
+
+
+@builder
+def combination_cases() -> list[Case]:
+    from lora_ref.merge import combine_lora
+
+    cases = []
+    weights, scalings, density = [0.7, -0.3], [2.0, 0.5], 0.5
+    for ctype in ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        name = f"combine_{ctype}"
+        ranks = (4, 6) if ctype in ("cat", "svd") else (4, 4)
+        _, seed, As, Bs = _combo_sources(name, ranks=ranks)
+        kw = {}
+        inputs = {f"lora_A_{i}": a for i, a in enumerate(As)}
+        inputs.update({f"lora_B_{i}": b for i, b in enumerate(Bs)})
+        text = ""
+        if ctype in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+            kw["density"] = density
+        if ctype == "svd":
+            kw["svd_rank"] = 10
+            text = " svd_rank 10 = the total rank, so the result is exact; only the product is compared (singular " \
+                   "vectors have free signs)."
+        if ctype.startswith("dare"):
+            mask_seed = zlib.crc32((name + "/masks").encode())
+            kw["rng"] = np.random.default_rng(mask_seed)
+            replay = np.random.default_rng(mask_seed)
+            for i, a in enumerate(As):
+                inputs[f"keep_mask_A_{i}"] = (replay.random(a.shape) < density).astype(np.uint8)
+            for i, b in enumerate(Bs):
+                inputs[f"keep_mask_B_{i}"] = (replay.random(b.shape) < density).astype(np.uint8)
+            text = " DARE's keep masks (1 = kept, then rescaled by 1/density) are inputs keep_mask_*."
+        res = combine_lora(As, Bs, scalings, weights, ctype, **kw)
+        outputs = {"delta_W": _f32(res.delta_weight())}
+        if ctype != "svd":
+            outputs.update({"lora_A": res.lora_A, "lora_B": res.lora_B})
+        cases.append(Case(name, f"add_weighted_adapter_{ctype}", "merge.safetensors", F32_TOL,
+                          f"PEFT's add_weighted_adapter combination '{ctype}' of two adapters with weights "
+                          f"{weights} and source scalings {scalings} (the new adapter has scaling 1): the new "
+                          f"lora_A, lora_B and delta_W = lora_B @ lora_A.{text}",
+                          {"seed": seed, "weights": weights, "scalings": scalings, "combination_type": ctype,
+                           **{k: v for k, v in kw.items() if k != "rng"}}, inputs, outputs))
+
+    name = "divergence_peft_rslora_combination"
+    _, seed, As, Bs = _combo_sources(name, ranks=(4, 4))
+    r, alpha = 4, 8
+    s = alpha / np.sqrt(r)
+    res = combine_lora(As, Bs, [s, s], [1.0, 1.0], "cat")
+    cases.append(Case(name, "add_weighted_adapter_cat", "merge.safetensors", F32_TOL,
+                      "Combining two rsLoRA adapters (r 4, α 8, s = α/√r = 4) with 'cat', weights 1 and 1: the "
+                      "combined update is Σ sᵢ·Bᵢ·Aᵢ. PEFT 0.21.2 copies use_rslora into the new adapter, whose "
+                      "r = α = 8, so it applies scaling 8/√8 = √8 and its update is √8 ≈ 2.83 times too large "
+                      "(PR #3449, issue #3761); lora_ref's new adapter has scaling 1.",
+                      {"seed": seed, "r": r, "lora_alpha": alpha, "use_rslora": True, "weights": [1.0, 1.0]},
+                      {"lora_A_0": As[0], "lora_A_1": As[1], "lora_B_0": Bs[0], "lora_B_1": Bs[1]},
+                      {"delta_W": _f32(res.delta_weight())}))
+
+    # task arithmetic, TIES and DARE on full task vectors, as the papers define them
+    from lora_ref import merge as M
+
+    rng, seed = rng_for("full_delta_merges")
+    tv = [rng.standard_normal((8, 6)).astype(np.float32) for _ in range(3)]
+    inputs = {f"task_vector_{i}": t for i, t in enumerate(tv)}
+    cases.append(Case("task_arithmetic_full", "task_arithmetic", "merge.safetensors", F32_TOL,
+                      "Task arithmetic (Ilharco et al. 2023): λ·Σ τ_t with λ = 0.5 on three full task vectors.",
+                      {"seed": seed, "lambda": 0.5}, inputs,
+                      {"merged": _f32(M.paper_task_arithmetic(tv, lam=0.5))}))
+    cases.append(Case("ties_full", "ties", "merge.safetensors", F32_TOL,
+                      "TIES-merging (Yadav et al. 2023) as the paper defines it: trim each task vector to its top "
+                      "20% by magnitude, elect the sign of the summed mass per entry, average the agreeing entries "
+                      "(disjoint mean), times λ = 1.",
+                      {"seed": seed, "density": 0.2, "lambda": 1.0}, inputs,
+                      {"merged": _f32(M.paper_ties(tv, density=0.2, lam=1.0))}))
+    return cases
+
+
+# ================================================================================================================
 # writing
 # ================================================================================================================
 def build_cases() -> list[Case]:
