@@ -152,6 +152,14 @@ class LoraConfig:
         for name, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pat, dict):
                 raise ValueError(f"LoraConfig: {name} must be a dict, got {type(pat).__name__}")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None
+                                                     or self.layers_pattern is not None):
+            raise ValueError("LoraConfig: layers_to_transform / layers_pattern cannot be used when target_modules is "
+                             "a str (a regex)")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("LoraConfig: layers_pattern needs layers_to_transform")
+        if self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
+            raise ValueError("LoraConfig: lora_bias=True needs use_dora=False and init_lora_weights True or False")
         for key, rk in self.rank_pattern.items():
             if isinstance(rk, bool) or not isinstance(rk, (int, np.integer)) or rk <= 0:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {rk!r}")
