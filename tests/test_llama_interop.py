@@ -171,6 +171,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     ref.save_pretrained(tmp_path, safe_serialization=True)
     ours = Llama.from_pretrained(tmp_path)
     prompt = ids_for(6, seed=4, B=1)
+    ref.generation_config.eos_token_id = None  # lora_ref never stops early; token 2 (eos) must not end the run
     with torch.no_grad():
         expected = ref.generate(torch.as_tensor(prompt), max_new_tokens=30, do_sample=False, top_k=None,
                                 top_p=None, attention_mask=torch.ones_like(torch.as_tensor(prompt)),
