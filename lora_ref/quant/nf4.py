@@ -15,9 +15,11 @@ describes it and the way bitsandbytes actually computes it, and keeps the exact 
   ((1 − 1/30) + (1 − 1/32)) / 2 = 0.9677083333…, rounded to 7 decimals (:func:`nf4_offset`).
 - **FP4** (1 sign, 2 exponent, 1 mantissa bit): bitsandbytes' table in bit-pattern order, divided by 12.
 - **The 8-bit dynamic map** used by double quantization (``create_dynamic_map``): 7 decades 10^(−6+i), each
-  holding 2^i linearly spaced means, with both signs, plus 0 and 1. Its float32 values depend on how torch's
-  vectorised ``linspace`` runs on the CPU, so the table bitsandbytes generates on AVX2/AVX512 machines is
-  hard-coded here (:data:`DYNAMIC_MAP`, md5 82b0fdea5e1a26dc1f5214bbab7360f9 of its float32 bytes).
+  holding 2^i linearly spaced means, with both signs, plus 0 and 1. Its float32 values depend on whether torch's
+  CPU ``linspace`` uses fused multiply-adds (its AVX2/AVX512 builds do), so the table bitsandbytes generates there is
+  hard-coded here (:data:`DYNAMIC_MAP`, md5 82b0fdea5e1a26dc1f5214bbab7360f9 of its float32 bytes), and
+  :func:`dynamic_map` rebuilds it bit for bit once ``linspace`` is computed with fused multiply-adds, as torch's
+  AVX2/AVX512 kernels do.
 - **The CUDA kernel's thresholds**: the NF4 and FP4 encoders on the GPU compare against decimal literals in
   ``csrc/kernels.cu`` (``dQuantizeNF4``, ``dQuantizeFP4``), not against float32 midpoints. Four of the fifteen
   NF4 literals round to a float32 one ulp away from the midpoint of their two codes
@@ -164,13 +166,31 @@ def nf4_offset(as_fraction: bool = False):
     return exact if as_fraction else float(exact)
 
 
-def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+def _nearest_f32(exact: Fraction) -> np.float32:
+    """The float32 nearest to an exact rational (ties to the even mantissa): one correct rounding."""
+    guess = F32(float(exact))
+    best = None
+    for cand in (np.nextafter(guess, F32(-np.inf)), guess, np.nextafter(guess, F32(np.inf))):
+        key = (abs(Fraction(float(cand)) - exact), int(cand.view(np.uint32)) & 1)
+        if best is None or key < best[0]:
+            best = (key, cand)
+    return F32(best[1])
+
+
+def _fma_f32(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
+    """a·b + c rounded once to float32, as a fused multiply-add instruction computes it."""
+    return _nearest_f32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
+
+
+def torch_linspace_f32(start: float, end: float, steps: int, fma: bool = True) -> np.ndarray:
     """``torch.linspace(start, end, steps)`` in float32, element by element as torch's CPU kernel computes it.
 
-    step = (end − start) / (steps − 1) in float32; the first half is ``start + step * i``, the second half is
-    ``end − step * (steps − 1 − i)``, each product and sum rounded to float32. (torch's vectorised loop takes
-    over for long ranges and rounds differently; the NF4 construction only uses 8 and 9 steps, which run the
-    scalar loop.) ``numpy.linspace`` instead computes ``start + i * step`` in float64 and rounds once at the end.
+    step = (end − start) / (steps − 1) in float32; the first half is ``start + step · i``, the second half is
+    ``end − step · (steps − 1 − i)``. torch's AVX2 and AVX512 builds contract each of these into a fused
+    multiply-add (one rounding, ``fma=True``, the default here); its portable build
+    (``ATEN_CPU_CAPABILITY=default``) rounds the product and the sum separately (``fma=False``). Both were
+    checked against torch 2.13 for 8 … 1000 steps. ``numpy.linspace`` computes in float64 and rounds once at the
+    end, which is neither.
     """
     if steps < 2:
         raise ValueError(f"torch_linspace_f32 needs at least 2 steps, got {steps}")
@@ -179,10 +199,8 @@ def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     out = np.empty(steps, dtype=np.float32)
     half = steps // 2
     for i in range(steps):
-        if i < half:
-            out[i] = F32(s + F32(step * F32(i)))
-        else:
-            out[i] = F32(e - F32(step * F32(steps - 1 - i)))
+        k, base, sgn = (i, s, step) if i < half else (steps - 1 - i, e, -step)
+        out[i] = _fma_f32(sgn, F32(k), base) if fma else F32(base + F32(sgn * F32(k)))
     return out
 
 
@@ -210,7 +228,9 @@ def nf4_code(offset: float = 0.9677083, linspace: str = "torch", precision: str 
     Parameters
     ----------
     offset : the outermost probability (0.9677083 in bitsandbytes).
-    linspace : "torch" (float32, torch's CPU arithmetic) or "numpy" (``np.linspace`` in float32).
+    linspace : "torch" (float32 with fused multiply-adds, torch on AVX2/AVX512), "torch-portable" (float32,
+        separate roundings, ``ATEN_CPU_CAPABILITY=default``) — both give the same NF4 table — or "numpy"
+        (``np.linspace`` in float32).
     precision : "float32" rounds every quantile to float32 and divides in float32, as
         ``torch.Tensor(list_of_floats) / max`` does; "float64" divides in float64 and rounds once at the end.
 
@@ -219,13 +239,14 @@ def nf4_code(offset: float = 0.9677083, linspace: str = "torch", precision: str 
     float32[16]. With the defaults the result equals :data:`NF4_CODE` bit for bit; the other paths do not
     (see ``notebooks/05_nf4.ipynb`` for the ulp distances).
     """
-    if linspace == "torch":
-        lin9, lin8 = torch_linspace_f32(offset, 0.5, 9), torch_linspace_f32(offset, 0.5, 8)
+    if linspace in ("torch", "torch-portable"):
+        fma = linspace == "torch"
+        lin9, lin8 = torch_linspace_f32(offset, 0.5, 9, fma=fma), torch_linspace_f32(offset, 0.5, 8, fma=fma)
     elif linspace == "numpy":
         lin9 = np.linspace(offset, 0.5, 9, dtype=np.float32)
         lin8 = np.linspace(offset, 0.5, 8, dtype=np.float32)
     else:
-        raise ValueError(f"linspace must be 'torch' or 'numpy', got {linspace!r}")
+        raise ValueError(f"linspace must be 'torch', 'torch-portable' or 'numpy', got {linspace!r}")
     pos = ndtri(lin9[:-1].astype(np.float64))  # 8 positive quantiles (float64, like scipy)
     neg = -ndtri(lin8[:-1].astype(np.float64))  # 7 negative quantiles
     values = np.sort(np.concatenate([neg, [0.0], pos]))
@@ -296,16 +317,16 @@ def get_4bit_type(quant_type: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
-    """The construction of bitsandbytes' ``create_dynamic_map`` in float32 (scalar ``linspace`` arithmetic).
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8, fma: bool = True) -> np.ndarray:
+    """bitsandbytes' ``create_dynamic_map`` rebuilt in float32, with torch's ``linspace`` arithmetic.
 
     For decade i = 0 … max_exponent_bits − 1 the fraction values are the midpoints of
     ``linspace(0.1, 1, 2^i + 1)``, scaled by 10^(−(max_exponent_bits − 1) + i), with both signs; then 0 and 1.0
     are added and the list is sorted: 127 negative values, 0, 128 positive values for the signed 8-bit map.
     [Dettmers 2016, "8-Bit Approximations for Parallelism in Deep Learning", arXiv 1511.04561.]
 
-    The result differs from :data:`DYNAMIC_MAP` by one float32 ulp on a few entries: torch's vectorised
-    ``linspace`` (which bitsandbytes ran) rounds differently from the element-by-element formula.
+    With ``fma=True`` (torch on AVX2/AVX512 CPUs) the result equals :data:`DYNAMIC_MAP`, the table bitsandbytes
+    ships, bit for bit; with ``fma=False`` (torch's portable build) 42 entries move, by one ulp (two for entries 89 and 165).
     """
     data: list[float] = []
     non_sign_bits = total_bits - 1
@@ -314,14 +335,14 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     for i in range(max_exponent_bits):
         fraction_items = (2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
                           else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
-        boundaries = torch_linspace_f32(0.1, 1.0, fraction_items)
+        boundaries = torch_linspace_f32(0.1, 1.0, fraction_items, fma=fma)
         means = ((boundaries[:-1] + boundaries[1:]) / F32(2.0)).astype(np.float32)
         scale = F32(10.0 ** (-(max_exponent_bits - 1) + i))
         data += (scale * means).astype(np.float32).tolist()
         if signed:
             data += (-scale * means).astype(np.float32).tolist()
     if additional_items > 0:
-        boundaries = torch_linspace_f32(0.1, 1.0, additional_items + 1)
+        boundaries = torch_linspace_f32(0.1, 1.0, additional_items + 1, fma=fma)
         means = ((boundaries[:-1] + boundaries[1:]) / F32(2.0)).astype(np.float32)
         scale = F32(10.0 ** (-(max_exponent_bits - 1) + i))
         data += (scale * means).astype(np.float32).tolist()
@@ -418,15 +439,7 @@ def decimal_to_float32(literal: str) -> np.float32:
     decimal sits near the midpoint of two float32 values; here the decimal is compared exactly, as a fraction,
     with the two float32 candidates around it.
     """
-    exact = Fraction(literal)
-    guess = F32(float(exact))
-    best = None
-    for cand in (np.nextafter(guess, F32(-np.inf)), guess, np.nextafter(guess, F32(np.inf))):
-        dist = abs(Fraction(float(cand)) - exact)
-        key = (dist, int(cand.view(np.uint32)) & 1)  # tie → even mantissa
-        if best is None or key < best[0]:
-            best = (key, cand)
-    return F32(best[1])
+    return _nearest_f32(Fraction(literal))
 
 
 CUDA_NF4_THRESHOLD_LITERALS = (
