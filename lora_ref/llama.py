@@ -327,13 +327,26 @@ def rotate_half(x: Tensor) -> Tensor:
     return ops.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
+def _rotate_half_array(a: np.ndarray) -> np.ndarray:
+    half = a.shape[-1] // 2
+    return np.concatenate([-a[..., half:], a[..., :half]], axis=-1)
+
+
+def apply_rope(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
     """Rotate every (i, i + Dh/2) pair of ``x`` (…, T, Dh) by the angle m·θ_i of its position m.
 
-    x' = x ⊙ cos + rotate_half(x) ⊙ sin, the real form of multiplying the complex number x_i + j·x_{i+Dh/2} by
+    y = x ⊙ cos + rotate_half(x) ⊙ sin, the real form of multiplying the complex number x_i + j·x_{i+Dh/2} by
     e^{j m θ_i}. Rotating both q and k makes q_m · k_n depend on the positions only through m − n.
+
+    One graph node. The map is a rotation, so its backward is the rotation by the opposite angle:
+    dL/dx = g ⊙ cos − rotate_half(g ⊙ sin) (rotate_half is antisymmetric: its transpose is its negative).
+    ``rotate_half(x) * sin + x * cos`` built from primitives gives the same values and gradients (tested).
     """
-    return x * cos + rotate_half(x) * sin
+    x = ops._t(x)
+    xd = x.data
+    cos, sin = cos.astype(xd.dtype, copy=False), sin.astype(xd.dtype, copy=False)
+    out = xd * cos + _rotate_half_array(xd) * sin
+    return Tensor._make(out, (x,), lambda g: (g * cos - _rotate_half_array(g * sin),))
 
 
 # ================================================================================================================
@@ -535,7 +548,9 @@ class Llama(Module):
         softmax(logits / temperature), restricted to the ``top_k`` most likely tokens when given; sampling needs
         ``rng``. With ``use_cache`` every step feeds only the newest token and reads the earlier keys/values from
         a :class:`KVCache`; without it every step recomputes the whole sequence (same tokens, T times the work).
-        Runs in eval mode under ``no_grad``; the training flag is restored afterwards.
+        Runs in eval mode under ``no_grad``; the training flag is restored afterwards. Every row gets exactly
+        ``max_new_tokens`` tokens: there is no stop at ``eos_token_id`` (transformers' ``generate`` stops there
+        and pads) and no padding of prompts (all rows have the same length T).
         """
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

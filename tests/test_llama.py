@@ -169,6 +169,21 @@ def test_rope_scores_depend_only_on_relative_position(m, n, shift):
     assert math.isclose(score(m, n), score(m + shift, n + shift), rel_tol=1e-4, abs_tol=1e-4)
 
 
+def test_fused_rope_equals_primitives_and_passes_gradcheck():
+    c = tiny()
+    cos, sin = rope_cos_sin(rope_inv_freq(c).astype(np.float64), np.arange(3, 8), dtype=np.float64)  # (5, Dh)
+    x = Tensor(np.random.default_rng(3).standard_normal((2, 3, 5, c.head_dim)), requires_grad=True)
+    y = apply_rope(x, cos, sin)
+    x2 = Tensor(x.data.copy(), requires_grad=True)
+    y2 = x2 * cos + rotate_half(x2) * sin  # the same map from primitives
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y2), rtol=0, atol=1e-14)
+    w = np.random.default_rng(4).standard_normal(y.shape)
+    (y * w).sum().backward()
+    (y2 * w).sum().backward()
+    np.testing.assert_allclose(x.grad, x2.grad, rtol=0, atol=1e-13)
+    assert gradcheck(lambda t: apply_rope(t, cos, sin), [x])
+
+
 def test_rope_preserves_norms():
     c = tiny()
     x = np.random.default_rng(2).standard_normal((3, 5, c.head_dim))
