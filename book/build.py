@@ -126,15 +126,20 @@ def run_sphinx(out: Path) -> tuple[int, float]:
     return code, time.perf_counter() - start
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def report_failed_notebooks(out: Path) -> list[str]:
-    """Print the tail of each notebook execution log myst-nb left in `reports/`; return the names."""
+    """Print the failing cell and traceback from each log myst-nb left in `reports/`; return the names."""
     failed = []
     for report in sorted((out / "reports").glob("**/*.err.log")):
         name = report.name.removesuffix(".err.log")
         failed.append(name)
-        lines = report.read_text(errors="replace").splitlines()
+        text = ANSI.sub("", report.read_text(errors="replace"))
+        marker = "An error occurred while executing the following cell:"
+        text = text[text.index(marker):] if marker in text else "\n".join(text.splitlines()[-30:])
         print(f"\n[book] notebook {name} failed; full log: {report.relative_to(ROOT)}", flush=True)
-        for line in lines[-25:]:
+        for line in text.rstrip().splitlines():
             print(f"    {line}")
     return failed
 

@@ -83,7 +83,7 @@ nb_execution_timeout = CELL_TIMEOUT
 nb_execution_in_temp = False  # run in notebooks/, like JupyterLab
 nb_execution_allow_errors = False  # any failing cell fails the notebook
 nb_execution_raise_on_error = False  # report as a warning (an error under -W) and keep going
-nb_execution_show_tb = True  # print the failing cell's traceback in the build log
+nb_execution_show_tb = False  # build.py prints the failing cell and its traceback once
 nb_merge_streams = True
 nb_output_stderr = "show"
 # Widget views (for example a tqdm bar when ipywidgets is installed) would need require.js and the
