@@ -327,26 +327,17 @@ def rotate_half(x: Tensor) -> Tensor:
     return ops.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def _rotate_half_array(a: np.ndarray) -> np.ndarray:
-    half = a.shape[-1] // 2
-    return np.concatenate([-a[..., half:], a[..., :half]], axis=-1)
-
-
 def apply_rope(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
     """Rotate every (i, i + Dh/2) pair of ``x`` (…, T, Dh) by the angle m·θ_i of its position m.
 
     y = x ⊙ cos + rotate_half(x) ⊙ sin, the real form of multiplying the complex number x_i + j·x_{i+Dh/2} by
     e^{j m θ_i}. Rotating both q and k makes q_m · k_n depend on the positions only through m − n.
 
-    One graph node. The map is a rotation, so its backward is the rotation by the opposite angle:
-    dL/dx = g ⊙ cos − rotate_half(g ⊙ sin) (rotate_half is antisymmetric: its transpose is its negative).
-    ``rotate_half(x) * sin + x * cos`` built from primitives gives the same values and gradients (tested).
+    One graph node, :func:`lora_ref.functional.rotary`: the map is a rotation, so its backward is the rotation by
+    the opposite angle. ``x * cos + rotate_half(x) * sin`` from primitives gives the same values and gradients
+    (tested).
     """
-    x = ops._t(x)
-    xd = x.data
-    cos, sin = cos.astype(xd.dtype, copy=False), sin.astype(xd.dtype, copy=False)
-    out = xd * cos + _rotate_half_array(xd) * sin
-    return Tensor._make(out, (x,), lambda g: (g * cos - _rotate_half_array(g * sin),))
+    return F.rotary(x, cos, sin)
 
 
 # ================================================================================================================
