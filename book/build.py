@@ -69,12 +69,17 @@ def ensure_mathjax() -> float:
     STATIC.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mathjax-", dir=STATIC) as tmp:
         tmp_path = Path(tmp)
-        proc = subprocess.run(
-            [npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--json", "--silent"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-        )
+        for attempt in range(3):  # a registry hiccup should not fail a CI run
+            proc = subprocess.run(
+                [npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--json", "--silent"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode == 0:
+                break
+            log(f"npm pack failed (attempt {attempt + 1} of 3): {proc.stderr.strip()[-300:]}")
+            time.sleep(5)
         if proc.returncode != 0:
             raise SystemExit(
                 f"[book] error: `npm pack mathjax@{MATHJAX_VERSION}` failed (exit {proc.returncode}):\n"
