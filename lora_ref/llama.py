@@ -599,8 +599,13 @@ class Llama(Module):
         sources = sources or {}
         params = dict(self._unique_parameters())
         ignorable = {k for k in tensors if k.endswith("rotary_emb.inv_freq")}  # a buffer older versions saved
-        if self.config.tie_word_embeddings and "lm_head.weight" not in params:
-            ignorable.add("lm_head.weight")  # tied: transformers uses the embedding for the head
+        if self.config.tie_word_embeddings and "lm_head.weight" not in params and "lm_head.weight" in tensors:
+            # a tied checkpoint may carry a copy of the head; transformers unties the two when they differ
+            if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+                where = sources.get("lm_head.weight", "the checkpoint")
+                raise ValueError(f"config ties lm_head to embed_tokens, but {where} holds a different "
+                                 "lm_head.weight; set tie_word_embeddings to false in config.json to use it")
+            ignorable.add("lm_head.weight")
         missing = [k for k in params if k not in tensors]
         if missing:
             raise ValueError(f"checkpoint lacks tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"

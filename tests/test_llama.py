@@ -574,6 +574,11 @@ def test_tied_checkpoint_may_carry_a_head_copy_and_a_rotary_buffer(tmp_path):
     _write_safetensors(d / "model.safetensors", sd)
     back = Llama.from_pretrained(d)
     np.testing.assert_array_equal(back.lm_head.weight.data, model.model.embed_tokens.weight.data)
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1  # a different head: transformers would untie, we refuse
+    _write_safetensors(d / "model.safetensors", sd)
+    with pytest.raises(ValueError, match="config ties lm_head to embed_tokens, but .*model.safetensors holds a "
+                                         "different lm_head.weight"):
+        Llama.from_pretrained(d)
 
 
 def test_sharded_index_errors(tmp_path):

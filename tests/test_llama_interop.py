@@ -9,10 +9,14 @@ bfloat16 and sharded checkpoints.
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
@@ -178,3 +182,43 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
                                 pad_token_id=0).numpy()
     np.testing.assert_array_equal(ours.generate(prompt, 30), expected)
     np.testing.assert_array_equal(ours.generate(prompt, 30, use_cache=False), expected)
+
+
+@st.composite
+def hf_configs(draw):
+    """Random tiny Llama configs in either config.json style, and a sequence length."""
+    H = draw(st.sampled_from([2, 4, 6]))
+    K = draw(st.sampled_from([k for k in (1, 2, 3, 6) if H % k == 0]))
+    cfg = dict(vocab_size=draw(st.integers(20, 60)), hidden_size=H * draw(st.sampled_from([4, 6, 8])),
+               intermediate_size=draw(st.integers(8, 40)), num_hidden_layers=draw(st.integers(1, 2)),
+               num_attention_heads=H, num_key_value_heads=K, max_position_embeddings=48,
+               tie_word_embeddings=draw(st.booleans()), attention_bias=draw(st.booleans()),
+               mlp_bias=draw(st.booleans()), rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])))
+    if draw(st.booleans()):
+        cfg["head_dim"] = draw(st.sampled_from([4, 8, 12]))
+    theta = draw(st.sampled_from([100.0, 10000.0, 500000.0]))
+    if draw(st.booleans()):
+        rope = {"rope_type": "llama3", "rope_theta": theta, "factor": draw(st.sampled_from([2.0, 8.0])),
+                "low_freq_factor": 1.0, "high_freq_factor": draw(st.sampled_from([2.0, 4.0])),
+                "original_max_position_embeddings": draw(st.sampled_from([8, 16]))}
+    else:
+        rope = {"rope_type": "default", "rope_theta": theta}
+    T = draw(st.integers(rope.get("original_max_position_embeddings", 8) + 1, 48))
+    return cfg, rope, draw(st.sampled_from(["new", "old"])), T
+
+
+@settings(max_examples=12)
+@given(drawn=hf_configs(), seed=st.integers(0, 2**16))
+def test_random_configs_equal_transformers(drawn, seed):
+    cfg, rope, style, T = drawn
+    ref = hf_model(seed, **{**cfg, "rope_parameters": dict(rope)})
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        if style == "old":
+            to_old_style(Path(tmp))
+            ref = load_hf(tmp)
+        ours = Llama.from_pretrained(tmp)
+    ids = np.random.default_rng(seed).integers(0, cfg["vocab_size"], (2, T))
+    expected = hf_logits(ref, ids)
+    assert np.abs(expected).max() > 0.5
+    assert np.abs(np.asarray(ours(ids)) - expected).max() <= TOL
