@@ -23,10 +23,10 @@ Taught in ``notebooks/02_llama.ipynb``.
 
 References
 ----------
-- Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding", Eq. 34 (RoPE).
-- Zhang & Sennrich 2019, "Root Mean Square Layer Normalization", Eq. 4 (RMSNorm).
+- Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding" (RoPE).
+- Zhang & Sennrich 2019, "Root Mean Square Layer Normalization" (RMSNorm).
 - Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints".
-- Shazeer 2020, "GLU Variants Improve Transformer", Eq. 6 (SwiGLU).
+- Shazeer 2020, "GLU Variants Improve Transformer" (SwiGLU).
 - transformers 5.24 ``models/llama/modeling_llama.py`` and ``modeling_rope_utils.py`` (``_compute_llama3_parameters``).
 """
 
@@ -279,7 +279,7 @@ def _validate_rope(rope: dict) -> None:
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     """The rotation frequencies θ_i of RoPE, float32 (Dh/2,).
 
-    Default RoPE [Su et al. 2021, Eq. 15]: θ_i = base^(−2i/Dh), i = 0 … Dh/2−1, base = ``rope_theta``.
+    Default RoPE [Su et al. 2021]: θ_i = base^(−2i/Dh), i = 0 … Dh/2−1, base = ``rope_theta``.
 
     Llama 3.1 scaling (``rope_type="llama3"``) stretches the slow rotations to reach longer contexts. With the
     wavelength λ_i = 2π/θ_i, the original context length L (``original_max_position_embeddings``) and the factors
@@ -312,9 +312,9 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 def rope_cos_sin(inv_freq: np.ndarray, positions: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of the rotation angles m·θ_i for each position m: two arrays (T, Dh).
 
-    The angles are laid out as [θ_0 … θ_{Dh/2−1}, θ_0 … θ_{Dh/2−1}]: dimension i is paired with i + Dh/2 (the
-    "rotate half" layout of transformers and Meta's Llama code after the HF conversion), not with i + 1 as in the
-    paper's interleaved layout.
+    The angles are laid out as [θ_0 … θ_{Dh/2−1}, θ_0 … θ_{Dh/2−1}]: dimension i is paired with i + Dh/2, the
+    "rotate half" layout of transformers, not with i + 1 as in the paper's interleaved layout (transformers'
+    conversion script permutes the rows of Meta's q/k weights so that the two give the same attention scores).
     """
     freqs = np.asarray(positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # (T, Dh/2)
     emb = np.concatenate([freqs, freqs], axis=-1)  # (T, Dh)
@@ -407,7 +407,7 @@ class LlamaAttention(Module):
 
 
 class LlamaMLP(Module):
-    """SwiGLU feed-forward: down( SiLU(gate(x)) ⊙ up(x) ) [Shazeer 2020, Eq. 6], D → F → D."""
+    """SwiGLU feed-forward: down( SiLU(gate(x)) ⊙ up(x) ) [Shazeer 2020], D → F → D."""
 
     def __init__(self, config: LlamaConfig, *, rng: np.random.Generator | None = None):
         super().__init__()
