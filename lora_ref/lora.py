@@ -247,7 +247,8 @@ class LoraLinear(Module):
     base_layer : Module
         Anything with ``weight`` (out, in) (or ``in_features``/``out_features``) and ``forward(x)``: a
         :class:`lora_ref.nn.Linear`, or a 4-bit layer whose subclass overrides :meth:`base_weight` and
-        :meth:`set_base_weight` (or :meth:`merge_weight` / :meth:`unmerge_weight` outright).
+        :meth:`set_base_weight` (or :meth:`merge_weight` / :meth:`unmerge_weight` outright). Its parameters are
+        frozen (``requires_grad=False``).
     adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora, lora_bias :
         The first adapter (see :meth:`update_layer` and :class:`LoraConfig`).
     rng : numpy.random.Generator
@@ -274,6 +275,7 @@ class LoraLinear(Module):
         if isinstance(base_layer, LoraLinear):
             raise ValueError("the base layer already is a LoraLinear; add adapters with update_layer")
         self.in_features, self.out_features = _features(base_layer)
+        base_layer.requires_grad_(False)  # the base is frozen; only adapters train
         self.base_layer = base_layer
         self.lora_A = ModuleDict()
         self.lora_B = ModuleDict()

@@ -447,3 +447,68 @@ def test_dropout_acts_on_the_branch_only():
     assert not np.allclose(lora_only, expected_full, atol=1e-3)  # dropped-out inputs change the branch
     layer.eval()
     assert np.allclose(layer(x).data - layer.base_layer(x).data, expected_full, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ more properties
+@given(st.lists(adapters(dtype=F32, shape=(5, 7), use_rslora=None), min_size=2, max_size=3), st.data())
+@settings(max_examples=25)
+def test_merging_several_adapters_adds_their_deltas(ads, data):
+    """Several active adapters: the forward sums their branches; merging adds every ΔW (float32)."""
+    base = Linear(7, 5)
+    base.weight.data[...] = ads[0].W
+    layer = LoraLinear(base, "a0", ads[0].r, ads[0].lora_alpha, use_rslora=ads[0].use_rslora, init_lora_weights=None)
+    for i, ad in enumerate(ads):
+        if i:
+            layer.update_layer(f"a{i}", ad.r, ad.lora_alpha, use_rslora=ad.use_rslora, init_lora_weights=None)
+        layer.lora_A[f"a{i}"].weight.data[...] = ad.A
+        layer.lora_B[f"a{i}"].weight.data[...] = ad.B
+    names = [f"a{i}" for i in range(len(ads))]
+    layer.set_adapter(names)
+    x = data.draw(inputs(7))
+    y = layer(x).data.astype(np.float64)
+    expected_w = ads[0].W.astype(np.float64) + sum(ad.delta_weight().astype(np.float64) for ad in ads)
+    assert np.allclose(y, x @ expected_w.T, rtol=1e-5, atol=1e-4)
+    layer.merge()
+    assert layer.merged_adapters == names
+    assert np.allclose(layer.weight.data, expected_w, rtol=1e-5, atol=1e-5)
+
+
+@given(adapters(dtype=None, use_rslora=None), st.data())
+def test_lora_bias_is_scaled_in_forward_and_merge(ad, data):
+    """lora_B's bias sits inside the branch, so it is scaled by s in the forward pass and in the merge (PEFT #2489)."""
+    out_f, in_f = ad.W.shape
+    base = Linear(in_f, out_f, bias=True)
+    base.weight.data[...] = ad.W
+    if ad.dtype != F32:
+        base.weight_dtype = ad.dtype
+    layer = LoraLinear(base, r=ad.r, lora_alpha=ad.lora_alpha, use_rslora=ad.use_rslora, init_lora_weights=None,
+                       lora_bias=True)
+    layer.lora_A["default"].weight.data[...] = ad.A
+    layer.lora_B["default"].weight.data[...] = ad.B
+    b_B = data.draw(weights_like(out_f))
+    layer.lora_B["default"].bias.data[...] = b_B
+    x = data.draw(inputs(in_f))
+    y = layer(x).data.astype(np.float64)
+    layer.merge()
+    assert np.allclose(layer.bias.data, round_to_dtype(np.float32(ad.scaling) * b_B, ad.dtype))
+    dW = ad.delta_weight()
+    tol = UNIT_ROUNDOFF[ad.dtype] * (abs_bound(x, np.abs(ad.W) + np.abs(dW)) + np.abs(ad.scaling * b_B)) \
+        + 8 * (in_f + ad.r + 2) * F32_U * (abs_bound(x, np.abs(ad.W) + np.abs(dW)) + np.abs(ad.scaling * b_B))
+    assert np.all(np.abs(layer(x).data - y) <= tol + 1e-30)
+
+
+def weights_like(n):
+    return hnp.arrays(np.float32, (n,), elements=st.floats(-1, 1, width=32, allow_subnormal=False))
+
+
+@given(st.integers(2, 10), st.integers(2, 10), st.integers(1, 4), st.sampled_from([1.0, 4.0, 16.0]), st.booleans(),
+       st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=25)
+def test_pissa_init_leaves_the_output_unchanged(out_f, in_f, r, alpha, rs, seed):
+    rng = np.random.default_rng(seed)
+    base = Linear(in_f, out_f, rng=rng, std=1.0)
+    x = rng.normal(size=(3, in_f)).astype(np.float32)
+    y0 = base(x).data.astype(np.float64)
+    layer = LoraLinear(base, r=min(r, in_f, out_f), lora_alpha=alpha, use_rslora=rs, init_lora_weights="pissa")
+    scale = abs_bound(x, np.abs(layer.weight.data) + np.abs(layer.get_delta_weight("default"))) + np.abs(y0)
+    assert np.all(np.abs(layer(x).data - y0) <= 64 * (in_f + out_f) * F32_U * scale)

@@ -6,10 +6,13 @@ import struct
 import numpy as np
 import pytest
 import safetensors.numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lora_ref.lora import LoraConfig, inject_lora, lora_layers
 from lora_ref.nn import Linear, Module, ModuleList
 from lora_ref.peft_io import PEFT_CONFIG_DEFAULTS, load_adapter, read_adapter_config, save_adapter
+from lora_ref.testing import lora_configs
 
 
 class Attn(Module):
@@ -190,3 +193,17 @@ def test_read_adapter_config_defaults(saved):
     _, out = saved
     cfg = read_adapter_config(out)
     assert (cfg.r, cfg.lora_alpha, cfg.use_dora, cfg.target_modules) == (2, 6, True, ["q_proj", "v_proj"])
+
+
+@given(lora_configs(target_names=("q_proj", "v_proj", "lm_head"), use_dora=None), st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=20)
+def test_save_then_load_reproduces_outputs(cfg, seed):
+    import tempfile
+    from pathlib import Path
+
+    model = inject_lora(Net(rng=np.random.default_rng(seed)), cfg, rng=np.random.default_rng(seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp) / "a")
+        loaded = load_adapter(Net(rng=np.random.default_rng(seed)), Path(tmp) / "a")
+    assert np.array_equal(loaded(X).data, model(X).data)
+    assert loaded.peft_config["default"].target_modules == sorted(cfg.target_modules)
