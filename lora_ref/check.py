@@ -96,7 +96,7 @@ def compare(expected: np.ndarray, got: np.ndarray, tol) -> tuple[bool, float, fl
             return False, float("inf"), float("inf"), f"shape {tuple(got.shape)} != expected {tuple(expected.shape)}"
     e64 = expected.astype(np.float64)
     g64 = got.astype(np.float64)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         diff = np.abs(g64 - e64)
         diff = np.where(np.isnan(e64) & np.isnan(g64), 0.0, diff)
         diff = np.where((e64 == g64) & np.isinf(e64), 0.0, diff)

@@ -58,7 +58,8 @@ def rng_for(name: str) -> tuple[np.random.Generator, int]:
 
 
 def _f32(a) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+    """A float32 copy (never a view: the layers are merged in place after their inputs are recorded)."""
+    return np.array(a, dtype=np.float32, copy=True, order="C")
 
 
 _BUILDERS: list[Callable[[], list[Case]]] = []
@@ -125,7 +126,10 @@ def quantize_cases() -> list[Case]:
                 f"{qt}_quantize_{rounding}_float32", shape=(37, 65), blocksize=64, quant_type=qt, rounding=rounding,
                 description=f"{qt.upper()} quantize + dequantize of N(0,1) float32, blocksize 64, n odd (2405 "
                             f"elements, blocks spanning rows), as bitsandbytes' {rounding.upper()} path computes "
-                            f"it. Outputs: packed codes, float32 absmax per block, dequantized values."))
+                            f"it. Outputs: packed codes, float32 absmax per block, dequantized values."
+                            + (" FP4 code 8 is -0 and dequantizes to -0.0 (as on CUDA); bitsandbytes' CPU "
+                               "dequantization returns +0.0 or -0.0 for it depending on which of its kernels the "
+                               "tensor's shape selects." if (qt, rounding) == ("fp4", "cpu") else "")))
     cases.append(_quant_case(
         "nf4_quantize_cuda_bfloat16", shape=(48, 40), blocksize=128, quant_type="nf4", rounding="cuda",
         dtype="bfloat16", description="NF4 of a bfloat16 tensor (inputs and dequantized outputs are bfloat16 "
@@ -376,7 +380,7 @@ def _lora_io(layer) -> dict:
 def _lora_params(layer, seed, **extra) -> dict:
     return {"seed": seed, "r": layer.r["default"], "lora_alpha": layer.lora_alpha["default"],
             "scaling": layer.scaling["default"], "use_rslora": layer.use_rslora["default"],
-            "shapes": "W (out, in), lora_A (r, in), lora_B (out, r), x (..., in)", **extra}
+            "use_dora": layer.use_dora["default"], "shapes": "W (out, in), lora_A (r, in), lora_B (out, r), x (..., in)", **extra}
 
 
 @builder
@@ -409,7 +413,7 @@ def lora_cases() -> list[Case]:
         cases.append(Case(name, "lora_forward", "lora.safetensors", F32_TOL,
                           f"A LoRA layer y = x·Wᵀ + b + ((x·Aᵀ)·Bᵀ)·s, {text}, with B ≠ 0; gradients of "
                           "sum(y · out_weight) for x, lora_A and lora_B (the base is frozen).",
-                          _lora_params(layer, seed, use_dora=kw.get("use_dora", False)),
+                          _lora_params(layer, seed),
                           {**inputs, "x": _f32(x.data), "out_weight": w}, outputs))
 
     # merge / unmerge in float32, and DoRA's merge
