@@ -379,17 +379,18 @@ class LlamaAttention(Module):
     two agree.
     """
 
-    def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None):
+    def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
         super().__init__()
         D, H, K, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         std, bias = config.initializer_range, config.attention_bias
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, Dh
         self.scaling = Dh**-0.5
-        self.q_proj = Linear(D, H * Dh, bias=bias, rng=rng, std=std)
-        self.k_proj = Linear(D, K * Dh, bias=bias, rng=rng, std=std)
-        self.v_proj = Linear(D, K * Dh, bias=bias, rng=rng, std=std)
-        self.o_proj = Linear(H * Dh, D, bias=bias, rng=rng, std=std)
+        self.q_proj = Linear(D, H * Dh, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.k_proj = Linear(D, K * Dh, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.v_proj = Linear(D, K * Dh, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.o_proj = Linear(H * Dh, D, bias=bias, rng=rng, std=std, dtype=dtype)
 
     def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, cache: KVCache | None = None) -> Tensor:
         """x (B, T, D), cos/sin (T, Dh) of the T new positions → (B, T, D)."""
@@ -409,12 +410,12 @@ class LlamaAttention(Module):
 class LlamaMLP(Module):
     """SwiGLU feed-forward: down( SiLU(gate(x)) ⊙ up(x) ) [Shazeer 2020], D → F → D."""
 
-    def __init__(self, config: LlamaConfig, *, rng: np.random.Generator | None = None):
+    def __init__(self, config: LlamaConfig, *, rng: np.random.Generator | None = None, dtype=np.float32):
         super().__init__()
         D, Fd, std, bias = config.hidden_size, config.intermediate_size, config.initializer_range, config.mlp_bias
-        self.gate_proj = Linear(D, Fd, bias=bias, rng=rng, std=std)
-        self.up_proj = Linear(D, Fd, bias=bias, rng=rng, std=std)
-        self.down_proj = Linear(Fd, D, bias=bias, rng=rng, std=std)
+        self.gate_proj = Linear(D, Fd, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.up_proj = Linear(D, Fd, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.down_proj = Linear(Fd, D, bias=bias, rng=rng, std=std, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, D) → (B, T, D)."""
@@ -424,12 +425,13 @@ class LlamaMLP(Module):
 class LlamaDecoderLayer(Module):
     """One pre-norm block: x + Attn(RMSNorm(x)), then + MLP(RMSNorm(·))."""
 
-    def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None):
+    def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rng=rng)
-        self.mlp = LlamaMLP(config, rng=rng)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx, rng=rng, dtype=dtype)
+        self.mlp = LlamaMLP(config, rng=rng, dtype=dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
 
     def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, cache: KVCache | None = None) -> Tensor:
         """x (B, T, D) → (B, T, D)."""
@@ -440,14 +442,16 @@ class LlamaDecoderLayer(Module):
 class LlamaModel(Module):
     """The decoder stack without the head: ids (B, T) → final normalized hidden states (B, T, D)."""
 
-    def __init__(self, config: LlamaConfig, *, rng: np.random.Generator | None = None):
+    def __init__(self, config: LlamaConfig, *, rng: np.random.Generator | None = None, dtype=np.float32):
         super().__init__()
         self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rng=rng, std=config.initializer_range)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rng=rng, std=config.initializer_range,
+                                      dtype=dtype)
         if rng is not None and config.pad_token_id is not None:  # transformers zeroes the padding row at init
             self.embed_tokens.weight.data[config.pad_token_id] = 0.0
-        self.layers = ModuleList([LlamaDecoderLayer(config, i, rng=rng) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = ModuleList([LlamaDecoderLayer(config, i, rng=rng, dtype=dtype)
+                                  for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.inv_freq = rope_inv_freq(config)  # (Dh/2,) a constant, not a parameter
 
     def forward(self, ids: np.ndarray, cache: KVCache | None = None) -> Tensor:
@@ -472,21 +476,27 @@ class Llama(Module):
         Random initialization like transformers: every Linear and the embedding from N(0, initializer_range²),
         biases 0, RMSNorm weights 1. Without ``rng`` the weights are zeros, to be filled by
         :meth:`from_pretrained` or ``load_state_dict``.
+    dtype : numpy float dtype
+        Of the parameters and so of the computation: float32 (default, like transformers' float32 checks) or
+        float64 (for gradient checks and reference values).
 
     With ``tie_word_embeddings`` the head's weight *is* the embedding's Parameter (one array, two uses), and the
     checkpoint stores it once, as ``model.embed_tokens.weight``.
     """
 
-    def __init__(self, config: LlamaConfig | dict, *, rng: np.random.Generator | None = None):
+    def __init__(self, config: LlamaConfig | dict, *, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
         super().__init__()
         if isinstance(config, dict):
             config = LlamaConfig.from_dict(config)
         if not isinstance(config, LlamaConfig):
             raise ValueError(f"Llama needs a LlamaConfig or a config dict, got {type(config).__name__}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise ValueError(f"Llama dtype must be float32 or float64, got {np.dtype(dtype)}")
         self.config = config
-        self.model = LlamaModel(config, rng=rng)
+        self.model = LlamaModel(config, rng=rng, dtype=dtype)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, rng=rng,
-                              std=config.initializer_range)
+                              std=config.initializer_range, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -503,7 +513,7 @@ class Llama(Module):
 
         Returns
         -------
-        Tensor (B, T, V), float32.
+        Tensor (B, T, V) in the parameters' dtype (float32 unless built with ``dtype=np.float64``).
         """
         past = cache.length if cache is not None else 0
         ids = self.check_ids(ids, past=past)
@@ -580,9 +590,10 @@ class Llama(Module):
             yield name, p
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Llama":
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=np.float32) -> "Llama":
         """Load an HF Llama checkpoint folder: ``config.json`` + ``model.safetensors`` (or sharded with
-        ``model.safetensors.index.json``). bfloat16/float16/float64 weights are converted to float32.
+        ``model.safetensors.index.json``). bfloat16/float16/float64 weights are converted to float32, then to
+        ``dtype`` (float32 by default).
 
         Raises ``ValueError`` naming the file for a missing folder or file, unreadable JSON, a corrupt safetensors
         file, and naming the tensor for a missing, unexpected or wrongly shaped tensor.
@@ -590,7 +601,7 @@ class Llama(Module):
         folder = require_dir(path, "checkpoint folder")
         config = LlamaConfig.from_json_file(folder / CONFIG_FILE)
         tensors, sources = load_checkpoint_tensors(folder)
-        model = cls(config)
+        model = cls(config, dtype=dtype)
         model.load_checkpoint_tensors(tensors, sources)
         return model
 

@@ -26,10 +26,10 @@ def tiny(**kw) -> LlamaConfig:
     return LlamaConfig(**{**TINY, **kw})
 
 
-def o1_model(config: LlamaConfig, seed: int = 0) -> Llama:
+def o1_model(config: LlamaConfig, seed: int = 0, dtype=np.float32) -> Llama:
     """A model whose logits are of order 1 (std 0.02 init gives logits near 0, where every comparison is easy)."""
     rng = np.random.default_rng(seed)
-    model = Llama(config, rng=rng)
+    model = Llama(config, rng=rng, dtype=dtype)
     for name, p in model.named_parameters():
         if p.ndim == 2:
             p.data[...] = rng.normal(0, 1 / math.sqrt(p.shape[1]), p.shape)
@@ -275,6 +275,17 @@ def test_random_init_is_like_transformers():
 # ================================================================================================================
 # forward, cache, generation
 # ================================================================================================================
+def test_float64_model_agrees_with_float32():
+    m32 = o1_model(tiny(), seed=3)
+    m64 = o1_model(tiny(), seed=3, dtype=np.float64)
+    ids = np.random.default_rng(0).integers(0, 40, (2, 9))
+    out64 = m64(ids)
+    assert out64.dtype == np.float64
+    np.testing.assert_allclose(np.asarray(m32(ids)), np.asarray(out64), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+        Llama(tiny(), dtype=np.float16)
+
+
 def test_logits_shape_dtype_and_float64_view():
     model = o1_model(tiny())
     logits = model(np.zeros((3, 5), dtype=np.int32))
@@ -381,9 +392,8 @@ def test_gradcheck_through_attention_rope_and_gqa(name):
                     rope_parameters={"rope_type": "llama3", "rope_theta": 100.0, "factor": 4.0,
                                      "low_freq_factor": 1.0, "high_freq_factor": 2.0,
                                      "original_max_position_embeddings": 4})
-    model = o1_model(c)
-    for p in model.parameters():
-        p.data = p.data.astype(np.float64)
+    model = o1_model(c, dtype=np.float64)
+    assert all(p.dtype == np.float64 for p in model.parameters())
     ids = np.random.default_rng(0).integers(0, 11, (2, 6))
     lin = model.get_submodule(name)
 
@@ -462,6 +472,9 @@ def test_save_and_load_round_trip_exactly(tmp_path, tie):
         np.testing.assert_array_equal(a.data, b.data, err_msg=n)
     if tie:
         assert back.lm_head.weight is back.model.embed_tokens.weight
+    wide = Llama.from_pretrained(tmp_path / "ckpt", dtype=np.float64)
+    for (n, a), (_, b) in zip(model.named_parameters(), wide.named_parameters()):
+        assert b.dtype == np.float64 and np.array_equal(a.data, b.data), n
 
 
 def test_sharded_save_and_load(tmp_path):
