@@ -462,6 +462,46 @@ def lora_cases() -> list[Case]:
     return cases
 
 
+@builder
+def qlora_cases() -> list[Case]:
+    from lora_ref.qlora import Linear4bit, LoraLinear4bit, merge_4bit
+    from lora_ref.tensor import Tensor
+
+    name = "qlora_forward_backward"
+    rng, seed = rng_for(name)
+    W = (0.05 * rng.standard_normal((24, 40))).astype(np.float32)
+    base = Linear4bit(W, blocksize=64, quant_type="nf4", double_quant=True, rounding="cuda", impl="numpy")
+    st = base.quant_state
+    layer = LoraLinear4bit(base, "default", r=4, lora_alpha=16, init_lora_weights=False, rng=rng)
+    A, B = _f32(layer.lora_A["default"].weight.data), _f32(layer.lora_B["default"].weight.data)
+    x = Tensor(rng.standard_normal((3, 40)).astype(np.float32), requires_grad=True)
+    y = layer(x)
+    w = rng.standard_normal(y.shape).astype(np.float32)
+    (y * Tensor(w)).sum().backward()
+    quant_inputs = {"W_packed": np.asarray(base.weight.data, np.uint8).reshape(-1),
+                    "W_absmax_codes": np.asarray(st.absmax, np.uint8), "W_offset": np.array([st.offset], np.float32),
+                    "W_absmax2": _f32(st.state2.absmax)}
+    cases = [Case(name, "qlora_forward", "lora.safetensors", F32_TOL,
+                  "QLoRA (Eq. 5-6 of the paper): y = x·dequant(W)ᵀ + s·(x·Aᵀ)·Bᵀ, W in NF4 with double quantization "
+                  "(blocksize 64, CUDA rounding; the packed codes and nested scales are inputs, the float W they "
+                  "came from too), s = 16/4; gradients for x (through the 4-bit weight), lora_A and lora_B.",
+                  {"seed": seed, "r": 4, "lora_alpha": 16, "scaling": 4.0, "blocksize": 64, "quant_type": "nf4",
+                   "double_quant": True},
+                  {"W": W, **quant_inputs, "lora_A": A, "lora_B": B, "x": _f32(x.data), "out_weight": w},
+                  {"y": _f32(y.data), "grad_x": _f32(x.grad), "grad_lora_A": _f32(layer.lora_A["default"].weight.grad),
+                   "grad_lora_B": _f32(layer.lora_B["default"].weight.grad)})]
+    merged = merge_4bit(layer, strategy="requantize")
+    cases.append(Case("qlora_merge_requantize", "merge_4bit", "lora.safetensors", "exact",
+                      "Merging the adapter of qlora_forward_backward into its 4-bit base the way PEFT does: "
+                      "dequantize W, add s·B@A in float32, quantize again with the same settings (NF4, double "
+                      "quantization, blocksize 64). Outputs: the new packed codes and nested scale codes. The "
+                      "merged layer differs from the unmerged one by the NF4 error of the merged weight.",
+                      {"seed": seed, "strategy": "requantize"}, {**quant_inputs, "lora_A": A, "lora_B": B},
+                      {"packed": np.asarray(merged.weight.data, np.uint8).reshape(-1),
+                       "absmax_codes": np.asarray(merged.quant_state.absmax, np.uint8)}))
+    return cases
+
+
 def _combo_sources(name: str, n: int = 2, out_f: int = 12, in_f: int = 10, ranks=(4, 4)):
     rng, seed = rng_for(name)
     As = [rng.uniform(-0.3, 0.3, (r, in_f)).astype(np.float32) for r in ranks[:n]]
