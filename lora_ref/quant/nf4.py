@@ -326,7 +326,8 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     [Dettmers 2016, "8-Bit Approximations for Parallelism in Deep Learning", arXiv 1511.04561.]
 
     With ``fma=True`` (torch on AVX2/AVX512 CPUs) the result equals :data:`DYNAMIC_MAP`, the table bitsandbytes
-    ships, bit for bit; with ``fma=False`` (torch's portable build) 42 entries move, by one ulp (two for entries 89 and 165).
+    ships, bit for bit; with ``fma=False`` (torch's portable build) 42 entries move, by one ulp (two for entries
+    89 and 165).
     """
     data: list[float] = []
     non_sign_bits = total_bits - 1

@@ -299,7 +299,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
         if a.dtype not in _NP_TO_ST:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors here")
         raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _NP_TO_ST[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": _NP_TO_ST[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
     hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
