@@ -48,7 +48,7 @@ from lora_ref.tensor import Tensor, no_grad
 __all__ = [
     "LoraConfig", "LoraLinear", "DoraMagnitude", "inject_lora", "merge_and_unload", "unload", "trainable_count",
     "lora_layers", "set_adapter", "disable_adapters", "delete_adapter", "as_bfloat16", "round_to_dtype",
-    "matches_target", "find_targets", "DEFAULT_TARGET_MODULES",
+    "matches_target", "find_targets", "DEFAULT_TARGET_MODULES", "register_lora_layer", "lora_layer_type",
 ]
 
 #: PEFT's per-architecture default for ``target_modules=None`` (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
@@ -571,10 +571,9 @@ class LoraLinear(Module):
         if isinstance(adapter_names, str):
             raise ValueError(f"adapter_names should be a list of strings, got {adapter_names!r}")
         names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
-        names = [n for n in names if n not in self.merged_adapters]
+        # as PEFT: adapters this layer does not have are skipped (a model-level name may target other layers)
+        names = [n for n in names if n not in self.merged_adapters and n in self.lora_A]
         for name in names:
-            if name not in self.lora_A:
-                raise ValueError(f"no adapter {name!r} in this layer (adapters: {list(self.lora_A)})")
             self.merge_weight(name, safe_merge)
             self.merged_adapters.append(name)
 
@@ -589,6 +588,26 @@ class LoraLinear(Module):
 
 
 # --------------------------------------------------------------------------------------------- model level
+#: LoraLinear subclass to use for a base layer type (e.g. a 4-bit layer whose merge re-quantizes); see
+#: :func:`register_lora_layer`.
+_LAYER_TYPES: dict[type, type] = {}
+
+
+def register_lora_layer(base_type: type, lora_type: type) -> None:
+    """Make :func:`inject_lora` wrap layers of ``base_type`` in ``lora_type`` (a :class:`LoraLinear` subclass)."""
+    if not (isinstance(lora_type, type) and issubclass(lora_type, LoraLinear)):
+        raise ValueError(f"register_lora_layer needs a LoraLinear subclass, got {lora_type!r}")
+    _LAYER_TYPES[base_type] = lora_type
+
+
+def lora_layer_type(base: Module) -> type:
+    """The LoraLinear class that wraps ``base`` (the most specific registered base type, else LoraLinear)."""
+    for cls in type(base).__mro__:
+        if cls in _LAYER_TYPES:
+            return _LAYER_TYPES[cls]
+    return LoraLinear
+
+
 def lora_layers(model: Module) -> Iterator[tuple[str, LoraLinear]]:
     """(name, layer) for every :class:`LoraLinear` in ``model``."""
     for name, m in model.named_modules():
@@ -699,8 +718,8 @@ def _inject(model: Module, config: LoraConfig, name: str, *, rng, init_lora_weig
             m.update_layer(name, r, alpha, config.lora_dropout, config.use_rslora, init_lora_weights,
                            config.use_dora, config.lora_bias, rng=rng)
         else:
-            layer = LoraLinear(m, name, r, alpha, config.lora_dropout, config.use_rslora, init_lora_weights,
-                               config.use_dora, config.lora_bias, rng=rng)
+            layer = lora_layer_type(m)(m, name, r, alpha, config.lora_dropout, config.use_rslora,
+                                       init_lora_weights, config.use_dora, config.lora_bias, rng=rng)
             if not first:  # keep the model's active adapter(s), even if this layer has none of them
                 active = model.active_adapter
                 layer.active_adapters = [active] if isinstance(active, str) else list(active)
@@ -779,7 +798,17 @@ def disable_adapters(model: Module) -> Iterator[Module]:
 
 
 def merge_and_unload(model: Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> Module:
-    """Merge the adapters into the base weights and replace every LoraLinear by its base layer; returns ``model``."""
+    """Merge the adapters into the base weights and replace every LoraLinear by its base layer; returns ``model``.
+
+    ``adapter_names`` None merges each layer's active adapters; names the model does not have raise ``ValueError``.
+    """
+    known = getattr(model, "peft_config", None)
+    if adapter_names is not None and known is not None:
+        if isinstance(adapter_names, str):
+            raise ValueError(f"adapter_names should be a list of strings, got {adapter_names!r}")
+        unknown = [n for n in adapter_names if n not in known]
+        if unknown:
+            raise ValueError(f"no adapter(s) {unknown} in the model (adapters: {sorted(known)})")
     for name, layer in list(lora_layers(model)):
         layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         model.set_submodule(name, layer.base_layer)

@@ -94,14 +94,16 @@ def adapter_state_dict(model: Module, name: str = "default") -> dict[str, np.nda
             out[f"{p}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight.data
     if not out:
         raise ValueError(f"adapter {name!r} has no LoRA layers in the model")
-    if config.bias != "none":  # PEFT get_peft_model_state_dict: biases of the base model travel with the adapter
-        params = dict(model.named_parameters())
-        lora_prefixes = {k[len(PREFIX):].split("lora_")[0] for k in out}
-        for pname, prm in params.items():
-            if "lora_" in pname or not pname.endswith("bias"):
-                continue
-            if config.bias == "all" or any(pname == f"{lp}bias" for lp in lora_prefixes):
+    # PEFT _get_learnable_bias_state_dict: trained base biases travel with the adapter ("all": every bias;
+    # "lora_only": the base biases of the LoRA layers, "<layer>.base_layer.bias")
+    if config.bias == "all":
+        for pname, prm in model.named_parameters():
+            if pname.endswith("bias") and "lora_" not in pname:
                 out[PREFIX + pname] = prm.data
+    elif config.bias == "lora_only":
+        for lname, layer in lora_layers(model):
+            if layer.bias is not None:
+                out[f"{PREFIX}{lname}.base_layer.bias"] = layer.bias.data
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
@@ -240,6 +242,10 @@ def load_adapter(model: Module, path: str | os.PathLike, name: str = "default", 
         pname = k[len(PREFIX):]
         params.get(pname, params.get(pname.replace(".base_layer.", "."))).data[...] = tensors[k]
     if not is_trainable:
+        if config.bias != "none":
+            for pname, prm in model.named_parameters():
+                if pname.endswith("bias") and "lora_" not in pname:
+                    prm.requires_grad = False
         for _, layer in lora_layers(model):
             for d in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
                 if name in d:

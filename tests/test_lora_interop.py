@@ -21,7 +21,7 @@ import transformers  # noqa: E402
 
 from lora_ref import functional as F  # noqa: E402
 from lora_ref.lora import (LoraConfig, as_bfloat16, inject_lora, lora_layers, matches_target,  # noqa: E402
-                           merge_and_unload)
+                           merge_and_unload, set_adapter)
 from lora_ref.llama import Llama  # noqa: E402
 from lora_ref.peft_io import PEFT_CONFIG_DEFAULTS, load_adapter, save_adapter  # noqa: E402
 from lora_ref.tensor import no_grad  # noqa: E402
@@ -218,3 +218,64 @@ def test_target_matching_equals_peft(names, targets, exclude, layers, pattern):
     ours = LoraConfig(**kw)
     for n in names:
         assert matches_target(ours, n) == bool(check_target_module_exists(theirs, n)), n
+
+
+@pytest.mark.parametrize("dora1, dora2", [(False, True), (True, True), (True, False)])
+def test_two_active_adapters_forward_and_merge_equal_peft(base_dir, ids, tmp_path, dora1, dora2):
+    """Two adapters active at once (one or both DoRA, overlapping targets), then merged one after the other:
+    DoRA's norm must come from the weight with the earlier merges taken out, as PEFT computes it."""
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(init_lora_weights=False, r=4, use_dora=dora1,
+                                                                 target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("two", peft.LoraConfig(init_lora_weights=False, r=3, lora_alpha=5, use_dora=dora2,
+                                          target_modules=["q_proj", "o_proj"]))
+    pm.save_pretrained(tmp_path / "a")  # "default" at a/, "two" at a/two/ (PEFT's layout)
+    pm.base_model.set_adapter(["default", "two"])
+    expected = peft_logits(pm, ids)
+    theirs = {k: v.numpy() for k, v in pm.merge_and_unload(adapter_names=["default", "two"]).state_dict().items()}
+
+    model = load_adapter(Llama.from_pretrained(base_dir), tmp_path / "a")
+    load_adapter(model, tmp_path / "a" / "two", name="two")
+    set_adapter(model, ["default", "two"])
+    with no_grad():
+        assert np.abs(model(ids).data - expected).max() <= LOGIT_TOL
+    ours = merge_and_unload(model, adapter_names=["default", "two"]).state_dict()
+    for k, v in theirs.items():
+        assert np.abs(ours[k] - v).max() <= MERGE_TOL, k
+
+
+@pytest.mark.parametrize("kw", [dict(bias="all"), dict(bias="lora_only"), dict(lora_bias=True)],
+                         ids=["bias=all", "bias=lora_only", "lora_bias"])
+def test_biases_both_ways(tmp_path, ids, kw):
+    """A Llama with attention biases: trained base biases (bias="all"/"lora_only") and lora_B biases (scaled by s)
+    travel in the adapter file, in both directions, and merge as PEFT merges them."""
+    torch.manual_seed(4)
+    d = tmp_path / "biased"
+    transformers.LlamaForCausalLM(tiny_config(attention_bias=True)).save_pretrained(d)
+    cfg = dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=16, **kw)
+    pm = peft.get_peft_model(hf_model(d), peft.LoraConfig(init_lora_weights=False, **cfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if n.endswith("bias") and p.requires_grad:
+                p.add_(0.1)  # as if trained
+    pm.save_pretrained(tmp_path / "theirs")
+    expected = peft_logits(pm.eval(), ids)
+    ours = load_adapter(Llama.from_pretrained(d), tmp_path / "theirs", is_trainable=True)
+    with no_grad():
+        assert np.abs(ours(ids).data - expected).max() <= LOGIT_TOL
+    # the trainable set is PEFT's
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == sorted(
+        n.removeprefix("base_model.model.") for n, p in pm.named_parameters() if p.requires_grad)
+    # ours → PEFT
+    for n, p in ours.named_parameters():
+        if n.endswith("bias") and p.requires_grad:
+            p.data += np.float32(0.05)
+    with no_grad():
+        mine = ours(ids).data
+    save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(hf_model(d), tmp_path / "ours").eval()
+    assert np.abs(peft_logits(back, ids) - mine).max() <= LOGIT_TOL
+    theirs = {k: v.numpy() for k, v in back.merge_and_unload().state_dict().items()}
+    merged = merge_and_unload(ours).state_dict()
+    for k, v in theirs.items():
+        assert np.abs(merged[k] - v).max() <= MERGE_TOL, k
