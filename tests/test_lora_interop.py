@@ -279,3 +279,20 @@ def test_biases_both_ways(tmp_path, ids, kw):
     merged = merge_and_unload(ours).state_dict()
     for k, v in theirs.items():
         assert np.abs(merged[k] - v).max() <= MERGE_TOL, k
+
+
+def test_pissa_init_equals_peft(base_dir):
+    """PiSSA: the residual base weights and s·B·A equal PEFT's (A and B themselves only up to the SVD's signs)."""
+    kw = dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights="pissa")
+    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(**kw))
+    theirs = {k.removeprefix("base_model.model."): v.detach().numpy() for k, v in pm.state_dict().items()}
+    model = inject_lora(Llama.from_pretrained(base_dir), LoraConfig(**kw))
+    n = 0
+    for name, layer in lora_layers(model):
+        residual = theirs[f"{name}.base_layer.weight"]
+        assert np.abs(layer.weight.data - residual).max() <= 1e-5, name
+        delta = 2.0 * theirs[f"{name}.lora_B.default.weight"] @ theirs[f"{name}.lora_A.default.weight"]
+        assert np.abs(layer.get_delta_weight("default") - delta).max() <= 1e-5, name
+        assert np.abs(delta).max() > 0.01  # the top singular directions moved into the adapter
+        n += 1
+    assert n == 4
