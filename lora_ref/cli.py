@@ -30,8 +30,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class UsageError(ValueError):
-    """A flag value that is not allowed (exit status 2)."""
+from lora_ref.errors import UsageError  # noqa: E402  (one class, also under ``python -m lora_ref.cli``)
 
 
 class _Parser(argparse.ArgumentParser):
