@@ -62,6 +62,7 @@ __all__ = [
     "encode_8bit",
     "decode_8bit",
     "bits_per_parameter",
+    "cpu_mean_f32",
 ]
 
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -352,6 +353,98 @@ def decode_8bit(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksi
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The double-quantization offset: a float32 mean, reduced in torch's order
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ceil_log2(x: int) -> int:
+    return 1 if x <= 2 else int(x - 1).bit_length()
+
+
+def _cascade_rows(rows: np.ndarray) -> np.ndarray:
+    """torch's ``multi_row_sum`` (ATen SumKernel.cpp): sum the (size, …) rows with 4 levels of float32 accumulators.
+
+    Level 0 adds 2^p consecutive rows (p = max(4, ceil(log2 size) / 4)), then is carried into level 1, and so on,
+    which keeps the rounding error of long sums small.
+    """
+    size = rows.shape[0]
+    levels = 4
+    power = max(4, _ceil_log2(size) // levels)
+    step, mask = 1 << power, (1 << power) - 1
+    acc = np.zeros((levels,) + rows.shape[1:], dtype=np.float32)
+    i = 0
+    while i + step <= size:
+        for _ in range(step):
+            acc[0] = acc[0] + rows[i]
+            i += 1
+        for j in range(1, levels):
+            acc[j] = acc[j] + acc[j - 1]
+            acc[j - 1] = 0
+            if i & (mask << (j * power)):
+                break
+    for k in range(i, size):
+        acc[0] = acc[0] + rows[k]
+    for j in range(1, levels):
+        acc[0] = acc[0] + acc[j]
+    return acc[0]
+
+
+def _row_sum(x: np.ndarray) -> np.ndarray:
+    """torch's ``row_sum``: 4 interleaved accumulators (instruction-level parallelism), then combined."""
+    m = x.shape[0]
+    m4 = m // 4
+    partial = _cascade_rows(x[: 4 * m4].reshape((m4, 4) + x.shape[1:]))  # (4, …)
+    for i in range(4 * m4, m):
+        partial[0] = partial[0] + x[i]
+    for k in range(1, 4):
+        partial[0] = partial[0] + partial[k]
+    return partial[0]
+
+
+def _torch_sum_f32(v: np.ndarray) -> np.float32:
+    """One thread's float32 sum of a contiguous vector, in torch's order (``vectorized_inner_sum``)."""
+    n, lanes = v.shape[0], 8
+    if n < lanes:
+        return F32(_row_sum(v.reshape(n, 1))[0])
+    vec = _row_sum(v[: (n // lanes) * lanes].reshape(-1, lanes))  # (8,) one partial sum per lane
+    total = F32(0)
+    for k in range((n // lanes) * lanes, n):
+        total = F32(total + v[k])
+    for k in range(lanes):
+        total = F32(total + vec[k])
+    return total
+
+
+_TORCH_GRAIN_SIZE = 32768
+
+
+def cpu_mean_f32(v: np.ndarray, threads: int = 1) -> np.float32:
+    """``torch.mean`` of a contiguous float32 vector on the CPU, bit for bit: a cascade sum in float32, then / n.
+
+    torch (``sum_out(...).div_(n)``; ATen ``cascade_sum``, ``vectorized_inner_sum``) reads the vector as rows of
+    8 float32 lanes, sums those rows with :func:`_row_sum`, adds the leftover elements and then the 8 lanes in
+    order. With ``threads`` > 1 and more than 32,768 elements (torch's grain size) it first splits the vector into
+    equal chunks, one per thread, and sums the per-thread results. Checked against torch 2.13 with 1 and 2 threads
+    and ``ATEN_CPU_CAPABILITY`` default, avx2 and avx512.
+
+    bitsandbytes' CPU double quantization takes its ``offset`` from this mean; a float64 mean rounded to float32
+    differs from it in about half of all cases. :func:`quantize_4bit` models a single-threaded torch.
+    """
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    n = v.shape[0]
+    if threads <= 1 or n < _TORCH_GRAIN_SIZE:
+        total = _torch_sum_f32(v)
+    else:
+        used = min(threads, -(-n // _TORCH_GRAIN_SIZE))
+        chunk = -(-n // used)
+        partial = np.zeros(threads, dtype=np.float32)  # one slot per thread, idle threads keep 0
+        for t in range(used):
+            partial[t] = _torch_sum_f32(v[t * chunk:(t + 1) * chunk])
+        total = _torch_sum_f32(partial)
+    return F32(total / F32(n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -484,8 +577,9 @@ def quantize_4bit(
     -----
     The CUDA path computes the reciprocal 1/absmax correctly rounded; the kernel is built with ``--use_fast_math``,
     whose approximate reciprocal flips a few FP4 codes that sit within an ulp of a threshold (NF4 is exact).
-    The double-quantization offset is the float64 mean of the scales rounded to float32; torch's float32
-    reductions (CPU and CUDA) can differ from it by an ulp.
+    The double-quantization offset is torch's float32 mean of the scales: reproduced bit for bit for
+    ``rounding="cpu"`` (:func:`cpu_mean_f32`); for ``"cuda"`` the float64 mean rounded to float32, which can differ
+    from the GPU's reduction by an ulp.
     """
     blocksize = _check_blocksize(blocksize)
     if quant_type not in QUANT_TYPES:
@@ -508,7 +602,9 @@ def quantize_4bit(
     if not double_quant:
         return packed, QuantState(absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize,
                                   quant_type=quant_type, code=code)
-    offset = F32(np.mean(absmax, dtype=np.float64))
+    # offset: torch's float32 mean on the CPU (reproduced); on CUDA a float64 mean rounded to float32, which matched
+    # torch's GPU reduction on the reference outputs but is not guaranteed to (about one ulp apart otherwise)
+    offset = cpu_mean_f32(absmax) if rounding == "cpu" else F32(np.mean(absmax, dtype=np.float64))
     centred = (absmax - offset).astype(np.float32)  # (nblocks,)
     qabsmax, state2 = quantize_blockwise(centred, blocksize=NESTED_BLOCKSIZE, rounding=rounding, impl=impl)
     return packed, QuantState(absmax=qabsmax, shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type,
