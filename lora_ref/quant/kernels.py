@@ -1,0 +1,535 @@
+"""Numba twins of the blockwise 4-bit and 8-bit steps, and the fused 4-bit matmuls of QLoRA.
+
+Each public function here has the same name, signature and result as its NumPy reference in
+:mod:`lora_ref.quant.blockwise` (``absmax_blocks``, ``encode_4bit``, ``pack_nibbles``, ``unpack_nibbles``,
+``decode_4bit``, ``encode_8bit``, ``decode_8bit``), so ``quantize_4bit(..., impl="numba")`` runs the same
+algorithm through compiled loops. Integer outputs (codes, packed bytes) are bit for bit equal to the reference,
+and so are the float32 results of the decoders: every element is the one float32 product ``code[c] · absmax``.
+The kernels use strict IEEE float32 arithmetic (no ``fastmath``), because a fused or reordered multiply would
+move values that sit on a decision threshold.
+
+The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialise the dequantized weight:
+
+- a **row kernel** for a few input rows (decoding, generation: x is (1, K)): each thread decodes one weight
+  row at a time into a float32 buffer in L1 and takes its dot products with the inputs. The decoder reads a
+  256-entry table of *pairs* ``(code[b >> 4], code[b & 15])``, so one 64-bit load decodes a whole byte (two
+  elements, high nibble first), then multiplies by the block's absmax. The weight streams from memory at
+  half a byte per element, 8× fewer bytes than float32;
+- a **tiled kernel** for many rows (training): the register-blocked matmul of :mod:`lora_ref.matmul`, whose
+  B micro-panels are dequantized from the packed weight instead of copied.
+
+Taught in ``notebooks/06_kernels.ipynb``; measured by ``lora-ref bench`` (rows ``nf4_dequantize``,
+``nf4_gemv_4096``, ``nf4_quantize``). References: bitsandbytes 0.50.2 ``csrc/kernels.cu`` (``kQuantizeBlockwise``,
+``kDequantizeBlockwise``, ``dQuantizeNF4``, ``dQuantizeFP4``, ``dQuantize``), ``csrc/cpu_ops.cpp``,
+``backends/default/ops.py``; [QLoRA] Dettmers et al. 2023, arXiv 2305.14314, Eq. 5–6.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from lora_ref.jit import prefer_wide_vectors, stack_tile_f32
+from lora_ref.matmul import KC, MR, NR, micro_kernel, pack_a, store_tile
+from lora_ref.quant import nf4
+
+__all__ = [
+    "absmax_blocks",
+    "encode_4bit",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "decode_4bit",
+    "decode_4bit_into",
+    "encode_8bit",
+    "decode_8bit",
+    "pair_table",
+    "matmul_4bit",
+    "matmul_4bit_t",
+]
+
+F32 = np.float32
+U64 = np.uint64
+"""Hot loops index with unsigned integers: Numba wraps a negative signed index (``a[-1]``), and that check stops
+LLVM from vectorizing the loop. An unsigned index cannot be negative, so the check disappears."""
+_CUDA_NF4_T = nf4.cuda_nf4_thresholds()                           # float32[15]
+_CUDA_FP4_T = nf4.cuda_fp4_thresholds()                           # float32[7], magnitudes
+_CPU_NF4_T = nf4.midpoints_f32(nf4.NF4_CODE)                      # float32[15]
+_CPU_FP4_T = nf4.midpoints_f32(nf4.FP4_CODE[nf4.FP4_SORTED_ORDER])  # float32[15]
+_NO_ORDER = np.empty(0, np.int32)
+_FP4_ORDER = np.asarray(nf4.FP4_SORTED_ORDER, np.int32)             # int32: a 32-bit table lookup vectorizes
+_CPU_MIN_ABSMAX = F32(1e-38)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block scales
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _block_range(b, blocksize, n):
+    """(first, stop) unsigned flat indices of block b."""
+    return U64(b * blocksize), U64(min(n, (b + 1) * blocksize))
+
+
+@njit(cache=True, parallel=True)
+def _absmax_kernel(bits, blocksize, out_bits):
+    """Block maxima of |x| on the float32 bit patterns: clearing the sign bit gives |x|, and for non-negative
+    floats the unsigned-integer order is the float order (a NaN's pattern is above inf's, so NaN propagates
+    as in ``np.max``). An integer maximum vectorizes; a float one would need fast-math flags."""
+    n = bits.shape[0]
+    for b in prange(out_bits.shape[0]):
+        prefer_wide_vectors()
+        first, stop = _block_range(b, blocksize, n)
+        m = np.uint32(0)
+        for i in range(first, stop):
+            m = max(m, bits[i] & np.uint32(0x7FFFFFFF))
+        out_bits[b] = m
+
+
+def absmax_blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
+    """float32[ceil(n / blocksize)]: max |flat_i| per block of a flat float32 vector (twin of blockwise's)."""
+    out = np.empty(-(-flat.shape[0] // blocksize), np.float32)
+    _absmax_kernel(np.ascontiguousarray(flat, np.float32).view(np.uint32), blocksize, out.view(np.uint32))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4-bit encoders: code = number of thresholds strictly below the scaled value
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _count_below(s, thresholds, count):
+    """Number of thresholds[:count] strictly below s (the code). ``count`` is a constant at each call site, so
+    LLVM unrolls this loop and vectorizes the loop over elements around it."""
+    c = 0
+    for t in range(count):
+        c += s > thresholds[t]
+    return c
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _encode_cuda_nf4_kernel(flat, absmax, blocksize, thresholds, out):
+    """CUDA NF4: s = x · (1/absmax), code = #{t : s > t} over 15 thresholds. A zero block gives 1/0 = inf,
+    0 · inf = NaN, and NaN compares false: code 0."""
+    n = flat.shape[0]
+    for b in prange(absmax.shape[0]):
+        prefer_wide_vectors()
+        first, stop = _block_range(b, blocksize, n)
+        inv = F32(1.0) / absmax[b]
+        for i in range(first, stop):
+            out[i] = _count_below(flat[i] * inv, thresholds, 15)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _encode_cuda_fp4_kernel(flat, absmax, blocksize, thresholds, magnitude_codes, out):
+    """CUDA FP4: sign bit 0b1000 if s < 0 (not for −0.0 or NaN), then the magnitude code of |s| from 7
+    thresholds."""
+    n = flat.shape[0]
+    for b in prange(absmax.shape[0]):
+        prefer_wide_vectors()
+        first, stop = _block_range(b, blocksize, n)
+        inv = F32(1.0) / absmax[b]
+        for i in range(first, stop):
+            s = flat[i] * inv
+            sign = np.uint8(8) if s < 0 else np.uint8(0)
+            out[i] = magnitude_codes[_count_below(abs(s), thresholds, 7)] | sign
+
+
+@njit(cache=True, inline="always")
+def _clamp1(s):
+    if s > F32(1.0):
+        return F32(1.0)
+    if s < F32(-1.0):
+        return F32(-1.0)
+    return s
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, order, out):
+    """CPU rounding: s = clamp(x · (1/max(absmax, 1e-38)), −1, 1), but x / absmax in a trailing partial block;
+    rank = #{m : s > m} over the 15 midpoints of the sorted table. NF4's table is in code order (``order`` is
+    empty, code = rank); for FP4 ``order`` (int32[16]) maps a rank to its code."""
+    n = flat.shape[0]
+    for b in prange(absmax.shape[0]):
+        prefer_wide_vectors()
+        first, stop = _block_range(b, blocksize, n)
+        safe = max(absmax[b], _CPU_MIN_ABSMAX)
+        inv = F32(1.0) / safe
+        tail = stop - first < blocksize                            # the partial tail block divides
+        if order.shape[0] == 0:
+            if tail:
+                for i in range(first, stop):
+                    out[i] = _count_below(_clamp1(flat[i] / safe), midpoints, 15)
+            else:
+                for i in range(first, stop):
+                    out[i] = _count_below(_clamp1(flat[i] * inv), midpoints, 15)
+        else:
+            for i in range(first, stop):
+                s = flat[i] / safe if tail else flat[i] * inv
+                out[i] = order[_count_below(_clamp1(s), midpoints, 15)]
+
+
+def encode_4bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type: str, rounding: str) -> np.ndarray:
+    """uint8[n] 4-bit codes of a flat float32 vector given its block scales (twin of blockwise's).
+
+    ``quant_type`` "nf4" / "fp4"; ``rounding`` "cuda" (decimal-literal thresholds, strict >, NaN → 0) or "cpu"
+    (float32 midpoints of the sorted table, clamping, true division in the tail block).
+    """
+    flat = np.ascontiguousarray(flat, np.float32)
+    absmax = np.ascontiguousarray(absmax, np.float32)
+    out = np.empty(flat.shape[0], np.uint8)
+    if rounding == "cuda":
+        if quant_type == "nf4":
+            _encode_cuda_nf4_kernel(flat, absmax, blocksize, _CUDA_NF4_T, out)
+        else:
+            _encode_cuda_fp4_kernel(flat, absmax, blocksize, _CUDA_FP4_T,
+                                    np.asarray(nf4.CUDA_FP4_MAGNITUDE_CODES, np.uint8), out)
+    elif quant_type == "nf4":
+        _encode_cpu_kernel(flat, absmax, blocksize, _CPU_NF4_T, _NO_ORDER, out)
+    else:
+        _encode_cpu_kernel(flat, absmax, blocksize, _CPU_FP4_T, _FP4_ORDER, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nibble packing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+_CHUNK = 1 << 16  # bytes per parallel work item of the byte-wise kernels
+
+
+@njit(cache=True, parallel=True)
+def _pack_kernel(codes, out):
+    n = codes.shape[0]
+    full = U64(n // 2)                                             # bytes with two codes
+    for c in prange((n // 2 + _CHUNK - 1) // _CHUNK):
+        prefer_wide_vectors()
+        for j in range(U64(c * _CHUNK), min(full, U64((c + 1) * _CHUNK))):
+            out[j] = (codes[U64(2) * j] << np.uint8(4)) | codes[U64(2) * j + U64(1)]
+    if n % 2:
+        out[n // 2] = codes[n - 1] << np.uint8(4)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8[ceil(n/2)]: byte j = (codes[2j] << 4) | codes[2j+1], first element high; last low nibble 0 if n odd."""
+    codes = np.ascontiguousarray(codes, np.uint8)
+    out = np.empty((codes.shape[0] + 1) // 2, np.uint8)
+    _pack_kernel(codes, out)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _unpack_kernel(packed, out):
+    n = out.shape[0]
+    full = U64(n // 2)
+    for c in prange((n // 2 + _CHUNK - 1) // _CHUNK):
+        prefer_wide_vectors()
+        for j in range(U64(c * _CHUNK), min(full, U64((c + 1) * _CHUNK))):
+            byte = packed[j]
+            out[U64(2) * j] = byte >> np.uint8(4)
+            out[U64(2) * j + U64(1)] = byte & np.uint8(15)
+    if n % 2:
+        out[n - 1] = packed[n // 2] >> np.uint8(4)
+
+
+def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """uint8[n] codes from uint8[ceil(n/2)] packed bytes, high nibble first (inverse of :func:`pack_nibbles`)."""
+    out = np.empty(n, np.uint8)
+    _unpack_kernel(np.ascontiguousarray(packed, np.uint8), out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4-bit decoder: one 64-bit table load per byte
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pair_table(code: np.ndarray) -> np.ndarray:
+    """float32[256, 2]: row b = (code[b >> 4], code[b & 15]), the two values a packed byte stands for."""
+    code = np.asarray(code, np.float32)
+    b = np.arange(256)
+    return np.ascontiguousarray(np.stack([code[b >> 4], code[b & 15]], axis=1))  # (256, 2)
+
+
+@njit(cache=True, inline="always")
+def _decode_bytes(packed, byte0, nbytes, pairs64, dst64, dst0):
+    """dst64[dst0 + j] = pairs64[packed[byte0 + j]] for j < nbytes: two float32 codes per 64-bit copy."""
+    src, dst = U64(byte0), U64(dst0)
+    for j in range(U64(nbytes)):
+        dst64[dst + j] = pairs64[packed[src + j]]
+
+
+@njit(cache=True, inline="always")
+def _scale(dst, start, count, s):
+    """dst[start:start + count] *= s (float32: the same product code[c] · absmax as the reference)."""
+    for k in range(U64(start), U64(start + count)):
+        dst[k] = dst[k] * s
+
+
+@njit(cache=True, parallel=True)
+def _decode_kernel(packed, absmax, pairs, blocksize, out, out64):
+    """out[i] = code[c_i] · absmax[i // blocksize]; each block is two passes over L1: decode, then scale.
+    ``out64`` is ``out[:n - n % 2]`` viewed as uint64 (the decoder writes two float32 per store)."""
+    n = out.shape[0]
+    n_even = n - n % 2
+    pairs64 = pairs.reshape(-1).view(np.uint64)                    # (256,) two float32 per entry
+    half = blocksize // 2
+    for b in prange(absmax.shape[0]):
+        prefer_wide_vectors()
+        start = b * blocksize
+        count = min(blocksize, n_even - start)
+        if count > 0:
+            _decode_bytes(packed, b * half, count // 2, pairs64, out64, b * half)
+            _scale(out, start, count, absmax[b])
+    if n % 2:
+        out[n - 1] = pairs[packed[n // 2], 0] * absmax[(n - 1) // blocksize]
+
+
+def decode_4bit_into(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, n: int,
+                     out: np.ndarray) -> np.ndarray:
+    """:func:`decode_4bit` writing into ``out`` (float32[n], C-contiguous), for callers that reuse a buffer."""
+    if out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape ({n},), got {out.dtype} {out.shape}")
+    _decode_kernel(np.ascontiguousarray(packed, np.uint8), np.ascontiguousarray(absmax, np.float32),
+                   pair_table(code), blocksize, out, out[:n - n % 2].view(np.uint64))
+    return out
+
+
+def decode_4bit(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, n: int) -> np.ndarray:
+    """float32[n]: x̂_i = code[c_i] · absmax_{i // blocksize} (twin of blockwise's). packed uint8[ceil(n/2)]."""
+    return decode_4bit_into(packed, absmax, code, blocksize, n, np.empty(n, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8-bit encoder and decoder (double quantization)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _cuda_search_8bit(s, code):
+    """The CUDA kernel's ``dQuantize<0>`` for one value: 7-step binary search over a sorted 256-entry code."""
+    pivot = 127
+    upper_pivot = 255
+    lower_pivot = 0
+    lower = F32(-1.0)
+    upper = F32(1.0)
+    val = code[pivot]
+    step = 64
+    while step > 0:
+        if s > val:
+            lower_pivot = pivot
+            lower = val
+            pivot += step
+        else:
+            upper_pivot = pivot
+            upper = val
+            pivot -= step
+        val = code[pivot]
+        step //= 2
+    if upper_pivot == 255:
+        upper = code[255]
+    if lower_pivot == 0:
+        lower = code[0]
+    if s > val:
+        return upper_pivot if s > (upper + val) * F32(0.5) else pivot
+    return lower_pivot if s < (lower + val) * F32(0.5) else pivot
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _encode_8bit_cuda_kernel(flat, absmax, blocksize, code, out):
+    n = flat.shape[0]
+    for b in prange(absmax.shape[0]):
+        inv = F32(1.0) / absmax[b]
+        for i in range(b * blocksize, min(n, (b + 1) * blocksize)):
+            out[i] = _cuda_search_8bit(flat[i] * inv, code)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _encode_8bit_cpu_kernel(flat, absmax, blocksize, lut, out):
+    """bitsandbytes' CPU 8-bit path: bin = trunc(((clamp(s, −1, 1) + 1) · 0.5) · 65535 + 0.5), code = lut[bin];
+    an all-zero block gives code 0."""
+    n = flat.shape[0]
+    for b in prange(absmax.shape[0]):
+        zero_block = absmax[b] == 0
+        inv = F32(1.0) / absmax[b]
+        for i in range(b * blocksize, min(n, (b + 1) * blocksize)):
+            if zero_block:
+                out[i] = 0
+            else:
+                v = min(max(flat[i] * inv, F32(-1.0)), F32(1.0))
+                t = ((v + F32(1.0)) * F32(0.5)) * F32(65535.0) + F32(0.5)
+                out[i] = lut[np.int64(t)]
+
+
+def encode_8bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, code: np.ndarray, rounding: str) -> np.ndarray:
+    """uint8[n] 8-bit codes with a sorted 256-entry code (twin of blockwise's): "cuda" binary search or
+    "cpu" 65,536-bin lookup table."""
+    from lora_ref.quant.blockwise import _cpu_lut  # the LUT itself is a 65,536-entry NumPy construction
+
+    flat = np.ascontiguousarray(flat, np.float32)
+    absmax = np.ascontiguousarray(absmax, np.float32)
+    code = np.ascontiguousarray(code, np.float32)
+    out = np.empty(flat.shape[0], np.uint8)
+    if rounding == "cuda":
+        _encode_8bit_cuda_kernel(flat, absmax, blocksize, code, out)
+    else:
+        _encode_8bit_cpu_kernel(flat, absmax, blocksize, _cpu_lut(code), out)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _decode_8bit_kernel(codes, absmax, code, blocksize, out):
+    n = codes.shape[0]
+    for b in prange(absmax.shape[0]):
+        s = absmax[b]
+        for i in range(b * blocksize, min(n, (b + 1) * blocksize)):
+            out[i] = code[codes[i]] * s
+
+
+def decode_8bit(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int) -> np.ndarray:
+    """float32[n]: code[c_i] · absmax_{i // blocksize} (twin of blockwise's)."""
+    codes = np.ascontiguousarray(codes, np.uint8)
+    out = np.empty(codes.shape[0], np.float32)
+    _decode_8bit_kernel(codes, np.ascontiguousarray(absmax, np.float32), np.ascontiguousarray(code, np.float32),
+                        blocksize, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused 4-bit matmuls: y = x · dequant(W)ᵀ and dx = dy · dequant(W), W (N, K) never materialised
+# ---------------------------------------------------------------------------------------------------------------
+
+ROW_KERNEL_MAX_M = 8
+"""Up to this many input rows, :func:`matmul_4bit` decodes W row by row (memory-bound); above, it tiles."""
+
+
+@njit(cache=True, inline="always")
+def _decode_run(packed, absmax, code, blocksize, start, dst):
+    """dst[p] = W_flat[start + p] for p < len(dst), any start (odd starts begin in a low nibble)."""
+    for p in range(dst.shape[0]):
+        i = start + p
+        byte = packed[i >> 1]
+        c = (byte >> np.uint8(4)) if (i & 1) == 0 else (byte & np.uint8(15))
+        dst[p] = code[c] * absmax[i // blocksize]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
+    """y[m, r] = Σ_k x[m, k] · W[r, k] for few rows m: decode W row r into an L1 buffer, then dot products."""
+    M = x.shape[0]
+    pairs64 = pairs.reshape(-1).view(np.uint64)                    # (256,)
+    aligned = K % blocksize == 0                                   # rows start on a block (and byte) boundary
+    nchunks = min(N, 256)                                          # one row buffer per chunk of rows
+    for c in prange(nchunks):
+        prefer_wide_vectors()
+        # one decoded row, allocated as uint64 pairs (a view in the other direction stops vectorization)
+        w64 = np.empty(K // 2 + 1, np.uint64)
+        w = w64.view(np.float32)                                   # (>= K,) the same memory
+        for r in range(c * N // nchunks, (c + 1) * N // nchunks):
+            if aligned:
+                nb = K // blocksize
+                _decode_bytes(packed, r * (K // 2), K // 2, pairs64, w64, 0)
+                for b in range(nb):
+                    _scale(w, b * blocksize, blocksize, absmax[r * nb + b])
+            else:
+                _decode_run(packed, absmax, code, blocksize, r * K, w[:K])
+            for m in range(M):
+                xm = x[m]
+                acc = F32(0.0)
+                for k in range(U64(K)):
+                    acc += xm[k] * w[k]
+                y[m, r] = acc
+
+
+_acc_tile = stack_tile_f32(MR, NR)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _tiled_kernel(x, packed, absmax, code, blocksize, N_w, K_w, transpose, y):
+    """y = x · Wᵀ (transpose=False: x (M, K_w), y (M, N_w)) or y = x · W (transpose=True: x (M, N_w),
+    y (M, K_w)) with the register-blocked matmul; each B micro-panel is decoded straight from ``packed``."""
+    M, K_in = x.shape
+    N_out = y.shape[1]
+    n_row_panels = (M + MR - 1) // MR
+    n_col_panels = (N_out + NR - 1) // NR
+    ap = np.empty((n_row_panels, MR, KC), np.float32)
+    if K_in == 0:
+        y[:, :] = 0.0
+    for k0 in range(0, K_in, KC):
+        kc = min(KC, K_in - k0)
+        pack_a(x, k0, kc, ap)
+        for jb in prange(n_col_panels):
+            prefer_wide_vectors()
+            acc = _acc_tile()                                      # (MR, NR) in registers
+            bp = np.zeros((KC, NR), np.float32)                    # (KC, NR) panel of dequantized weights
+            j0 = jb * NR
+            nr = min(NR, N_out - j0)
+            if transpose:   # B = W: bp[p, j] = W[k0 + p, j0 + j], a run along a row of W
+                for p in range(kc):
+                    _decode_run(packed, absmax, code, blocksize, (k0 + p) * K_w + j0, bp[p, :nr])
+            else:           # B = Wᵀ: bp[p, j] = W[j0 + j, k0 + p], a run along row j0 + j of W
+                for j in range(nr):
+                    _decode_run(packed, absmax, code, blocksize, (j0 + j) * K_w + k0, bp[:kc, j])
+            for ib in range(n_row_panels):
+                micro_kernel(ap[ib], bp, kc, acc)
+                store_tile(acc, y, ib * MR, j0, k0 > 0)
+
+
+def _weight_operands(packed, state):
+    """(flat packed bytes, float32 block scales, the kernels' 16-value table, N, K) of a 2-D 4-bit weight."""
+    from lora_ref.quant.blockwise import _check_state_4bit
+
+    flat_packed = _check_state_4bit(packed, state)
+    if len(state.shape) != 2:
+        raise ValueError(f"a 4-bit weight for matmul must be 2-D (out, in), got shape {tuple(state.shape)}")
+    absmax = state.block_absmax("numba")                            # double quant: dequantized first (small)
+    code = np.ascontiguousarray(nf4.kernel_lut(state.quant_type), np.float32)
+    N, K = (int(d) for d in state.shape)
+    return flat_packed, np.ascontiguousarray(absmax, np.float32), code, N, K
+
+
+def _check_activation(x, name: str, cols: int, weight_shape) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype != np.float32 or x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D float32 array, got {x.dtype} with shape {x.shape}")
+    if x.shape[1] != cols:
+        raise ValueError(f"{name} has shape {x.shape} but the 4-bit weight has shape {tuple(weight_shape)}")
+    return np.ascontiguousarray(x)
+
+
+def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
+    """y = x · dequant(W)ᵀ without materialising W: QLoRA's frozen-weight forward ([QLoRA] Eq. 5).
+
+    Parameters
+    ----------
+    x : float32 (M, K)
+    packed, state : a 4-bit weight W of shape (N, K) from ``quantize_4bit`` (any blocksize, NF4 or FP4, with
+        or without double quantization).
+
+    Returns
+    -------
+    float32 (M, N). W's elements are the float32 products code[c] · absmax of :func:`decode_4bit` (the values
+    ``dequantize_4bit`` returns for a float32 state, before any cast to a 16-bit ``state.dtype``); only the
+    order of the float32 additions differs from the NumPy twin ``lora_ref.quant.fused.matmul_4bit(impl="numpy")``.
+    """
+    flat_packed, absmax, code, N, K = _weight_operands(packed, state)
+    x = _check_activation(x, "x", K, state.shape)
+    y = np.empty((x.shape[0], N), np.float32)                      # (M, N)
+    if x.shape[0] <= ROW_KERNEL_MAX_M:
+        _rows_kernel(x, flat_packed, absmax, pair_table(code), code, state.blocksize, N, K, y)
+    else:
+        _tiled_kernel(x, flat_packed, absmax, code, state.blocksize, N, K, False, y)
+    return y
+
+
+def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
+    """dx = dy · dequant(W) without materialising W: the input gradient of :func:`matmul_4bit`.
+
+    Parameters: ``dy`` float32 (M, N); ``packed``, ``state`` a 4-bit weight W (N, K). Returns float32 (M, K).
+    """
+    flat_packed, absmax, code, N, K = _weight_operands(packed, state)
+    dy = _check_activation(dy, "dy", N, state.shape)
+    dx = np.empty((dy.shape[0], K), np.float32)                    # (M, K)
+    _tiled_kernel(dy, flat_packed, absmax, code, state.blocksize, N, K, True, dx)
+    return dx
