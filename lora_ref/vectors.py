@@ -436,6 +436,8 @@ def lora_cases() -> list[Case]:
         layer, rng, seed = _lora_layer("merge_bfloat16", 32, 32, 8, 16, bf16=True)
         inputs = _lora_io(layer)
         layer.merge(safe_merge=safe)
+        merged = _f32(layer.base_layer.weight.data)
+        layer.unmerge()
         cases.append(Case(name, "merge_bfloat16", "lora.safetensors", "exact",
                           ("safe_merge=True on a bfloat16 base: W' = bf16(W + bf16(s·B@A)), the update rounded "
                            "first, then the sum (two roundings), as PEFT's safe path does."
@@ -443,9 +445,10 @@ def lora_cases() -> list[Case]:
                            "Unsafe merge on a bfloat16 base: W' = bf16(W + s·B@A) with the update in float32, one "
                            "rounding, as PEFT's in-place W.data += ΔW does.")
                           + " W (an input) and W' hold bfloat16 values stored as float32; the two merges disagree "
-                            "on about a third of the weights.",
+                            "on about a third of the weights. unmerged_W = bf16(W' − bf16(s·B@A)), PEFT's unmerge, "
+                            "which does not give W back exactly.",
                           _lora_params(layer, seed, dtype="bfloat16", safe_merge=safe), inputs,
-                          {"merged_W": _f32(layer.base_layer.weight.data)}))
+                          {"merged_W": merged, "unmerged_W": _f32(layer.base_layer.weight.data)}))
 
     # lora_B bias: merged with its scaling (PEFT's bitsandbytes merge forgets it)
     name = "divergence_peft_4bit_merge_bias_scaling"

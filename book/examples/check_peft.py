@@ -105,6 +105,8 @@ def peft_results(vectors: str | Path) -> dict[str, np.ndarray]:
             model, layer = peft_layer(inp, p, dtype=torch.bfloat16)
             layer.merge(safe_merge=p["safe_merge"])
             res[key + "merged_W"] = layer.base_layer.weight.detach().float().numpy()
+            layer.unmerge()
+            res[key + "unmerged_W"] = layer.base_layer.weight.detach().float().numpy()
         elif op == "merge_lora_bias":
             res.update(_bias_merge_into_4bit(inp, p, key))
         elif op.startswith("add_weighted_adapter_") and not op.endswith(("dare_linear", "dare_ties")):
