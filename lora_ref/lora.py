@@ -43,12 +43,13 @@ import numpy as np
 
 from lora_ref import functional as F
 from lora_ref.nn import Linear, Module, ModuleDict, Parameter
-from lora_ref.tensor import Tensor, no_grad
+from lora_ref.tensor import Tensor
 
 __all__ = [
     "LoraConfig", "LoraLinear", "DoraMagnitude", "inject_lora", "merge_and_unload", "unload", "trainable_count",
     "lora_layers", "set_adapter", "disable_adapters", "delete_adapter", "as_bfloat16", "round_to_dtype",
     "matches_target", "find_targets", "DEFAULT_TARGET_MODULES", "register_lora_layer", "lora_layer_type",
+    "delta_weight", "merged_weight", "dora_weight_norm", "dora_merged_weight",
 ]
 
 #: PEFT's per-architecture default for ``target_modules=None`` (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
@@ -142,7 +143,8 @@ class LoraConfig:
         if self.bias not in _BIAS:
             raise ValueError(f"LoraConfig: bias must be one of {_BIAS}, got {self.bias!r}")
         if self.fan_in_fan_out:
-            raise ValueError("LoraConfig: fan_in_fan_out=True (GPT-2 Conv1D layout) is not supported; weights are (out, in)")
+            raise ValueError("LoraConfig: fan_in_fan_out=True (GPT-2 Conv1D layout) is not supported; "
+                             "weights are (out, in)")
         if self.modules_to_save:
             raise ValueError("LoraConfig: modules_to_save is not supported")
         if isinstance(self.target_modules, (set, tuple)):
@@ -213,6 +215,43 @@ def as_bfloat16(model: Module) -> Module:
                 m.bias.data[...] = round_to_dtype(m.bias.data, ml_dtypes.bfloat16)
             m.weight_dtype = np.dtype(ml_dtypes.bfloat16)
     return model
+
+
+# --------------------------------------------------------------------------------------------- merge arithmetic
+def delta_weight(lora_A: np.ndarray, lora_B: np.ndarray, scaling: float) -> np.ndarray:
+    """ΔW = (B @ A)·s in float32 (out, in), PEFT's ``get_delta_weight``; A (R, in), B (out, R)."""
+    A = np.asarray(lora_A, dtype=np.float32)
+    B = np.asarray(lora_B, dtype=np.float32)
+    return (B @ A) * np.float32(scaling)
+
+
+def merged_weight(W: np.ndarray, delta: np.ndarray, dtype=np.float32, safe_merge: bool = False) -> np.ndarray:
+    """W + ΔW stored in ``dtype``, rounded where PEFT rounds; float32 (out, in) holding ``dtype`` values.
+
+    ``safe_merge=False`` (torch ``W.data += ΔW``): one rounding, round(W + ΔW).
+    ``safe_merge=True`` (``W += ΔW.to(W.dtype)`` on a copy): two roundings, round(W + round(ΔW)).
+    In float32 both are the float32 sum. ``W`` must already hold ``dtype`` values.
+    """
+    delta = np.asarray(delta, dtype=np.float32)
+    if safe_merge:
+        delta = round_to_dtype(delta, dtype)
+    return round_to_dtype(np.asarray(W, dtype=np.float32) + delta, dtype)
+
+
+def dora_weight_norm(W: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """n = ‖W + ΔW‖ per output row (the norm over in_features), float32 (out,): DoRA's norm in PEFT's layout."""
+    V = np.asarray(W, dtype=np.float32) + np.asarray(delta, dtype=np.float32)
+    return np.linalg.norm(V, axis=1).astype(np.float32)
+
+
+def dora_merged_weight(W: np.ndarray, delta: np.ndarray, magnitude: np.ndarray, weight_norm: np.ndarray,
+                       dtype=np.float32) -> np.ndarray:
+    """DoRA's merged weight round((m/n)[:, None]·(W + ΔW)), one rounding (safe and unsafe alike in PEFT).
+
+    ``weight_norm`` n comes from the *unmerged* weight (:func:`dora_weight_norm`); m (out,) is the magnitude.
+    """
+    factor = np.asarray(magnitude, dtype=np.float32) / np.asarray(weight_norm, dtype=np.float32)  # (out,)
+    return round_to_dtype(factor[:, None] * (np.asarray(W, dtype=np.float32) + delta), dtype)
 
 
 # --------------------------------------------------------------------------------------------- the layer
@@ -373,7 +412,8 @@ class LoraLinear(Module):
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"unknown init_lora_weights {init_lora_weights!r}; use True, False, 'gaussian' or 'pissa'")
         if rng is None:
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} draws random numbers: pass rng=np.random.Generator")
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} draws random numbers: "
+                             "pass rng=np.random.Generator")
         if init_lora_weights == "gaussian":
             A.data[...] = rng.normal(0.0, 1.0 / r, size=A.shape)  # std 1/r, as PEFT
         else:
@@ -476,16 +516,13 @@ class LoraLinear(Module):
     def dora_weight_norm(self, name: str, base_weight: np.ndarray | None = None) -> np.ndarray:
         """n = ‖W + s·B·A‖ per output row (over in_features), float32 (out,). PEFT's ``get_weight_norm``."""
         W = self.base_weight() if base_weight is None else base_weight
-        lora_weight = self.lora_B[name].weight.data @ self.lora_A[name].weight.data  # (out, in)
-        V = W + np.float32(self.scaling[name]) * lora_weight
-        return np.linalg.norm(V, axis=1).astype(np.float32)
+        return dora_weight_norm(W, self.get_delta_weight(name))
 
     # ------------------------------------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> np.ndarray:
         """ΔW = (B @ A) · s, float32 (out, in)."""
-        B = self.lora_B[adapter_name].weight.data.astype(np.float32)
-        A = self.lora_A[adapter_name].weight.data.astype(np.float32)
-        return (B @ A) * np.float32(self.scaling[adapter_name])
+        return delta_weight(self.lora_A[adapter_name].weight.data, self.lora_B[adapter_name].weight.data,
+                            self.scaling[adapter_name])
 
     def base_weight(self) -> np.ndarray:
         """The base weight as float32 (out, in), a copy. A 4-bit subclass dequantizes here."""
@@ -514,26 +551,23 @@ class LoraLinear(Module):
         delta = self.get_delta_weight(adapter_name)  # (out, in) float32
         W = self.base_weight()
         if self.use_dora[adapter_name]:
-            n = self.dora_weight_norm(adapter_name, self._unmerged_base_weight())
+            n = self.dora_weight_norm(adapter_name, self._unmerged_base_weight(safe_merge))
             self._dora_norms[adapter_name] = n
-            factor = self.lora_magnitude_vector[adapter_name].weight.data / n  # (out,)
-            new = factor[:, None] * (W + delta)
-        elif safe_merge:
-            new = W + round_to_dtype(delta, dt)
+            new = dora_merged_weight(W, delta, self.lora_magnitude_vector[adapter_name].weight.data, n, dt)
         else:
-            new = W + delta
+            new = merged_weight(W, delta, dt, safe_merge)
         new_bias = None
         if self.lora_bias[adapter_name]:
             if self.bias is None:
                 raise ValueError("cannot merge a LoRA adapter with lora_bias=True into a base layer without bias")
-            new_bias = self.bias.data + self.lora_B[adapter_name].bias.data * np.float32(self.scaling[adapter_name])
+            b_B = self.lora_B[adapter_name].bias.data
+            new_bias = round_to_dtype(self.bias.data + b_B * np.float32(self.scaling[adapter_name]), dt)  # once
         if safe_merge:
-            if not np.all(np.isfinite(round_to_dtype(new, dt))) or (
-                    new_bias is not None and not np.all(np.isfinite(new_bias))):
+            if not np.all(np.isfinite(new)) or (new_bias is not None and not np.all(np.isfinite(new_bias))):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
         self.set_base_weight(new)
         if new_bias is not None:
-            self.bias.data[...] = round_to_dtype(new_bias, dt)
+            self.bias.data[...] = new_bias
 
     def unmerge_weight(self, adapter_name: str) -> None:
         """Take one merged adapter out again: W ← round(W − round(ΔW)) (DoRA: round(W/(m/n) − ΔW)).
@@ -545,7 +579,7 @@ class LoraLinear(Module):
         W = self.base_weight()
         if self.use_dora[adapter_name]:
             n = self._dora_norms.pop(adapter_name)
-            factor = self.lora_magnitude_vector[adapter_name].weight.data / n
+            factor = self.lora_magnitude_vector[adapter_name].weight.data / n  # (out,)
             new = W / factor[:, None] - delta
         else:
             new = W - round_to_dtype(delta, dt)
@@ -554,15 +588,18 @@ class LoraLinear(Module):
             b = self.bias.data - self.lora_B[adapter_name].bias.data * np.float32(self.scaling[adapter_name])
             self.bias.data[...] = round_to_dtype(b, dt)
 
-    def _unmerged_base_weight(self) -> np.ndarray:
-        """The base weight with the already merged adapters taken out (what DoRA's norm is computed from)."""
+    def _unmerged_base_weight(self, safe_merge: bool = False) -> np.ndarray:
+        """The base weight with the already merged adapters taken out (what DoRA's norm is computed from).
+
+        As PEFT's ``_unmerged_base_weight``: unmerge, copy, merge the same adapters again the same way.
+        """
         if not self.merged_adapters:
             return self.base_weight()
         merged = list(self.merged_adapters)
         self.unmerge()
         W = self.base_weight()
         for name in merged:
-            self.merge_weight(name, safe_merge=False)
+            self.merge_weight(name, safe_merge)
             self.merged_adapters.append(name)
         return W
 

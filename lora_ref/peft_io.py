@@ -206,7 +206,8 @@ def load_adapter(model: Module, path: str | os.PathLike, name: str = "default", 
                  and config.bias != "none"]
     for key, shape in expected.items():
         if key not in tensors:
-            raise ValueError(f"{wfile} has no tensor {key} (the config targets {key[len(PREFIX):].rsplit('.lora_', 1)[0]})")
+            module = key[len(PREFIX):].rsplit(".lora_", 1)[0]
+            raise ValueError(f"{wfile} has no tensor {key} (the config targets {module})")
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"tensor {key} in {wfile} has shape {tuple(tensors[key].shape)}, but the model expects "
                              f"shape {shape}")

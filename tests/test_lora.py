@@ -512,3 +512,12 @@ def test_pissa_init_leaves_the_output_unchanged(out_f, in_f, r, alpha, rs, seed)
     layer = LoraLinear(base, r=min(r, in_f, out_f), lora_alpha=alpha, use_rslora=rs, init_lora_weights="pissa")
     scale = abs_bound(x, np.abs(layer.weight.data) + np.abs(layer.get_delta_weight("default"))) + np.abs(y0)
     assert np.all(np.abs(layer(x).data - y0) <= 64 * (in_f + out_f) * F32_U * scale)
+
+
+@given(adapters(dtype=None, use_dora=None, use_rslora=None), st.booleans())
+def test_layer_merge_equals_the_pure_merge_functions(ad, safe):
+    """LoraLinear.merge and LoraAdapter.merged_weight (lora.merged_weight / dora_merged_weight) agree bit for bit,
+    so code tested against ``lora_ref.testing`` is tested against the layer's merge."""
+    layer = ad.to_layer()
+    layer.merge(safe_merge=safe)
+    assert np.array_equal(layer.weight.data, ad.merged_weight(safe_merge=safe))

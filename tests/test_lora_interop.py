@@ -9,7 +9,6 @@
 
 import json
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings

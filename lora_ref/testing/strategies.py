@@ -11,7 +11,7 @@ Use them to test your own merge code against lora_ref's::
 
     @given(adapters())
     def test_my_merge(ad):
-        assert np.allclose(my_merge(ad.W, ad.A, ad.B, ad.scaling), ad.merged_weight(), atol=1e-6)
+        assert np.array_equal(my_merge(ad.W, ad.A, ad.B, ad.scaling), ad.merged_weight())
 
 Shapes: W (out, in), A (R, in), B (out, R).
 """
@@ -26,7 +26,8 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lora_ref.lora import LoraConfig, LoraLinear, round_to_dtype
+from lora_ref.lora import (LoraConfig, LoraLinear, delta_weight, dora_merged_weight, dora_weight_norm, merged_weight,
+                           round_to_dtype)
 from lora_ref.nn import Linear
 
 __all__ = [
@@ -66,7 +67,17 @@ class LoraAdapter:
 
     def delta_weight(self) -> np.ndarray:
         """ΔW = (B @ A)·s in float32, the quantity every merge adds."""
-        return (self.B @ self.A) * np.float32(self.scaling)
+        return delta_weight(self.A, self.B, self.scaling)
+
+    def merged_weight(self, safe_merge: bool = False) -> np.ndarray:
+        """lora_ref's (and PEFT's) merged weight in this adapter's dtype, as float32 (out, in).
+
+        LoRA: round(W + ΔW), or round(W + round(ΔW)) with ``safe_merge``; DoRA: round((m/n)·(W + ΔW)).
+        """
+        dW = self.delta_weight()
+        if self.use_dora:
+            return dora_merged_weight(self.W, dW, self.magnitude, dora_weight_norm(self.W, dW), self.dtype)
+        return merged_weight(self.W, dW, self.dtype, safe_merge)
 
     def to_layer(self) -> LoraLinear:
         """A :class:`lora_ref.lora.LoraLinear` holding a copy of this adapter (name "default")."""
