@@ -295,3 +295,25 @@ def test_pissa_init_equals_peft(base_dir):
         assert np.abs(delta).max() > 0.01  # the top singular directions moved into the adapter
         n += 1
     assert n == 4
+
+
+@pytest.mark.parametrize("name", ["q,v", "all-linear+rslora", "dora"])
+def test_adapter_gradients_equal_peft(base_dir, ids, tmp_path, name):
+    """The gradients of the cross-entropy with respect to every adapter parameter equal torch autograd through
+    PEFT (DoRA: the norm detached on both sides); the frozen base gets none on either side."""
+    pm, adir = peft_adapter(base_dir, tmp_path, CONFIGS[name])
+    pm.train()
+    t_ids = torch.from_numpy(ids)
+    loss = torch.nn.functional.cross_entropy(pm(t_ids[:, :-1]).logits.reshape(-1, 64), t_ids[:, 1:].reshape(-1))
+    loss.backward()
+    theirs = {n.removeprefix("base_model.model."): p.grad.numpy() for n, p in pm.named_parameters()
+              if p.requires_grad}
+    model = load_adapter(Llama.from_pretrained(base_dir), adir, is_trainable=True)
+    ours_loss = F.cross_entropy(model(ids[:, :-1]), ids[:, 1:])
+    ours_loss.backward()
+    assert abs(float(ours_loss.data) - loss.item()) <= 1e-5
+    ours = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(ours) == sorted(theirs)
+    for n, g in theirs.items():
+        assert np.abs(ours[n] - g).max() <= 1e-5 * max(1.0, np.abs(g).max()), n
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
