@@ -733,7 +733,8 @@ def inject_lora(model: Module, config: LoraConfig, name: str = "default", *,
     The base is frozen (``requires_grad=False`` on every parameter that is not a LoRA parameter, except biases
     with ``bias="all"``/``"lora_only"``). The first adapter becomes active and trainable; a later one is added
     inactive (as PEFT's ``add_adapter``) until :func:`set_adapter`. ``model.peft_config[name]`` keeps the config,
-    with ``"all-linear"`` expanded to the module names (as PEFT saves it).
+    with ``"all-linear"`` expanded to the module names (as PEFT saves it). A base layer whose type was registered
+    with :func:`register_lora_layer` is wrapped in that LoraLinear subclass.
     """
     return _inject(model, config, name, rng=rng, init_lora_weights=config.init_lora_weights)
 
