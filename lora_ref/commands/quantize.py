@@ -108,6 +108,10 @@ def quantize_checkpoint(base, out, *, quant_type="nf4", blocksize=64, double_qua
             raise ValueError(f"tensor {k!r} has shape {a.shape}; a linear weight is 2-D (out, in)")
         if a.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"tensor {k!r} has dtype {a.dtype}; expected float32, float16 or bfloat16")
+        bad = ~np.isfinite(a.astype(np.float32))
+        if bad.any():
+            raise ValueError(f"tensor {k!r} holds {int(bad.sum())} NaN or inf values (first at index "
+                             f"{tuple(int(i) for i in np.argwhere(bad)[0])}); 4-bit quantization needs finite weights")
 
     rows = []
     written: dict = {}

@@ -21,8 +21,10 @@ def add_arguments(p):
 def run(args) -> int:
     import json
 
+    from lora_ref.fsutil import check_out_dir
     from lora_ref.vectors import write_vectors
 
+    check_out_dir(args.out)
     print(f"writing reference vectors to {args.out} ...", file=sys.stderr)
     cases = write_vectors(args.out)
     if args.json:
