@@ -656,8 +656,8 @@ def dequantize_4bit(packed, state: QuantState, impl: str = "numpy") -> np.ndarra
     bitsandbytes' (ceil(n/2), 1) column.
 
     Like bitsandbytes' kernels, this uses the built-in table of ``state.quant_type``
-    (:func:`lora_ref.quant.nf4.kernel_lut`), not ``state.code``: FP4 code 8 decodes to −0.0 as on CUDA and in the
-    CPU C++ kernel. (bitsandbytes' pure-torch fallback, used on the CPU for an odd last dimension, gives +0.0.)
+    (:func:`lora_ref.quant.nf4.kernel_lut`), not ``state.code``: FP4 code 8 decodes to −0.0 as on CUDA.
+    (bitsandbytes' CPU paths give +0.0 or −0.0 there depending on the shape; every other value is the same.)
     """
     flat_packed = _check_state_4bit(packed, state)
     absmax = state.block_absmax(impl)

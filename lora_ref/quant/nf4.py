@@ -285,8 +285,10 @@ FP4_SORTED_ORDER.flags.writeable = False
 
 FP4_KERNEL_LUT = FP4_CODE.copy()
 FP4_KERNEL_LUT[8] = -0.0
-"""The FP4 values as bitsandbytes' kernels decode them (CUDA ``dDequantizeFP4Tree`` and the CPU C++ kernel):
-magnitude ``lut[c & 7]`` times the sign ``1 − 2·(c >> 3)``, so code 8 gives −0.0 where :data:`FP4_CODE` holds +0.0."""
+"""The FP4 values as bitsandbytes' CUDA kernel decodes them (``dDequantizeFP4Tree``): magnitude ``lut[c & 7]`` times
+the sign ``1 − 2·(c >> 3)``, so code 8 gives −0.0 where :data:`FP4_CODE` holds +0.0. bitsandbytes' CPU paths disagree
+among themselves (measured with 0.50.2 on an AVX512 CPU: +0.0 when the last dimension is a multiple of the blocksize
+or odd, −0.0 otherwise)."""
 FP4_KERNEL_LUT.flags.writeable = False
 
 
@@ -294,7 +296,8 @@ def kernel_lut(quant_type: str) -> np.ndarray:
     """float32[16]: the values bitsandbytes' dequantization kernels use for ``quant_type``.
 
     bitsandbytes never reads ``QuantState.code`` when it dequantizes 4-bit data: the CUDA and CPU kernels carry
-    their own tables. They equal :func:`get_4bit_type` except for the sign of FP4's second zero (code 8).
+    their own tables. Ours follow the CUDA kernel; they equal :func:`get_4bit_type` except for the sign of FP4's
+    second zero (code 8).
     """
     if quant_type == "nf4":
         return NF4_CODE
