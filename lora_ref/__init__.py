@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Tensor": "tensor", "no_grad": "tensor", "enable_grad": "tensor", "is_grad_enabled": "tensor",
     "gradcheck": "gradcheck",
-    "Parameter": "nn", "Module": "nn",
+    "Parameter": "nn", "Module": "nn", "LoraLinear": "lora", "merge_and_unload": "lora",
     "Llama": "llama", "LlamaConfig": "llama",
     "LoraConfig": "lora", "inject_lora": "lora",
     "load_adapter": "peft_io", "save_adapter": "peft_io",
