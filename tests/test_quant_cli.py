@@ -160,3 +160,25 @@ def test_quantize_without_interop_libraries(tmp_path, capsys):
     assert np.array_equal(packed, expected)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
     assert (out / "tokenizer.json").is_file()
+
+
+def test_sharded_base(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    base = tmp_path / "b"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    q = rng.standard_normal((64, 64)).astype(np.float32)
+    o = rng.standard_normal((64, 64)).astype(np.float32)
+    S.write_safetensors(base / "model-00001-of-00002.safetensors", {"model.layers.0.self_attn.q_proj.weight": q})
+    S.write_safetensors(base / "model-00002-of-00002.safetensors", {"model.layers.0.self_attn.o_proj.weight": o})
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00002.safetensors",
+        "model.layers.0.self_attn.o_proj.weight": "model-00002-of-00002.safetensors"}}))
+    out = tmp_path / "o"
+    assert quantize(base, out, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["total"]["tensors"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    t, _ = S.read_safetensors_raw(out / "model.safetensors")
+    for name, w in (("model.layers.0.self_attn.q_proj.weight", q), ("model.layers.0.self_attn.o_proj.weight", o)):
+        packed, state = S.state_from_tensors(t, name)
+        assert np.array_equal(packed, quantize_4bit(w)[0])

@@ -26,6 +26,10 @@ Printed per tensor and in total: the relative Frobenius error ||W - deq(q(W))||_
 and bits per parameter (4-bit codes plus scales; with --double-quant the 8-bit scales, second-level scales and
 offset; the 16- and 256-entry code tables and the JSON are not counted). With --json, stdout is one JSON document
 with the same numbers.
+
+Caveat (bitsandbytes 0.50.2, not this command): its CPU dequantization returns wrong values for some 2-D weights
+whose in_features is not a multiple of the blocksize (e.g. 96 at blocksize 64); on the GPU, and for the usual
+multiples of 64, the checkpoint dequantizes exactly.
 """
 
 TARGET_PATTERN = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
