@@ -136,7 +136,8 @@ def test_cli_errors(tmp_path, capsys):
     S.write_safetensors(tmp_path / "model.safetensors", {"model.layers.0.self_attn.q_proj.weight":
                                                          np.array([[1.0, np.nan]], np.float32)})
     assert main(["quantize", "--base", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
-    assert "contains NaN" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "NaN" in err and "model.layers.0.self_attn.q_proj.weight" in err and err.count("\n") == 1
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
