@@ -183,7 +183,9 @@ def linear(x, weight, bias=None) -> Tensor:
     x = _t(x)
     weight = _t(weight, x)
     xd, wd = x.data, weight.data
-    out = xd @ wd.T  # (…, out)
+    lead = xd.shape[:-1]
+    x2 = xd.reshape(-1, xd.shape[-1])  # (N, in): one 2-D GEMM (NumPy runs a stacked matmul slice by slice)
+    out = (x2 @ wd.T).reshape(lead + (wd.shape[0],))  # (…, out)
     parents: tuple[Tensor, ...] = (x, weight)
     if bias is not None:
         bias = _t(bias, x)
@@ -192,8 +194,8 @@ def linear(x, weight, bias=None) -> Tensor:
 
     def backward(g):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gx = (g @ wd) if x.requires_grad else None  # (…, in)
-        gw = (g2.T @ xd.reshape(-1, xd.shape[-1])) if weight.requires_grad else None  # (out, in)
+        gx = (g2 @ wd).reshape(xd.shape) if x.requires_grad else None  # (…, in)
+        gw = (g2.T @ x2) if weight.requires_grad else None  # (out, in)
         if bias is None:
             return gx, gw
         return gx, gw, (g2.sum(axis=0) if bias.requires_grad else None)
