@@ -422,6 +422,8 @@ def training_memory(spec: ArchSpec, method: str, setup: Setup | None = None, pla
         quant = QuantConfig()
     terms = weight_terms(spec, method, setup, plan, quant)
     terms += optimizer_terms(spec, method, setup, plan)
+    if setup.profile == "lora_ref":  # the step's terms say which gradients exist at its peak
+        terms = [t for t in terms if t.key != "gradients"]
     terms += activation_terms(spec, method, setup, plan)
     return MemoryEstimate(method, "training", tuple(terms))
 

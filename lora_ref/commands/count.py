@@ -28,13 +28,13 @@ With --json, stdout is one JSON document: base_params, trainable_params, bits_pe
 def add_arguments(p) -> None:
     p.add_argument("--model", help="preset name or path of a config.json")
     p.add_argument("--r", type=int, default=8, help="LoRA rank for targets given without one (default 8)")
-    p.add_argument("--targets", default="q_proj,v_proj",
-                   help="comma-separated targets, NAME or NAME=RANK, or all-linear (default q_proj,v_proj)")
+    p.add_argument("--targets", help="comma-separated targets, NAME or NAME=RANK, or all-linear "
+                                     "(default q_proj,v_proj; with --measure all-linear)")
     p.add_argument("--quant", choices=("nf4", "fp4"), help="add QLoRA with a 4-bit base of this type")
     p.add_argument("--double-quant", action="store_true", help="double quantization of the absmax constants")
     p.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (default 64)")
-    p.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
-    p.add_argument("--seq", type=int, default=1024, help="sequence length T (default 1024)")
+    p.add_argument("--batch", type=int, help="batch size B (default 1; with --measure 8)")
+    p.add_argument("--seq", type=int, help="sequence length T (default 1024; with --measure 128)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="dtype of the base weights and activations (default bf16)")
     p.add_argument("--grad-checkpointing", action="store_true", help="one checkpoint per block")
@@ -56,12 +56,14 @@ def run(args) -> int:
     if args.measure:
         if args.double_quant and args.quant is None:
             raise UsageError("--double-quant needs --quant nf4 (or fp4)")
-        try:
-            from lora_ref.memory_numpy import measure_all
-        except ImportError as e:
-            raise ValueError(f"--measure is not available: {e}") from None
+        from lora_ref.memory_numpy import TUTORIAL_BATCH, TUTORIAL_SEQ, measure_all
 
-        rows = measure_all(progress=sys.stderr if not args.json else None)
+        for flag in ("batch", "seq"):
+            v = getattr(args, flag)
+            if v is not None and v < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {v}")
+        rows = measure_all(progress=sys.stderr, r=args.r, targets=args.targets or "all-linear",
+                           batch=args.batch or TUTORIAL_BATCH, seq=args.seq or TUTORIAL_SEQ)
         if args.json:
             print(json.dumps({"measured": rows}))
         else:
@@ -83,6 +85,9 @@ def run(args) -> int:
     from lora_ref.memory import (QuantConfig, Setup, bits_per_quantized_param, inference_memory,
                                  training_memory)
 
+    args.targets = args.targets or "q_proj,v_proj"
+    args.batch = 1 if args.batch is None else args.batch
+    args.seq = 1024 if args.seq is None else args.seq
     spec = resolve_model(args.model)
     plan = lora_plan(spec, args.targets, args.r)
     setup = Setup(batch=args.batch, seq=args.seq, dtype=args.dtype, grad_checkpointing=args.grad_checkpointing,
