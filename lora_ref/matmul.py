@@ -3,11 +3,12 @@
 How a fast matmul is organised (Goto & van de Geijn 2008, "Anatomy of high-performance matrix multiplication";
 the BLIS papers call the pieces by the names used here):
 
-1. **Panels of K.** The K dimension is cut into chunks of ``KC``. For each chunk, A's rows are copied ("packed")
-   into micro-panels of ``MR`` rows, ``ap[ib, i, p] = A[ib·MR + i, k0 + p]``, so the micro-kernel reads them
-   with unit stride. The packed chunk of A (M × KC floats) stays in the L2 cache.
-2. **Micro-panels of B.** Each thread takes ``NR`` columns of B, packs them as ``bp[p, j] = B[k0 + p, j0 + j]``
-   (KC × NR floats, which fit in the L1 cache) and multiplies every A micro-panel by it.
+1. **Panels of K.** The K dimension is cut into chunks of ``KC``, and A is copied ("packed") once into
+   micro-panels of ``MR`` rows per chunk, ``ap[kb, ib, i, p] = A[ib·MR + i, kb·KC + p]``, so the micro-kernel
+   reads them with unit stride. One chunk of packed A (M × KC floats) stays in the L2 cache while it is used.
+2. **Micro-panels of B.** Each thread takes ``NR`` columns of B and, chunk by chunk, packs them as
+   ``bp[p, j] = B[k0 + p, j0 + j]`` (KC × NR floats, L1/L2-resident) and multiplies every A micro-panel by it,
+   adding into its own columns of C.
 3. **The micro-kernel** computes one MR × NR tile of C as a sum of KC outer products,
    ``acc[i, :] += ap[i, p] · bp[p, :]``. The tile ``acc`` lives in registers (6 × 64 floats = 24 AVX-512
    registers): per step p it loads 4 vectors of B, broadcasts 6 numbers of A and issues 24 fused multiply-adds,
@@ -68,18 +69,21 @@ def matmul_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, parallel=True)
-def pack_a(a, k0, kc, ap):
-    """ap[ib, i, p] = a[ib·MR + i, k0 + p] for p < kc, zero below the last row. ap: (ceil(M/MR), MR, KC)."""
-    M = a.shape[0]
-    for ib in prange(ap.shape[0]):
-        for i in range(MR):
-            row = ib * MR + i
-            if row < M:
-                for p in range(kc):
-                    ap[ib, i, p] = a[row, k0 + p]
-            else:
-                for p in range(kc):
-                    ap[ib, i, p] = 0.0
+def pack_a(a):
+    """A in micro-panels: ap[kb, ib, i, p] = a[ib·MR + i, kb·KC + p], zero past A's last row and column.
+
+    Returns float32 (ceil(K/KC), ceil(M/MR), MR, KC), about M·K floats."""
+    M, K = a.shape
+    n_k_chunks = (K + KC - 1) // KC
+    n_row_panels = (M + MR - 1) // MR
+    ap = np.zeros((n_k_chunks, n_row_panels, MR, KC), np.float32)
+    for t in prange(n_k_chunks * n_row_panels):
+        kb, ib = t // n_row_panels, t % n_row_panels
+        k0 = kb * KC
+        for i in range(min(MR, M - ib * MR)):
+            for p in range(min(KC, K - k0)):
+                ap[kb, ib, i, p] = a[ib * MR + i, k0 + p]
+    return ap
 
 
 @njit(cache=True, inline="always", fastmath=True)
@@ -113,26 +117,25 @@ def store_tile(acc, c, i0, j0, accumulate):
 def _matmul_kernel(a, b, c):
     M, K = a.shape
     N = b.shape[1]
-    n_row_panels = (M + MR - 1) // MR
-    n_col_panels = (N + NR - 1) // NR
-    ap = np.empty((n_row_panels, MR, KC), np.float32)               # packed K chunk of A
     if K == 0:
         c[:, :] = 0.0
-    for k0 in range(0, K, KC):
-        kc = min(KC, K - k0)
-        pack_a(a, k0, kc, ap)
-        for jb in prange(n_col_panels):
-            prefer_wide_vectors()
-            acc = _acc_tile()                                       # (MR, NR) in registers
-            bp = np.zeros((KC, NR), np.float32)                     # (KC, NR) micro-panel of B
-            j0 = jb * NR
-            nr = min(NR, N - j0)
+    ap = pack_a(a)                                                  # (K chunks, row panels, MR, KC)
+    n_col_panels = (N + NR - 1) // NR
+    for jb in prange(n_col_panels):                                 # each thread owns whole columns of C
+        prefer_wide_vectors()
+        acc = _acc_tile()                                           # (MR, NR) in registers
+        bp = np.zeros((KC, NR), np.float32)                         # (KC, NR) micro-panel of B
+        j0 = jb * NR
+        nr = min(NR, N - j0)
+        for kb in range(ap.shape[0]):
+            k0 = kb * KC
+            kc = min(KC, K - k0)
             for p in range(kc):
                 for j in range(nr):
                     bp[p, j] = b[k0 + p, j0 + j]
-            for ib in range(n_row_panels):
-                micro_kernel(ap[ib], bp, kc, acc)
-                store_tile(acc, c, ib * MR, j0, k0 > 0)
+            for ib in range(ap.shape[1]):
+                micro_kernel(ap[kb, ib], bp, kc, acc)
+                store_tile(acc, c, ib * MR, j0, kb > 0)
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -416,10 +416,15 @@ def _decode_run(packed, absmax, code, blocksize, start, dst):
 
 @njit(cache=True, parallel=True, fastmath=True)
 def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
-    """y[m, r] = Σ_k x[m, k] · W[r, k] for few rows m: decode W row r into an L1 buffer, then dot products."""
+    """y[m, r] = Σ_k x[m, k] · W[r, k] for few rows m: decode W row r into an L1 buffer, then dot products.
+
+    When rows start on a block boundary (K a multiple of blocksize), the buffer holds the unscaled codes and each
+    block's scale multiplies its partial dot product, y = Σ_b absmax_b · Σ_{k in b} code[c_k] · x_k, which saves
+    a pass over the row; otherwise the row is decoded element by element with its scales."""
     M = x.shape[0]
     pairs64 = pairs.reshape(-1).view(np.uint64)                    # (256,)
     aligned = K % blocksize == 0                                   # rows start on a block (and byte) boundary
+    nb = K // blocksize
     nchunks = min(N, 256)                                          # one row buffer per chunk of rows
     for c in prange(nchunks):
         prefer_wide_vectors()
@@ -428,18 +433,25 @@ def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
         w = w64.view(np.float32)                                   # (>= K,) the same memory
         for r in range(c * N // nchunks, (c + 1) * N // nchunks):
             if aligned:
-                nb = K // blocksize
                 _decode_bytes(packed, r * (K // 2), K // 2, pairs64, w64, 0)
-                for b in range(nb):
-                    _scale(w, b * blocksize, blocksize, absmax[r * nb + b])
+                for m in range(M):
+                    xm = x[m]
+                    acc = F32(0.0)
+                    for b in range(nb):
+                        o = U64(b * blocksize)
+                        part = F32(0.0)
+                        for k in range(U64(blocksize)):
+                            part += w[o + k] * xm[o + k]
+                        acc += absmax[r * nb + b] * part
+                    y[m, r] = acc
             else:
                 _decode_run(packed, absmax, code, blocksize, r * K, w[:K])
-            for m in range(M):
-                xm = x[m]
-                acc = F32(0.0)
-                for k in range(U64(K)):
-                    acc += xm[k] * w[k]
-                y[m, r] = acc
+                for m in range(M):
+                    xm = x[m]
+                    acc = F32(0.0)
+                    for k in range(U64(K)):
+                        acc += xm[k] * w[k]
+                    y[m, r] = acc
 
 
 _acc_tile = stack_tile_f32(MR, NR)
@@ -449,31 +461,30 @@ _acc_tile = stack_tile_f32(MR, NR)
 def _tiled_kernel(x, packed, absmax, code, blocksize, N_w, K_w, transpose, y):
     """y = x · Wᵀ (transpose=False: x (M, K_w), y (M, N_w)) or y = x · W (transpose=True: x (M, N_w),
     y (M, K_w)) with the register-blocked matmul; each B micro-panel is decoded straight from ``packed``."""
-    M, K_in = x.shape
+    K_in = x.shape[1]
     N_out = y.shape[1]
-    n_row_panels = (M + MR - 1) // MR
-    n_col_panels = (N_out + NR - 1) // NR
-    ap = np.empty((n_row_panels, MR, KC), np.float32)
     if K_in == 0:
         y[:, :] = 0.0
-    for k0 in range(0, K_in, KC):
-        kc = min(KC, K_in - k0)
-        pack_a(x, k0, kc, ap)
-        for jb in prange(n_col_panels):
-            prefer_wide_vectors()
-            acc = _acc_tile()                                      # (MR, NR) in registers
-            bp = np.zeros((KC, NR), np.float32)                    # (KC, NR) panel of dequantized weights
-            j0 = jb * NR
-            nr = min(NR, N_out - j0)
+    ap = pack_a(x)                                                 # (K chunks, row panels, MR, KC)
+    n_col_panels = (N_out + NR - 1) // NR
+    for jb in prange(n_col_panels):
+        prefer_wide_vectors()
+        acc = _acc_tile()                                          # (MR, NR) in registers
+        bp = np.zeros((KC, NR), np.float32)                        # (KC, NR) panel of dequantized weights
+        j0 = jb * NR
+        nr = min(NR, N_out - j0)
+        for kb in range(ap.shape[0]):
+            k0 = kb * KC
+            kc = min(KC, K_in - k0)
             if transpose:   # B = W: bp[p, j] = W[k0 + p, j0 + j], a run along a row of W
                 for p in range(kc):
                     _decode_run(packed, absmax, code, blocksize, (k0 + p) * K_w + j0, bp[p, :nr])
             else:           # B = Wᵀ: bp[p, j] = W[j0 + j, k0 + p], a run along row j0 + j of W
                 for j in range(nr):
                     _decode_run(packed, absmax, code, blocksize, (j0 + j) * K_w + k0, bp[:kc, j])
-            for ib in range(n_row_panels):
-                micro_kernel(ap[ib], bp, kc, acc)
-                store_tile(acc, y, ib * MR, j0, k0 > 0)
+            for ib in range(ap.shape[1]):
+                micro_kernel(ap[kb, ib], bp, kc, acc)
+                store_tile(acc, y, ib * MR, j0, kb > 0)
 
 
 def _weight_operands(packed, state):
