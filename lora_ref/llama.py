@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from lora_ref import functional as F
 from lora_ref import ops
 from lora_ref.fsutil import atomic_write, output_dir, require_dir, write_json
 from lora_ref.nn import Embedding, Linear, Module, ModuleList, RMSNorm
+from lora_ref.safetensors_io import NP_TO_ST, read_safetensors_raw
 from lora_ref.tensor import Tensor, no_grad
 
 __all__ = [
@@ -734,54 +734,20 @@ def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: in
 # ================================================================================================================
 # safetensors files
 # ================================================================================================================
-_ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-}
-
-
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a ``.safetensors`` file into float32 arrays (F32 as is; BF16, F16, F64 converted).
 
-    The format: an 8-byte little-endian header length N, N bytes of JSON
-    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the raw tensor bytes
-    (little-endian, C order) with offsets relative to the end of the header. Read by hand because NumPy has no
-    bfloat16 (``ml_dtypes`` supplies it). Any inconsistency raises ``ValueError`` naming the file.
+    The bytes are parsed by :func:`lora_ref.safetensors_io.read_safetensors_raw`, which raises ``ValueError`` naming
+    the file for any inconsistency; a tensor that is not floating point (a quantized checkpoint) is refused here.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"weights file not found: {p}")
-    buf = p.read_bytes()
-    if len(buf) < 8:
-        raise ValueError(f"corrupt safetensors file (too short for a header): {p}")
-    (n,) = struct.unpack("<Q", buf[:8])
-    if n > len(buf) - 8:
-        raise ValueError(f"corrupt safetensors file (header length {n} exceeds the file size {len(buf)}): {p}")
-    try:
-        header = json.loads(buf[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"corrupt safetensors file (header is not JSON): {p}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"corrupt safetensors file (header is not a JSON object): {p}")
-    data = memoryview(buf)[8 + n:]
+    tensors, _ = read_safetensors_raw(path)
     out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"corrupt safetensors file (bad entry for tensor {name!r}): {p}") from None
-        if dtype_name not in _ST_DTYPES:
-            raise ValueError(f"tensor {name!r} in {p} has dtype {dtype_name}; only F32, F16, BF16 and F64 are read "
-                             f"(a quantized checkpoint?)")
-        dt = _ST_DTYPES[dtype_name]
-        count = math.prod(shape)
-        if not (0 <= begin <= end <= len(data)) or end - begin != count * dt.itemsize:
-            raise ValueError(f"corrupt safetensors file (tensor {name!r} with shape {shape} and dtype {dtype_name} "
-                             f"does not fit its byte range [{begin}, {end})): {p}")
-        a = np.frombuffer(data[begin:end], dtype=dt).reshape(shape)
-        out[name] = a.astype(np.float32)  # a copy in every case, so the file buffer can go
+    for name, a in tensors.items():
+        if a.dtype.kind != "f" and a.dtype != np.dtype(ml_dtypes.bfloat16):
+            raise ValueError(f"tensor {name!r} in {Path(path)} has dtype {NP_TO_ST.get(a.dtype, a.dtype)}; only F32, "
+                             f"F16, BF16 and F64 are "
+                             f"read (a quantized checkpoint?)")
+        out[name] = a.astype(np.float32, copy=False)
     return out
 
 
