@@ -47,15 +47,13 @@ class Op:
     transient: int = 0    # peak bytes of temporaries while its backward runs (input gradients included)
 
 
-def _linear(name: str, n_in: int, n_out: int, BT: int, trains_weight: bool, bias: bool, r: int | None,
-            quantized: bool) -> list[Op]:
-    """A linear layer, optionally with a LoRA adapter of rank r: base(x) + (x·Aᵀ)·Bᵀ·s."""
+def _linear(name: str, n_in: int, n_out: int, BT: int, trains_weight: bool, bias: bool, r: int | None) -> list[Op]:
+    """A linear layer (float32 or 4-bit: the same arrays), optionally with a LoRA adapter of rank r:
+    base(x) + (x·Aᵀ)·Bᵀ·s, as :class:`lora_ref.lora.LoraLinear` computes it (no dropout)."""
     ops = []
     w_grad = (n_in * n_out + (n_out if bias else 0)) * F32 if trains_weight else 0
     # backward: the input gradient g·W (BT·in) and, for a trained weight, gᵀ·x and its leaf copy
     base_tmp = BT * n_in * F32 + 2 * w_grad
-    if quantized:  # the 4-bit kernel's contiguous copy of g (when g is not already contiguous float32)
-        base_tmp += 0
     ops.append(Op(f"{name}", data=BT * n_out * F32, transient=base_tmp, grad=w_grad))
     if r:
         ops.append(Op(f"{name}.lora_A", data=BT * r * F32, grad=r * n_in * F32,
@@ -78,7 +76,6 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
     Q, KV = H * Dh, K * Dh
     full = method == "full"
     ranks = {} if plan is None else {a.module: a.r for a in plan.adapted}
-    quantized = method == "qlora"
     lin = {m.name: m for m in spec.block_linears}
     ops: list[Op] = []
     # embedding: a node only when the table trains (its backward makes a V×D gradient, then its copy)
@@ -92,7 +89,7 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
         def linear(stage: int, short: str):
             m = lin[short]
             for op in _linear(f"{layer}.{short}", m.in_features, m.out_features, BT, full, m.bias,
-                              ranks.get(short), quantized):
+                              ranks.get(short)):
                 block.append((stage, op))
 
         norm_w = D * F32 if full else 0
