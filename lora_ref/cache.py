@@ -73,6 +73,7 @@ def get_or_build(kind: str, description: dict, build: Callable[[Path], None]) ->
         return found
     final = artifact_dir(kind, description)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         build(tmp)
@@ -94,3 +95,18 @@ def get_or_build(kind: str, description: dict, build: Callable[[Path], None]) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Delete temporary folders of this artifact left by a build that was killed (untouched for a day)."""
+    import time
+
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass

@@ -110,6 +110,11 @@ def train_step_row(quick: bool, threads: dict) -> dict:
     ours_s, base_s = time_pair(lambda: train_step(model, opt, x, y, max_grad_norm=clip),
                                lambda: torch_train_step(tmodel, topt, tx, ty, max_grad_norm=clip), **reps)
     tokens = r["batch"] * r["seq"]
+    try:
+        from lora_ref import fast
+        fast_paths = "on (fused Numba kernels)" if fast.enabled() else "off (readable NumPy twins)"
+    except ImportError:
+        fast_paths = "none"
     return row("train_step", ours_s, "torch", base_s,
                model=f"tutorial Llama: {cfg.num_hidden_layers} layers, D={cfg.hidden_size}, "
                      f"H={cfg.num_attention_heads}, K={cfg.num_key_value_heads}, F={cfg.intermediate_size}, "
@@ -117,7 +122,7 @@ def train_step_row(quick: bool, threads: dict) -> dict:
                tokens_per_s_ours=tokens / ours_s, tokens_per_s_torch=tokens / base_s,
                work="forward + cross-entropy + backward + clip_grad_norm(1.0) + AdamW, float32",
                torch=f"{torch.__version__}, eager, scaled_dot_product_attention",
-               first_step_loss={"ours": loss_ours, "torch": loss_torch},
+               first_step_loss={"ours": loss_ours, "torch": loss_torch}, fast_paths=fast_paths,
                **reps, **threads)
 
 
