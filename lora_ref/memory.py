@@ -162,7 +162,8 @@ class Setup:
     (the probabilities are kept); ``master_weights`` (float32 copy for 16-bit full fine-tuning; None = automatic);
     ``adapter_dtype`` of LoRA's A and B (PEFT: float32); ``lora_dropout`` (> 0 keeps a dropped copy of each
     adapted input and its mask); ``optimizer`` "adamw" (two float32 moments) or "sgd" (none);
-    ``profile`` "torch" or "lora_ref" (see the module docstring).
+    ``profile`` "torch" or "lora_ref" (see the module docstring); ``fast_paths`` (lora_ref profile only): lora_ref's
+    fused training kernels or its readable NumPy twins (None: whichever :mod:`lora_ref.fast` has switched on).
     """
 
     batch: int = 1
@@ -175,6 +176,7 @@ class Setup:
     lora_dropout: float = 0.0
     optimizer: str = "adamw"
     profile: str = "torch"
+    fast_paths: bool | None = None
 
     def __post_init__(self):
         dtype_bytes(self.dtype)

@@ -47,13 +47,33 @@ class Op:
     transient: int = 0    # peak bytes of temporaries while its backward runs (input gradients included)
 
 
-def _linear(name: str, n_in: int, n_out: int, BT: int, trains_weight: bool, bias: bool, r: int | None) -> list[Op]:
-    """A linear layer (float32 or 4-bit: the same arrays), optionally with a LoRA adapter of rank r:
-    base(x) + (x·Aᵀ)·Bᵀ·s, as :class:`lora_ref.lora.LoraLinear` computes it (no dropout)."""
+def kernel_4bit_scratch(M: int, K: int, N: int) -> int:
+    """Bytes the tiled 4-bit kernel (:func:`lora_ref.quant.kernels.matmul_4bit`, ``_t``) allocates besides its
+    output, for an (M, K) activation against a 4-bit weight giving (M, N): A packed once into row panels of
+    ``MR`` rows and K chunks of ``KC`` (:func:`lora_ref.matmul.pack_a`), and one (KC, NR) panel of dequantized
+    weights per thread. Small products (M <= ``ROW_KERNEL_MAX_M``) use a row kernel without scratch."""
+    from numba import get_num_threads
+
+    from lora_ref import matmul
+    from lora_ref.quant import kernels
+
+    if M <= kernels.ROW_KERNEL_MAX_M:
+        return 0
+    MR, NR, KC = matmul.MR, matmul.NR, matmul.KC
+    packed_a = -(-K // KC) * (-(-M // MR) * MR) * KC * F32
+    threads = min(get_num_threads(), -(-N // NR))
+    return packed_a + threads * KC * NR * F32
+
+
+def _linear(name: str, n_in: int, n_out: int, BT: int, trains_weight: bool, bias: bool, r: int | None,
+            four_bit: bool = False) -> list[Op]:
+    """A linear layer (float32, or 4-bit: the same arrays plus the kernel's scratch), optionally with a LoRA
+    adapter of rank r: base(x) + (x·Aᵀ)·Bᵀ·s, as :class:`lora_ref.lora.LoraLinear` computes it (no dropout)."""
     ops = []
     w_grad = (n_in * n_out + (n_out if bias else 0)) * F32 if trains_weight else 0
-    # backward: the input gradient g·W (BT·in) and, for a trained weight, gᵀ·x and its leaf copy
-    base_tmp = BT * n_in * F32 + 2 * w_grad
+    # backward: the input gradient g·W (BT·in) and, for a trained weight, gᵀ·x and its leaf copy;
+    # a 4-bit base computes g·dequant(W) with the tiled kernel: (BT, out) against W gives (BT, in)
+    base_tmp = BT * n_in * F32 + 2 * w_grad + (kernel_4bit_scratch(BT, n_out, n_in) if four_bit else 0)
     ops.append(Op(f"{name}", data=BT * n_out * F32, transient=base_tmp, grad=w_grad))
     if r:
         ops.append(Op(f"{name}.lora_A", data=BT * r * F32, grad=r * n_in * F32,
@@ -66,8 +86,24 @@ def _linear(name: str, n_in: int, n_out: int, BT: int, trains_weight: bool, bias
     return ops
 
 
-def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int) -> list[Op]:
-    """The graph of one forward + loss of ``lora_ref.llama.Llama``, in execution order (llama family only)."""
+def fast_paths_enabled() -> bool:
+    """Whether lora_ref runs its fused Numba training kernels (:mod:`lora_ref.fast`) rather than the NumPy twins."""
+    try:
+        from lora_ref import fast
+    except ImportError:
+        return False
+    return fast.enabled()
+
+
+def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int,
+                fast: bool | None = None) -> list[Op]:
+    """The graph of one forward + loss of ``lora_ref.llama.Llama``, in execution order (llama family only).
+
+    ``fast``: the fused kernels of :mod:`lora_ref.train_kernels` (RMSNorm keeps only 1/rms, SwiGLU nothing but
+    its inputs, the attention softmax runs in place, rotary writes q contiguous) or the readable NumPy twins
+    (default: whichever :mod:`lora_ref.fast` has switched on).
+    """
+    fast = fast_paths_enabled() if fast is None else fast
     if spec.family != "llama":
         raise ValueError(f"the NumPy memory profile describes lora_ref's Llama, not {spec.family!r}")
     BT = B * T
@@ -89,28 +125,30 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
         def linear(stage: int, short: str):
             m = lin[short]
             for op in _linear(f"{layer}.{short}", m.in_features, m.out_features, BT, full, m.bias,
-                              ranks.get(short)):
+                              ranks.get(short), four_bit=method == "qlora"):
                 block.append((stage, op))
 
         norm_w = D * F32 if full else 0
-        # RMSNorm: output; closure x̂ (BT·D) and 1/rms (BT); backward: dx (BT·D), h = g·w, temporaries
-        norm_extra = BT * D * F32 + BT * F32
-        norm_tmp = 3 * BT * D * F32 + 2 * norm_w
+        # RMSNorm: output; closure 1/rms (BT) (the twin also x̂, BT·D); backward: dx (BT·D) (the twin also g·w and
+        # x̂·mean(h·x̂)), the weight's gradient and its copy
+        norm_extra = BT * F32 + (0 if fast else BT * D * F32)
+        norm_tmp = (1 if fast else 3) * BT * D * F32 + 2 * norm_w
         block.append((0, Op(f"{layer}.input_layernorm", data=BT * D * F32, extra=norm_extra, grad=norm_w,
                             transient=norm_tmp)))
         for short in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             linear(1, short)
-        # RoPE on q and k: one node each, the rotated copy
-        block.append((2, Op(f"{layer}.rotary q", data=BT * Q * F32, transient=3 * BT * Q * F32)))
-        block.append((2, Op(f"{layer}.rotary k", data=BT * KV * F32, transient=3 * BT * KV * F32)))
-        # attention: output (BT·Q); closure keeps the probabilities (B, H, T, T); backward: dP, dS and the
-        # difference in flight (3 × B·H·T²), a contiguous copy of the output gradient, dq, dk, dv
+        # RoPE on q and k: one node each, the rotated copy; backward dx (the twin: g·cos, g·sin, their sum)
+        rot = 1 if fast else 3
+        block.append((2, Op(f"{layer}.rotary q", data=BT * Q * F32, transient=rot * BT * Q * F32)))
+        block.append((2, Op(f"{layer}.rotary k", data=BT * KV * F32, transient=rot * BT * KV * F32)))
+        # attention: output (BT·Q); closure keeps the probabilities (B, H, T, T); backward: dP turned into dS in
+        # place (the twin: dP, dP − Σ and dS, 3 × B·H·T²), a contiguous copy of the output gradient, dq, dk, dv
         probs = B * H * T * T * F32
-        # with G = H/K > 1 query heads per kv head, the closure also keeps q regrouped to (B, K, G·T, Dh): a copy,
-        # since the rotated q is laid out (B, T, H, Dh) in memory
-        q_copy = BT * Q * F32 if H != K else 0
+        # with G = H/K > 1 query heads per kv head, the twin's closure also keeps q regrouped to (B, K, G·T, Dh):
+        # a copy, since its rotated q is laid out (B, T, H, Dh) in memory (the fast rotary writes it contiguous)
+        q_copy = BT * Q * F32 if (H != K and not fast) else 0
         block.append((2, Op(f"{layer}.attention", data=BT * Q * F32, extra=probs + q_copy,
-                            transient=3 * probs + 2 * BT * Q * F32 + 2 * BT * KV * F32)))
+                            transient=(1 if fast else 3) * probs + 2 * BT * Q * F32 + 2 * BT * KV * F32)))
         block.append((2, Op(f"{layer}.heads -> (B, T, H·Dh)", data=BT * Q * F32, transient=BT * Q * F32)))
         linear(3, "self_attn.o_proj")
         block.append((4, Op(f"{layer}.residual 1", data=BT * D * F32)))
@@ -118,9 +156,10 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
                             grad=norm_w, transient=norm_tmp)))
         linear(6, "mlp.gate_proj")
         linear(6, "mlp.up_proj")
-        # SwiGLU: output; closure σ(gate) and SiLU(gate) (2 × BT·F); backward: d gate, d up and temporaries
-        block.append((7, Op(f"{layer}.swiglu", data=BT * F * F32, extra=2 * BT * F * F32,
-                            transient=4 * BT * F * F32)))
+        # SwiGLU: output; the twin's closure keeps σ(gate) and SiLU(gate) (2 × BT·F); backward: d gate, d up
+        # (and the twin's temporaries)
+        block.append((7, Op(f"{layer}.swiglu", data=BT * F * F32, extra=0 if fast else 2 * BT * F * F32,
+                            transient=(2 if fast else 4) * BT * F * F32)))
         linear(8, "mlp.down_proj")
         block.append((9, Op(f"{layer}.residual 2", data=BT * D * F32)))
         if layer == 0 and not full:
@@ -128,13 +167,14 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
             if not any(stage <= 3 for stage, op in block if op.data):
                 ops[0] = Op("embed_tokens")  # the embedding output feeds no node: freed after the first block
         ops += [op for _, op in block]
-    ops.append(Op("norm", data=BT * D * F32, extra=BT * D * F32 + BT * F32, grad=D * F32 if full else 0,
-                  transient=3 * BT * D * F32))
+    ops.append(Op("norm", data=BT * D * F32, extra=BT * F32 + (0 if fast else BT * D * F32),
+                  grad=D * F32 if full else 0, transient=(1 if fast else 3) * BT * D * F32))
     head_grad = V * D * F32 if (full and not spec.tie_word_embeddings) else 0
     ops.append(Op("lm_head", data=BT * V * F32, grad=head_grad, transient=BT * D * F32 + 2 * head_grad))
-    # cross-entropy keeps log-sum-exp (N float32), the kept rows (N int64) and the mask (N bool);
-    # its backward makes the softmax (B·T·V) through one temporary of the same size
-    ops.append(Op("cross_entropy", extra=BT * (F32 + 8 + 1), transient=2 * BT * V * F32))
+    # cross-entropy keeps log-sum-exp and the losses (2 × N float32; the twin: log-sum-exp, the kept rows as
+    # int64 and the mask); its backward makes the softmax (B·T·V) (the twin through one more temporary)
+    ops.append(Op("cross_entropy", extra=BT * 2 * F32 if fast else BT * (F32 + 8 + 1),
+                  transient=(1 if fast else 2) * BT * V * F32))
     return ops
 
 
@@ -171,13 +211,14 @@ def trainable_params(spec: ArchSpec, method: str, plan: LoraPlan | None) -> tupl
     return plan.trainable, max(sizes)
 
 
-def step_peak(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int) -> dict:
+def step_peak(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int, fast: bool | None = None) -> dict:
     """The peak bytes one training step allocates above the resident state, and where it happens.
 
     Returns ``{"peak", "phase", "activations", "saved_for_backward", "gradients", "temporaries"}`` with the last
     four summing to ``peak``.
     """
-    ops = forward_ops(spec, method, plan, B, T)
+    fast = fast_paths_enabled() if fast is None else fast
+    ops = forward_ops(spec, method, plan, B, T, fast)
     data = sum(o.data for o in ops)
     extra = sum(o.extra for o in ops)
     residual_grad = B * T * spec.hidden_size * F32  # the residual stream's gradient waits in the dict
@@ -192,7 +233,9 @@ def step_peak(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int
         extra -= o.extra
         grads += o.grad
     n_train, largest = trainable_params(spec, method, plan)
-    at = {"activations": 0, "saved_for_backward": 0, "gradients": n_train * F32, "temporaries": 2 * largest * F32}
+    # AdamW: the twin makes √v and the update (two parameter-sized temporaries), the fused kernel none
+    at = {"activations": 0, "saved_for_backward": 0, "gradients": n_train * F32,
+          "temporaries": 0 if fast else 2 * largest * F32}
     if sum(at.values()) > best["peak"]:
         best = {"peak": sum(at.values()), "phase": "optimizer step", **at}
     return best
@@ -210,7 +253,7 @@ def activation_terms(spec: ArchSpec, method: str, setup, plan: LoraPlan | None):
         raise ValueError("the lora_ref profile describes float32 training (dtype='fp32', adapter_dtype='fp32')")
     if setup.grad_checkpointing:
         raise ValueError("the lora_ref profile has no gradient checkpointing")
-    p = step_peak(spec, method, plan, setup.batch, setup.seq)
+    p = step_peak(spec, method, plan, setup.batch, setup.seq, setup.fast_paths)
     where = p["phase"]
     return [
         Term("activations", p["activations"], f"every node's output, kept until backward ends (peak: {where})"),
@@ -220,12 +263,13 @@ def activation_terms(spec: ArchSpec, method: str, setup, plan: LoraPlan | None):
     ]
 
 
-def predict(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int, quant=None) -> dict:
+def predict(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int, quant=None,
+            fast: bool | None = None) -> dict:
     """Predicted bytes of a step of lora_ref's float32 training: ``resident`` (weights, adapters, AdamW state)
     and ``step`` (the peak above it), from :func:`lora_ref.memory.training_memory`."""
     from lora_ref.memory import QuantConfig, Setup, training_memory
 
-    setup = Setup(batch=B, seq=T, dtype="fp32", profile="lora_ref")
+    setup = Setup(batch=B, seq=T, dtype="fp32", profile="lora_ref", fast_paths=fast)
     if method == "qlora" and quant is None:
         quant = QuantConfig("nf4", 64, double_quant=True)
     est = training_memory(spec, method, setup, plan, quant)
@@ -315,10 +359,11 @@ def measure(method: str, config: dict | None = None, *, batch: int = TUTORIAL_BA
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-    pred = predict(spec, method, plan, batch, seq)
+    fast = fast_paths_enabled()
+    pred = predict(spec, method, plan, batch, seq, fast=fast)
     return {"method": method, "predicted_bytes": int(pred["step"]), "measured_bytes": int(peak - baseline),
-            "phase": step_peak(spec, method, plan, batch, seq)["phase"], "batch": batch, "seq": seq,
-            "r": r if plan else None, "targets": targets if plan else None}
+            "phase": step_peak(spec, method, plan, batch, seq, fast)["phase"], "fast_paths": fast,
+            "batch": batch, "seq": seq, "r": r if plan else None, "targets": targets if plan else None}
 
 
 def measure_all(progress=None, **kwargs) -> list[dict]:
