@@ -6,7 +6,7 @@ final norm, the output head). Specs come from a Hugging Face ``config.json`` (:f
 mistral, gpt2, bert, roberta, deberta-v2) or from a named preset (:func:`spec_from_preset`, :data:`PRESETS`),
 including GPT-3 175B as its paper describes it.
 
-LoRA on a linear layer W (out, in) adds ``lora_A`` (r, in) and ``lora_B`` (out, r): r·(in + out) trainable parameters
+LoRA on a linear layer W (out, in) adds ``lora_A`` (R, in) and ``lora_B`` (out, R): R·(in + out) trainable parameters
 (Hu et al. 2021, §4.1). Adapting every matched module in every block gives
 
     |Θ| = Σ_blocks Σ_targets r_t · (in_t + out_t)                                   (LoRA §5.1: 2·L̂·d·r for d×d)
@@ -20,12 +20,13 @@ GPT-2's fused ``c_attn``
 ------------------------
 GPT-2 computes q, k and v with one ``Conv1D`` of shape (in=D, out=3D) named ``c_attn``. PEFT can only adapt the whole
 fused matrix: targeting ``c_attn`` gives r·(D + 3D) = 4rD per block. loralib (the LoRA paper's code) adapts parts of it
-with ``MergedLinear(enable_lora=[True, False, True])``: one (r, D) A and one (D, r) B for each enabled part, i.e.
+with ``MergedLinear(enable_lora=[True, False, True])``: one (R, D) A and one (D, R) B for each enabled part, i.e.
 r·(D + D) = 2rD per part; for q and v together that is also 4rD. So ``c_attn`` and ``["q_proj", "v_proj"]`` give the
 same count on GPT-2 (393,216 for GPT-2 medium at r = 4), while ``q_proj`` alone gives half of it and has no PEFT
 equivalent. Here the roles ``q_proj``/``k_proj``/``v_proj`` on GPT-2 count loralib's parts.
 
-Shapes use the glossary letters: D model width, L blocks, H heads, K kv heads, F MLP width, V vocab.
+Shapes use the glossary letters: D model width, H heads, K kv heads, R rank, V vocab; L blocks and F the MLP
+width (``intermediate_size``) as in the papers.
 Taught in ``notebooks/04_counts.ipynb``.
 """
 
@@ -386,7 +387,7 @@ def resolve_model(model: str) -> ArchSpec:
 
 @dataclass(frozen=True)
 class Adapted:
-    """One adapted (part of a) linear layer: A (r, in), B (out, r), in ``count`` places."""
+    """One adapted (part of a) linear layer: A (R, in), B (out, R) with R = ``r``, in ``count`` places."""
 
     module: str
     part: str | None  # the role of a fused module's part (loralib MergedLinear), else None
