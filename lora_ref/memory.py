@@ -288,7 +288,8 @@ def torch_block_ledger(spec: ArchSpec, method: str, setup: Setup, plan: LoraPlan
     output (fused kernel) or the probabilities (eager, with k and v repeated to H heads by ``repeat_kv``), the
     MLP activation's input and the operands of the gating product. No dropout in the base model.
 
-    Checked tensor by tensor against the tensors autograd saves for transformers' ``LlamaForCausalLM`` with PEFT
+    Checked to the byte against the tensors autograd saves for transformers' ``LlamaForCausalLM``, alone, with PEFT
+    LoRA, and with PEFT LoRA on bitsandbytes NF4 layers (whose matmul keeps only the packed weight)
     (``tests/test_counts_interop.py``); for GPT-2 and the encoders the same rules are applied, unchecked (their
     GELU and LayerNorm kernels save slightly different tensors, and their dropout masks are not counted).
 

@@ -4,7 +4,8 @@
   PEFT's ``get_peft_model`` (no weights are allocated);
 - 4-bit storage bytes against bitsandbytes' ``quantize_4bit`` and its ``QuantState``;
 - the activation ledger against the tensors PyTorch's autograd actually saves for transformers' Llama, with and
-  without PEFT, tensor bytes summed over the saved tensors of the graph.
+  without PEFT, and with bitsandbytes NF4 layers under PEFT (QLoRA), tensor bytes summed over the saved tensors of
+  the graph.
 """
 
 import warnings
@@ -154,12 +155,29 @@ LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num
          "num_key_value_heads": 2, "vocab_size": 100}
 
 
+def _to_4bit(model, compute_dtype):
+    """Every linear layer but the head as a bitsandbytes NF4 Linear4bit with double quantization (on the CPU)."""
+    import bitsandbytes as bnb
+
+    for _, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                setattr(module, name, q.to("cpu"))  # quantizes
+    model.is_loaded_in_4bit = True  # so that PEFT wraps them with its bnb LoRA layer
+
+
 def _saved_bytes(cfg, method, attention, targets, adapter_dtype, dtype, B, T):
     """Bytes of every distinct non-parameter storage that autograd saved for backward, after one forward."""
     hf = _hf_config(cfg)
     hf._attn_implementation = attention
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf).to(dtype)
+    if method == "qlora":
+        _to_4bit(model, dtype)
     if method != "full":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -195,6 +213,8 @@ LEDGER_CASES = [
     ("lora", "sdpa", "all-linear", "bf16", torch.bfloat16),
     ("lora", "sdpa", ["k_proj", "up_proj"], "bf16", torch.bfloat16),
     ("lora", "sdpa", ["down_proj"], "bf16", torch.bfloat16),
+    ("qlora", "sdpa", ["q_proj", "v_proj"], "fp32", torch.bfloat16),
+    ("qlora", "eager", "all-linear", "fp32", torch.bfloat16),
 ]
 
 
