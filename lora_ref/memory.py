@@ -377,10 +377,14 @@ def activation_terms(spec: ArchSpec, method: str, setup: Setup, plan: LoraPlan |
         return memory_numpy.activation_terms(spec, method, setup, plan)
     s = dtype_bytes(setup.dtype)
     B, T, D, L, V = setup.batch, setup.seq, spec.hidden_size, spec.num_layers, spec.vocab_size
-    per_block = sum(b for _, b in torch_block_ledger(spec, method, setup, plan))
+    def split(rows):  # (what the input gradients need, what the adapters' own gradients need)
+        lora = sum(b for label, b in rows if label.startswith("LoRA "))
+        return sum(b for _, b in rows) - lora, lora
+
+    per_block, per_block_lora = split(torch_block_ledger(spec, method, setup, plan))
     # with frozen embeddings, nothing in the first block before its first adapter needs a gradient
     first_rows = torch_block_ledger(spec, method, setup, plan, first=True)
-    first = sum(b for _, b in first_rows)
+    first, first_lora = split(first_rows)
     # RoPE's cos and sin (shared by every block), kept once attention is recorded anywhere
     attention_recorded = L > 1 or any(label.startswith("q,") for label, _ in first_rows)
     rope = 2 * T * spec.head_dim * s if spec.family == "llama" and attention_recorded else 0
@@ -391,11 +395,21 @@ def activation_terms(spec: ArchSpec, method: str, setup: Setup, plan: LoraPlan |
         terms.append(Term("activations", L * B * T * D * s + per_block + rope,
                           f"{L} block inputs × B·T·D·{s} B + one block recomputed ({_fmt(per_block)} B)"
                           + (" + RoPE cos/sin" if rope else "")))
+        lora_total = per_block_lora
     else:
         terms.append(Term("activations", (L - 1) * per_block + first + rope,
                           f"{L} blocks × {_fmt(per_block)} B per block"
                           + (f" (the first block {_fmt(first)} B: nothing before its first adapter trains)"
                              if first != per_block else "") + (" + RoPE cos/sin" if rope else "")))
+        lora_total = (L - 1) * per_block_lora + first_lora
+    if method != "full":
+        # what the activations above are for in LoRA: the input gradients that carry the loss back through the
+        # frozen layers to every adapter (QLoRA §2's "LoRA input gradients"); the adapters' own weight gradients
+        # need only their inputs and x·Aᵀ
+        terms.append(Term("lora_activations", lora_total,
+                          f"per block {_fmt(per_block_lora)} B: each adapter's input "
+                          f"({'a copy in ' + setup.adapter_dtype if setup.adapter_dtype != setup.dtype else 'shared'})"
+                          f" and x·Aᵀ" + (" (one block, recomputed)" if setup.grad_checkpointing else "")))
     if spec.head is not None and spec.causal:
         final = sum(b for _, b in norm_ledger(spec, method, setup, "final norm"))
         if method == "full":

@@ -237,4 +237,5 @@ def test_activation_ledger_matches_autograd(method, attention, targets, adapter_
         terms = {t.key: t.bytes for t in activation_terms(spec, method, setup, plan)}
         s = 2 if dtype == torch.bfloat16 else 4
         not_saved = B * T * LLAMA["vocab_size"] * (s + 4)  # logits held by the output, and their gradient
-        assert terms["activations"] + terms["final_norm"] + terms["logits"] - not_saved == measured[L]
+        kept = terms["activations"] + terms.get("lora_activations", 0) + terms["final_norm"]
+        assert kept + terms["logits"] - not_saved == measured[L]
