@@ -5,6 +5,7 @@ above the traced memory before it; the predicted number comes from ``lora_ref.me
 profile. They must agree within 10% for each method (``lora-ref count --measure``).
 """
 
+import contextlib
 import json
 
 import pytest
@@ -42,6 +43,23 @@ OTHER = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermedi
 ])
 def test_other_model_measured_within_10_percent(method, targets):
     row = measure(method, OTHER, batch=3, seq=48, r=4, targets=targets or "all-linear")
+    assert _close(row), row
+
+
+def _readable():
+    """The readable NumPy twins instead of the fused kernels (when lora_ref has a switch between them)."""
+    try:
+        from lora_ref import fast
+    except ImportError:  # no fused kernels: every path is the readable one
+        return contextlib.nullcontext()
+    return fast.readable()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_readable_twins_measured_within_10_percent(method):
+    with _readable():
+        row = measure(method, batch=4, seq=64, r=8, targets="all-linear")
+    assert row["fast_paths"] is False
     assert _close(row), row
 
 
