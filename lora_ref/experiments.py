@@ -210,12 +210,17 @@ class Run:
         from lora_ref.peft_io import load_adapter
 
         model = copy.deepcopy(self.base)
-        if self.kind == "qlora":
-            from lora_ref.qlora import quantize_model
+        if self.kind != "qlora":
+            return load_adapter(model, self.folder / ADAPTER_DIR)
+        from lora_ref.qlora import Linear4bit, LoraLinear4bit, quantize_model
 
-            q = self.settings["quantization"]
-            quantize_model(model, blocksize=q["blocksize"], double_quant=q["double_quant"], quant_type=q["quant_type"])
-        return load_adapter(model, self.folder / ADAPTER_DIR)
+        q = self.settings["quantization"]
+        quantize_model(model, blocksize=q["blocksize"], double_quant=q["double_quant"], quant_type=q["quant_type"])
+        load_adapter(model, self.folder / ADAPTER_DIR)
+        for _, layer in lora_layers(model):  # as inject_qlora: merges then dequantize and re-quantize
+            if isinstance(layer.base_layer, Linear4bit) and type(layer) is not LoraLinear4bit:
+                layer.__class__ = LoraLinear4bit
+        return model
 
     def lora_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
         """``{module name: (lora_A (R, in), lora_B (out, R), scaling)}`` of a LoRA/QLoRA run (float32 arrays)."""
@@ -379,7 +384,8 @@ def qlora_finetune(base=None, r: int = 8, alpha: float = 16.0, targets="all-line
                    double_quant: bool = True, quant_type: str = "nf4", progress: bool = True) -> Run:
     """QLoRA: :func:`lora_finetune` on a copy of ``base`` whose block matrices are frozen 4-bit
     (:func:`lora_ref.qlora.quantize_model`: NF4, blocksize 64, double quantization by default; the embeddings and
-    ``lm_head`` stay float). Cached; returns the :class:`Run` (its losses are those of the 4-bit model + adapter).
+    ``lm_head`` stay float). Cached; returns the :class:`Run`. Its ``val_loss`` is that of the 4-bit model with the
+    adapter, its ``base_val_loss`` that of the float base: ``gain`` and ``forgetting`` include the quantization error.
     """
     from lora_ref.qlora import inject_qlora, quantize_model
 

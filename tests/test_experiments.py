@@ -242,6 +242,21 @@ def test_lora_finetune_deltas_have_rank_at_most_r_and_reload(tiny_base):
     assert rs.lora_factors()["model.layers.0.self_attn.q_proj"][2] == pytest.approx(4.0 / math.sqrt(2))
 
 
+def test_qlora_finetune_trains_adapters_on_a_4bit_base(tiny_base):
+    from lora_ref.qlora import Linear4bit, LoraLinear4bit
+
+    run = ex.qlora_finetune(tiny_base, r=2, alpha=4.0, targets=["q_proj", "v_proj"], lr=1e-2, steps=2,
+                            progress=False)
+    model = run.model()
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert type(q) is LoraLinear4bit and isinstance(q.base_layer, Linear4bit)
+    assert run.trainable == 2 * (16 + 16) + 2 * (16 + 8)  # r·(in + out) for q (16→16) and v (16→8)
+    assert all(np.linalg.matrix_rank(d) <= 2 for d in run.deltas().values())
+    lora = ex.lora_finetune(tiny_base, r=2, alpha=4.0, targets=["q_proj", "v_proj"], lr=1e-2, steps=2,
+                            progress=False)
+    assert lora.folder != run.folder  # quantized and float runs never share an artifact
+
+
 def test_functional_rank_on_a_tiny_full_finetune(tiny_base):
     run = ex.full_finetune(tiny_base, steps=20, lr=1e-2, progress=False)
     fr = ex.functional_rank(run, 0.9)
