@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_ref import ops
+from lora_ref import fast, ops
 from lora_ref.ops import linear, silu  # noqa: F401  (re-exported: F.linear, F.silu)
 from lora_ref.tensor import Tensor
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "rms_norm", "linear", "silu", "dropout", "logsumexp", "swiglu",
-           "causal_mask", "scaled_dot_product_attention", "rotate_half", "rotary"]
+           "causal_mask", "scaled_dot_product_attention", "rotate_half", "rotary", "lora_add"]
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -85,6 +85,9 @@ def cross_entropy(logits, targets, ignore_index: int = -100) -> Tensor:
     n = int(keep.sum())
     if n == 0:
         raise ValueError("cross_entropy: every target is ignore_index")
+    if fast.applies(z):
+        from lora_ref import train_kernels
+        return train_kernels.cross_entropy(logits, z, t, ignore_index, n)
     rows = np.nonzero(keep)[0]
     lse = _logsumexp(z, axis=-1)[:, 0]  # (N,)
     loss = (lse[rows] - z[rows, t[rows]]).sum() / n
@@ -111,6 +114,9 @@ def rms_norm(x, weight, eps: float = 1e-6) -> Tensor:
     x = ops._t(x)
     weight = ops._t(weight, x)
     xd, wd = x.data, weight.data
+    if fast.applies(xd, wd) and wd.shape == xd.shape[-1:]:
+        from lora_ref import train_kernels
+        return train_kernels.rms_norm(x, weight, eps)
     dt = xd.dtype
     r = 1.0 / np.sqrt(np.mean(xd * xd, axis=-1, keepdims=True) + dt.type(eps))  # (…, 1)
     xhat = xd * r  # (…, D)
@@ -151,6 +157,9 @@ def swiglu(gate, up) -> Tensor:
     """
     gate, up = ops._pair(gate, up)
     a, u = gate.data, up.data
+    if fast.applies(a, u) and a.shape == u.shape:
+        from lora_ref import train_kernels
+        return train_kernels.swiglu(gate, up)
     s = ops._sigmoid(a)
     act = a * s
 
@@ -189,13 +198,18 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     qd = q.data.reshape(B, K, G * T, E)  # the G query heads of a group stacked along time: (B, K, G·T, E)
     kd, vd = k.data, v.data
     scores = np.matmul(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
-    scores *= sc
-    if causal:
-        allowed = np.tile(causal_mask(T, S), (G, 1))  # (G·T, S)
-        scores = np.where(allowed, scores, dt.type(-np.inf))
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    use_fast = fast.applies(scores) and S >= T
+    if use_fast:  # scale, mask and softmax in one pass per row, in place
+        from lora_ref import train_kernels
+        train_kernels.attention_softmax(scores, sc, T, causal)
+    else:
+        scores *= sc
+        if causal:
+            allowed = np.tile(causal_mask(T, S), (G, 1))  # (G·T, S)
+            scores = np.where(allowed, scores, dt.type(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
     p = scores  # (B, K, G·T, S)
     out = np.matmul(p, vd).reshape(B, H, T, E)
 
@@ -203,8 +217,12 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
         g4 = g.reshape(B, K, G * T, E)
         gv = np.matmul(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
         dp = np.matmul(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
-        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-        ds *= sc
+        if use_fast:
+            train_kernels.attention_softmax_backward(dp, p, sc, T, causal)  # dp becomes dS, in place
+            ds = dp
+        else:
+            ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+            ds *= sc
         gq = np.matmul(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
         gk = np.matmul(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
         return gq, gk, gv
@@ -228,6 +246,10 @@ def rotary(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
     xd = x.data
     cos = np.asarray(cos, dtype=xd.dtype)
     sin = np.asarray(sin, dtype=xd.dtype)
+    if fast.applies(xd):
+        from lora_ref import train_kernels
+        if train_kernels.rotary_applies(xd, cos, sin):
+            return train_kernels.rotary(x, cos, sin)
     h = xd.shape[-1] // 2
 
     def backward(g):
@@ -235,3 +257,36 @@ def rotary(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
         return (g * cos + np.concatenate([gs[..., h:], -gs[..., :h]], axis=-1),)
 
     return Tensor._make(xd * cos + rotate_half(xd) * sin, (x,), backward)
+
+
+
+def lora_add(base_out, x, lora_A, lora_B, scaling: float) -> Tensor:
+    """base_out + s·(x·Aᵀ)·Bᵀ as one node: a LoRA layer's output (Hu et al. 2021, Eq. 3; PEFT's order: A, then B,
+    then × s, then added to the base layer's output).
+
+    base_out: (…, out); x: (…, in); lora_A: (R, in); lora_B: (out, R). The same products and additions as
+    ``base_out + B(A(x)) * s`` composed from four nodes, in the same order (so the same float32 results), but the
+    sum is written into ``base_out``'s buffer and only x·Aᵀ (…, R) is kept for backward; the composed version keeps
+    two more (…, out) arrays per layer until backward. The caller guarantees that nothing needs ``base_out``'s
+    values any more (a Linear or 4-bit layer's backward does not read its output). Backward, with gs = s·g:
+    d(base_out) = g,  dB = gsᵀ (x Aᵀ),  d(xAᵀ) = gs B,  dA = d(xAᵀ)ᵀ x,  dx = d(xAᵀ) A.
+    """
+    x = ops._t(x)
+    A, B = ops._t(lora_A, x), ops._t(lora_B, x)
+    xd, ad, bd = x.data, A.data, B.data
+    out = base_out.data
+    x2 = xd.reshape(-1, xd.shape[-1])  # (N, in)
+    xa = x2 @ ad.T  # (N, R)
+    delta = xa @ bd.T  # (N, out)
+    delta *= delta.dtype.type(scaling)
+    out += delta.reshape(out.shape)  # (…, out), in place
+
+    def backward(g):
+        gs = g.reshape(-1, g.shape[-1]) * g.dtype.type(scaling)  # (N, out)
+        gb = (gs.T @ xa) if B.requires_grad else None  # (out, R)
+        gxa = gs @ bd  # (N, R)
+        ga = (gxa.T @ x2) if A.requires_grad else None  # (R, in)
+        gx = (gxa @ ad).reshape(xd.shape) if x.requires_grad else None  # (…, in)
+        return g, gx, ga, gb
+
+    return Tensor._make(out, (base_out, x, A, B), backward)

@@ -41,6 +41,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from lora_ref import fast
 from lora_ref import functional as F
 from lora_ref.nn import Linear, Module, ModuleDict, Parameter
 from lora_ref.tensor import Tensor
@@ -494,8 +495,21 @@ class LoraLinear(Module):
                 result = result + self._dora_forward(name, x, result)
                 continue
             xd = F.dropout(x, p, self._rngs[name], training=self.training) if p > 0 else x
+            if fast.enabled() and B.bias is None and self._output_is_scratch(result):
+                result = F.lora_add(result, xd, A.weight, B.weight, s)  # one node, added in place
+                continue
             result = result + B(A(xd)) * s  # (…, R) then (…, out), then × s: PEFT's order
         return result
+
+    def _output_is_scratch(self, result: Tensor) -> bool:
+        """Whether the adapter may be added into ``result``'s buffer (:func:`lora_ref.functional.lora_add`): it is
+        the float32 output of a plain or 4-bit linear base (whose backward does not read it) or of an earlier
+        in-place adapter."""
+        from lora_ref.qlora import Linear4bit
+
+        d = result.data
+        return (type(self.base_layer) in (Linear, Linear4bit) and d.dtype == np.float32 and d.flags.c_contiguous
+                and d.flags.writeable)
 
     def _dora_forward(self, name: str, x, base_result: Tensor) -> Tensor:
         """DoRA's extra output (PEFT ``DoraLinearLayer.forward``): (m/n − 1)⊙base + (m/n)⊙lora·s."""

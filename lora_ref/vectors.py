@@ -589,11 +589,15 @@ def combination_cases() -> list[Case]:
 # writing
 # ================================================================================================================
 def build_cases() -> list[Case]:
-    """Every case, computed with BLAS pinned to one thread (serial paths: the bytes do not depend on threads)."""
+    """Every case, computed with BLAS pinned to one thread (serial paths: the bytes do not depend on threads) and
+    with the readable NumPy twins of the fused kernels (:func:`lora_ref.fast.readable`), so the bytes do not depend
+    on compiled code either."""
     from threadpoolctl import threadpool_limits
 
+    from lora_ref import fast
+
     cases: list[Case] = []
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1), fast.readable():
         for b in _BUILDERS:
             cases.extend(b())
     names = [c.name for c in cases]
