@@ -45,6 +45,7 @@ class Op:
     extra: int = 0        # bytes its backward closure keeps, freed when the node is processed
     grad: int = 0         # bytes of parameter gradients its backward produces (kept as leaf .grad)
     transient: int = 0    # peak bytes of temporaries while its backward runs (input gradients included)
+    returns: int = 0      # bytes of the new gradient arrays it returns (alive until the next node has run)
 
 
 def kernel_4bit_scratch(M: int, K: int, N: int) -> int:
@@ -65,22 +66,57 @@ def kernel_4bit_scratch(M: int, K: int, N: int) -> int:
     return packed_a + threads * KC * NR * F32
 
 
+def four_bit_backward_bytes(M: int, n_in: int, n_out: int) -> int:
+    """Peak bytes of dx = g·dequant(W) for a 4-bit (n_out, n_in) weight and M rows, output included.
+
+    :func:`lora_ref.qlora.linear_4bit` picks by M (``impl="auto"``): from ``AUTO_DEQUANTIZE_ROWS`` rows on it
+    dequantizes W to float32 and multiplies (the decoding holds about 17 bytes per weight at its peak: the
+    uint8 codes, int64 block indices, the looked-up codes and scales; then W and dx), below that the tiled kernel
+    with its scratch (:func:`kernel_4bit_scratch`).
+    """
+    try:
+        from lora_ref.qlora import AUTO_DEQUANTIZE_ROWS
+    except ImportError:
+        AUTO_DEQUANTIZE_ROWS = None
+    dx = M * n_in * F32
+    n = n_in * n_out
+    if AUTO_DEQUANTIZE_ROWS is not None and M >= AUTO_DEQUANTIZE_ROWS:
+        return max(17 * n, 4 * n + dx)
+    return dx + kernel_4bit_scratch(M, n_out, n_in)
+
+
+def fused_lora_enabled(fast: bool) -> bool:
+    """Whether LoRA layers run as one in-place node (:func:`lora_ref.functional.lora_add`, a fast path)."""
+    from lora_ref import functional
+
+    return fast and hasattr(functional, "lora_add")
+
+
 def _linear(name: str, n_in: int, n_out: int, BT: int, trains_weight: bool, bias: bool, r: int | None,
-            four_bit: bool = False) -> list[Op]:
+            four_bit: bool = False, fused_lora: bool = False) -> list[Op]:
     """A linear layer (float32, or 4-bit: the same arrays plus the kernel's scratch), optionally with a LoRA
     adapter of rank r: base(x) + (x·Aᵀ)·Bᵀ·s, as :class:`lora_ref.lora.LoraLinear` computes it (no dropout)."""
     ops = []
     w_grad = (n_in * n_out + (n_out if bias else 0)) * F32 if trains_weight else 0
-    # backward: the input gradient g·W (BT·in) and, for a trained weight, gᵀ·x and its leaf copy;
-    # a 4-bit base computes g·dequant(W) with the tiled kernel: (BT, out) against W gives (BT, in)
-    base_tmp = BT * n_in * F32 + 2 * w_grad + (kernel_4bit_scratch(BT, n_out, n_in) if four_bit else 0)
-    ops.append(Op(f"{name}", data=BT * n_out * F32, transient=base_tmp, grad=w_grad))
-    if r:
+    # backward: the input gradient g·W (BT·in) and, for a trained weight, gᵀ·x and its leaf copy
+    base_tmp = BT * n_in * F32 + 2 * w_grad
+    if four_bit:
+        base_tmp = four_bit_backward_bytes(BT, n_in, n_out)
+    ops.append(Op(f"{name}", data=BT * n_out * F32, transient=base_tmp, grad=w_grad,
+                  returns=BT * n_in * F32 + w_grad))
+    if r and fused_lora:
+        # one node adds s·(x·Aᵀ)·Bᵀ into the base output's buffer and keeps only x·Aᵀ; backward: s·g, d(x·Aᵀ), dx,
+        # and the two adapter gradients with their leaf copies
+        lora_grads = (r * n_in + n_out * r) * F32
+        ops.append(Op(f"{name}.lora (in place)", extra=BT * r * F32, grad=lora_grads,
+                      transient=BT * (n_out + r + n_in) * F32 + 2 * lora_grads, returns=BT * n_in * F32 + lora_grads))
+    elif r:
         ops.append(Op(f"{name}.lora_A", data=BT * r * F32, grad=r * n_in * F32,
-                      transient=BT * n_in * F32 + 2 * r * n_in * F32))
+                      transient=BT * n_in * F32 + 2 * r * n_in * F32, returns=(BT + r) * n_in * F32))
         ops.append(Op(f"{name}.lora_B", data=BT * n_out * F32, grad=n_out * r * F32,
-                      transient=BT * r * F32 + 2 * n_out * r * F32))
-        ops.append(Op(f"{name}.scaling", data=BT * n_out * F32, transient=BT * n_out * F32))
+                      transient=BT * r * F32 + 2 * n_out * r * F32, returns=(BT + n_out) * r * F32))
+        ops.append(Op(f"{name}.scaling", data=BT * n_out * F32, transient=BT * n_out * F32,
+                      returns=BT * n_out * F32))
         # the sum keeps its output; backward also adds the two input gradients of x (a new BT·in array)
         ops.append(Op(f"{name}.add", data=BT * n_out * F32, transient=BT * n_in * F32))
     return ops
@@ -104,6 +140,7 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
     (default: whichever :mod:`lora_ref.fast` has switched on).
     """
     fast = fast_paths_enabled() if fast is None else fast
+    fused_lora = fused_lora_enabled(fast)
     if spec.family != "llama":
         raise ValueError(f"the NumPy memory profile describes lora_ref's Llama, not {spec.family!r}")
     BT = B * T
@@ -116,7 +153,7 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
     ops: list[Op] = []
     # embedding: a node only when the table trains (its backward makes a V×D gradient, then its copy)
     emb_grad = V * D * F32 if full else 0
-    ops.append(Op("embed_tokens", data=BT * D * F32, grad=emb_grad, transient=2 * emb_grad))
+    ops.append(Op("embed_tokens", data=BT * D * F32, grad=emb_grad, transient=2 * emb_grad, returns=emb_grad))
     rope = 2 * T * Dh * F32  # cos and sin (T, Dh), shared by every block
     ops.append(Op("rope cos/sin", data=rope))
     for layer in range(spec.num_layers):
@@ -125,7 +162,7 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
         def linear(stage: int, short: str):
             m = lin[short]
             for op in _linear(f"{layer}.{short}", m.in_features, m.out_features, BT, full, m.bias,
-                              ranks.get(short), four_bit=method == "qlora"):
+                              ranks.get(short), four_bit=method == "qlora", fused_lora=fused_lora):
                 block.append((stage, op))
 
         norm_w = D * F32 if full else 0
@@ -134,13 +171,15 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
         norm_extra = BT * F32 + (0 if fast else BT * D * F32)
         norm_tmp = (1 if fast else 3) * BT * D * F32 + 2 * norm_w
         block.append((0, Op(f"{layer}.input_layernorm", data=BT * D * F32, extra=norm_extra, grad=norm_w,
-                            transient=norm_tmp)))
+                            transient=norm_tmp, returns=BT * D * F32 + norm_w)))
         for short in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             linear(1, short)
         # RoPE on q and k: one node each, the rotated copy; backward dx (the twin: g·cos, g·sin, their sum)
         rot = 1 if fast else 3
-        block.append((2, Op(f"{layer}.rotary q", data=BT * Q * F32, transient=rot * BT * Q * F32)))
-        block.append((2, Op(f"{layer}.rotary k", data=BT * KV * F32, transient=rot * BT * KV * F32)))
+        block.append((2, Op(f"{layer}.rotary q", data=BT * Q * F32, transient=rot * BT * Q * F32,
+                            returns=BT * Q * F32)))
+        block.append((2, Op(f"{layer}.rotary k", data=BT * KV * F32, transient=rot * BT * KV * F32,
+                            returns=BT * KV * F32)))
         # attention: output (BT·Q); closure keeps the probabilities (B, H, T, T); backward: dP turned into dS in
         # place (the twin: dP, dP − Σ and dS, 3 × B·H·T²), a contiguous copy of the output gradient, dq, dk, dv
         probs = B * H * T * T * F32
@@ -148,18 +187,19 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
         # a copy, since its rotated q is laid out (B, T, H, Dh) in memory (the fast rotary writes it contiguous)
         q_copy = BT * Q * F32 if (H != K and not fast) else 0
         block.append((2, Op(f"{layer}.attention", data=BT * Q * F32, extra=probs + q_copy,
-                            transient=(1 if fast else 3) * probs + 2 * BT * Q * F32 + 2 * BT * KV * F32)))
+                            transient=(1 if fast else 3) * probs + 2 * BT * Q * F32 + 2 * BT * KV * F32,
+                            returns=BT * (Q + 2 * KV) * F32)))
         block.append((2, Op(f"{layer}.heads -> (B, T, H·Dh)", data=BT * Q * F32, transient=BT * Q * F32)))
         linear(3, "self_attn.o_proj")
         block.append((4, Op(f"{layer}.residual 1", data=BT * D * F32)))
         block.append((5, Op(f"{layer}.post_attention_layernorm", data=BT * D * F32, extra=norm_extra,
-                            grad=norm_w, transient=norm_tmp)))
+                            grad=norm_w, transient=norm_tmp, returns=BT * D * F32 + norm_w)))
         linear(6, "mlp.gate_proj")
         linear(6, "mlp.up_proj")
         # SwiGLU: output; the twin's closure keeps σ(gate) and SiLU(gate) (2 × BT·F); backward: d gate, d up
         # (and the twin's temporaries)
         block.append((7, Op(f"{layer}.swiglu", data=BT * F * F32, extra=0 if fast else 2 * BT * F * F32,
-                            transient=(2 if fast else 4) * BT * F * F32)))
+                            transient=(2 if fast else 4) * BT * F * F32, returns=2 * BT * F * F32)))
         linear(8, "mlp.down_proj")
         block.append((9, Op(f"{layer}.residual 2", data=BT * D * F32)))
         if layer == 0 and not full:
@@ -168,13 +208,15 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
                 ops[0] = Op("embed_tokens")  # the embedding output feeds no node: freed after the first block
         ops += [op for _, op in block]
     ops.append(Op("norm", data=BT * D * F32, extra=BT * F32 + (0 if fast else BT * D * F32),
-                  grad=D * F32 if full else 0, transient=(1 if fast else 3) * BT * D * F32))
+                  grad=D * F32 if full else 0, transient=(1 if fast else 3) * BT * D * F32,
+                  returns=BT * D * F32 + (D * F32 if full else 0)))
     head_grad = V * D * F32 if (full and not spec.tie_word_embeddings) else 0
-    ops.append(Op("lm_head", data=BT * V * F32, grad=head_grad, transient=BT * D * F32 + 2 * head_grad))
+    ops.append(Op("lm_head", data=BT * V * F32, grad=head_grad, transient=BT * D * F32 + 2 * head_grad,
+                  returns=BT * D * F32 + head_grad))
     # cross-entropy keeps log-sum-exp and the losses (2 × N float32; the twin: log-sum-exp, the kept rows as
     # int64 and the mask); its backward makes the softmax (B·T·V) (the twin through one more temporary)
     ops.append(Op("cross_entropy", extra=BT * 2 * F32 if fast else BT * (F32 + 8 + 1),
-                  transient=(1 if fast else 2) * BT * V * F32))
+                  transient=(1 if fast else 2) * BT * V * F32, returns=BT * V * F32))
     return ops
 
 
@@ -224,14 +266,17 @@ def step_peak(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int
     residual_grad = B * T * spec.hidden_size * F32  # the residual stream's gradient waits in the dict
     best = {"peak": -1}
     grads = 0
+    stale = 0  # the previous node's returned gradients: still bound while the next node runs
     for o in reversed(ops):
         at = {"activations": data, "saved_for_backward": extra, "gradients": grads,
-              "temporaries": o.transient + residual_grad}
+              "temporaries": o.transient + stale + residual_grad}
         total = sum(at.values())
         if total > best["peak"]:
             best = {"peak": total, "phase": f"backward of {o.name}", **at}
         extra -= o.extra
         grads += o.grad
+        if o.returns:
+            stale = o.returns
     n_train, largest = trainable_params(spec, method, plan)
     # AdamW: the twin makes √v and the update (two parameter-sized temporaries), the fused kernel none
     at = {"activations": 0, "saved_for_backward": 0, "gradients": n_train * F32,
