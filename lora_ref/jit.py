@@ -87,15 +87,16 @@ HAS_AVX512 = _host_has_avx512f()
 def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
     """Decode 16 packed bytes with a 16-entry float32 table held in one vector register (AVX-512 only).
 
-    ``out[out0 + 2j] = table[packed[byte0 + j] >> 4] · scale`` and
-    ``out[out0 + 2j + 1] = table[packed[byte0 + j] & 15] · scale`` for j < 16: the two nibbles of each byte,
-    high first, as 32 float32 values. The table is scaled first (one IEEE float32 product per entry, the same
+    ``out[out0 + j] = table[packed[byte0 + j] >> 4] · scale`` and
+    ``out[out0 + 16 + j] = table[packed[byte0 + j] & 15] · scale`` for j < 16: the 16 high nibbles (elements
+    2j), then the 16 low nibbles (elements 2j + 1). Interleaving them back into element order would cost two
+    more shuffles per call; a caller multiplying by a vector x reorders x once instead. The table is scaled first (one IEEE float32 product per entry, the same
     product ``code[c] · absmax`` as the NumPy decoder), so the values are bit for bit the dequantized ones.
 
     LLVM turns ``table[code]`` in a loop into a *gather*, one memory load per element. Sixteen float32 values
     fit in one AVX-512 register, and ``vpermps`` (``llvm.x86.avx512.permvar.sf.512``) picks 16 of them by
     index in one instruction. No Numba expression produces it, so this intrinsic writes the LLVM IR directly:
-    load 16 bytes, widen to 32-bit, split the nibbles, permute twice, interleave (high, low) and store.
+    load 16 bytes, widen to 32-bit, split the nibbles, scale the table, permute twice and store.
     Callers check :data:`HAS_AVX512` and use a gather loop otherwise.
     """
     if scale != types.float32:
@@ -124,15 +125,10 @@ def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
         permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16i32]),
                                                  "llvm.x86.avx512.permvar.sf.512")
         v_high, v_low = builder.call(permute, [table16, high]), builder.call(permute, [table16, low])
-        # interleave: (high[0], low[0], high[1], low[1], ...) for bytes 0..7, then 8..15
-        first = ir.Constant(v16i32, [k // 2 + 16 * (k % 2) for k in range(16)])
-        second = ir.Constant(v16i32, [8 + k // 2 + 16 * (k % 2) for k in range(16)])
         dst = builder.gep(out_arr.data, [out0_v])
-        builder.store(builder.shuffle_vector(v_high, v_low, first), builder.bitcast(dst, v16f.as_pointer()),
-                      align=4)
+        builder.store(v_high, builder.bitcast(dst, v16f.as_pointer()), align=4)
         dst16 = builder.gep(out_arr.data, [builder.add(out0_v, ir.Constant(out0_v.type, 16))])
-        builder.store(builder.shuffle_vector(v_high, v_low, second), builder.bitcast(dst16, v16f.as_pointer()),
-                      align=4)
+        builder.store(v_low, builder.bitcast(dst16, v16f.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -437,7 +437,9 @@ def _dot_rows_gather(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w, 
 @njit(cache=True, inline="always")
 def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w, y):
     """The same with the table in a register (``vpermps``, 16 bytes per step, table scaled per block), so the
-    buffer holds the dequantized row and each dot product is one long vectorized sum."""
+    buffer holds the dequantized row and each dot product is one long vectorized sum. The buffer holds each
+    group of 32 elements as 16 even-indexed then 16 odd-indexed ones, and ``x`` comes in that order too
+    (:func:`_split_pairs`)."""
     nb = K // blocksize
     half = blocksize // 2                                          # bytes per block, a multiple of 16
     byte0 = r * (K // 2)
@@ -454,6 +456,13 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
 
 
 _dot_rows = _dot_rows_permute if HAS_AVX512 else _dot_rows_gather
+
+
+def _split_pairs(x: np.ndarray) -> np.ndarray:
+    """x (M, K), K a multiple of 32, with each group of 32 columns reordered as its 16 even then 16 odd ones:
+    the order in which :func:`lora_ref.jit.lut16_decode16` writes a decoded weight row."""
+    M, K = x.shape
+    return np.ascontiguousarray(x.reshape(M, K // 32, 16, 2).transpose(0, 1, 3, 2).reshape(M, K))
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -558,6 +567,8 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     x = _check_activation(x, "x", K, state.shape)
     y = np.empty((x.shape[0], N), np.float32)                      # (M, N)
     if x.shape[0] <= ROW_KERNEL_MAX_M:
+        if HAS_AVX512 and K % state.blocksize == 0:
+            x = _split_pairs(x)                                    # the permute decoder's element order
         _rows_kernel(x, flat_packed, absmax, pair_table(code), code, state.blocksize, N, K, y)
     else:
         _tiled_kernel(x, flat_packed, absmax, code, state.blocksize, N, K, False, y)
