@@ -5,16 +5,18 @@ Each public function here has the same name, signature and result as its NumPy r
 ``decode_4bit``, ``encode_8bit``, ``decode_8bit``), so ``quantize_4bit(..., impl="numba")`` runs the same
 algorithm through compiled loops. Integer outputs (codes, packed bytes) are bit for bit equal to the reference,
 and so are the float32 results of the decoders: every element is the one float32 product ``code[c] · absmax``.
-The kernels use strict IEEE float32 arithmetic (no ``fastmath``), because a fused or reordered multiply would
-move values that sit on a decision threshold.
+The quantization and dequantization kernels use strict IEEE float32 arithmetic (no ``fastmath``), because a
+fused or reordered multiply would move values that sit on a decision threshold; the matmuls use ``fastmath``
+only to reorder their sums.
 
 The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialise the dequantized weight:
 
 - a **row kernel** for a few input rows (decoding, generation: x is (1, K)): each thread decodes one weight
-  row at a time into a float32 buffer in L1 and takes its dot products with the inputs, multiplying each
-  block's partial sum by its absmax. On AVX-512 CPUs the 16-entry table sits in one register and ``vpermps``
-  decodes 16 codes per instruction (:func:`lora_ref.jit.lut16_decode16`). The weight streams from memory at
-  half a byte per element, 8× fewer bytes than float32;
+  row at a time into a float32 buffer in L1 and takes its dot products with the inputs. On AVX-512 CPUs the
+  16-entry table, multiplied by the block's absmax, sits in one register and ``vpermps`` decodes 16 codes per
+  instruction (:func:`lora_ref.jit.lut16_decode16`); elsewhere a pair-table gather decodes and each block's
+  partial sum is multiplied by its absmax. The weight streams from memory at half a byte per element, 8× fewer
+  bytes than float32;
 - the **dequantizer** reads a 256-entry table of *pairs* ``(code[b >> 4], code[b & 15])``, so one 64-bit load
   decodes a whole byte (two elements, high nibble first), then multiplies each block by its absmax;
 - a **tiled kernel** for many rows (training): the register-blocked matmul of :mod:`lora_ref.matmul`, whose
