@@ -80,7 +80,7 @@ def test_prediction_is_the_sum_of_its_terms():
 def test_cli_measure_json(capsys):
     from lora_ref.cli import main
 
-    assert main(["count", "--measure", "--json", "--batch", "2", "--seq", "32"]) == 0
+    assert main(["count", "--measure", "--json", "--batch", "4", "--seq", "64"]) == 0
     doc = json.loads(capsys.readouterr().out)  # exactly one JSON document on stdout
     rows = doc["measured"]
     assert [r["method"] for r in rows] == ["full", "lora", "qlora"]
