@@ -2,12 +2,13 @@
 
 Rows (``ratio = ours_s / baseline_s``; lower is better):
 
-- ``train_step`` vs ``torch`` (group ``train``): one forward + backward + gradient clipping + AdamW step of the
-  tutorial model (:mod:`lora_ref.tutorial`) on one batch of the pretraining corpus, against the same model written
-  in PyTorch (:mod:`lora_ref.torch_ref`), run eagerly on the CPU, started from a copy of our initial weights, on
-  the same batch, with the same optimizer settings and the same thread count. Before timing, one step of each is
-  compared: the losses must agree, which shows both sides compute the same thing.
-- the kernel rows (group ``kernels``) come from :func:`lora_ref.quant.bench.kernel_rows`.
+- group ``train`` (:mod:`lora_ref.train_bench`): ``train_step`` vs ``torch``, one forward + backward + gradient
+  clipping + AdamW step of the tutorial model (:mod:`lora_ref.tutorial`) against the same model written in
+  PyTorch (:mod:`lora_ref.torch_ref`), run eagerly on the CPU from a copy of our initial weights, on the same batch
+  (the losses of both sides are compared before timing); ``qlora_step`` vs ``lora_step``; the memory rows.
+- group ``kernels`` (:func:`lora_ref.quant.bench.kernel_rows`): sgemm and the NF4 kernels.
+
+Numba, the BLAS and torch are pinned to the same thread count (``--threads``) before any row runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ HELP = "benchmarks, each a ratio against a baseline measured in the same run"
 EXAMPLES = """\
 examples:
   lora-ref bench                      # every row
-  lora-ref bench train                # the training step of the tutorial model vs PyTorch
+  lora-ref bench train                # training step vs PyTorch, QLoRA vs LoRA step, peak memory
   lora-ref bench kernels --quick      # the kernel rows, fewer repeats
   lora-ref bench all --json > bench.json
 
@@ -66,66 +67,6 @@ def set_threads(n: int | None) -> dict:
     return {"threads": n, "torch_threads": torch.get_num_threads()}
 
 
-def train_step_row(quick: bool, threads: dict) -> dict:
-    """``train_step`` vs ``torch``: one full training step of the tutorial model, ours against PyTorch eager."""
-    import numpy as np
-    import torch
-
-    from lora_ref import tutorial
-    from lora_ref.benchutil import row, time_pair
-    from lora_ref.data import pretraining_corpus, sample_batch
-    from lora_ref.llama import Llama
-    from lora_ref.optim import AdamW
-    from lora_ref.torch_ref import TorchLlama, torch_train_step
-    from lora_ref.train import decay_groups, train_step
-
-    r = tutorial.recipe(quick=False)
-    cfg = tutorial.tutorial_config()
-    model = Llama(cfg, rng=np.random.default_rng(0))
-    tmodel = TorchLlama.from_state_dict(cfg, model.state_dict(), sdpa=True)
-    x, y = sample_batch(pretraining_corpus().train, r["batch"], r["seq"], np.random.default_rng(1))  # (B, T)
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    kw = dict(lr=r["lr"], betas=tuple(r["betas"]))
-    opt = AdamW(decay_groups(model, r["weight_decay"]), **kw)
-    tdecay = [p for p in tmodel.parameters() if p.ndim >= 2]
-    tnodecay = [p for p in tmodel.parameters() if p.ndim < 2]
-    topt = torch.optim.AdamW([{"params": tdecay, "weight_decay": r["weight_decay"]},
-                              {"params": tnodecay, "weight_decay": 0.0}], **kw)
-    clip = r["max_grad_norm"]
-
-    # same work: the first step of each starts from the same weights and batch, so the losses agree
-    loss_ours = train_step(model, opt, x, y, max_grad_norm=clip)
-    loss_torch = torch_train_step(tmodel, topt, tx, ty, max_grad_norm=clip)
-    if abs(loss_ours - loss_torch) > 1e-4 * abs(loss_torch):
-        raise ValueError(f"train_step: our loss {loss_ours:.6f} differs from PyTorch's {loss_torch:.6f} on the same "
-                         f"weights and batch; the comparison would not be of the same work")
-    # after one step both have updated the same way; a second step checks the optimizers agree too
-    loss2_ours = train_step(model, opt, x, y, max_grad_norm=clip)
-    loss2_torch = torch_train_step(tmodel, topt, tx, ty, max_grad_norm=clip)
-    if abs(loss2_ours - loss2_torch) > 1e-3 * abs(loss2_torch):
-        raise ValueError(f"train_step: after one AdamW step our loss {loss2_ours:.6f} differs from PyTorch's "
-                         f"{loss2_torch:.6f}")
-
-    reps = {"repeats": 3, "warmup": 1} if quick else {"repeats": 9, "warmup": 2}
-    ours_s, base_s = time_pair(lambda: train_step(model, opt, x, y, max_grad_norm=clip),
-                               lambda: torch_train_step(tmodel, topt, tx, ty, max_grad_norm=clip), **reps)
-    tokens = r["batch"] * r["seq"]
-    try:
-        from lora_ref import fast
-        fast_paths = "on (fused Numba kernels)" if fast.enabled() else "off (readable NumPy twins)"
-    except ImportError:
-        fast_paths = "none"
-    return row("train_step", ours_s, "torch", base_s,
-               model=f"tutorial Llama: {cfg.num_hidden_layers} layers, D={cfg.hidden_size}, "
-                     f"H={cfg.num_attention_heads}, K={cfg.num_key_value_heads}, F={cfg.intermediate_size}, "
-                     f"V={cfg.vocab_size}", parameters=model.num_parameters(), batch=r["batch"], seq=r["seq"],
-               tokens_per_s_ours=tokens / ours_s, tokens_per_s_torch=tokens / base_s,
-               work="forward + cross-entropy + backward + clip_grad_norm(1.0) + AdamW, float32",
-               torch=f"{torch.__version__}, eager, scaled_dot_product_attention",
-               first_step_loss={"ours": loss_ours, "torch": loss_torch}, fast_paths=fast_paths,
-               **reps, **threads)
-
-
 def run(args) -> int:
     from lora_ref.benchutil import machine
     from lora_ref.cli import UsageError
@@ -135,8 +76,14 @@ def run(args) -> int:
     threads = set_threads(args.threads)
     results, notes = [], []
     if args.which in ("train", "all"):
-        _log("train_step: tutorial model, ours vs PyTorch eager")
-        results.append(train_step_row(args.quick, threads))
+        from lora_ref.train_bench import memory_rows, qlora_step_row, train_step_row
+
+        _log("train_step: the tutorial model's training step, ours vs PyTorch eager")
+        results.append(train_step_row(args.quick))
+        _log("qlora_step: the adapter step on an NF4 base vs on a float32 base")
+        results.append(qlora_step_row(args.quick))
+        _log("memory: peak bytes of full, LoRA and QLoRA training steps")
+        results.extend(memory_rows())
     if args.which in ("kernels", "all"):
         try:
             from lora_ref.quant.bench import kernel_rows
