@@ -55,6 +55,7 @@ __all__ = [
     "linear_4bit",
     "quantize_model",
     "inject_qlora",
+    "to_qlora_layers",
     "MERGE_STRATEGIES",
     "merge_4bit",
     "merge_4bit_like_peft",
@@ -256,9 +257,15 @@ def inject_qlora(model: Module, config: LoraConfig, name: str = "default", *,
     if config.use_dora:
         raise ValueError("DoRA on a 4-bit base is not supported; use use_dora=False")
     inject_lora(model, config, name, rng=rng)
+    return to_qlora_layers(model)
+
+
+def to_qlora_layers(model: Module) -> Module:
+    """Make every :class:`LoraLinear` over a :class:`Linear4bit` a :class:`LoraLinear4bit`, in place (same state;
+    merges then dequantize and re-quantize). Call it after ``lora_ref.load_adapter`` on a quantized model."""
     for _, layer in lora_layers(model):
         if isinstance(layer.base_layer, Linear4bit) and type(layer) is LoraLinear:
-            layer.__class__ = LoraLinear4bit  # same state, 4-bit aware merge (no attribute changes)
+            layer.__class__ = LoraLinear4bit  # a subclass without extra attributes: only the merge methods differ
     return model
 
 

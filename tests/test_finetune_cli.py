@@ -39,13 +39,13 @@ def test_refuses_non_empty_out_before_training(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_short_run_writes_what_loads(tmp_path, capsys, method):
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, "--method", method, "--quick", "--steps", "3", "--batch", "2", "--seq", "32",
+    code, stdout, err = run_cli(capsys, "--method", method, "--quick", "--steps", "2", "--batch", "2", "--seq", "32",
                                 "--targets", "all-linear", "--r", "4", "--alpha", "8", "--out", out, "--json")
     assert code == 0, err
     doc = json.loads(stdout)
-    assert doc["method"] == method and doc["steps"] == 3 and doc["out"] == str(out)
+    assert doc["method"] == method and doc["steps"] == 2 and doc["out"] == str(out)
     state = json.loads((out / "trainer_state.json").read_text())
-    assert len(state["train_loss"]) == 3
+    assert len(state["train_loss"]) == 2
     base_dir = tutorial.pretrained_base_dir(quick=True, progress=False) / "model"
     if method == "full":
         model = Llama.from_pretrained(out)
