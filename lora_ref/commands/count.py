@@ -41,8 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="sdpa: fused attention keeps no T×T matrix (default); eager keeps the probabilities")
     p.add_argument("--measure", action="store_true",
-                   help="train the tutorial model one step each as full, lora and qlora; peak traced memory vs "
-                        "the memory model's prediction")
+                   help="train the tutorial model one step each as full, lora and qlora (float32; qlora: NF4 with "
+                        "double quantization); peak traced memory vs the memory model's prediction. --r, --targets, "
+                        "--batch and --seq apply")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
