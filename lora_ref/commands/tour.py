@@ -39,6 +39,7 @@ MARKER = ".lora_ref_tour"
 # (title, "module:function"); each function takes a TourContext. Later topics append their sections here.
 SECTIONS: list[tuple[str, str]] = [
     ("Pretraining the tutorial model", "lora_ref.commands.tour:section_pretraining"),
+    ("Fine-tuning on Python source: full, LoRA and QLoRA", "lora_ref.commands.finetune:section_comparison"),
 ]
 
 
