@@ -148,7 +148,11 @@ def train(model, data, steps: int, lr: float, batch: int, seq: int, rng: np.rand
     rng : the generator that draws every batch (the run is deterministic given it and the model).
     warmup : linear warmup steps (default: 5% of ``steps``); then a cosine decay to ``min_lr`` (default lr/10).
     weight_decay, betas, max_grad_norm : AdamW and clipping settings. Decay applies to matrices only
-        (:func:`decay_groups`). Ignored when ``optimizer`` is given (then its parameters are what gets trained).
+        (:func:`decay_groups`).
+    optimizer : an optimizer to use instead (its parameters are what gets trained; ``weight_decay`` and ``betas``
+        are then ignored). Each of its parameter groups keeps its own learning rate as its peak, and the schedule
+        scales every group by the same factor (so LoRA+'s ratio between ``lora_B`` and ``lora_A`` stays fixed);
+        ``min_lr / lr`` sets the final factor.
     eval_every : validate every this many steps (default: 10 times per run), and always before the first and after
         the last step; ``eval_batches`` batches of ``eval_batch`` (default ``batch``) windows of ``data.val``.
     checkpoint_dir, checkpoint_every : if given, an HF checkpoint (``model.save_pretrained``) plus
@@ -170,6 +174,7 @@ def train(model, data, steps: int, lr: float, batch: int, seq: int, rng: np.rand
     eval_batch = batch if eval_batch is None else eval_batch
     if optimizer is None:
         optimizer = AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas, weight_decay=weight_decay)
+    peaks = [g["lr"] for g in optimizer.param_groups]  # each group's peak learning rate
     ckpt_root = None
     if checkpoint_dir is not None:
         ckpt_root = check_out_dir(checkpoint_dir)
@@ -189,16 +194,19 @@ def train(model, data, steps: int, lr: float, batch: int, seq: int, rng: np.rand
     bar = tqdm(total=steps, desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=False)
     try:
         for step in range(steps):
-            optimizer.lr = cosine_schedule(step, max_lr=lr, total_steps=steps, warmup_steps=warmup, min_lr=min_lr)
+            factor = cosine_schedule(step, max_lr=1.0, total_steps=steps, warmup_steps=warmup, min_lr=min_lr / lr)
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group["lr"] = peak * factor
             x, y = sample_batch(data.train, batch, seq, rng)  # (B, T) each
             t0 = time.perf_counter()
             loss = train_step(model, optimizer, x, y, max_grad_norm=max_grad_norm)
             hist.seconds += time.perf_counter() - t0
             if not math.isfinite(loss):
-                raise ValueError(f"training diverged: loss {loss} at step {step + 1} (lr {optimizer.lr:.3g})")
+                raise ValueError(f"training diverged: loss {loss} at step {step + 1} "
+                                 f"(lr {optimizer.param_groups[0]['lr']:.3g})")
             hist.steps = step + 1
             hist.train_loss.append(loss)
-            hist.lr.append(optimizer.lr)
+            hist.lr.append(optimizer.param_groups[0]["lr"])
             done = step + 1
             if done % eval_every == 0 or done == steps:
                 val = validate(done)

@@ -81,6 +81,18 @@ def test_train_step_trains_only_the_optimizer_parameters(corpus):
     assert len(opt.state) == 2 * 3  # m/v state for the 3 MLP matrices of each of 2 layers, nothing else
 
 
+def test_schedule_scales_every_parameter_group(corpus):
+    model = tiny_model()
+    params = [p for _, p in model.named_parameters()]
+    opt = AdamW([{"params": params[:3], "lr": 2e-3}, {"params": params[3:], "lr": 8e-3}])  # a LoRA+-style ratio
+    hist = train(model, corpus, 20, 4e-3, 2, 16, np.random.default_rng(0), warmup=4, min_lr=4e-4, optimizer=opt,
+                 eval_batches=1, progress=False)
+    # the last step (index 19) ran at factor 0.1 + 0.9 · ½(1 + cos(π · 15/16)) of each group's peak: ratio kept
+    factor = 0.1 + 0.45 * (1 + math.cos(math.pi * 15 / 16))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3 * factor, 8e-3 * factor], rel=1e-12)
+    assert hist.lr[4] == pytest.approx(2e-3) and hist.lr[2] == pytest.approx(1e-3)  # the first group's schedule
+
+
 def test_evaluate_matches_lm_loss_and_restores_mode():
     model = tiny_model()
     tokens = np.arange(3 * 16 + 1) % 256
