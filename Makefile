@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # bitsandbytes on CPU: odd last dimensions otherwise trigger torch.compile.
 export TORCHDYNAMO_DISABLE := 1
 
-.PHONY: venv test tour book lab bench clean-book
+.PHONY: venv test tour book lab bench bench-readme clean-book
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,3 +41,9 @@ clean-book:
 lab: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[notebooks]'
 	$(BIN)/jupyter lab notebooks/
+
+# Re-measure every benchmark and rewrite the README's performance table from the JSON (run on a quiet machine).
+bench-readme: $(STAMP)
+	@mkdir -p runs
+	$(BIN)/lora-ref bench --json > runs/bench.json
+	$(BIN)/python -m lora_ref.bench_report runs/bench.json README.md
