@@ -2,6 +2,10 @@
 
 Each fused rule is derived in its docstring and verified against finite differences (``lora_ref.gradcheck``) and
 against the same function composed from primitives in ``tests/test_autograd.py``.
+
+The NumPy code here is the readable twin. When :mod:`lora_ref.fast` is on (the default with Numba's JIT), float32
+calls of rms_norm, swiglu, rotary, cross_entropy and the attention softmax run the compiled kernels of
+:mod:`lora_ref.train_kernels` instead: the same formulas in one pass per row (``tests/test_fast_paths.py``).
 """
 
 from __future__ import annotations
