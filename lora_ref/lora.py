@@ -539,14 +539,21 @@ class LoraLinear(Module):
                             self.scaling[adapter_name])
 
     def base_weight(self) -> np.ndarray:
-        """The base weight as float32 (out, in), a copy. A 4-bit subclass dequantizes here."""
+        """The base weight as float32 (out, in), a copy; a quantized base layer (one with ``dequantize``) is
+        dequantized, so a plain LoraLinear around a 4-bit layer merges correctly too."""
+        if hasattr(self.base_layer, "dequantize"):
+            return np.array(self.base_layer.dequantize(), dtype=np.float32, copy=True)
         return np.array(self.base_layer.weight.data, dtype=np.float32, copy=True)
 
     def set_base_weight(self, w: np.ndarray) -> None:
         """Store float32 ``w`` (out, in) as the base weight, rounded once to its storage dtype.
 
-        A 4-bit subclass re-quantizes here. The array is updated in place, so references to it stay valid.
+        A quantized base layer (one with ``set_weight``) re-quantizes ``w``. A float weight is updated in place, so
+        references to it stay valid.
         """
+        if hasattr(self.base_layer, "set_weight"):
+            self.base_layer.set_weight(w)
+            return
         self.base_layer.weight.data[...] = round_to_dtype(w, self.weight_dtype)
 
     def merge_weight(self, adapter_name: str, safe_merge: bool) -> None:

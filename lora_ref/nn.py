@@ -42,12 +42,17 @@ class Module:
         params, mods = self.__dict__.get("_parameters"), self.__dict__.get("_modules")
         if params is None:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
-        params.pop(name, None)
-        mods.pop(name, None)
+        # replacing an entry keeps its place (dict assignment to an existing key), so swapping a layer for a LoRA or
+        # 4-bit one leaves the order of named_modules() / named_parameters() unchanged
         if isinstance(value, Parameter):
+            mods.pop(name, None)
             params[name] = value
         elif isinstance(value, Module):
+            params.pop(name, None)
             mods[name] = value
+        else:
+            params.pop(name, None)
+            mods.pop(name, None)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):

@@ -116,3 +116,12 @@ def _forward_with(net, ps, ids):
 def test_parameter_is_tensor_requiring_grad():
     p = Parameter(np.zeros(3))
     assert isinstance(p, Tensor) and p.requires_grad and p.dtype == np.float64
+
+
+def test_replacing_a_submodule_keeps_its_place_in_the_order():
+    rng = np.random.default_rng(0)
+    net = Net(rng)
+    before = [n for n, _ in net.named_modules()]
+    net.set_submodule("embed_tokens", Embedding(10, 4, rng=rng))
+    net.set_submodule("layers.0.q_proj", Linear(4, 4, rng=rng))
+    assert [n for n, _ in net.named_modules()] == before

@@ -264,3 +264,21 @@ def test_bad_input():
     set_adapter(m, "default")
     with pytest.raises(ValueError, match="no adapter"):
         Q.merge_4bit(m.up_proj, "float", ["other"])
+
+
+def test_plain_lora_layer_around_a_4bit_base_merges_through_the_dequantized_weight():
+    """inject_lora / load_adapter on a quantized model make a plain LoraLinear: its merge must still dequantize."""
+    import numpy as np
+
+    from lora_ref.lora import LoraLinear
+    from lora_ref.qlora import Linear4bit
+
+    rng = np.random.default_rng(3)
+    W = (0.05 * rng.standard_normal((16, 64))).astype(np.float32)
+    layer = LoraLinear(Linear4bit(W, impl="numpy"), r=2, lora_alpha=4, init_lora_weights=False, rng=rng)
+    expected = layer.base_layer.dequantize() + layer.get_delta_weight("default")
+    layer.merge()
+    merged = layer.base_layer.dequantize()
+    assert merged.shape == W.shape
+    # requantized: within the NF4 error of the target, far from the garbage of reading packed bytes as floats
+    assert np.linalg.norm(merged - expected) / np.linalg.norm(expected) < 0.15
