@@ -40,6 +40,10 @@ MARKER = ".lora_ref_tour"
 SECTIONS: list[tuple[str, str]] = [
     ("Pretraining the tutorial model", "lora_ref.commands.tour:section_pretraining"),
     ("Fine-tuning on Python source: full, LoRA and QLoRA", "lora_ref.commands.finetune:section_comparison"),
+    ("The rank study: singular values of the full fine-tune's updates", "lora_ref.tour_sections:section_rank_study"),
+    ("Memory: predicted and measured", "lora_ref.tour_sections:section_memory"),
+    ("Merging: float and 4-bit bases", "lora_ref.tour_sections:section_merging"),
+    ("NF4: agreement with bitsandbytes", "lora_ref.tour_sections:section_nf4"),
 ]
 
 
