@@ -125,3 +125,13 @@ def test_cli_refuses_a_non_empty_folder(tmp_path):
     assert proc.returncode == 1
     assert "not empty" in proc.stderr and "Traceback" not in proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_cli_check_json_is_one_document(vectors):
+    import json as _json
+
+    proc = subprocess.run([sys.executable, "-m", "lora_ref", "check", str(vectors),
+                           str(vectors / "autograd.safetensors"), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = _json.loads(proc.stdout)
+    assert doc["failed"] == 0 and doc["passed"] == len(doc["cases"]) > 0

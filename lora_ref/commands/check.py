@@ -15,6 +15,7 @@ PASS or FAIL, the case name, max abs and rel error, the tolerance. Exit 1 if any
 def add_arguments(p):
     p.add_argument("vectors", help="folder written by 'lora-ref vectors' (manifest.json + safetensors)")
     p.add_argument("results", help="a safetensors file, or a folder of them, with <case>/outputs/<name> tensors")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of the lines")
 
 
 def run(args) -> int:
@@ -23,8 +24,15 @@ def run(args) -> int:
     rows = check(args.vectors, args.results)
     if not rows:
         raise ValueError("no case of the manifest has outputs in the results (keys must look like <case>/outputs/<name>)")
+    failed = sum(not r.passed for r in rows)
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps({"passed": len(rows) - failed, "failed": failed,
+                          "cases": [asdict(r) for r in rows]}, indent=1))
+        return 1 if failed else 0
     for r in rows:
         print(r.line())
-    failed = sum(not r.passed for r in rows)
     print(f"{len(rows) - failed} of {len(rows)} cases passed")
     return 1 if failed else 0
