@@ -23,7 +23,7 @@ COMMANDS: dict[str, str] = {
     "quantize": "quantize a checkpoint's linear layers to 4 bit in bitsandbytes' format",
     "finetune": "fine-tune the tutorial model with full, LoRA or QLoRA training",
     "merge": "merge one or more PEFT adapters into a base checkpoint",
-    "vectors": "write the reference vectors (safetensors + manifest.json)",
+    "vectors": "write the reference vectors (safetensors + manifest.json + a standalone check.py)",
     "check": "check results against reference vectors",
     "bench": "benchmarks, each a ratio against a baseline measured in the same run",
     "generate": "generate text from a checkpoint",
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or bad usage (2)
         return int(e.code or 0)
     mod = _load(command)
+    _interrupt_on_sigterm()
     try:
         return int(mod.run(args) or 0)
     except UsageError as e:
@@ -100,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"lora-ref {command}: interrupted; no partial output was kept\n")
         return 130
+
+
+def _interrupt_on_sigterm() -> None:
+    """Let SIGTERM unwind like Ctrl-C, so temporary output folders are removed on the way out."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        pass
 
 
 def _one_line(e: BaseException) -> str:

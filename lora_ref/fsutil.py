@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_out_dir(path: str | os.PathLike, *, replace_marker: str | None = None) -> Path:
     """Check that ``path`` may be written: missing, empty, or (with ``replace_marker``) a folder we wrote before.
 
@@ -44,6 +50,7 @@ def output_dir(path: str | os.PathLike, *, replace_marker: str | None = None) ->
     final = check_out_dir(path, replace_marker=replace_marker)
     parent = final.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder the user gets follows their umask
     try:
         yield tmp
         if replace_marker is not None:
@@ -64,6 +71,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file the user gets follows their umask
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

@@ -79,3 +79,26 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "lora-ref tour: error: tour check failed: arithmetic works"
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary sibling
+
+
+def test_json_is_one_document_with_the_report_figures_and_summary(tmp_path, monkeypatch, capsys):
+    import json
+
+    import matplotlib.pyplot as plt
+
+    def tiny_section(ctx):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ctx.figure(fig, "line", "a line")
+        ctx.summarize("tiny: 42")
+
+    monkeypatch.setattr(tour, "SECTIONS", [("Tiny", "x:y")])
+    monkeypatch.setattr(tour, "_resolve", lambda target: tiny_section)
+    out = tmp_path / "tour"
+    assert cli.main(["tour", "--quick", "--json", "--out", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"] == ["tiny: 42"] and doc["figures"] == ["line.png"]
+    assert doc["report"] == str(out / "report.md") and [s["title"] for s in doc["sections"]] == ["Tiny"]
+    assert (out / "line.png").is_file() and "(line.png)" in (out / "report.md").read_text()

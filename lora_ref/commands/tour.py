@@ -97,6 +97,8 @@ class TourContext:
 def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="about a minute: shorter training, same sections")
     p.add_argument("--out", default="runs/tour", help="output folder (default runs/tour)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (report path, figures, summary, section times) instead of the summary")
 
 
 def run(args) -> int:
@@ -127,8 +129,16 @@ def run(args) -> int:
         from lora_ref.fsutil import atomic_write
 
         atomic_write(tmp / "report.md", body)
+    seconds = time.perf_counter() - t0
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"report": str(Path(args.out) / "report.md"), "quick": args.quick,
+                          "figures": [f"{name}.png" for name in ctx.figures], "summary": ctx.summary,
+                          "sections": [{"title": t, "seconds": sec} for t, sec in toc], "seconds": seconds}, indent=1))
+        return 0
     print("\n".join(ctx.summary))
-    print(f"report: {Path(args.out) / 'report.md'} ({time.perf_counter() - t0:.0f} s)")
+    print(f"report: {Path(args.out) / 'report.md'} ({seconds:.0f} s)")
     return 0
 
 
