@@ -29,9 +29,11 @@ def _fmt_s(x) -> str:
 
 def table(doc: dict) -> str:
     m = doc.get("machine", {})
+    pools = ", ".join(f"{b.get('internal_api')} {b.get('num_threads')} threads"
+                      + (f" ({b['architecture']})" if b.get("architecture") else "") for b in m.get("blas", []))
     lines = [f"Measured by `lora-ref bench --json` on {m.get('cpu', 'an unnamed CPU')}, {m.get('cpus', '?')} CPUs, "
              f"Python {m.get('python', '?')}, NumPy {m.get('numpy', '?')}"
-             + (f", threads {m['threads']}" if "threads" in m else "") + ".", "",
+             + (f"; thread pools: {pools}" if pools else "") + ". Ours and the baseline use the same threads.", "",
              "| row | ours | baseline | baseline time | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         name = r["name"]
