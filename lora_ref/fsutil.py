@@ -33,10 +33,13 @@ def check_out_dir(path: str | os.PathLike, *, replace_marker: str | None = None)
         if replace_marker is None or not (p / replace_marker).is_file():
             raise ValueError(f"output folder is not empty: {p} (choose a new folder or empty it)")
     parent = p.resolve().parent
-    if not parent.exists():
-        raise ValueError(f"parent folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output folder is not writable: {parent}")
+    existing = parent
+    while not existing.exists():  # missing parents are created by output_dir (e.g. runs/ on a fresh clone)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output path is inside a file, not a folder: {existing}")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"output folder is not writable: {existing}")
     return p
 
 
@@ -49,6 +52,7 @@ def output_dir(path: str | os.PathLike, *, replace_marker: str | None = None) ->
     """
     final = check_out_dir(path, replace_marker=replace_marker)
     parent = final.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder the user gets follows their umask
     try:

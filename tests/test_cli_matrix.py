@@ -219,3 +219,12 @@ def test_interrupted_write_leaves_nothing_behind(world, tmp_path, monkeypatch, c
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary folder left either
     assert _snapshot(world) == before
+
+
+def test_missing_parent_folders_of_out_are_created(world, tmp_path):
+    """A fresh clone has no runs/: the default output paths must work there."""
+    out = tmp_path / "runs" / "deeper" / "quantized"
+    proc = subprocess.run([sys.executable, "-m", "lora_ref", "quantize", "--base", str(world / "base"), "--out",
+                           str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").is_file()
