@@ -71,7 +71,6 @@ exclude_patterns = [
     ".DS_Store",
     "**.ipynb_checkpoints",
     "notebooks/README*",
-    "notebooks/drafts",  # unfinished chapters (see notebooks/drafts/README.md): neither built nor executed
     "examples/*.md",
 ]
 suppress_warnings: list[str] = []
