@@ -78,7 +78,7 @@ FINETUNE: dict = {"batch": 8, "seq": 128, "warmup_fraction": 0.05, "min_lr_fract
 #: ``seq`` bytes from each corpus's validation split (:func:`lora_ref.data.eval_batches`), for every run.
 EVAL: dict = {"batch": 32, "seq": 128, "max_batches": 8}
 
-#: The settings the book's chapters (09, 10, 11) and the tour share, so that each of their runs is made once:
+#: The settings the book's chapters (09, 10, 11) and the full ``lora-ref tour`` share, so each run is made once:
 #: steps per run, the peak learning rates of full fine-tuning and of LoRA, and LoRA's α.
 BOOK: dict = {"steps": 100, "lr_full": 1e-3, "lr_lora": 1e-2, "alpha": 16.0}
 

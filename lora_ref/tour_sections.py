@@ -13,9 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-# fine-tuning steps of the runs these sections share (full / quick tour); the experiments cache keys on them
-RANK_STEPS = {False: 120, True: 30}
-LORA_STEPS = {False: 60, True: 20}
+# (steps, peak learning rate) of the runs these sections make, for the full and the quick tour. The full tour uses
+# the book's settings (experiments.BOOK), so it reads the runs chapters 9-11 made (and they read its runs): the cache
+# keys on every setting. The quick tour trains shorter runs on the quick base.
+def _full_settings(quick: bool) -> tuple[int, float]:
+    from lora_ref.experiments import BOOK
+
+    return (30, 1e-3) if quick else (BOOK["steps"], BOOK["lr_full"])
+
+
+def _lora_settings(quick: bool) -> tuple[int, float]:
+    from lora_ref.experiments import BOOK
+
+    return (20, 3e-3) if quick else (BOOK["steps"], BOOK["lr_lora"])
 
 
 def _base(ctx):
@@ -38,9 +48,9 @@ def section_rank_study(ctx) -> None:
     from lora_ref import experiments as X
 
     base = _base(ctx)
-    steps = RANK_STEPS[ctx.quick]
+    steps, lr = _full_settings(ctx.quick)
     ctx.log(f"full fine-tuning of the block matrices for the rank study ({steps} steps; cached)")
-    run = X.full_finetune(base, steps=steps, progress=ctx.progress)
+    run = X.full_finetune(base, steps=steps, lr=lr, progress=ctx.progress)
     deltas = run.deltas()  # {name: ΔW (out, in)}
     rng = np.random.default_rng(0)
     rows = []
@@ -157,10 +167,10 @@ def section_merging(ctx) -> None:
     from lora_ref.qlora import merge_and_unload_4bit
 
     base = _base(ctx)
-    steps = LORA_STEPS[ctx.quick]
+    steps, lr = _lora_settings(ctx.quick)
     ctx.log(f"LoRA and QLoRA runs for merging ({steps} steps each; cached)")
-    lora_run = X.lora_finetune(base, r=8, alpha=16, steps=steps, progress=ctx.progress)
-    qlora_run = X.qlora_finetune(base, r=8, alpha=16, steps=steps, progress=ctx.progress)
+    lora_run = X.lora_finetune(base, r=8, alpha=16, lr=lr, steps=steps, progress=ctx.progress)
+    qlora_run = X.qlora_finetune(base, r=8, alpha=16, lr=lr, steps=steps, progress=ctx.progress)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, base.config.vocab_size, size=(4, 64))  # (B, T)
 
