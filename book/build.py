@@ -7,7 +7,8 @@
    lists every problem), from a fresh environment (`-E`), executing every notebook in `notebooks/`
    (see `conf.py`). The HTML goes to `book/_build/html/`.
 3. Scan the built HTML, CSS and JS for remote assets (a `src=`, `<link href=`, `@import` or `url(`
-   that points at `http(s)://` or `//`) and fail listing them.
+   that points at `http(s)://` or `//`), and the pages for Markdown tables printed as text (a cell output
+   not parsed as MyST), and fail listing them.
 
 Exit status 0 means the book is built, every notebook ran without error and nothing is remote.
 
@@ -166,6 +167,22 @@ def scan_remote_assets(out: Path, root: Path = ROOT) -> list[str]:
     return found
 
 
+# A Markdown table that reached the page as text: a paragraph whose first line is a row ("| a | b |") and which
+# holds a separator row (pipes with dashes, which smart quotes may have turned into en or em dashes).
+UNRENDERED_TABLE = re.compile(r"<p>\|[^\n<]*\|\s*\n\s*\|\s*[-\u2013\u2014:]+\s*\|", re.S)
+
+
+def scan_unrendered_tables(out: Path, root: Path = ROOT) -> list[str]:
+    """Every Markdown table printed as a paragraph instead of a <table> in the built pages, as 'file:line: text'."""
+    found = []
+    for path in sorted(out.rglob("*.html")):
+        text = path.read_text(errors="replace")
+        for match in UNRENDERED_TABLE.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            found.append(f"{path.relative_to(root)}:{line}: {text[match.start(): match.start() + 60].splitlines()[0]}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=BOOK / "_build" / "html", help="HTML output folder")
@@ -190,18 +207,24 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     remote = scan_remote_assets(out)
+    tables = scan_unrendered_tables(out)
     scan_seconds = time.perf_counter() - start
     if remote:
         log(f"error: the built book loads {len(remote)} remote asset(s):")
         for item in remote:
             print(f"    {item}")
+    if tables:
+        log(f"error: {len(tables)} Markdown table(s) reached the pages as text, not as tables:")
+        for item in tables:
+            print(f"    {item}")
+    if remote or tables:
         return 1
 
     log(
         f"built {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} in "
         f"{time.perf_counter() - total:.0f} s (MathJax fetch {mathjax_seconds:.0f} s, "
-        f"sphinx with notebook execution {sphinx_seconds:.0f} s, remote-asset scan {scan_seconds:.1f} s); "
-        "no remote assets"
+        f"sphinx with notebook execution {sphinx_seconds:.0f} s, scans {scan_seconds:.1f} s); "
+        "no remote assets, every table rendered"
     )
     log(f"open {out / 'index.html'}")
     return 0

@@ -86,6 +86,9 @@ nb_execution_allow_errors = False  # any failing cell fails the notebook
 nb_execution_raise_on_error = False  # report as a warning (an error under -W) and keep going
 nb_execution_show_tb = False  # build.py prints the failing cell and its traceback once
 nb_merge_streams = True
+# Cells display tables with IPython.display.Markdown: parse those outputs as MyST (GFM tables, math), not as
+# plain CommonMark, which has no tables and would print the pipes as a paragraph.
+nb_render_markdown_format = "myst"
 nb_output_stderr = "show"
 # Widget views (for example a tqdm bar when ipywidgets is installed) would need require.js and the
 # widget manager from a CDN: render their text/plain form instead and load no widget script.

@@ -174,3 +174,18 @@ def test_book_scan_flags_remote_assets(tmp_path):
     found = build.scan_remote_assets(tmp_path, root=tmp_path)
     where = sorted((f.split(":")[0], int(f.split(":")[1])) for f in found)
     assert where == [("page.html", 1), ("page.html", 2), ("style.css", 1), ("style.css", 2)], found
+
+
+def test_book_scan_flags_unrendered_tables(tmp_path):
+    """book/build.py's table scan finds a Markdown table printed as a paragraph, and not a rendered one."""
+    sys.path.insert(0, str(ROOT / "book"))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(ROOT / "book"))
+    (tmp_path / "bad.html").write_text(
+        "<div>\n<p>| r | loss |\n|\u2014|\u2014|\n| 1 | 1.9 |</p>\n</div>\n<p>| plain | text without a separator |</p>\n"
+    )
+    (tmp_path / "good.html").write_text("<table><tr><th>r</th><th>loss</th></tr><tr><td>1</td><td>1.9</td></tr></table>\n")
+    found = build.scan_unrendered_tables(tmp_path, root=tmp_path)
+    assert [(f.split(":")[0], int(f.split(":")[1])) for f in found] == [("bad.html", 2)], found
