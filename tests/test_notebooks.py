@@ -154,13 +154,19 @@ def test_listed_in_chapter_index(path):
     )
 
 
-def test_book_scan_flags_remote_assets(tmp_path):
-    """book/build.py's remote-asset scan finds CDN scripts, stylesheets, imports and url()s."""
+def _build_module():
+    """book/build.py, imported as a module (it is a script beside the book, not part of the package)."""
     sys.path.insert(0, str(ROOT / "book"))
     try:
         import build
     finally:
         sys.path.remove(str(ROOT / "book"))
+    return build
+
+
+def test_book_scan_flags_remote_assets(tmp_path):
+    """book/build.py's remote-asset scan finds CDN scripts, stylesheets, imports and url()s."""
+    build = _build_module()
     (tmp_path / "page.html").write_text(
         '<link rel="stylesheet" href="https://fonts.example.org/css">\n'
         "<script async src='//cdn.example.org/x.js'></script>\n"
@@ -178,11 +184,7 @@ def test_book_scan_flags_remote_assets(tmp_path):
 
 def test_book_scan_flags_unrendered_tables(tmp_path):
     """book/build.py's table scan finds a Markdown table printed as a paragraph, and not a rendered one."""
-    sys.path.insert(0, str(ROOT / "book"))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(ROOT / "book"))
+    build = _build_module()
     (tmp_path / "bad.html").write_text(
         "<div>\n<p>| r | loss |\n|\u2014|\u2014|\n| 1 | 1.9 |</p>\n</div>\n<p>| plain | text without a separator |</p>\n"
     )
