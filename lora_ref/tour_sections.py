@@ -163,7 +163,7 @@ def section_merging(ctx) -> None:
     import matplotlib.pyplot as plt
 
     from lora_ref import experiments as X
-    from lora_ref.lora import merge_and_unload
+    from lora_ref.lora import disable_adapters, merge_and_unload
     from lora_ref.qlora import merge_and_unload_4bit
 
     base = _base(ctx)
@@ -185,7 +185,9 @@ def section_merging(ctx) -> None:
 
     q_unmerged = qlora_run.model()
     yq = _logits(q_unmerged, ids)
-    effect = float(np.linalg.norm(yq - _logits(_without_adapters(q_unmerged), ids)) / np.linalg.norm(yq))
+    with disable_adapters(q_unmerged):
+        y_base = _logits(q_unmerged, ids)  # the 4-bit base alone
+    effect = float(np.linalg.norm(yq - y_base) / np.linalg.norm(yq))
     errors = {}
     for strategy in ("float", "requantize", "refit"):
         m = merge_and_unload_4bit(copy.deepcopy(q_unmerged), strategy)
@@ -225,17 +227,6 @@ model to model — compare the two rows.)""")
                   f"{errors['requantize']:.4f}, refit {errors['refit']:.4f}, float {errors['float']:.1e}")
 
 
-def _without_adapters(model):
-    from lora_ref.lora import disable_adapters
-
-    class _Off:
-        def __call__(self, ids):
-            with disable_adapters(model):
-                return model(ids)
-
-    return _Off()
-
-
 # ================================================================================================================
 # NF4 against bitsandbytes
 # ================================================================================================================
@@ -258,6 +249,7 @@ def section_nf4(ctx) -> None:
     from safetensors import safe_open
 
     from lora_ref.quant import quantize_4bit
+    from lora_ref.quant.blockwise import unpack_nibbles
 
     results = []
     for rounding, path in _fixture_files().items():
@@ -270,9 +262,8 @@ def section_nf4(ctx) -> None:
                 packed, _ = quantize_4bit(x, blocksize=entry["blocksize"], quant_type=entry["quant_type"],
                                           double_quant=entry["double_quant"], rounding=rounding)
                 theirs = f.get_tensor(f"{key}.packed").reshape(-1)
-                codes_ours = np.stack([packed >> 4, packed & 15], -1).reshape(-1)
-                codes_theirs = np.stack([theirs >> 4, theirs & 15], -1).reshape(-1)
-                same = float(np.mean(codes_ours == codes_theirs))
+                n = 2 * theirs.size  # every nibble, the padding one of an odd count included
+                same = float(np.mean(unpack_nibbles(packed.reshape(-1), n) == unpack_nibbles(theirs, n)))
                 results.append({"rounding": rounding, "case": key, "quant_type": entry["quant_type"],
                                 "dtype": entry["dtype"], "double_quant": entry["double_quant"],
                                 "n": int(np.prod(entry["shape"])), "agree": same})
