@@ -57,7 +57,7 @@ def run(args) -> int:
     if args.measure:
         if args.double_quant and args.quant is None:
             raise UsageError("--double-quant needs --quant nf4 (or fp4)")
-        from lora_ref.memory_numpy import TUTORIAL_BATCH, TUTORIAL_SEQ, measure_all
+        from lora_ref.analysis.memory_profile import TUTORIAL_BATCH, TUTORIAL_SEQ, measure_all
 
         for flag in ("batch", "seq"):
             v = getattr(args, flag)
@@ -82,8 +82,8 @@ def run(args) -> int:
     if args.r < 1:
         raise UsageError(f"--r must be >= 1, got {args.r}")
 
-    from lora_ref.counts import lora_plan, resolve_model
-    from lora_ref.memory import (QuantConfig, Setup, bits_per_quantized_param, inference_memory,
+    from lora_ref.analysis.counts import lora_plan, resolve_model
+    from lora_ref.analysis.memory import (QuantConfig, Setup, bits_per_quantized_param, inference_memory,
                                  training_memory)
 
     args.targets = args.targets or "q_proj,v_proj"

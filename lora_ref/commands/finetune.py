@@ -1,7 +1,7 @@
 """``lora-ref finetune``: fine-tune the tutorial model on Python source with full training, LoRA or QLoRA.
 
 :func:`finetune` is the library function behind the command (the tour and the notebooks call it); it returns the
-trained model, its :class:`~lora_ref.train.History` and a summary dict.
+trained model, its :class:`~lora_ref.training.loop.History` and a summary dict.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ examples:
   lora-ref finetune --method full --steps 100 --out runs/full --json
   lora-ref finetune --method lora --quick --steps 20 --json          # no --out: train and report only
 
-Starts from the pretrained tutorial model (lora_ref.tutorial; trained once and cached, --quick uses the
+Starts from the pretrained tutorial model (lora_ref.training.tutorial; trained once and cached, --quick uses the
 quick-recipe base) and trains on the fine-tuning corpus (the source of some standard-library modules, a different
 domain than the pretraining prose) with AdamW, a cosine schedule and gradient clipping. full trains every weight;
 lora freezes the base and trains adapters of rank --r with scaling --alpha/--r on --targets (module names or
@@ -51,13 +51,13 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
                   use_rslora: bool = False, dropout: float = 0.0, rng=None, quick: bool = False, base=None,
                   impl: str = "auto"):
     """The tutorial base set up for ``method``: all weights trainable (full), LoRA adapters on a frozen float base
-    (lora), or on a frozen NF4 base (qlora; ``impl`` as :class:`lora_ref.qlora.Linear4bit`). ``base`` overrides the
+    (lora), or on a frozen NF4 base (qlora; ``impl`` as :class:`lora_ref.adapters.qlora.Linear4bit`). ``base`` overrides the
     cached tutorial model (a Llama to modify)."""
     import numpy as np
 
-    from lora_ref import tutorial
-    from lora_ref.lora import LoraConfig, inject_lora
-    from lora_ref.qlora import inject_qlora, quantize_model
+    from lora_ref.training import tutorial
+    from lora_ref.adapters.lora import LoraConfig, inject_lora
+    from lora_ref.adapters.qlora import inject_qlora, quantize_model
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -77,7 +77,7 @@ def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj",
              dropout: float = 0.0, steps: int = 100, lr: float | None = None, batch: int = 16, seq: int = 128,
              seed: int = 0, quick: bool = False, progress: bool = True, base=None, eval_batches: int = 8,
              eval_every: int | None = None):
-    """Fine-tune the tutorial model on :func:`lora_ref.data.finetuning_corpus`; returns (model, history, summary).
+    """Fine-tune the tutorial model on :func:`lora_ref.training.data.finetuning_corpus`; returns (model, history, summary).
 
     One seed drives everything: ``np.random.default_rng(seed).spawn(2)`` gives the adapter-init/dropout generator
     and the batch generator, so LoRA and QLoRA runs with the same seed see the same batches and the same initial A.
@@ -87,8 +87,8 @@ def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj",
 
     import numpy as np
 
-    from lora_ref.data import finetuning_corpus
-    from lora_ref.train import train
+    from lora_ref.training.data import finetuning_corpus
+    from lora_ref.training.loop import train
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -120,7 +120,7 @@ def run(args) -> int:
     import sys
 
     from lora_ref.errors import UsageError
-    from lora_ref.fsutil import check_out_dir, write_json
+    from lora_ref.files.outputs import check_out_dir, write_json
 
     if args.r < 1:
         raise UsageError(f"--r must be >= 1, got {args.r}")
@@ -144,7 +144,7 @@ def run(args) -> int:
         if args.method == "full":
             model.save_pretrained(args.out)
         else:
-            from lora_ref.peft_io import save_adapter
+            from lora_ref.adapters.peft_files import save_adapter
 
             save_adapter(model, args.out)
         write_json(f"{args.out}/trainer_state.json", {**hist.to_dict(), "summary": summary})
@@ -169,8 +169,8 @@ def section_comparison(ctx) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from lora_ref import tutorial
-    from lora_ref.llama import Llama
+    from lora_ref.training import tutorial
+    from lora_ref.modeling.llama import Llama
 
     base_dir = ctx.state.get("base_dir") or tutorial.pretrained_base_dir(ctx.quick, progress=ctx.progress) / "model"
     steps = 15 if ctx.quick else 60

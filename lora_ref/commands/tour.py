@@ -40,10 +40,10 @@ MARKER = ".lora_ref_tour"
 SECTIONS: list[tuple[str, str]] = [
     ("Pretraining the tutorial model", "lora_ref.commands.tour:section_pretraining"),
     ("Fine-tuning on Python source: full, LoRA and QLoRA", "lora_ref.commands.finetune:section_comparison"),
-    ("The rank study: singular values of the full fine-tune's updates", "lora_ref.tour_sections:section_rank_study"),
-    ("Memory: predicted and measured", "lora_ref.tour_sections:section_memory"),
-    ("Merging: float and 4-bit bases", "lora_ref.tour_sections:section_merging"),
-    ("NF4: agreement with bitsandbytes", "lora_ref.tour_sections:section_nf4"),
+    ("The rank study: singular values of the full fine-tune's updates", "lora_ref.tour.sections:section_rank_study"),
+    ("Memory: predicted and measured", "lora_ref.tour.sections:section_memory"),
+    ("Merging: float and 4-bit bases", "lora_ref.tour.sections:section_merging"),
+    ("NF4: agreement with bitsandbytes", "lora_ref.tour.sections:section_nf4"),
 ]
 
 
@@ -105,7 +105,7 @@ def run(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from lora_ref.fsutil import check_out_dir, output_dir
+    from lora_ref.files.outputs import check_out_dir, output_dir
 
     check_out_dir(args.out, replace_marker=MARKER)  # refuse before any work
     t0 = time.perf_counter()
@@ -126,7 +126,7 @@ def run(args) -> int:
         head += [f"| {i}. {t} | {s:.1f} |" for i, (t, s) in enumerate(toc, 1)]
         head += [f"| total | {time.perf_counter() - t0:.1f} |", ""]
         body = "\n".join(head) + "\n" + "\n".join(ctx.markdown)
-        from lora_ref.fsutil import atomic_write
+        from lora_ref.files.outputs import atomic_write
 
         atomic_write(tmp / "report.md", body)
     seconds = time.perf_counter() - t0
@@ -154,8 +154,8 @@ def section_pretraining(ctx: TourContext) -> None:
     """Pretrain (or load from the cache) the tutorial model; report the data, the model, the loss, a sample."""
     import numpy as np
 
-    from lora_ref import tutorial
-    from lora_ref.data import decode, encode, pretraining_corpus, unigram_bits_per_byte
+    from lora_ref.training import tutorial
+    from lora_ref.training.data import decode, encode, pretraining_corpus, unigram_bits_per_byte
 
     corpus = pretraining_corpus()
     r = tutorial.recipe(ctx.quick)
@@ -163,7 +163,7 @@ def section_pretraining(ctx: TourContext) -> None:
     ctx.log("loading the pretrained base from the cache" if cached else
             f"pretraining the tutorial model ({r['steps']} steps; cached afterwards)")
     folder = tutorial.pretrained_base_dir(ctx.quick, progress=ctx.progress)
-    from lora_ref.llama import Llama
+    from lora_ref.modeling.llama import Llama
 
     base = Llama.from_pretrained(folder / "model")
     hist = tutorial.pretraining_history(ctx.quick)
@@ -177,7 +177,7 @@ def section_pretraining(ctx: TourContext) -> None:
     unigram = unigram_bits_per_byte(corpus)
     val_nats = tutorial.validation_loss(base, corpus, seq=r["seq"])
     val_bits = tutorial.bits_per_byte(val_nats)
-    from lora_ref.train import evaluate
+    from lora_ref.training.loop import evaluate
 
     recorded = evaluate(base, corpus.val, r["batch"], r["seq"], r["eval_batches"])  # the windows training used
     ctx.check(abs(recorded - hist.final_val_loss) <= 1e-4 * hist.final_val_loss,

@@ -1,0 +1,1 @@
+"""The tour: the sections of `lora-ref tour`."""
