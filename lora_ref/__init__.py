@@ -54,12 +54,11 @@ MOVED = {
     "lora": "adapters.lora", "qlora": "adapters.qlora", "peft_io": "adapters.peft_files",
     "merge": "merging.combine",
     "data": "training.data", "train": "training.loop", "optim": "training.optim", "tutorial": "training.tutorial",
-    "counts": "analysis.counts", "memory": "analysis.memory", "memory_numpy": "analysis.memory_profile",
+    "counts": "analysis.counts", "memory": "analysis.memory", "memory_numpy": "analysis.memory_measure",
     "experiments": "analysis.experiments",
     "vectors": "reference.vectors", "check": "reference.check", "torch_ref": "reference.torch_model",
     "benchutil": "bench.timing", "bench_report": "bench.report", "train_bench": "bench.training",
     "quant.bench": "bench.quant", "quant.fused": "quant.dequant_matmul",
-    "tour_sections": "tour.sections",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -503,13 +503,12 @@ class LoraLinear(Module):
 
     def _output_is_scratch(self, result: Tensor) -> bool:
         """Whether the adapter may be added into ``result``'s buffer (:func:`lora_ref.autograd.functional.lora_add`): it is
-        the float32 output of a plain or 4-bit linear base (whose backward does not read it) or of an earlier
-        in-place adapter."""
-        from lora_ref.adapters.qlora import Linear4bit
-
+        the float32 output of a base layer whose class declares ``fresh_output = True`` (its forward returns a new
+        array that its backward does not read: :class:`lora_ref.modeling.nn.Linear`, the 4-bit
+        :class:`lora_ref.adapters.qlora.Linear4bit`; declared per class, not inherited)."""
         d = result.data
-        return (type(self.base_layer) in (Linear, Linear4bit) and d.dtype == np.float32 and d.flags.c_contiguous
-                and d.flags.writeable)
+        return (vars(type(self.base_layer)).get("fresh_output", False) and d.dtype == np.float32
+                and d.flags.c_contiguous and d.flags.writeable)
 
     def _dora_forward(self, name: str, x, base_result: Tensor) -> Tensor:
         """DoRA's extra output (PEFT ``DoraLinearLayer.forward``): (m/n − 1)⊙base + (m/n)⊙lora·s."""

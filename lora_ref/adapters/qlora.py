@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from lora_ref.autograd import ops
-from lora_ref.adapters.lora import LoraConfig, LoraLinear, inject_lora, lora_layers
+from lora_ref.adapters.lora import LoraConfig, LoraLinear, inject_lora, lora_layers, register_lora_layer
 from lora_ref.modeling.nn import Linear, Module, Parameter
 from lora_ref.quant import nf4
 from lora_ref.quant.blockwise import (
@@ -141,6 +141,9 @@ class Linear4bit(Module):
     weight_dtype : float32, the compute dtype LoRA adapters on this layer use.
     """
 
+    #: forward returns a new array that backward does not read (see :class:`lora_ref.modeling.nn.Linear`)
+    fresh_output = True
+
     def __init__(self, weight, bias=None, *, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
                  rounding: str = "cuda", impl: str = "auto"):
         super().__init__()
@@ -240,32 +243,35 @@ class LoraLinear4bit(LoraLinear):
 
     The forward pass is the LoRA forward with the 4-bit base. Merging uses the dequantized weight and writes back by
     re-quantizing it with the layer's settings, as PEFT does (``merge`` / ``unmerge`` lose the NF4 error each time;
-    see :func:`merge_4bit` for the alternatives). DoRA is not supported on a 4-bit base here.
+    see :func:`merge_4bit` for the alternatives): :meth:`LoraLinear.base_weight` and ``set_base_weight`` already do
+    that for any base layer with ``dequantize`` / ``set_weight``. The class is registered for :class:`Linear4bit`
+    with :func:`lora_ref.adapters.lora.register_lora_layer`, so :func:`lora_ref.adapters.lora.inject_lora` and
+    :func:`lora_ref.adapters.peft_files.load_adapter` wrap 4-bit layers in it; the generic LoRA code never imports
+    this module. DoRA is not supported on a 4-bit base here.
     """
 
-    def base_weight(self) -> np.ndarray:
-        return self.base_layer.dequantize()
 
-    def set_base_weight(self, w: np.ndarray) -> None:
-        self.base_layer.set_weight(w)
+register_lora_layer(Linear4bit, LoraLinear4bit)
 
 
 def inject_qlora(model: Module, config: LoraConfig, name: str = "default", *,
                  rng: np.random.Generator | None = None) -> Module:
-    """:func:`lora_ref.adapters.lora.inject_lora` on a model with :class:`Linear4bit` layers; their wrappers become
-    :class:`LoraLinear4bit` (so merges dequantize and re-quantize). Returns ``model``."""
+    """:func:`lora_ref.adapters.lora.inject_lora` on a model with :class:`Linear4bit` layers (wrapped in
+    :class:`LoraLinear4bit`, whose merges dequantize and re-quantize). Returns ``model``."""
     if config.use_dora:
         raise ValueError("DoRA on a 4-bit base is not supported; use use_dora=False")
-    inject_lora(model, config, name, rng=rng)
-    return to_qlora_layers(model)
+    return inject_lora(model, config, name, rng=rng)
 
 
 def to_qlora_layers(model: Module) -> Module:
-    """Make every :class:`LoraLinear` over a :class:`Linear4bit` a :class:`LoraLinear4bit`, in place (same state;
-    merges then dequantize and re-quantize). Call it after ``lora_ref.load_adapter`` on a quantized model."""
-    for _, layer in lora_layers(model):
-        if isinstance(layer.base_layer, Linear4bit) and type(layer) is LoraLinear:
-            layer.__class__ = LoraLinear4bit  # a subclass without extra attributes: only the merge methods differ
+    """Check that every LoRA layer over a :class:`Linear4bit` is a :class:`LoraLinear4bit`, and return ``model``.
+
+    Loading an adapter onto a quantized model already builds them (the base-layer dispatch of
+    :func:`lora_ref.adapters.lora.register_lora_layer`); this function is kept for code written before that."""
+    for name, layer in lora_layers(model):
+        if isinstance(layer.base_layer, Linear4bit) and not isinstance(layer, LoraLinear4bit):
+            raise ValueError(f"{name}: a {type(layer).__name__} over a 4-bit layer was built by hand; "
+                             "use inject_qlora or load_adapter, which wrap 4-bit layers in LoraLinear4bit")
     return model
 
 

@@ -43,7 +43,6 @@ import functools
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,15 +211,11 @@ class Run:
         model = copy.deepcopy(self.base)
         if self.kind != "qlora":
             return load_adapter(model, self.folder / ADAPTER_DIR)
-        from lora_ref.adapters.qlora import Linear4bit, LoraLinear4bit, quantize_model
+        from lora_ref.adapters.qlora import quantize_model
 
         q = self.settings["quantization"]
         quantize_model(model, blocksize=q["blocksize"], double_quant=q["double_quant"], quant_type=q["quant_type"])
-        load_adapter(model, self.folder / ADAPTER_DIR)
-        for _, layer in lora_layers(model):  # as inject_qlora: merges then dequantize and re-quantize
-            if isinstance(layer.base_layer, Linear4bit) and type(layer) is not LoraLinear4bit:
-                layer.__class__ = LoraLinear4bit
-        return model
+        return load_adapter(model, self.folder / ADAPTER_DIR)  # 4-bit layers get LoraLinear4bit wrappers
 
     def lora_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
         """``{module name: (lora_A (R, in), lora_B (out, R), scaling)}`` of a LoRA/QLoRA run (float32 arrays)."""

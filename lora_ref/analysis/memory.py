@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_ref.analysis import memory_profile
 from lora_ref.analysis.counts import ArchSpec, LoraPlan, lora_plan
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -372,9 +373,7 @@ def norm_ledger(spec: ArchSpec, method: str, setup: Setup, label: str) -> list[t
 def activation_terms(spec: ArchSpec, method: str, setup: Setup, plan: LoraPlan | None) -> list[Term]:
     """Activations kept for backward, logits, and (QLoRA) the dequantization buffer."""
     if setup.profile == "lora_ref":
-        from lora_ref.analysis import memory_profile as memory_numpy
-
-        return memory_numpy.activation_terms(spec, method, setup, plan)
+        return lora_ref_activation_terms(spec, method, setup, plan)
     s = dtype_bytes(setup.dtype)
     B, T, D, L, V = setup.batch, setup.seq, spec.hidden_size, spec.num_layers, spec.vocab_size
     def split(rows):  # (what the input gradients need, what the adapters' own gradients need)
@@ -481,3 +480,42 @@ def estimate_all(spec: ArchSpec, targets="q_proj,v_proj", r: int = 8, setup: Set
     """Training estimates for several methods with one LoRA plan (``targets`` at rank ``r``)."""
     plan = lora_plan(spec, targets, r)
     return {m: training_memory(spec, m, setup, plan if m != "full" else None, quant) for m in methods}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lora_ref's own float32 training step (Setup(profile="lora_ref")), from the op ledger of memory_profile
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lora_ref_activation_terms(spec: ArchSpec, method: str, setup, plan: LoraPlan | None):
+    """The step terms for :func:`lora_ref.analysis.memory.training_memory` with ``Setup(profile="lora_ref")``.
+
+    Float32 only; no gradient checkpointing (lora_ref's training step has none). The gradients term of the
+    estimate is replaced by the gradients alive at the peak (see :func:`step_peak`).
+    """
+    if setup.dtype != "fp32" or setup.adapter_dtype != "fp32":
+        raise ValueError("the lora_ref profile describes float32 training (dtype='fp32', adapter_dtype='fp32')")
+    if setup.grad_checkpointing:
+        raise ValueError("the lora_ref profile has no gradient checkpointing")
+    p = memory_profile.step_peak(spec, method, plan, setup.batch, setup.seq, setup.fast_paths)
+    where = p["phase"]
+    return [
+        Term("activations", p["activations"], f"every node's output, kept until backward ends (peak: {where})"),
+        Term("saved_for_backward", p["saved_for_backward"], "closures not yet processed (x̂, σ, probabilities)"),
+        Term("peak_gradients", p["gradients"], "parameter gradients made so far"),
+        Term("temporaries", p["temporaries"], "the running rule's temporaries and the residual gradient"),
+    ]
+
+
+def predict_lora_ref_step(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int, quant=None,
+            fast: bool | None = None) -> dict:
+    """Predicted bytes of a step of lora_ref's float32 training: ``resident`` (weights, adapters, AdamW state)
+    and ``step`` (the peak above it), from :func:`lora_ref.analysis.memory.training_memory`."""
+    setup = Setup(batch=B, seq=T, dtype="fp32", profile="lora_ref", fast_paths=fast)
+    if method == "qlora" and quant is None:
+        quant = QuantConfig("nf4", 64, double_quant=True)
+    est = training_memory(spec, method, setup, plan, quant)
+    step_keys = {"activations", "saved_for_backward", "peak_gradients", "temporaries"}
+    resident = sum(t.bytes for t in est.terms if t.key not in step_keys)
+    step = sum(t.bytes for t in est.terms if t.key in step_keys)
+    return {"resident": resident, "step": step, "estimate": est}

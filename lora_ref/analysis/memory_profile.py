@@ -1,4 +1,4 @@
-"""The memory of one training step of our own NumPy Llama, predicted op by op and measured with tracemalloc.
+"""The memory of one training step of our own NumPy Llama, predicted op by op (the ledger of Setup(profile="lora_ref")).
 
 :mod:`lora_ref.analysis.memory` predicts what PyTorch keeps. Our autograd (:mod:`lora_ref.autograd.tensor`) keeps something else,
 and this module writes it down so that the same memory model can be checked against a measurement on this machine:
@@ -24,14 +24,10 @@ Taught in ``notebooks/04_counts.ipynb``.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import tracemalloc
 from dataclasses import dataclass
 
-import numpy as np
 
-from lora_ref.analysis.counts import ArchSpec, LoraPlan, lora_plan, parse_targets, spec_from_config
+from lora_ref.analysis.counts import ArchSpec, LoraPlan
 
 F32 = 4
 
@@ -284,138 +280,3 @@ def step_peak(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int
     if sum(at.values()) > best["peak"]:
         best = {"peak": sum(at.values()), "phase": "optimizer step", **at}
     return best
-
-
-def activation_terms(spec: ArchSpec, method: str, setup, plan: LoraPlan | None):
-    """The step terms for :func:`lora_ref.analysis.memory.training_memory` with ``Setup(profile="lora_ref")``.
-
-    Float32 only; no gradient checkpointing (lora_ref's training step has none). The gradients term of the
-    estimate is replaced by the gradients alive at the peak (see :func:`step_peak`).
-    """
-    from lora_ref.analysis.memory import Term
-
-    if setup.dtype != "fp32" or setup.adapter_dtype != "fp32":
-        raise ValueError("the lora_ref profile describes float32 training (dtype='fp32', adapter_dtype='fp32')")
-    if setup.grad_checkpointing:
-        raise ValueError("the lora_ref profile has no gradient checkpointing")
-    p = step_peak(spec, method, plan, setup.batch, setup.seq, setup.fast_paths)
-    where = p["phase"]
-    return [
-        Term("activations", p["activations"], f"every node's output, kept until backward ends (peak: {where})"),
-        Term("saved_for_backward", p["saved_for_backward"], "closures not yet processed (x̂, σ, probabilities)"),
-        Term("peak_gradients", p["gradients"], "parameter gradients made so far"),
-        Term("temporaries", p["temporaries"], "the running rule's temporaries and the residual gradient"),
-    ]
-
-
-def predict(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int, quant=None,
-            fast: bool | None = None) -> dict:
-    """Predicted bytes of a step of lora_ref's float32 training: ``resident`` (weights, adapters, AdamW state)
-    and ``step`` (the peak above it), from :func:`lora_ref.analysis.memory.training_memory`."""
-    from lora_ref.analysis.memory import QuantConfig, Setup, training_memory
-
-    setup = Setup(batch=B, seq=T, dtype="fp32", profile="lora_ref", fast_paths=fast)
-    if method == "qlora" and quant is None:
-        quant = QuantConfig("nf4", 64, double_quant=True)
-    est = training_memory(spec, method, setup, plan, quant)
-    step_keys = {"activations", "saved_for_backward", "peak_gradients", "temporaries"}
-    resident = sum(t.bytes for t in est.terms if t.key not in step_keys)
-    step = sum(t.bytes for t in est.terms if t.key in step_keys)
-    return {"resident": resident, "step": step, "estimate": est}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# measurement
-# ---------------------------------------------------------------------------------------------------------------
-
-TUTORIAL_BATCH = 8
-TUTORIAL_SEQ = 128
-
-
-def tutorial_config() -> dict:
-    """The tutorial model's config.json (:data:`lora_ref.training.tutorial.TUTORIAL_CONFIG`) with its model_type."""
-    from lora_ref.training.tutorial import TUTORIAL_CONFIG
-
-    return {"model_type": "llama", **TUTORIAL_CONFIG}
-
-
-def _build(method: str, config: dict, r: int, targets, rng: np.random.Generator):
-    from lora_ref.modeling.llama import Llama
-    from lora_ref.adapters.lora import LoraConfig, inject_lora
-    from lora_ref.training.optim import AdamW
-
-    model = Llama(dict(config), rng=rng)
-    if method != "full":
-        if isinstance(targets, str) and targets.strip().lower() == "all-linear":
-            lora_config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear")
-        else:
-            ranks = parse_targets(targets, r)  # PEFT-style list plus rank_pattern for "name=R" entries
-            lora_config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(ranks),
-                                     rank_pattern={k: v for k, v in ranks.items() if v != r})
-    if method == "qlora":
-        from lora_ref.adapters.qlora import inject_qlora, quantize_model
-
-        quantize_model(model, blocksize=64, double_quant=True)
-        inject_qlora(model, lora_config, rng=rng)
-    elif method == "lora":
-        inject_lora(model, lora_config, rng=rng)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, AdamW(params, lr=1e-3)
-
-
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits  # optional, like lora_ref.reference.vectors
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def measure(method: str, config: dict | None = None, *, batch: int = TUTORIAL_BATCH, seq: int = TUTORIAL_SEQ,
-            r: int = 8, targets="all-linear", seed: int = 0) -> dict:
-    """Train one step as ``method`` and return the predicted and the measured bytes of the step.
-
-    The model, its optimizer and a first step (which creates AdamW's state and compiles the Numba kernels) run
-    untraced. After ``zero_grad``, ``tracemalloc`` starts; the peak it traces during the second step (every
-    NumPy and Numba buffer allocated by the step) is ``measured_bytes``. ``predicted_bytes`` is the step part of
-    the memory model (:func:`predict`), ``phase`` where it puts the peak.
-    """
-    from lora_ref.training.loop import train_step
-
-    if method not in ("full", "lora", "qlora"):
-        raise ValueError(f"unknown method {method!r}; known: full, lora, qlora")
-    config = config or tutorial_config()
-    spec = spec_from_config(config)
-    plan = None if method == "full" else lora_plan(spec, targets, r)
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, config["vocab_size"], (batch, seq))  # (B, T)
-    y = rng.integers(0, config["vocab_size"], (batch, seq))  # (B, T)
-    if tracemalloc.is_tracing():
-        raise ValueError("measure() needs tracemalloc to be off when it starts (it starts and stops it itself)")
-    with _one_blas_thread():  # BLAS threads change no traced buffer, but oversubscribed cores slow matmuls 10×
-        model, opt = _build(method, config, r, targets, rng)
-        train_step(model, opt, x, y)
-        opt.zero_grad()
-        gc.collect()
-        tracemalloc.start()
-        try:
-            baseline = tracemalloc.get_traced_memory()[0]
-            train_step(model, opt, x, y)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-    fast = fast_paths_enabled()
-    pred = predict(spec, method, plan, batch, seq, fast=fast)
-    return {"method": method, "predicted_bytes": int(pred["step"]), "measured_bytes": int(peak - baseline),
-            "phase": step_peak(spec, method, plan, batch, seq, fast)["phase"], "fast_paths": fast,
-            "batch": batch, "seq": seq, "r": r if plan else None, "targets": targets if plan else None}
-
-
-def measure_all(progress=None, **kwargs) -> list[dict]:
-    """:func:`measure` for full, lora and qlora (``progress``: a stream for one line per method)."""
-    rows = []
-    for method in ("full", "lora", "qlora"):
-        if progress is not None:
-            progress.write(f"measuring one {method} step ...\n")
-        rows.append(measure(method, **kwargs))
-    return rows

@@ -69,7 +69,7 @@ def set_threads(n: int | None) -> dict:
 
 def run(args) -> int:
     from lora_ref.bench.timing import machine
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
 
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")

@@ -52,12 +52,12 @@ def _gb(b: int) -> str:
 
 
 def run(args) -> int:
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
 
     if args.measure:
         if args.double_quant and args.quant is None:
             raise UsageError("--double-quant needs --quant nf4 (or fp4)")
-        from lora_ref.analysis.memory_profile import TUTORIAL_BATCH, TUTORIAL_SEQ, measure_all
+        from lora_ref.analysis.memory_measure import TUTORIAL_BATCH, TUTORIAL_SEQ, measure_all
 
         for flag in ("batch", "seq"):
             v = getattr(args, flag)

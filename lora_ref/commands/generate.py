@@ -40,7 +40,7 @@ def run(args) -> int:
 
     import numpy as np
 
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")

@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
 def _parse_weights(text: str | None, n: int) -> list[float] | None:
     import math
 
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
 
     if text is None:
         return None
@@ -99,7 +99,7 @@ def run(args) -> int:
     import safetensors.numpy
 
     from lora_ref.merging import combine as M
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
     from lora_ref.files.outputs import atomic_write, check_out_dir, output_dir, require_dir, write_json
     from lora_ref.modeling.llama import Llama
     from lora_ref.adapters.lora import as_bfloat16, lora_layers, merge_and_unload, set_adapter

@@ -181,7 +181,7 @@ def quantize_checkpoint(base, out, *, quant_type="nf4", blocksize=64, double_qua
 
 
 def run(args) -> int:
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
     from lora_ref.quant.blockwise import ALLOWED_BLOCKSIZES
 
     if args.blocksize not in ALLOWED_BLOCKSIZES:

@@ -250,6 +250,9 @@ class Linear(Module):
     ``rng`` None leaves the weight at zero (to be loaded); otherwise W ~ N(0, std²) like transformers' Llama init.
     """
 
+    #: forward returns a new array that backward does not read, so a LoRA wrapper may add into it in place
+    fresh_output = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  rng: np.random.Generator | None = None, std: float = 0.02, dtype=np.float32):
         super().__init__()

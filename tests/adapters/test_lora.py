@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lora_ref.autograd import numerical as gradcheck
+from lora_ref.autograd.numerical import gradcheck
 from lora_ref.adapters.lora import (LoraConfig, LoraLinear, as_bfloat16, delete_adapter, disable_adapters, find_targets,
                            inject_lora, lora_layers, merge_and_unload, round_to_dtype, set_adapter, trainable_count,
                            unload)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lora_ref.training import tutorial
-from lora_ref.commands.finetune import finetune, prepare_model
+from lora_ref.training.finetune import finetune, prepare_model
 from lora_ref.training.data import finetuning_corpus, sample_batch
 from lora_ref.modeling.llama import Llama
 from lora_ref.modeling.nn import Linear

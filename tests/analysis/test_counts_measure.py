@@ -12,7 +12,7 @@ import pytest
 
 from lora_ref.analysis.counts import lora_plan, spec_from_config
 from lora_ref.analysis.memory import Setup, training_memory
-from lora_ref.analysis.memory_profile import measure, predict, step_peak, tutorial_config
+from lora_ref.analysis.memory_measure import measure, predict, step_peak, tutorial_config
 
 TOLERANCE = 0.10
 

@@ -11,6 +11,7 @@ import pytest
 
 from lora_ref import cli
 from lora_ref.training import tutorial
+import lora_ref.tour as tour_sections
 from lora_ref.commands import tour
 from lora_ref.modeling.llama import Llama
 
@@ -73,8 +74,7 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch, capsys):
         ctx.text("a paragraph that must never reach a report")
         ctx.check(1 + 1 == 3, "arithmetic works")
 
-    monkeypatch.setattr(tour, "SECTIONS", [("Failing", "x:y")])
-    monkeypatch.setattr(tour, "_resolve", lambda target: failing_section)
+    monkeypatch.setattr(tour_sections, "SECTIONS", [("Failing", failing_section)])
     out = tmp_path / "tour"
     assert cli.main(["tour", "--quick", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -95,8 +95,7 @@ def test_json_is_one_document_with_the_report_figures_and_summary(tmp_path, monk
         ctx.figure(fig, "line", "a line")
         ctx.summarize("tiny: 42")
 
-    monkeypatch.setattr(tour, "SECTIONS", [("Tiny", "x:y")])
-    monkeypatch.setattr(tour, "_resolve", lambda target: tiny_section)
+    monkeypatch.setattr(tour_sections, "SECTIONS", [("Tiny", tiny_section)])
     out = tmp_path / "tour"
     assert cli.main(["tour", "--quick", "--json", "--out", str(out)]) == 0
     doc = json.loads(capsys.readouterr().out)
