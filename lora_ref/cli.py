@@ -1,6 +1,6 @@
 """The ``lora-ref`` command line.
 
-Each command lives in ``lora_ref/commands/<name>.py`` and provides ``HELP`` (one line), ``EXAMPLES`` (text shown
+Each command lives in ``lora_ref/commands/<name>.py`` and provides ``EXAMPLES`` (text shown
 under ``--help``), ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their command
 runs, so ``lora-ref --help`` stays fast.
 

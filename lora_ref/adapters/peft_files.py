@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from lora_ref.files.outputs import atomic_write, output_dir, require_dir
+from lora_ref.files.outputs import atomic_write, output_dir, read_json, require_dir
 from lora_ref.adapters.lora import LoraConfig, LoraLinear, _inject, find_targets, lora_layers
 from lora_ref.modeling.nn import Module
 
@@ -136,12 +136,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     f = folder / CONFIG_NAME
     if not f.is_file():
         raise ValueError(f"{CONFIG_NAME} not found in adapter folder {folder}")
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"corrupt {CONFIG_NAME} (not valid JSON: {e}): {f}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"corrupt {CONFIG_NAME} (expected a JSON object): {f}")
+    d = read_json(f, f"corrupt {CONFIG_NAME}: the file")
     if d.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{f} describes a {d.get('peft_type')!r} adapter; only LORA adapters are read")
     for key in _UNSUPPORTED:

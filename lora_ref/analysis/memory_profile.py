@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from lora_ref.analysis.counts import ArchSpec, LoraPlan
 
-F32 = 4
+FLOAT32_BYTES = 4  # bytes of one float32
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ def kernel_4bit_scratch(M: int, K: int, N: int) -> int:
     if M <= kernels.ROW_KERNEL_MAX_M:
         return 0
     MR, NR, KC = matmul.MR, matmul.NR, matmul.KC
-    packed_a = -(-K // KC) * (-(-M // MR) * MR) * KC * F32
+    packed_a = -(-K // KC) * (-(-M // MR) * MR) * KC * FLOAT32_BYTES
     threads = min(get_num_threads(), -(-N // NR))
-    return packed_a + threads * KC * NR * F32
+    return packed_a + threads * KC * NR * FLOAT32_BYTES
 
 
 def four_bit_backward_bytes(M: int, n_in: int, n_out: int) -> int:
@@ -74,7 +74,7 @@ def four_bit_backward_bytes(M: int, n_in: int, n_out: int) -> int:
         from lora_ref.adapters.qlora import AUTO_DEQUANTIZE_ROWS
     except ImportError:
         AUTO_DEQUANTIZE_ROWS = None
-    dx = M * n_in * F32
+    dx = M * n_in * FLOAT32_BYTES
     n = n_in * n_out
     if AUTO_DEQUANTIZE_ROWS is not None and M >= AUTO_DEQUANTIZE_ROWS:
         return max(17 * n, 4 * n + dx)
@@ -93,28 +93,28 @@ def _linear(name: str, n_in: int, n_out: int, BT: int, trains_weight: bool, bias
     """A linear layer (float32, or 4-bit: the same arrays plus the kernel's scratch), optionally with a LoRA
     adapter of rank r: base(x) + (x·Aᵀ)·Bᵀ·s, as :class:`lora_ref.adapters.lora.LoraLinear` computes it (no dropout)."""
     ops = []
-    w_grad = (n_in * n_out + (n_out if bias else 0)) * F32 if trains_weight else 0
+    w_grad = (n_in * n_out + (n_out if bias else 0)) * FLOAT32_BYTES if trains_weight else 0
     # backward: the input gradient g·W (BT·in) and, for a trained weight, gᵀ·x and its leaf copy
-    base_tmp = BT * n_in * F32 + 2 * w_grad
+    base_tmp = BT * n_in * FLOAT32_BYTES + 2 * w_grad
     if four_bit:
         base_tmp = four_bit_backward_bytes(BT, n_in, n_out)
-    ops.append(Op(f"{name}", data=BT * n_out * F32, transient=base_tmp, grad=w_grad,
-                  returns=BT * n_in * F32 + w_grad))
+    ops.append(Op(f"{name}", data=BT * n_out * FLOAT32_BYTES, transient=base_tmp, grad=w_grad,
+                  returns=BT * n_in * FLOAT32_BYTES + w_grad))
     if r and fused_lora:
         # one node adds s·(x·Aᵀ)·Bᵀ into the base output's buffer and keeps only x·Aᵀ; backward: s·g, d(x·Aᵀ), dx,
         # and the two adapter gradients with their leaf copies
-        lora_grads = (r * n_in + n_out * r) * F32
-        ops.append(Op(f"{name}.lora (in place)", extra=BT * r * F32, grad=lora_grads,
-                      transient=BT * (n_out + r + n_in) * F32 + 2 * lora_grads, returns=BT * n_in * F32 + lora_grads))
+        lora_grads = (r * n_in + n_out * r) * FLOAT32_BYTES
+        ops.append(Op(f"{name}.lora (in place)", extra=BT * r * FLOAT32_BYTES, grad=lora_grads,
+                      transient=BT * (n_out + r + n_in) * FLOAT32_BYTES + 2 * lora_grads, returns=BT * n_in * FLOAT32_BYTES + lora_grads))
     elif r:
-        ops.append(Op(f"{name}.lora_A", data=BT * r * F32, grad=r * n_in * F32,
-                      transient=BT * n_in * F32 + 2 * r * n_in * F32, returns=(BT + r) * n_in * F32))
-        ops.append(Op(f"{name}.lora_B", data=BT * n_out * F32, grad=n_out * r * F32,
-                      transient=BT * r * F32 + 2 * n_out * r * F32, returns=(BT + n_out) * r * F32))
-        ops.append(Op(f"{name}.scaling", data=BT * n_out * F32, transient=BT * n_out * F32,
-                      returns=BT * n_out * F32))
+        ops.append(Op(f"{name}.lora_A", data=BT * r * FLOAT32_BYTES, grad=r * n_in * FLOAT32_BYTES,
+                      transient=BT * n_in * FLOAT32_BYTES + 2 * r * n_in * FLOAT32_BYTES, returns=(BT + r) * n_in * FLOAT32_BYTES))
+        ops.append(Op(f"{name}.lora_B", data=BT * n_out * FLOAT32_BYTES, grad=n_out * r * FLOAT32_BYTES,
+                      transient=BT * r * FLOAT32_BYTES + 2 * n_out * r * FLOAT32_BYTES, returns=(BT + n_out) * r * FLOAT32_BYTES))
+        ops.append(Op(f"{name}.scaling", data=BT * n_out * FLOAT32_BYTES, transient=BT * n_out * FLOAT32_BYTES,
+                      returns=BT * n_out * FLOAT32_BYTES))
         # the sum keeps its output; backward also adds the two input gradients of x (a new BT·in array)
-        ops.append(Op(f"{name}.add", data=BT * n_out * F32, transient=BT * n_in * F32))
+        ops.append(Op(f"{name}.add", data=BT * n_out * FLOAT32_BYTES, transient=BT * n_in * FLOAT32_BYTES))
     return ops
 
 
@@ -148,9 +148,9 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
     lin = {m.name: m for m in spec.block_linears}
     ops: list[Op] = []
     # embedding: a node only when the table trains (its backward makes a V×D gradient, then its copy)
-    emb_grad = V * D * F32 if full else 0
-    ops.append(Op("embed_tokens", data=BT * D * F32, grad=emb_grad, transient=2 * emb_grad, returns=emb_grad))
-    rope = 2 * T * Dh * F32  # cos and sin (T, Dh), shared by every block
+    emb_grad = V * D * FLOAT32_BYTES if full else 0
+    ops.append(Op("embed_tokens", data=BT * D * FLOAT32_BYTES, grad=emb_grad, transient=2 * emb_grad, returns=emb_grad))
+    rope = 2 * T * Dh * FLOAT32_BYTES  # cos and sin (T, Dh), shared by every block
     ops.append(Op("rope cos/sin", data=rope))
     for layer in range(spec.num_layers):
         block: list[tuple[int, Op]] = []  # (stage, op); stages order the block's ops for the first-block rule
@@ -161,58 +161,58 @@ def forward_ops(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: i
                               ranks.get(short), four_bit=method == "qlora", fused_lora=fused_lora):
                 block.append((stage, op))
 
-        norm_w = D * F32 if full else 0
+        norm_w = D * FLOAT32_BYTES if full else 0
         # RMSNorm: output; closure 1/rms (BT) (the twin also x̂, BT·D); backward: dx (BT·D) (the twin also g·w and
         # x̂·mean(h·x̂)), the weight's gradient and its copy
-        norm_extra = BT * F32 + (0 if fast else BT * D * F32)
-        norm_tmp = (1 if fast else 3) * BT * D * F32 + 2 * norm_w
-        block.append((0, Op(f"{layer}.input_layernorm", data=BT * D * F32, extra=norm_extra, grad=norm_w,
-                            transient=norm_tmp, returns=BT * D * F32 + norm_w)))
+        norm_extra = BT * FLOAT32_BYTES + (0 if fast else BT * D * FLOAT32_BYTES)
+        norm_tmp = (1 if fast else 3) * BT * D * FLOAT32_BYTES + 2 * norm_w
+        block.append((0, Op(f"{layer}.input_layernorm", data=BT * D * FLOAT32_BYTES, extra=norm_extra, grad=norm_w,
+                            transient=norm_tmp, returns=BT * D * FLOAT32_BYTES + norm_w)))
         for short in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             linear(1, short)
         # RoPE on q and k: one node each, the rotated copy; backward dx (the twin: g·cos, g·sin, their sum)
         rot = 1 if fast else 3
-        block.append((2, Op(f"{layer}.rotary q", data=BT * Q * F32, transient=rot * BT * Q * F32,
-                            returns=BT * Q * F32)))
-        block.append((2, Op(f"{layer}.rotary k", data=BT * KV * F32, transient=rot * BT * KV * F32,
-                            returns=BT * KV * F32)))
+        block.append((2, Op(f"{layer}.rotary q", data=BT * Q * FLOAT32_BYTES, transient=rot * BT * Q * FLOAT32_BYTES,
+                            returns=BT * Q * FLOAT32_BYTES)))
+        block.append((2, Op(f"{layer}.rotary k", data=BT * KV * FLOAT32_BYTES, transient=rot * BT * KV * FLOAT32_BYTES,
+                            returns=BT * KV * FLOAT32_BYTES)))
         # attention: output (BT·Q); closure keeps the probabilities (B, H, T, T); backward: dP turned into dS in
         # place (the twin: dP, dP − Σ and dS, 3 × B·H·T²), a contiguous copy of the output gradient, dq, dk, dv
-        probs = B * H * T * T * F32
+        probs = B * H * T * T * FLOAT32_BYTES
         # with G = H/K > 1 query heads per kv head, the twin's closure also keeps q regrouped to (B, K, G·T, Dh):
         # a copy, since its rotated q is laid out (B, T, H, Dh) in memory (the fast rotary writes it contiguous)
-        q_copy = BT * Q * F32 if (H != K and not fast) else 0
-        block.append((2, Op(f"{layer}.attention", data=BT * Q * F32, extra=probs + q_copy,
-                            transient=(1 if fast else 3) * probs + 2 * BT * Q * F32 + 2 * BT * KV * F32,
-                            returns=BT * (Q + 2 * KV) * F32)))
-        block.append((2, Op(f"{layer}.heads -> (B, T, H·Dh)", data=BT * Q * F32, transient=BT * Q * F32)))
+        q_copy = BT * Q * FLOAT32_BYTES if (H != K and not fast) else 0
+        block.append((2, Op(f"{layer}.attention", data=BT * Q * FLOAT32_BYTES, extra=probs + q_copy,
+                            transient=(1 if fast else 3) * probs + 2 * BT * Q * FLOAT32_BYTES + 2 * BT * KV * FLOAT32_BYTES,
+                            returns=BT * (Q + 2 * KV) * FLOAT32_BYTES)))
+        block.append((2, Op(f"{layer}.heads -> (B, T, H·Dh)", data=BT * Q * FLOAT32_BYTES, transient=BT * Q * FLOAT32_BYTES)))
         linear(3, "self_attn.o_proj")
-        block.append((4, Op(f"{layer}.residual 1", data=BT * D * F32)))
-        block.append((5, Op(f"{layer}.post_attention_layernorm", data=BT * D * F32, extra=norm_extra,
-                            grad=norm_w, transient=norm_tmp, returns=BT * D * F32 + norm_w)))
+        block.append((4, Op(f"{layer}.residual 1", data=BT * D * FLOAT32_BYTES)))
+        block.append((5, Op(f"{layer}.post_attention_layernorm", data=BT * D * FLOAT32_BYTES, extra=norm_extra,
+                            grad=norm_w, transient=norm_tmp, returns=BT * D * FLOAT32_BYTES + norm_w)))
         linear(6, "mlp.gate_proj")
         linear(6, "mlp.up_proj")
         # SwiGLU: output; the twin's closure keeps σ(gate) and SiLU(gate) (2 × BT·F); backward: d gate, d up
         # (and the twin's temporaries)
-        block.append((7, Op(f"{layer}.swiglu", data=BT * F * F32, extra=0 if fast else 2 * BT * F * F32,
-                            transient=(2 if fast else 4) * BT * F * F32, returns=2 * BT * F * F32)))
+        block.append((7, Op(f"{layer}.swiglu", data=BT * F * FLOAT32_BYTES, extra=0 if fast else 2 * BT * F * FLOAT32_BYTES,
+                            transient=(2 if fast else 4) * BT * F * FLOAT32_BYTES, returns=2 * BT * F * FLOAT32_BYTES)))
         linear(8, "mlp.down_proj")
-        block.append((9, Op(f"{layer}.residual 2", data=BT * D * F32)))
+        block.append((9, Op(f"{layer}.residual 2", data=BT * D * FLOAT32_BYTES)))
         if layer == 0 and not full:
             block = _first_lora_block(block, ranks, lin)
             if not any(stage <= 3 for stage, op in block if op.data):
                 ops[0] = Op("embed_tokens")  # the embedding output feeds no node: freed after the first block
         ops += [op for _, op in block]
-    ops.append(Op("norm", data=BT * D * F32, extra=BT * F32 + (0 if fast else BT * D * F32),
-                  grad=D * F32 if full else 0, transient=(1 if fast else 3) * BT * D * F32,
-                  returns=BT * D * F32 + (D * F32 if full else 0)))
-    head_grad = V * D * F32 if (full and not spec.tie_word_embeddings) else 0
-    ops.append(Op("lm_head", data=BT * V * F32, grad=head_grad, transient=BT * D * F32 + 2 * head_grad,
-                  returns=BT * D * F32 + head_grad))
+    ops.append(Op("norm", data=BT * D * FLOAT32_BYTES, extra=BT * FLOAT32_BYTES + (0 if fast else BT * D * FLOAT32_BYTES),
+                  grad=D * FLOAT32_BYTES if full else 0, transient=(1 if fast else 3) * BT * D * FLOAT32_BYTES,
+                  returns=BT * D * FLOAT32_BYTES + (D * FLOAT32_BYTES if full else 0)))
+    head_grad = V * D * FLOAT32_BYTES if (full and not spec.tie_word_embeddings) else 0
+    ops.append(Op("lm_head", data=BT * V * FLOAT32_BYTES, grad=head_grad, transient=BT * D * FLOAT32_BYTES + 2 * head_grad,
+                  returns=BT * D * FLOAT32_BYTES + head_grad))
     # cross-entropy keeps log-sum-exp and the losses (2 × N float32; the twin: log-sum-exp, the kept rows as
     # int64 and the mask); its backward makes the softmax (B·T·V) (the twin through one more temporary)
-    ops.append(Op("cross_entropy", extra=BT * 2 * F32 if fast else BT * (F32 + 8 + 1),
-                  transient=(1 if fast else 2) * BT * V * F32, returns=BT * V * F32))
+    ops.append(Op("cross_entropy", extra=BT * 2 * FLOAT32_BYTES if fast else BT * (FLOAT32_BYTES + 8 + 1),
+                  transient=(1 if fast else 2) * BT * V * FLOAT32_BYTES, returns=BT * V * FLOAT32_BYTES))
     return ops
 
 
@@ -259,7 +259,7 @@ def step_peak(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int
     ops = forward_ops(spec, method, plan, B, T, fast)
     data = sum(o.data for o in ops)
     extra = sum(o.extra for o in ops)
-    residual_grad = B * T * spec.hidden_size * F32  # the residual stream's gradient waits in the dict
+    residual_grad = B * T * spec.hidden_size * FLOAT32_BYTES  # the residual stream's gradient waits in the dict
     best = {"peak": -1}
     grads = 0
     stale = 0  # the previous node's returned gradients: still bound while the next node runs
@@ -275,8 +275,8 @@ def step_peak(spec: ArchSpec, method: str, plan: LoraPlan | None, B: int, T: int
             stale = o.returns
     n_train, largest = trainable_params(spec, method, plan)
     # AdamW: the twin makes √v and the update (two parameter-sized temporaries), the fused kernel none
-    at = {"activations": 0, "saved_for_backward": 0, "gradients": n_train * F32,
-          "temporaries": 0 if fast else 2 * largest * F32}
+    at = {"activations": 0, "saved_for_backward": 0, "gradients": n_train * FLOAT32_BYTES,
+          "temporaries": 0 if fast else 2 * largest * FLOAT32_BYTES}
     if sum(at.values()) > best["peak"]:
         best = {"peak": sum(at.values()), "phase": "optimizer step", **at}
     return best

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import sys
 
-HELP = "benchmarks, each a ratio against a baseline measured in the same run"
 
 EXAMPLES = """\
 examples:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "check results against reference vectors"
 EXAMPLES = """examples:
   lora-ref vectors --out vectors/
   lora-ref check vectors/ my_results.safetensors

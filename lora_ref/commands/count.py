@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-HELP = "count parameters and predict memory for full fine-tuning, LoRA and QLoRA"
 
 EXAMPLES = """\
 examples:

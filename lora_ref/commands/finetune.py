@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from lora_ref.training.finetune import DEFAULT_LR, METHODS, finetune, prepare_model  # noqa: F401  (the command's library)
 
-HELP = "fine-tune the tutorial model with full, LoRA or QLoRA training"
 
 EXAMPLES = """\
 examples:

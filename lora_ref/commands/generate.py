@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-HELP = "generate text from a checkpoint"
 
 EXAMPLES = """\
 examples:

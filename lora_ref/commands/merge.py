@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "merge one or more PEFT adapters into a base checkpoint"
 
 EXAMPLES = """\
 examples:

@@ -7,7 +7,6 @@ import re
 import shutil
 import sys
 
-HELP = "quantize a checkpoint's linear layers to 4 bit in bitsandbytes' format"
 
 EXAMPLES = """\
 examples:

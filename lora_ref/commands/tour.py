@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-HELP = "run the whole story: pretrain (cached), fine-tune, LoRA, QLoRA, ranks, memory, merging, NF4"
 
 EXAMPLES = """\
 examples:

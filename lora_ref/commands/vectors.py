@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-HELP = "write the reference vectors (safetensors + manifest.json + a standalone check.py)"
 EXAMPLES = """examples:
   lora-ref vectors --out vectors/
   lora-ref check vectors/ my_results.safetensors

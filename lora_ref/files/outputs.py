@@ -90,6 +90,21 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming ``what`` and the path if it is missing, not JSON, or not
+    an object (a list, a number)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} not found: {p}")
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} is not valid JSON ({e}): {p}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} does not hold a JSON object: {p}")
+    return obj
+
+
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     """Return ``Path(path)`` or raise ``ValueError`` naming the missing path."""
     p = Path(path)

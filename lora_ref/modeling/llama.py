@@ -45,7 +45,7 @@ import safetensors.numpy
 
 from lora_ref.autograd import functional as F
 from lora_ref.autograd import ops
-from lora_ref.files.outputs import atomic_write, output_dir, require_dir, write_json
+from lora_ref.files.outputs import atomic_write, output_dir, read_json, require_dir, write_json
 from lora_ref.modeling.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 from lora_ref.files.safetensors import NP_TO_ST, read_safetensors_raw
 from lora_ref.autograd.tensor import Tensor, no_grad
@@ -194,14 +194,7 @@ class LlamaConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
         """Read an HF ``config.json``; a missing or unreadable file raises ``ValueError`` naming it."""
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file not found: {p}")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"config file is not valid JSON: {p} ({e})") from None
-        return cls.from_dict(d, source=str(p))
+        return cls.from_dict(read_json(path, "config file"), source=str(path))
 
     def to_dict(self) -> dict:
         """The ``config.json`` transformers writes for this model (newer ``rope_parameters`` style)."""

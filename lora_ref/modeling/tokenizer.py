@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_ref.files.outputs import read_json
+
 __all__ = ["load_tokenizer", "HFTokenizer", "ByteTokenizer", "render_chat_template"]
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -124,7 +126,7 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises its own exception type
             raise ValueError(f"cannot read {path}: {' '.join(str(e).split())}") from None
-        config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        config = read_json(folder / "tokenizer_config.json", "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         self.folder = folder
         self.special_tokens: dict[str, str] = {}
         for key in _SPECIAL_KEYS:
@@ -177,16 +179,6 @@ class HFTokenizer:
         text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                     **self.special_tokens)
         return self.encode(text) if tokenize else text
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return obj
 
 
 def load_tokenizer(folder: str | os.PathLike):
