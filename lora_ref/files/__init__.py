@@ -1,0 +1,1 @@
+"""Files from outside lora_ref: GGUF import and the registry of known pretrained models."""
