@@ -419,21 +419,27 @@ def build_tokenizer(reader):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
 
-    def token(key):
+    def token_id(key):
         v = _field(reader, f"tokenizer.ggml.{key}")
-        return None if v is None else tokens[int(v)]
+        if v is not None and not 0 <= int(v) < len(tokens):
+            raise ValueError(f"GGUF tokenizer.ggml.{key} = {int(v)} is outside the vocabulary of {len(tokens)}")
+        return None if v is None else int(v)
 
-    bos, eos = token("bos_token_id"), token("eos_token_id")
+    bos_id, eos_id = token_id("bos_token_id"), token_id("eos_token_id")
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
-    if add_bos and bos is None or add_eos and eos is None:
+    if add_bos and bos_id is None or add_eos and eos_id is None:
         raise ValueError("GGUF metadata asks to add a bos/eos token but names no bos/eos token id")
+    bos = respell(tokens[bos_id]) if add_bos else None
+    eos = respell(tokens[eos_id]) if add_eos else None
     single = ([bos] if add_bos else []) + ["$A:0"] + ([eos] if add_eos else [])
     pair = single + [s if s != "$A:0" else "$B:1" for s in single]
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair,
-        special_tokens=([(bos, vocab[bos])] if add_bos else []) + ([(eos, vocab[eos])] if add_eos and eos != bos
-                                                                    else []))
+    special = {}
+    if add_bos:
+        special[bos] = bos_id
+    if add_eos:
+        special[eos] = eos_id
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(special.items()))
     control = [AddedToken(t, normalized=False, special=True)
                for t, ty in zip(tokens, types) if int(ty) == TOKEN_CONTROL and set(t) <= spelled]
     if control:
