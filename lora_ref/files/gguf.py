@@ -179,7 +179,8 @@ def dequantize(raw, ggml_type: int, shape) -> np.ndarray:
     expected = n // per_block * block_bytes
     if data.size != expected:
         raise ValueError(f"{name} tensor of shape {shape} needs {expected} bytes, got {data.size}")
-    return decode(data.reshape(-1, block_bytes)).reshape(shape)
+    with np.errstate(invalid="ignore", over="ignore"):  # an inf scale times a zero code is NaN, as in ggml
+        return decode(data.reshape(-1, block_bytes)).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
