@@ -120,7 +120,7 @@ def tiny_known(tiny_gguf, tmp_path, monkeypatch):
 
 
 def test_fetch_models_and_resolve(tiny_known, tmp_path, capsys, monkeypatch):
-    model, expected = tiny_known
+    _, expected = tiny_known
     assert cli.main(["models", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["cache_root"] == str(tmp_path / "cache")

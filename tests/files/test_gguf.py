@@ -75,7 +75,8 @@ def test_known_block_values_and_nibble_order():
     q4_1 = np.concatenate([half, np.array([-1.0], dtype="<f2").view(np.uint8), q])
     v = G.dequantize(q4_1, int(QT.Q4_1), (1, 32))[0]
     assert v[0] == 15 * 0.5 - 1 and v[16] == 0.5 - 1 and v[17] == 8 * 0.5 - 1 and v[2] == -1.0
-    q8 = np.concatenate([np.array([0.25], dtype="<f2").view(np.uint8), np.arange(-16, 16, dtype=np.int8).view(np.uint8)])
+    codes = np.arange(-16, 16, dtype=np.int8).view(np.uint8)
+    q8 = np.concatenate([np.array([0.25], dtype="<f2").view(np.uint8), codes])
     np.testing.assert_array_equal(G.dequantize(q8, int(QT.Q8_0), (32,)), np.arange(-16, 16) * 0.25)
 
 
@@ -129,7 +130,8 @@ def test_tiny_model_import(tmp_path, linear, embed, norm, tied):
         _bits_equal(got[k], expected[k])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is tied
-    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (64, 4, 2, 16)
+    heads = (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"])
+    assert heads == (64, 4, 2, 16)
     assert cfg["rms_norm_eps"] == 1e-5 and cfg["rope_parameters"]["rope_theta"] == 10000.0
     assert cfg["vocab_size"] == 3 + 256 + 4 and cfg["num_hidden_layers"] == 2 and cfg["intermediate_size"] == 96
     tc = json.loads((out / "tokenizer_config.json").read_text())

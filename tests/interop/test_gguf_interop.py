@@ -69,7 +69,7 @@ def test_every_tensor_dequantizes_bit_exact_with_gguf(smollm2_gguf):
 
 
 def test_import_equals_transformers_gguf_loader_bit_for_bit(smollm2_dir, hf_gguf_model):
-    ours, meta = read_safetensors_raw(smollm2_dir / "model.safetensors")
+    ours, _ = read_safetensors_raw(smollm2_dir / "model.safetensors")
     theirs = {k: v.detach().numpy() for k, v in hf_gguf_model.state_dict().items()}
     assert len(ours) == 272
     assert set(theirs) == set(ours) | {"lm_head.weight"}
