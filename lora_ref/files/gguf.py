@@ -264,6 +264,8 @@ def read_gguf(path: str | os.PathLike):
         reader = gguf.GGUFReader(p)
     except Exception as e:  # the reader raises ValueError, IndexError, KeyError, struct errors on damage
         raise ValueError(f"cannot read GGUF file {p} (truncated or damaged?): {' '.join(str(e).split())}") from None
+    if getattr(reader, "byte_order", "I") == "S":
+        raise ValueError(f"big-endian GGUF files are not supported: {p}")
     size = p.stat().st_size
     for t in reader.tensors:
         if t.data_offset + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
