@@ -3,7 +3,7 @@
 The directive's content is one line per chapter, ``stem | modules | what the chapter shows``,
 for example::
 
-    01_autograd | lora_ref.tensor, lora_ref.gradcheck | Reverse-mode autograd from scratch.
+    01_autograd | lora_ref.autograd.tensor, lora_ref.autograd.numerical | Reverse-mode autograd from scratch.
 
 It renders a table linking each chapter that exists in `notebooks/` (its title comes from the
 notebook's first heading) to the `lora_ref` modules it teaches. A planned chapter without a notebook

@@ -2,11 +2,11 @@
 
 Rows (``ratio = ours_s / baseline_s``; lower is better):
 
-- group ``train`` (:mod:`lora_ref.train_bench`): ``train_step`` vs ``torch``, one forward + backward + gradient
-  clipping + AdamW step of the tutorial model (:mod:`lora_ref.tutorial`) against the same model written in
-  PyTorch (:mod:`lora_ref.torch_ref`), run eagerly on the CPU from a copy of our initial weights, on the same batch
+- group ``train`` (:mod:`lora_ref.bench.training`): ``train_step`` vs ``torch``, one forward + backward + gradient
+  clipping + AdamW step of the tutorial model (:mod:`lora_ref.training.tutorial`) against the same model written in
+  PyTorch (:mod:`lora_ref.reference.torch_model`), run eagerly on the CPU from a copy of our initial weights, on the same batch
   (the losses of both sides are compared before timing); ``qlora_step`` vs ``lora_step``; the memory rows.
-- group ``kernels`` (:func:`lora_ref.quant.bench.kernel_rows`): sgemm and the NF4 kernels.
+- group ``kernels`` (:func:`lora_ref.bench.quant.kernel_rows`): sgemm and the NF4 kernels.
 
 Numba, the BLAS and torch are pinned to the same thread count (``--threads``) before any row runs.
 """
@@ -49,7 +49,7 @@ def _log(msg: str) -> None:
 def set_threads(n: int | None) -> dict:
     """Equal thread counts for Numba, the BLAS and torch (the kernels' helper when it is importable)."""
     try:
-        from lora_ref.quant.bench import set_threads as _set
+        from lora_ref.bench.quant import set_threads as _set
     except ImportError:
         _set = None
     if _set is not None:
@@ -68,15 +68,15 @@ def set_threads(n: int | None) -> dict:
 
 
 def run(args) -> int:
-    from lora_ref.benchutil import machine
-    from lora_ref.cli import UsageError
+    from lora_ref.bench.timing import machine
+    from lora_ref.errors import UsageError
 
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     threads = set_threads(args.threads)
     results, notes = [], []
     if args.which in ("train", "all"):
-        from lora_ref.train_bench import memory_rows, qlora_step_row, train_step_row
+        from lora_ref.bench.training import memory_rows, qlora_step_row, train_step_row
 
         _log("train_step: the tutorial model's training step, ours vs PyTorch eager")
         results.append(train_step_row(args.quick))
@@ -86,9 +86,9 @@ def run(args) -> int:
         results.extend(memory_rows())
     if args.which in ("kernels", "all"):
         try:
-            from lora_ref.quant.bench import kernel_rows
+            from lora_ref.bench.quant import kernel_rows
         except ImportError as e:
-            note = f"kernel rows not available: lora_ref.quant.bench.kernel_rows cannot be imported ({e})"
+            note = f"kernel rows not available: lora_ref.bench.quant.kernel_rows cannot be imported ({e})"
             _log(note)
             notes.append(note)
         else:

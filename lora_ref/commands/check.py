@@ -19,7 +19,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from lora_ref.check import check
+    from lora_ref.reference.check import check
 
     rows = check(args.vectors, args.results)
     if not rows:

@@ -52,12 +52,12 @@ def _gb(b: int) -> str:
 
 
 def run(args) -> int:
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
 
     if args.measure:
         if args.double_quant and args.quant is None:
             raise UsageError("--double-quant needs --quant nf4 (or fp4)")
-        from lora_ref.memory_numpy import TUTORIAL_BATCH, TUTORIAL_SEQ, measure_all
+        from lora_ref.analysis.memory_measure import TUTORIAL_BATCH, TUTORIAL_SEQ, measure_all
 
         for flag in ("batch", "seq"):
             v = getattr(args, flag)
@@ -82,8 +82,8 @@ def run(args) -> int:
     if args.r < 1:
         raise UsageError(f"--r must be >= 1, got {args.r}")
 
-    from lora_ref.counts import lora_plan, resolve_model
-    from lora_ref.memory import (QuantConfig, Setup, bits_per_quantized_param, inference_memory,
+    from lora_ref.analysis.counts import lora_plan, resolve_model
+    from lora_ref.analysis.memory import (QuantConfig, Setup, bits_per_quantized_param, inference_memory,
                                  training_memory)
 
     args.targets = args.targets or "q_proj,v_proj"

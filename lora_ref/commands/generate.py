@@ -14,7 +14,7 @@ examples:
 
 --model is a checkpoint folder in the Hugging Face layout (config.json + model.safetensors, or shards), as written
 by the tour, 'lora-ref finetune' or transformers' save_pretrained. Text is encoded as UTF-8 bytes (the byte-level
-tokenizer of lora_ref.data, vocabulary 256), so the model must have vocab_size 256. Without --temperature the
+tokenizer of lora_ref.training.data, vocabulary 256), so the model must have vocab_size 256. Without --temperature the
 continuation is greedy (argmax, deterministic); with --temperature T > 0 tokens are sampled from softmax(logits/T),
 optionally among the --top-k most likely, with the random generator seeded by --seed (default 0), so a command
 line always prints the same text. --max-new-tokens defaults to 200, or fewer when the model's
@@ -40,7 +40,7 @@ def run(args) -> int:
 
     import numpy as np
 
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -51,9 +51,9 @@ def run(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
 
-    from lora_ref.data import VOCAB_SIZE, decode, encode
     from lora_ref.files.models import model_arg
-    from lora_ref.llama import Llama
+    from lora_ref.modeling.llama import Llama
+    from lora_ref.training.data import VOCAB_SIZE, decode, encode
 
     args.model = model_arg(args.model)  # a known model name (lora-ref models) is fetched on first use
     model = Llama.from_pretrained(args.model)

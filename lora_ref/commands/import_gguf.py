@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from lora_ref.files.gguf import describe, import_gguf
-    from lora_ref.fsutil import check_out_dir
+    from lora_ref.files.outputs import check_out_dir
 
     check_out_dir(args.out)
     info = describe(args.gguf)

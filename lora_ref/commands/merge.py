@@ -29,7 +29,7 @@ _DTYPES = ("float32", "bfloat16")
 
 
 def add_arguments(p) -> None:
-    from lora_ref.merge import COMBINATION_TYPES
+    from lora_ref.merging.combine import COMBINATION_TYPES
 
     p.add_argument("--base", required=True, help="base checkpoint folder (config.json + model.safetensors)")
     p.add_argument("--adapter", required=True, action="append", metavar="DIR",
@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
 def _parse_weights(text: str | None, n: int) -> list[float] | None:
     import math
 
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
 
     if text is None:
         return None
@@ -98,12 +98,12 @@ def run(args) -> int:
     import numpy as np
     import safetensors.numpy
 
-    from lora_ref import merge as M
-    from lora_ref.cli import UsageError
-    from lora_ref.fsutil import atomic_write, check_out_dir, output_dir, require_dir, write_json
-    from lora_ref.llama import Llama
-    from lora_ref.lora import as_bfloat16, lora_layers, merge_and_unload, set_adapter
-    from lora_ref.peft_io import load_adapter
+    from lora_ref.merging import combine as M
+    from lora_ref.errors import UsageError
+    from lora_ref.files.outputs import atomic_write, check_out_dir, output_dir, require_dir, write_json
+    from lora_ref.modeling.llama import Llama
+    from lora_ref.adapters.lora import as_bfloat16, lora_layers, merge_and_unload, set_adapter
+    from lora_ref.adapters.peft_files import load_adapter
 
     t0 = time.perf_counter()
     adapters = list(args.adapter)

@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from lora_ref.cache import cache_root
+    from lora_ref.files.cache import cache_root
     from lora_ref.files.models import known_models
 
     rows = known_models()

@@ -53,7 +53,7 @@ def add_arguments(p) -> None:
 
 def _load_base(folder):
     """(config dict, tensors in their stored dtypes) of an HF checkpoint folder."""
-    from lora_ref.fsutil import require_dir, require_file
+    from lora_ref.files.outputs import require_dir, require_file
     from lora_ref.quant.serialize import read_safetensors_raw
 
     folder = require_dir(folder, "base checkpoint folder")
@@ -95,7 +95,7 @@ def quantize_checkpoint(base, out, *, quant_type="nf4", blocksize=64, double_qua
     """
     import numpy as np
 
-    from lora_ref.fsutil import check_out_dir, output_dir, write_json
+    from lora_ref.files.outputs import check_out_dir, output_dir, write_json
     from lora_ref.quant.blockwise import SUPPORTED_DTYPES, bits_per_parameter, dequantize_4bit, quantize_4bit
     from lora_ref.quant.serialize import dtype_name, state_to_tensors, transformers_quantization_config, \
         write_safetensors
@@ -181,7 +181,7 @@ def quantize_checkpoint(base, out, *, quant_type="nf4", blocksize=64, double_qua
 
 
 def run(args) -> int:
-    from lora_ref.cli import UsageError
+    from lora_ref.errors import UsageError
     from lora_ref.quant.blockwise import ALLOWED_BLOCKSIZES
 
     if args.blocksize not in ALLOWED_BLOCKSIZES:

@@ -21,8 +21,8 @@ def add_arguments(p):
 def run(args) -> int:
     import json
 
-    from lora_ref.fsutil import check_out_dir
-    from lora_ref.vectors import write_vectors
+    from lora_ref.files.outputs import check_out_dir
+    from lora_ref.reference.vectors import write_vectors
 
     check_out_dir(args.out)
     print(f"writing reference vectors to {args.out} ...", file=sys.stderr)

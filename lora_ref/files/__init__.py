@@ -1,1 +1,1 @@
-"""Files from outside lora_ref: GGUF import and the registry of known pretrained models."""
+"""Files: the one safetensors reader and writer, HF checkpoint folders, outputs written atomically, the artifact cache, GGUF import and known pretrained models by name. Imports nothing else from lora_ref."""

@@ -521,14 +521,14 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     no ``lm_head.weight`` when the embeddings are tied), ``generation_config.json``, ``tokenizer.json``,
     ``tokenizer_config.json`` (with the ``chat_template`` when the file has one) and ``special_tokens_map.json``.
     Everything is checked (architecture, tensor names, types, shapes, tokenizer) before the first tensor is
-    decoded, and the folder appears only when complete (:func:`lora_ref.fsutil.output_dir`).
+    decoded, and the folder appears only when complete (:func:`lora_ref.files.outputs.output_dir`).
 
     ``progress(done, total, gguf_name)`` is called after each tensor. Memory: the file is memory-mapped and
     tensors are decoded one at a time, so the peak is about the float32 model plus what the safetensors writer
     needs to lay it out, never a second copy of the quantized file. Returns the folder's path.
     """
-    from lora_ref.fsutil import check_out_dir, output_dir, write_json
-    from lora_ref.safetensors_io import write_safetensors
+    from lora_ref.files.outputs import check_out_dir, output_dir, write_json
+    from lora_ref.files.safetensors import write_safetensors
 
     check_out_dir(out_dir)
     reader = read_gguf(path)

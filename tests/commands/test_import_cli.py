@@ -14,7 +14,7 @@ import pytest
 
 from lora_ref import cli
 from lora_ref.files import models
-from lora_ref.safetensors_io import read_safetensors_raw
+from lora_ref.files.safetensors import read_safetensors_raw
 from lora_ref.testing.tiny_gguf import write_tiny_llama_gguf
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lora_ref.files import gguf as G
-from lora_ref.safetensors_io import read_safetensors_raw
+from lora_ref.files.safetensors import read_safetensors_raw
 from lora_ref.testing.tiny_gguf import TINY_CHAT_TEMPLATE, write_tiny_llama_gguf
 
 # gguf-py's own decoders warn on inf * 0 (damaged scales in the random blocks); lora_ref's stay quiet
@@ -158,7 +158,7 @@ def test_tiny_tokenizer(tmp_path):
 
 
 def test_the_llama_module_loads_the_tiny_import(tmp_path):
-    from lora_ref.llama import Llama
+    from lora_ref.modeling.llama import Llama
 
     write_tiny_llama_gguf(tmp_path / "t.gguf", np.random.default_rng(6), tied=False)
     model = Llama.from_pretrained(G.import_gguf(tmp_path / "t.gguf", tmp_path / "hf"))

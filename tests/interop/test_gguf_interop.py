@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_ref.files import gguf as G
-from lora_ref.safetensors_io import read_safetensors_raw
+from lora_ref.files.safetensors import read_safetensors_raw
 
 pytestmark = pytest.mark.interop
 torch.set_num_threads(1)
@@ -141,8 +141,8 @@ def test_tokenizer_config_and_chat_template(smollm2_dir, hf_gguf_tokenizer):
 
 
 def test_lora_ref_llama_logits_match_transformers(smollm2_dir, hf_gguf_model, hf_gguf_tokenizer):
-    from lora_ref.llama import Llama
-    from lora_ref.tensor import no_grad
+    from lora_ref.modeling.llama import Llama
+    from lora_ref.autograd.tensor import no_grad
 
     prompt = hf_gguf_tokenizer.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True)
     ids = np.array([hf_gguf_tokenizer(prompt, add_special_tokens=False)["input_ids"]])

@@ -1,0 +1,297 @@
+"""Composite operations. Where speed matters they are one graph node with a fused backward rule.
+
+Each fused rule is derived in its docstring and verified against finite differences (``lora_ref.autograd.numerical``) and
+against the same function composed from primitives in ``tests/autograd/test_autograd.py``.
+
+The NumPy code here is the readable twin. When :mod:`lora_ref.kernels.switch` is on (the default with Numba's JIT), float32
+calls of rms_norm, swiglu, rotary, cross_entropy and the attention softmax run the compiled kernels of
+:mod:`lora_ref.kernels.training` instead: the same formulas in one pass per row (``tests/kernels/test_fast_paths.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lora_ref.kernels import switch as fast
+from lora_ref.autograd import ops
+from lora_ref.autograd.ops import linear, silu  # noqa: F401  (re-exported: F.linear, F.silu)
+from lora_ref.autograd.tensor import Tensor
+
+__all__ = ["softmax", "log_softmax", "cross_entropy", "rms_norm", "linear", "silu", "dropout", "logsumexp", "swiglu",
+           "causal_mask", "scaled_dot_product_attention", "rotate_half", "rotary", "lora_add"]
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    return m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+
+
+def logsumexp(x, axis: int = -1, keepdims: bool = False) -> Tensor:
+    """log Σ exp(x) along ``axis`` (stable); d/dx = softmax(x)."""
+    x = ops._t(x)
+    lse = _logsumexp(x.data, axis)
+
+    def backward(g):
+        gk = g if keepdims else np.expand_dims(g, axis)
+        return (gk * np.exp(x.data - lse),)
+
+    return Tensor._make(lse if keepdims else np.squeeze(lse, axis=axis), (x,), backward)
+
+
+def softmax(x, axis: int = -1) -> Tensor:
+    """softmax(x)ᵢ = e^{xᵢ} / Σⱼ e^{xⱼ}; entries equal to −inf get probability 0 (attention masks).
+
+    Backward (one node): with p = softmax(x), dL/dx = p ⊙ (g − Σⱼ gⱼ pⱼ).
+    """
+    x = ops._t(x)
+    xd = x.data
+    m = np.max(xd, axis=axis, keepdims=True)
+    e = np.exp(xd - m)
+    p = e / np.sum(e, axis=axis, keepdims=True)
+
+    def backward(g):
+        return (p * (g - np.sum(g * p, axis=axis, keepdims=True)),)
+
+    return Tensor._make(p, (x,), backward)
+
+
+def log_softmax(x, axis: int = -1) -> Tensor:
+    """log softmax(x) = x − logsumexp(x); backward: g − softmax(x) · Σ g."""
+    x = ops._t(x)
+    out = x.data - _logsumexp(x.data, axis)
+
+    def backward(g):
+        return (g - np.exp(out) * np.sum(g, axis=axis, keepdims=True),)
+
+    return Tensor._make(out, (x,), backward)
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100) -> Tensor:
+    """Mean negative log-likelihood of integer ``targets`` under ``softmax(logits)``.
+
+    logits: (N, V) or (B, T, V); targets: int array (N,) or (B, T). Targets equal to ``ignore_index`` are left out
+    of the mean (as in ``torch.nn.functional.cross_entropy``).
+
+    Backward (one node): dL/dlogits = (softmax(logits) − onehot(targets)) / n_kept, zero on ignored rows.
+    """
+    logits = ops._t(logits)
+    t = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    if t.dtype.kind not in "iu":
+        raise ValueError(f"cross_entropy targets must be integers, got dtype {t.dtype}")
+    V = logits.shape[-1]
+    if logits.shape[:-1] != t.shape:
+        raise ValueError(f"cross_entropy: logits shape {logits.shape} does not fit targets shape {t.shape}")
+    z = logits.data.reshape(-1, V)  # (N, V)
+    t = t.reshape(-1)  # (N,)
+    keep = t != ignore_index
+    if np.any((t[keep] < 0) | (t[keep] >= V)):
+        raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    n = int(keep.sum())
+    if n == 0:
+        raise ValueError("cross_entropy: every target is ignore_index")
+    if fast.applies(z):
+        from lora_ref.kernels import training as train_kernels
+        return train_kernels.cross_entropy(logits, z, t, ignore_index, n)
+    rows = np.nonzero(keep)[0]
+    lse = _logsumexp(z, axis=-1)[:, 0]  # (N,)
+    loss = (lse[rows] - z[rows, t[rows]]).sum() / n
+    dt = z.dtype
+
+    def backward(g):
+        grad = np.exp(z - lse[:, None])  # softmax, (N, V)
+        grad[rows, t[rows]] -= 1
+        if n != len(t):
+            grad[~keep] = 0
+        grad *= dt.type(g) / dt.type(n)
+        return (grad.reshape(logits.shape),)
+
+    return Tensor._make(np.asarray(loss, dtype=dt), (logits,), backward)
+
+
+def rms_norm(x, weight, eps: float = 1e-6) -> Tensor:
+    """RMSNorm as in Llama (Zhang & Sennrich 2019): y = w ⊙ x / √(mean(x²) + ε), over the last axis.
+
+    x: (…, D), weight: (D,). Computed like transformers' ``LlamaRMSNorm`` (x · rsqrt(mean(x²) + ε) · w).
+    Backward (one node), with r = 1/√(mean(x²)+ε) and x̂ = x·r:
+    dL/dw = Σ_{…} g ⊙ x̂;   dL/dx = r ⊙ (h − x̂ · mean(h ⊙ x̂)), where h = g ⊙ w.
+    """
+    x = ops._t(x)
+    weight = ops._t(weight, x)
+    xd, wd = x.data, weight.data
+    if fast.applies(xd, wd) and wd.shape == xd.shape[-1:]:
+        from lora_ref.kernels import training as train_kernels
+        return train_kernels.rms_norm(x, weight, eps)
+    dt = xd.dtype
+    r = 1.0 / np.sqrt(np.mean(xd * xd, axis=-1, keepdims=True) + dt.type(eps))  # (…, 1)
+    xhat = xd * r  # (…, D)
+    out = xhat * wd
+
+    def backward(g):
+        gx = gw = None
+        if weight.requires_grad:
+            gw = (g * xhat).reshape(-1, xd.shape[-1]).sum(axis=0)
+        if x.requires_grad:
+            h = g * wd
+            gx = r * (h - xhat * np.mean(h * xhat, axis=-1, keepdims=True))
+        return gx, gw
+
+    return Tensor._make(out, (x, weight), backward)
+
+
+def dropout(x, p: float, rng: np.random.Generator | None, training: bool = True) -> Tensor:
+    """Inverted dropout: zero each element with probability ``p`` and scale the rest by 1/(1−p).
+
+    Identity when ``p == 0`` or not ``training``. ``rng`` is required when dropout is active.
+    """
+    if not training or p == 0:
+        return ops._t(x)
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must lie in [0, 1), got {p}")
+    if rng is None:
+        raise ValueError("dropout needs an explicit rng (np.random.Generator) when active")
+    x = ops._t(x)
+    mask = (rng.random(x.shape) >= p).astype(x.dtype) / x.dtype.type(1 - p)
+    return ops.mul(x, mask)
+
+
+def swiglu(gate, up) -> Tensor:
+    """SwiGLU's gating, silu(gate) ⊙ up, as one node (Shazeer 2020; Llama's MLP before ``down_proj``).
+
+    Backward: with s = σ(gate), d/dgate = g ⊙ up ⊙ s(1 + gate(1 − s)), d/dup = g ⊙ gate ⊙ s.
+    """
+    gate, up = ops._pair(gate, up)
+    a, u = gate.data, up.data
+    if fast.applies(a, u) and a.shape == u.shape:
+        from lora_ref.kernels import training as train_kernels
+        return train_kernels.swiglu(gate, up)
+    s = ops._sigmoid(a)
+    act = a * s
+
+    def backward(g):
+        gg = (g * u * (s * (1 + a * (1 - s)))) if gate.requires_grad else None
+        gu = (g * act) if up.requires_grad else None
+        return gg, gu
+
+    return Tensor._make(act * u, (gate, up), backward)
+
+
+def causal_mask(T: int, S: int) -> np.ndarray:
+    """Boolean (T, S) mask of allowed positions: query i (the last T of S positions) sees keys j <= i + S − T."""
+    return np.arange(S)[None, :] <= (np.arange(T)[:, None] + (S - T))
+
+
+def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Attention softmax(q kᵀ · scale + mask) v with grouped-query heads, as one node.
+
+    q: (B, H, T, E); k, v: (B, K, S, E) with H a multiple of K (GQA: each group of H/K query heads shares one
+    key/value head, Ainslie et al. 2023). With ``causal``, query t (the last T of S positions, so a KV cache of
+    S − T earlier positions works) attends to keys s <= t + S − T. Returns (B, H, T, E).
+
+    Backward, with P the attention probabilities and dO the output gradient:
+    dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ⊙ (dP − Σ_s dP ⊙ P),  dQ = dS K · scale,  dK = dSᵀ Q · scale
+    (summed over the query heads of a group for dK and dV).
+    """
+    q, k, v = ops._t(q), ops._t(k), ops._t(v)
+    B, H, T, E = q.shape
+    _, K, S, _ = k.shape
+    if H % K:
+        raise ValueError(f"attention: {H} query heads is not a multiple of {K} key/value heads")
+    G = H // K
+    dt = q.dtype
+    sc = dt.type(1.0 / np.sqrt(E) if scale is None else scale)
+    qd = q.data.reshape(B, K, G * T, E)  # the G query heads of a group stacked along time: (B, K, G·T, E)
+    kd, vd = k.data, v.data
+    scores = np.matmul(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
+    use_fast = fast.applies(scores) and S >= T
+    if use_fast:  # scale, mask and softmax in one pass per row, in place
+        from lora_ref.kernels import training as train_kernels
+        train_kernels.attention_softmax(scores, sc, T, causal)
+    else:
+        scores *= sc
+        if causal:
+            allowed = np.tile(causal_mask(T, S), (G, 1))  # (G·T, S)
+            scores = np.where(allowed, scores, dt.type(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+    p = scores  # (B, K, G·T, S)
+    out = np.matmul(p, vd).reshape(B, H, T, E)
+
+    def backward(g):
+        g4 = g.reshape(B, K, G * T, E)
+        gv = np.matmul(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
+        dp = np.matmul(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
+        if use_fast:
+            train_kernels.attention_softmax_backward(dp, p, sc, T, causal)  # dp becomes dS, in place
+            ds = dp
+        else:
+            ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+            ds *= sc
+        gq = np.matmul(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
+        gk = np.matmul(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
+        return gq, gk, gv
+
+    return Tensor._make(out, (q, k, v), backward)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """[x1, x2] → [−x2, x1] over the last axis split in halves (the convention of transformers' Llama)."""
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def rotary(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
+    """Apply rotary position embedding (RoPE, Su et al. 2021) as one node: x·cos + rotate_half(x)·sin.
+
+    x: (B, H, T, E); cos, sin: (T, E) or broadcastable, constants (see ``lora_ref.modeling.llama`` for how they are made).
+    Backward: rotate_half is a linear map R with Rᵀ[y1, y2] = [y2, −y1], so dL/dx = g·cos + Rᵀ(g·sin).
+    """
+    x = ops._t(x)
+    xd = x.data
+    cos = np.asarray(cos, dtype=xd.dtype)
+    sin = np.asarray(sin, dtype=xd.dtype)
+    if fast.applies(xd):
+        from lora_ref.kernels import training as train_kernels
+        if train_kernels.rotary_applies(xd, cos, sin):
+            return train_kernels.rotary(x, cos, sin)
+    h = xd.shape[-1] // 2
+
+    def backward(g):
+        gs = g * sin
+        return (g * cos + np.concatenate([gs[..., h:], -gs[..., :h]], axis=-1),)
+
+    return Tensor._make(xd * cos + rotate_half(xd) * sin, (x,), backward)
+
+
+
+def lora_add(base_out, x, lora_A, lora_B, scaling: float) -> Tensor:
+    """base_out + s·(x·Aᵀ)·Bᵀ as one node: a LoRA layer's output (Hu et al. 2021, Eq. 3; PEFT's order: A, then B,
+    then × s, then added to the base layer's output).
+
+    base_out: (…, out); x: (…, in); lora_A: (R, in); lora_B: (out, R). The same products and additions as
+    ``base_out + B(A(x)) * s`` composed from four nodes, in the same order (so the same float32 results), but the
+    sum is written into ``base_out``'s buffer and only x·Aᵀ (…, R) is kept for backward; the composed version keeps
+    two more (…, out) arrays per layer until backward. The caller guarantees that nothing needs ``base_out``'s
+    values any more (a Linear or 4-bit layer's backward does not read its output). Backward, with gs = s·g:
+    d(base_out) = g,  dB = gsᵀ (x Aᵀ),  d(xAᵀ) = gs B,  dA = d(xAᵀ)ᵀ x,  dx = d(xAᵀ) A.
+    """
+    x = ops._t(x)
+    A, B = ops._t(lora_A, x), ops._t(lora_B, x)
+    xd, ad, bd = x.data, A.data, B.data
+    out = base_out.data
+    x2 = xd.reshape(-1, xd.shape[-1])  # (N, in)
+    xa = x2 @ ad.T  # (N, R)
+    delta = xa @ bd.T  # (N, out)
+    delta *= delta.dtype.type(scaling)
+    out += delta.reshape(out.shape)  # (…, out), in place
+
+    def backward(g):
+        gs = g.reshape(-1, g.shape[-1]) * g.dtype.type(scaling)  # (N, out)
+        gb = (gs.T @ xa) if B.requires_grad else None  # (out, R)
+        gxa = gs @ bd  # (N, R)
+        ga = (gxa.T @ x2) if A.requires_grad else None  # (R, in)
+        gx = (gxa @ ad).reshape(xd.shape) if x.requires_grad else None  # (…, in)
+        return g, gx, ga, gb
+
+    return Tensor._make(out, (base_out, x, A, B), backward)

@@ -1,0 +1,467 @@
+"""Fused Numba kernels of the training step, and the graph nodes that use them (the fast paths).
+
+Each kernel here is the compiled twin of a readable NumPy rule: :func:`rms_norm` of
+:func:`lora_ref.autograd.functional.rms_norm`, :func:`swiglu` of ``functional.swiglu``, :func:`rotary` of
+``functional.rotary``, :func:`causal_softmax_` / :func:`softmax_backward_` of the softmax inside
+``functional.scaled_dot_product_attention``, :func:`cross_entropy` of ``functional.cross_entropy``,
+:func:`embedding_backward` of the scatter in ``ops.embedding`` and :func:`adamw_update` of
+``optim.AdamW._update``. The twins compute the same formulas in the same order of operations; they differ only
+where a compiled ``exp`` or a sum's order rounds differently (a few float32 ulps), which
+``tests/kernels/test_fast_paths.py`` bounds. :mod:`lora_ref.kernels.switch` chooses between them.
+
+What the fusion buys, on the tutorial model's batch (B·T = 4096 rows):
+
+- one pass over each row instead of one NumPy temporary per operator: RMSNorm's backward is 7 NumPy operations
+  over (B, T, D), SwiGLU's 9 over (B, T, F), the masked softmax 6 over (B, H, T, T);
+- less kept for backward: RMSNorm keeps ``1/rms`` (B·T floats) instead of x̂ (B·T·D), SwiGLU keeps nothing
+  beyond its inputs (σ(gate) is recomputed), the masked attention rows are never filled with −∞;
+- layouts: the rotary gradient is written in the layout of its input (the projection's (B, T, H, E) memory seen
+  as (B, H, T, E)), so the transposes and reshapes on the way back to the projection are free views.
+
+Kernels are float32 only (constants are float32, so nothing is silently computed in float64), parallel over rows
+(``prange``), and cached on disk (``cache=True``). Reductions whose result is summed across rows (RMSNorm's weight
+gradient) use a fixed number of row chunks, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import config, njit, prange, types
+from numba.extending import intrinsic
+
+from lora_ref.autograd.tensor import Tensor
+
+__all__ = [
+    "swiglu_forward", "swiglu_backward", "rms_norm_forward", "rms_norm_backward", "rotary_forward",
+    "rotary_backward", "causal_softmax_", "softmax_backward_", "cross_entropy_forward", "cross_entropy_backward",
+    "embedding_backward", "adamw_update",
+    "swiglu", "rms_norm", "rotary", "attention_softmax", "cross_entropy", "embedding_grad",
+]
+
+F32 = np.float32
+_CHUNKS = 64  # row chunks of a cross-row reduction: a constant, so the sum's order does not depend on threads
+
+
+# ================================================================================================ exp and sums
+# Numba calls libm's scalar expf, which LLVM cannot vectorize (and there is no SVML here): in the softmax and the
+# sigmoid it cost more than the rest of the kernel. exp32 is Cephes' expf written so that it vectorizes:
+#   e^x = 2^n · e^r,  n = round(x·log2 e),  r = x − n·ln 2 (ln 2 split in two for exactness),
+#   e^r ≈ 1 + r + r²·P(r) (degree-5 minimax polynomial on |r| ≤ ln2/2),
+# and 2^n built directly as float32 bit patterns ((m + 127) << 23 is 2^m), in two halves so that each is a normal
+# float. Error ≤ 2 ulp (tested); 0 below −103.97 (where e^x rounds to 0), +inf above 88.72; NaN stays NaN.
+def _bits_to_f32_py(n):
+    return np.array(n, dtype=np.int32).view(np.float32)[()]
+
+
+if config.DISABLE_JIT:
+    _bits_to_f32 = _bits_to_f32_py
+else:
+    @intrinsic
+    def _bits_to_f32(typingctx, n):
+        """Reinterpret the low 32 bits of an integer as a float32 (an LLVM bitcast: vectorizes)."""
+        def codegen(context, builder, signature, args):
+            v = args[0]
+            if v.type.width > 32:
+                v = builder.trunc(v, ir.IntType(32))
+            return builder.bitcast(v, ir.FloatType())
+        return types.float32(n), codegen
+
+_LOG2E, _LN2_HI, _LN2_LO = F32(1.44269504088896341), F32(0.693359375), F32(-2.12194440e-4)
+_P = (F32(1.9875691500e-4), F32(1.3981999507e-3), F32(8.3334519073e-3), F32(4.1665795894e-2),
+      F32(1.6666665459e-1), F32(5.0000001201e-1))
+_EXP_LO, _EXP_HI = F32(-103.972084), F32(88.72284)  # e^x rounds to 0 below, overflows above
+
+
+@njit(cache=True, inline="always")
+def exp32(x):
+    """e^x for a float32 x, in vectorizable float32 arithmetic (see the comment above)."""
+    xc = min(max(x, _EXP_LO), _EXP_HI)
+    fx = np.floor(xc * _LOG2E + F32(0.5))  # n, as a float
+    r = (xc - fx * _LN2_HI) - fx * _LN2_LO
+    z = r * r
+    y = (((((_P[0] * r + _P[1]) * r + _P[2]) * r + _P[3]) * r + _P[4]) * r + _P[5]) * z + r + F32(1.0)
+    n = np.int32(fx)
+    n1 = n >> 1  # 2^n = 2^n1 · 2^(n − n1): both factors are normal floats for every n in [−150, 128]
+    y = (y * _bits_to_f32((n1 + 127) << 23)) * _bits_to_f32((n - n1 + 127) << 23)
+    if x < _EXP_LO:
+        y = F32(0.0)
+    if x > _EXP_HI:
+        y = F32(np.inf)
+    return y
+
+
+@njit(cache=True, inline="always")
+def _dot_row(a, b, i, n):
+    """Σ_{j<n} a[i, j]·b[i, j] with eight running sums (breaks the add chain; pairs them like NumPy's sum)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = F32(0.0)
+    k = 0
+    while k + 8 <= n:
+        s0 += a[i, k] * b[i, k]
+        s1 += a[i, k + 1] * b[i, k + 1]
+        s2 += a[i, k + 2] * b[i, k + 2]
+        s3 += a[i, k + 3] * b[i, k + 3]
+        s4 += a[i, k + 4] * b[i, k + 4]
+        s5 += a[i, k + 5] * b[i, k + 5]
+        s6 += a[i, k + 6] * b[i, k + 6]
+        s7 += a[i, k + 7] * b[i, k + 7]
+        k += 8
+    tot = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    while k < n:
+        tot += a[i, k] * b[i, k]
+        k += 1
+    return tot
+
+
+@njit(cache=True, inline="always")
+def _max_row(r, n):
+    """max_{j<n} r[j] of a 1-D row with eight running maxima (a single running maximum does not vectorize)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = F32(-np.inf)
+    k = 0
+    while k + 8 <= n:
+        m0 = max(m0, r[k])
+        m1 = max(m1, r[k + 1])
+        m2 = max(m2, r[k + 2])
+        m3 = max(m3, r[k + 3])
+        m4 = max(m4, r[k + 4])
+        m5 = max(m5, r[k + 5])
+        m6 = max(m6, r[k + 6])
+        m7 = max(m7, r[k + 7])
+        k += 8
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    while k < n:
+        m = max(m, r[k])
+        k += 1
+    return m
+
+
+@njit(cache=True, inline="always")
+def _sum_row(a, i, n):
+    """Σ_{j<n} a[i, j] with eight running sums."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = F32(0.0)
+    k = 0
+    while k + 8 <= n:
+        s0 += a[i, k]
+        s1 += a[i, k + 1]
+        s2 += a[i, k + 2]
+        s3 += a[i, k + 3]
+        s4 += a[i, k + 4]
+        s5 += a[i, k + 5]
+        s6 += a[i, k + 6]
+        s7 += a[i, k + 7]
+        k += 8
+    tot = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    while k < n:
+        tot += a[i, k]
+        k += 1
+    return tot
+
+
+# ================================================================================================ SwiGLU
+@njit(cache=True, parallel=True)
+def swiglu_forward(a, u, out):
+    """out = silu(a) ⊙ u = a·σ(a)·u.  a, u, out: float32 (N, F) C-contiguous."""
+    N, Fd = a.shape
+    one = F32(1.0)
+    for i in prange(N):
+        for j in range(Fd):
+            x = a[i, j]
+            s = one / (one + exp32(-x))
+            out[i, j] = (x * s) * u[i, j]
+
+
+@njit(cache=True, parallel=True)
+def swiglu_backward(g, a, u, ga, gu):
+    """ga = g ⊙ u ⊙ σ(a)(1 + a(1 − σ(a))),  gu = g ⊙ a·σ(a) (σ recomputed, not stored).  All (N, F)."""
+    N, Fd = a.shape
+    one = F32(1.0)
+    for i in prange(N):
+        for j in range(Fd):
+            x = a[i, j]
+            s = one / (one + exp32(-x))
+            gij = g[i, j]
+            ga[i, j] = gij * u[i, j] * (s * (one + x * (one - s)))
+            gu[i, j] = gij * (x * s)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """Fast path of :func:`lora_ref.autograd.functional.swiglu` (same node: silu(gate) ⊙ up)."""
+    shape = gate.shape
+    Fd = shape[-1]
+    a = np.ascontiguousarray(gate.data).reshape(-1, Fd)  # (N, F)
+    u = np.ascontiguousarray(up.data).reshape(-1, Fd)  # (N, F)
+    out = np.empty_like(a)
+    swiglu_forward(a, u, out)
+
+    def backward(g):
+        g2 = np.ascontiguousarray(g).reshape(-1, Fd)
+        ga, gu = np.empty_like(a), np.empty_like(u)
+        swiglu_backward(g2, a, u, ga, gu)
+        return (ga.reshape(shape) if gate.requires_grad else None, gu.reshape(shape) if up.requires_grad else None)
+
+    return Tensor._make(out.reshape(shape), (gate, up), backward)
+
+
+# ================================================================================================ RMSNorm
+@njit(cache=True, parallel=True)
+def rms_norm_forward(x, w, eps, out, r):
+    """r = 1/√(mean(x²) + ε) per row, out = (x·r) ⊙ w.  x, out (N, D); w (D,); r (N,); float32."""
+    N, D = x.shape
+    one = F32(1.0)
+    d = F32(D)
+    for i in prange(N):
+        ri = one / np.sqrt(_dot_row(x, x, i, D) / d + eps)
+        r[i] = ri
+        for j in range(D):
+            out[i, j] = (x[i, j] * ri) * w[j]
+
+
+@njit(cache=True, parallel=True)
+def rms_norm_backward(g, x, w, r, gx, gw_parts, want_gw):
+    """gx = r ⊙ (h − x̂ · mean(h ⊙ x̂)) with h = g ⊙ w, x̂ = x·r; gw_parts[c] = Σ_{rows of chunk c} g ⊙ x̂.
+
+    g, x, gx (N, D); w (D,); r (N,); gw_parts (C, D), summed over C by the caller (C fixed: deterministic).
+    """
+    N, D = x.shape
+    C = gw_parts.shape[0]
+    d = F32(D)
+    for c in prange(C):
+        lo = c * N // C
+        hi = (c + 1) * N // C
+        if want_gw:
+            for j in range(D):
+                gw_parts[c, j] = F32(0.0)
+        for i in range(lo, hi):
+            ri = r[i]
+            dot = F32(0.0)
+            for j in range(D):
+                xh = x[i, j] * ri
+                dot += (g[i, j] * w[j]) * xh
+            if want_gw:
+                for j in range(D):
+                    gw_parts[c, j] += g[i, j] * (x[i, j] * ri)
+            mean = dot / d
+            for j in range(D):
+                xh = x[i, j] * ri
+                gx[i, j] = ri * ((g[i, j] * w[j]) - xh * mean)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Fast path of :func:`lora_ref.autograd.functional.rms_norm`; keeps only 1/rms (N,) for backward."""
+    shape = x.shape
+    D = shape[-1]
+    xd = np.ascontiguousarray(x.data).reshape(-1, D)  # (N, D)
+    wd = np.ascontiguousarray(weight.data)
+    out = np.empty_like(xd)
+    r = np.empty(xd.shape[0], F32)  # (N,)
+    rms_norm_forward(xd, wd, F32(eps), out, r)
+
+    def backward(g):
+        g2 = np.ascontiguousarray(g).reshape(-1, D)
+        gx = np.empty_like(xd)
+        want_gw = weight.requires_grad
+        parts = np.empty((min(_CHUNKS, max(1, xd.shape[0])), D) if want_gw else (min(_CHUNKS, max(1, xd.shape[0])), 0),
+                         F32)
+        rms_norm_backward(g2, xd, wd, r, gx, parts, want_gw)
+        gw = parts.sum(axis=0) if want_gw else None
+        return (gx.reshape(shape) if x.requires_grad else None), gw
+
+    return Tensor._make(out.reshape(shape), (x, weight), backward)
+
+
+# ================================================================================================ rotary
+@njit(cache=True, parallel=True)
+def rotary_forward(x, cos, sin, out):
+    """out = x·cos + rotate_half(x)·sin.  x, out (B, H, T, E) (any strides); cos, sin (T, E)."""
+    B, H, T, E = x.shape
+    h = E // 2
+    for bh in prange(B * H):
+        b = bh // H
+        k = bh - b * H
+        for t in range(T):
+            for j in range(h):
+                x1 = x[b, k, t, j]
+                x2 = x[b, k, t, j + h]
+                out[b, k, t, j] = x1 * cos[t, j] - x2 * sin[t, j]
+                out[b, k, t, j + h] = x2 * cos[t, j + h] + x1 * sin[t, j + h]
+
+
+@njit(cache=True, parallel=True)
+def rotary_backward(g, cos, sin, gx):
+    """gx = g·cos + Rᵀ(g·sin), Rᵀ[y1, y2] = [y2, −y1].  g, gx (B, H, T, E) (any strides); cos, sin (T, E)."""
+    B, H, T, E = g.shape
+    h = E // 2
+    for bh in prange(B * H):
+        b = bh // H
+        k = bh - b * H
+        for t in range(T):
+            for j in range(h):
+                g1 = g[b, k, t, j]
+                g2 = g[b, k, t, j + h]
+                gx[b, k, t, j] = g1 * cos[t, j] + g2 * sin[t, j + h]
+                gx[b, k, t, j + h] = g2 * cos[t, j + h] - g1 * sin[t, j]
+
+
+def rotary_applies(xd: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> bool:
+    """The kernel takes x (B, H, T, E) with E even and cos, sin exactly (T, E)."""
+    return (xd.ndim == 4 and xd.shape[-1] % 2 == 0 and np.shape(cos) == xd.shape[-2:]
+            and np.shape(sin) == xd.shape[-2:])
+
+
+def rotary(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
+    """Fast path of :func:`lora_ref.autograd.functional.rotary`. The gradient takes the memory layout of ``x``."""
+    xd = x.data
+    cos = np.ascontiguousarray(cos, dtype=F32)  # (T, E)
+    sin = np.ascontiguousarray(sin, dtype=F32)
+    out = np.empty(xd.shape, F32)  # (B, H, T, E) contiguous, as attention wants it
+    rotary_forward(xd, cos, sin, out)
+
+    def backward(g):
+        gx = np.empty_like(xd)  # order "K": strides like x, e.g. the (B, T, H, E) projection output
+        rotary_backward(g, cos, sin, gx)
+        return (gx,)
+
+    return Tensor._make(out, (x,), backward)
+
+
+# ================================================================================================ attention softmax
+@njit(cache=True, parallel=True)
+def causal_softmax_(s, scale, T, causal):
+    """In place: s ← softmax(s·scale) over each row, keys past the causal limit set to 0.
+
+    s: float32 (R, S), rows in (…, T) order: row i is query t = i mod T of the last T of S positions and sees
+    keys j ≤ t + S − T. The masked keys are never exponentiated (the twin fills them with −∞ first).
+    """
+    R, S = s.shape
+    for i in prange(R):
+        lim = (i % T) + S - T + 1 if causal else S
+        # loops run to L, lim rounded up to 16 lanes, with the masked keys selected away: a loop whose length
+        # is not a multiple of the vector width ends in a scalar tail, which cost more than the masked work
+        L = min(S, (lim + 15) // 16 * 16)
+        row = s[i]  # (S,)
+        for j in range(L):
+            row[j] = row[j] * scale if j < lim else F32(-np.inf)
+        m = _max_row(row, L)
+        for j in range(L):
+            row[j] = exp32(row[j] - m)  # e^(−∞) = 0 at the masked keys
+        tot = _sum_row(s, i, L)
+        for j in range(L):
+            row[j] = row[j] / tot
+        for j in range(L, S):
+            row[j] = F32(0.0)
+
+
+@njit(cache=True, parallel=True)
+def softmax_backward_(dp, p, scale, T, causal):
+    """In place: dp ← p ⊙ (dp − Σ_j dp_j p_j) · scale (the scores' gradient), 0 at masked keys.  (R, S) each."""
+    R, S = dp.shape
+    for i in prange(R):
+        lim = (i % T) + S - T + 1 if causal else S
+        L = min(S, (lim + 15) // 16 * 16)  # p is 0 at the masked keys in [lim, L): their product is 0
+        c = _dot_row(dp, p, i, L)
+        for j in range(L):
+            dp[i, j] = (p[i, j] * (dp[i, j] - c)) * scale
+        for j in range(L, S):
+            dp[i, j] = F32(0.0)
+
+
+def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> None:
+    """Scale, mask and softmax the attention scores (…, T', S) in place (T' a multiple of T)."""
+    S = scores.shape[-1]
+    causal_softmax_(scores.reshape(-1, S), F32(scale), T, causal)
+
+
+def attention_softmax_backward(dp: np.ndarray, p: np.ndarray, scale, T: int, causal: bool) -> None:
+    """The scores' gradient from dP, in place in ``dp``."""
+    S = p.shape[-1]
+    softmax_backward_(dp.reshape(-1, S), p.reshape(-1, S), F32(scale), T, causal)
+
+
+# ================================================================================================ cross-entropy
+@njit(cache=True, parallel=True)
+def cross_entropy_forward(z, t, ignore_index, lse, nll):
+    """lse[i] = log Σ_j exp z[i, j]; nll[i] = lse[i] − z[i, t[i]] (0 where t[i] == ignore_index).  z (N, V)."""
+    N, V = z.shape
+    for i in prange(N):
+        m = _max_row(z[i], V)
+        if not np.isfinite(m):
+            m = F32(0.0)
+        tot = F32(0.0)
+        for j in range(V):
+            tot += exp32(z[i, j] - m)
+        li = m + np.log(tot)
+        lse[i] = li
+        nll[i] = F32(0.0) if t[i] == ignore_index else li - z[i, t[i]]
+
+
+@njit(cache=True, parallel=True)
+def cross_entropy_backward(z, t, ignore_index, lse, scale, grad):
+    """grad[i] = (softmax(z[i]) − onehot(t[i])) · scale, 0 on ignored rows.  z, grad (N, V)."""
+    N, V = z.shape
+    one = F32(1.0)
+    for i in prange(N):
+        if t[i] == ignore_index:
+            for j in range(V):
+                grad[i, j] = F32(0.0)
+            continue
+        li = lse[i]
+        for j in range(V):
+            grad[i, j] = exp32(z[i, j] - li) * scale
+        ti = t[i]
+        grad[i, ti] = (exp32(z[i, ti] - li) - one) * scale
+
+
+def cross_entropy(logits: Tensor, z: np.ndarray, t: np.ndarray, ignore_index: int, n: int) -> Tensor:
+    """Fast path of :func:`lora_ref.autograd.functional.cross_entropy`: z (N, V) float32, t (N,) int, n kept rows."""
+    z = np.ascontiguousarray(z)
+    t = np.ascontiguousarray(t, dtype=np.int64)
+    N = z.shape[0]
+    lse, nll = np.empty(N, F32), np.empty(N, F32)
+    cross_entropy_forward(z, t, ignore_index, lse, nll)
+    loss = F32(nll.sum(dtype=np.float64) / n)
+
+    def backward(g):
+        grad = np.empty_like(z)
+        cross_entropy_backward(z, t, ignore_index, lse, F32(g) / F32(n), grad)
+        return (grad.reshape(logits.shape),)
+
+    return Tensor._make(np.asarray(loss, dtype=F32), (logits,), backward)
+
+
+# ================================================================================================ embedding
+@njit(cache=True)
+def embedding_backward(ids, g, out):
+    """out[ids[i]] += g[i] for i in order (repeats accumulate, as np.add.at does).  ids (N,), g (N, D), out (V, D)."""
+    N, D = g.shape
+    for i in range(N):
+        r = ids[i]
+        for j in range(D):
+            out[r, j] += g[i, j]
+
+
+def embedding_grad(ids: np.ndarray, g: np.ndarray, V: int) -> np.ndarray:
+    """The (V, D) gradient of an embedding gather at ``ids`` given the output gradient ``g`` (…, D)."""
+    D = g.shape[-1]
+    out = np.zeros((V, D), F32)
+    embedding_backward(np.ascontiguousarray(ids.reshape(-1), dtype=np.int64),
+                       np.ascontiguousarray(g).reshape(-1, D), out)
+    return out
+
+
+# ================================================================================================ AdamW
+@njit(cache=True)
+def adamw_update(w, g, m, v, decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step):
+    """One AdamW step in one pass, in place (1-D float32 views of the parameter, its gradient and state)::
+
+        w ← w·decay;  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²;  w ← w − (m / (√v / √(1 − β2ᵗ) + ε)) · step
+
+    with ``decay = 1 − lr·λ`` and ``step = lr / (1 − β1ᵗ)``: the operations of :meth:`AdamW._update`, in its order.
+    """
+    for i in range(w.shape[0]):
+        gi = g[i]
+        mi = m[i] * b1 + one_minus_b1 * gi
+        vi = v[i] * b2 + (one_minus_b2 * gi) * gi
+        m[i] = mi
+        v[i] = vi
+        denom = np.sqrt(vi) / bc2_sqrt + eps
+        w[i] = w[i] * decay - (mi / denom) * step

@@ -1,0 +1,790 @@
+"""Llama in NumPy: the config, RoPE, grouped-query attention, the SwiGLU MLP, the model, generation, HF checkpoints.
+
+The model is the decoder of Llama 2/3 [Touvron et al. 2023; Grattafiori et al. 2024] exactly as transformers'
+``LlamaForCausalLM`` computes it, so a checkpoint gives the same logits here and there (tested to 1e-4 in float32):
+
+.. math::
+
+    h_0 &= E[\\text{ids}] \\\\
+    a_\\ell &= h_{\\ell-1} + \\operatorname{Attn}_\\ell(\\operatorname{RMSNorm}(h_{\\ell-1})) \\\\
+    h_\\ell &= a_\\ell + \\operatorname{MLP}_\\ell(\\operatorname{RMSNorm}(a_\\ell)) \\\\
+    \\text{logits} &= \\operatorname{RMSNorm}(h_L)\\, W_{\\text{head}}^\\top
+
+Module names equal transformers' state-dict keys (``model.embed_tokens``, ``model.layers.N.self_attn.q_proj``,
+``model.layers.N.mlp.gate_proj``, ``model.norm``, ``lm_head``, ...), so a checkpoint's tensors map one to one onto
+``named_parameters()``. Every projection is a :class:`lora_ref.modeling.nn.Linear` called as a module (``self.q_proj(x)``),
+never through its ``.weight``: LoRA, QLoRA and 4-bit code replace a layer with ``model.set_submodule(name, new)``
+and the model keeps working.
+
+Shapes: B batch, T time (new tokens), S time of the keys (cached + new), D hidden size, H query heads, K key/value
+heads, G = H / K query heads per key/value head, Dh head size, F intermediate size, V vocabulary.
+
+Taught in ``notebooks/02_llama.ipynb``.
+
+References
+----------
+- Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding" (RoPE).
+- Zhang & Sennrich 2019, "Root Mean Square Layer Normalization" (RMSNorm).
+- Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints".
+- Shazeer 2020, "GLU Variants Improve Transformer" (SwiGLU).
+- transformers 5.24 ``models/llama/modeling_llama.py`` and ``modeling_rope_utils.py`` (``_compute_llama3_parameters``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+from lora_ref.autograd import functional as F
+from lora_ref.autograd import ops
+from lora_ref.files.outputs import atomic_write, output_dir, require_dir, write_json
+from lora_ref.modeling.nn import Embedding, Linear, Module, ModuleList, RMSNorm
+from lora_ref.files.safetensors import NP_TO_ST, read_safetensors_raw
+from lora_ref.autograd.tensor import Tensor, no_grad
+
+__all__ = [
+    "LlamaConfig", "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "KVCache", "LlamaAttention",
+    "LlamaMLP", "LlamaDecoderLayer", "LlamaModel", "Llama", "sample_next_token",
+    "checkpoint_tensor_names", "read_safetensors", "load_checkpoint_tensors",
+]
+
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+
+
+# ================================================================================================================
+# config
+# ================================================================================================================
+@dataclass
+class LlamaConfig:
+    """The hyper-parameters of a Llama model, with transformers' ``LlamaConfig`` defaults and meaning.
+
+    ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and ``num_key_value_heads`` to
+    ``num_attention_heads`` (plain multi-head attention). ``rope_parameters`` holds ``rope_type`` (``"default"``
+    or ``"llama3"``), ``rope_theta`` and, for ``llama3``, ``factor``, ``low_freq_factor``, ``high_freq_factor`` and
+    ``original_max_position_embeddings``.
+
+    Read a checkpoint's ``config.json`` with :meth:`from_dict` / :meth:`from_json_file`; both styles are understood:
+    the older top-level ``rope_theta`` plus ``rope_scaling`` dict, and the newer ``rope_parameters`` dict. Keys that
+    do not change the computation (``torch_dtype``, ``transformers_version``, ``use_cache``, ...) are ignored; a
+    value that would change it in a way this model does not implement (another ``rope_type``, another activation,
+    attention dropout, ...) raises ``ValueError``.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads) \
+                and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not isinstance(self.rope_parameters, dict):
+            raise ValueError(f"config: rope_parameters must be a dict, got {self.rope_parameters!r}")
+        self.rope_parameters = _normalize_rope(dict(self.rope_parameters), None, self.max_position_embeddings)
+        self._validate()
+
+    # ------------------------------------------------------------------------------------------------- checks
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"config: {name} must be a positive integer, got {v!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
+        if not _is_number(self.rms_norm_eps) or not self.rms_norm_eps > 0:
+            raise ValueError(f"config: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(f"config: initializer_range must be a number >= 0, got {self.initializer_range!r}")
+        if self.hidden_act not in ("silu", "swish"):  # both are SiLU in transformers' ACT2FN
+            raise ValueError(f"config: hidden_act {self.hidden_act!r} is not supported (Llama uses 'silu')")
+        if self.hidden_size % self.num_attention_heads:  # transformers 5.24 refuses this even with head_dim set
+            raise ValueError(f"config: hidden_size ({self.hidden_size}) is not a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.pad_token_id is not None and (not _is_int(self.pad_token_id)
+                                              or not 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"config: pad_token_id must lie in [0, {self.vocab_size}), got {self.pad_token_id!r}")
+        _validate_rope(self.rope_parameters)
+
+    # ------------------------------------------------------------------------------------------------- derived
+    @property
+    def rope_type(self) -> str:
+        return self.rope_parameters["rope_type"]
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
+
+    @property
+    def num_key_value_groups(self) -> int:
+        """G = H / K: how many query heads share one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # ------------------------------------------------------------------------------------------------- HF json
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "config") -> "LlamaConfig":
+        """Build a config from the dict of an HF ``config.json`` (either rope style); ``source`` names it in errors.
+
+        Priority of the RoPE keys is transformers': a non-empty ``rope_scaling`` dict replaces ``rope_parameters``;
+        a missing ``rope_theta`` inside it is taken from the top-level ``rope_theta`` (default 10000); the
+        legacy ``type`` key stands for ``rope_type``; ``original_max_position_embeddings`` defaults to
+        ``max_position_embeddings``.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported (only 'llama')")
+        for key in ("attention_dropout",):
+            if key in d and d[key] not in (0, 0.0, None):
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only 0.0)")
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_parameters / rope_scaling must be a JSON object, got {rope!r}")
+        rope = dict(rope)
+        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+        if "partial_rotary_factor" in d:
+            rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+        max_pos = d.get("max_position_embeddings", 2048)
+        rope = _normalize_rope(rope, d.get("original_max_position_embeddings"), max_pos)
+        kwargs: dict[str, Any] = {}
+        for f in cls.__dataclass_fields__:
+            if f in d and f != "rope_parameters":
+                kwargs[f] = d[f]
+        try:
+            return cls(**kwargs, rope_parameters=rope)
+        except ValueError as e:
+            raise ValueError(f"{source}: {str(e).removeprefix('config: ')}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
+        """Read an HF ``config.json``; a missing or unreadable file raises ``ValueError`` naming it."""
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file not found: {p}")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"config file is not valid JSON: {p} ({e})") from None
+        return cls.from_dict(d, source=str(p))
+
+    def to_dict(self) -> dict:
+        """The ``config.json`` transformers writes for this model (newer ``rope_parameters`` style)."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": dict(self.rope_parameters),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0,
+            "mlp_bias": self.mlp_bias,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+            "dtype": "float32",
+        }
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _normalize_rope(rope: dict, top_level_original_max, max_position_embeddings) -> dict:
+    """Fill in ``rope_type`` (from the legacy ``type``) and llama3's ``original_max_position_embeddings``."""
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    rope.pop("type", None)
+    rope.setdefault("rope_theta", 10000.0)
+    if rope["rope_type"] == "llama3":
+        if top_level_original_max is not None:  # transformers gives a top-level value priority
+            rope["original_max_position_embeddings"] = top_level_original_max
+        rope.setdefault("original_max_position_embeddings", max_position_embeddings)
+    return rope
+
+
+def _validate_rope(rope: dict) -> None:
+    rope_type = rope["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"config: rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if not _is_number(rope["rope_theta"]) or not rope["rope_theta"] > 0:
+        raise ValueError(f"config: rope_theta must be a positive number, got {rope['rope_theta']!r}")
+    prf = rope.get("partial_rotary_factor", 1.0)
+    if prf not in (1, 1.0, None):
+        raise ValueError(f"config: partial_rotary_factor={prf!r} is not supported (RoPE rotates the whole head)")
+    if rope_type == "llama3":
+        missing = [k for k in LLAMA3_KEYS if k not in rope]
+        if missing:
+            raise ValueError(f"config: rope_type 'llama3' needs {', '.join(missing)} in rope_parameters")
+        for k in LLAMA3_KEYS:
+            if not _is_number(rope[k]) or not rope[k] > 0:
+                raise ValueError(f"config: llama3 rope {k} must be a positive number, got {rope[k]!r}")
+        if not rope["high_freq_factor"] > rope["low_freq_factor"]:
+            raise ValueError(f"config: llama3 rope needs high_freq_factor > low_freq_factor, got "
+                             f"{rope['high_freq_factor']} and {rope['low_freq_factor']}")
+
+
+# ================================================================================================================
+# RoPE
+# ================================================================================================================
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """The rotation frequencies θ_i of RoPE, float32 (Dh/2,).
+
+    Default RoPE [Su et al. 2021]: θ_i = base^(−2i/Dh), i = 0 … Dh/2−1, base = ``rope_theta``.
+
+    Llama 3.1 scaling (``rope_type="llama3"``) stretches the slow rotations to reach longer contexts. With the
+    wavelength λ_i = 2π/θ_i, the original context length L (``original_max_position_embeddings``) and the factors
+    s (``factor``), α (``low_freq_factor``), β (``high_freq_factor``):
+
+    - λ_i < L/β (fast, high frequency): θ_i is kept;
+    - λ_i > L/α (slow, low frequency): θ_i / s;
+    - in between: (1 − γ) θ_i / s + γ θ_i with γ = (L/λ_i − α) / (β − α), a smooth blend.
+
+    Computed in float32 like transformers, so the band edges fall on the same side in both.
+    """
+    dim = config.head_dim
+    base = np.float32(config.rope_theta)
+    inv_freq = (np.float32(1.0) / base ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))  # (Dh/2,)
+    if config.rope_type == "default":
+        return inv_freq.astype(np.float32)
+    r = config.rope_parameters
+    factor, low, high = float(r["factor"]), float(r["low_freq_factor"]), float(r["high_freq_factor"])
+    old_context_len = float(r["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = np.float32(2 * math.pi) / inv_freq  # (Dh/2,)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+    smooth = (np.float32(old_context_len) / wavelen - np.float32(low)) / np.float32(high - low)
+    smoothed = (np.float32(1) - smooth) * scaled / np.float32(factor) + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq: np.ndarray, positions: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of the rotation angles m·θ_i for each position m: two arrays (T, Dh).
+
+    The angles are laid out as [θ_0 … θ_{Dh/2−1}, θ_0 … θ_{Dh/2−1}]: dimension i is paired with i + Dh/2, the
+    "rotate half" layout of transformers, not with i + 1 as in the paper's interleaved layout (transformers'
+    conversion script permutes the rows of Meta's q/k weights so that the two give the same attention scores).
+    """
+    freqs = np.asarray(positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # (T, Dh/2)
+    emb = np.concatenate([freqs, freqs], axis=-1)  # (T, Dh)
+    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) → (−x2, x1) on the two halves of the last axis: the 90° turn of every (i, i + Dh/2) pair."""
+    half = x.shape[-1] // 2
+    return ops.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
+    """Rotate every (i, i + Dh/2) pair of ``x`` (…, T, Dh) by the angle m·θ_i of its position m.
+
+    y = x ⊙ cos + rotate_half(x) ⊙ sin, the real form of multiplying the complex number x_i + j·x_{i+Dh/2} by
+    e^{j m θ_i}. Rotating both q and k makes q_m · k_n depend on the positions only through m − n.
+
+    One graph node, :func:`lora_ref.autograd.functional.rotary`: the map is a rotation, so its backward is the rotation by
+    the opposite angle. ``x * cos + rotate_half(x) * sin`` from primitives gives the same values and gradients
+    (tested).
+    """
+    return F.rotary(x, cos, sin)
+
+
+# ================================================================================================================
+# the model
+# ================================================================================================================
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, so each generated token costs one position.
+
+    ``update(layer, k, v)`` appends the new keys/values (B, K, T, Dh) along time and returns all of them
+    (B, K, S, Dh); ``length`` is the number of cached positions (the position of the next token).
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer] is not None:
+            k = ops.concatenate([self.keys[layer], k], axis=2)  # (B, K, S, Dh)
+            v = ops.concatenate([self.values[layer], v], axis=2)  # (B, K, S, Dh)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class LlamaAttention(Module):
+    """Causal self-attention with RoPE and grouped-query attention (GQA).
+
+    H query heads share K key/value heads in groups of G = H / K (K = H is multi-head attention, K = 1 is
+    multi-query attention): query head h reads key/value head h // G, as transformers' ``repeat_kv`` arranges it.
+
+        softmax(q kᵀ / √Dh + mask) v,   mask = −∞ where a key lies in the query's future
+
+    The softmax-attention itself is :func:`lora_ref.autograd.functional.scaled_dot_product_attention`, one graph node with
+    a fused backward rule; ``notebooks/02_llama.ipynb`` builds it step by step from primitives and checks that the
+    two agree.
+    """
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
+        super().__init__()
+        D, H, K, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        std, bias = config.initializer_range, config.attention_bias
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = H, K, Dh
+        self.scaling = Dh**-0.5
+        self.q_proj = Linear(D, H * Dh, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.k_proj = Linear(D, K * Dh, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.v_proj = Linear(D, K * Dh, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.o_proj = Linear(H * Dh, D, bias=bias, rng=rng, std=std, dtype=dtype)
+
+    def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, D), cos/sin (T, Dh) of the T new positions → (B, T, D)."""
+        B, T, _ = x.shape
+        H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(B, T, H, Dh).transpose(0, 2, 1, 3)  # (B, H, T, Dh)
+        k = self.k_proj(x).reshape(B, T, K, Dh).transpose(0, 2, 1, 3)  # (B, K, T, Dh)
+        v = self.v_proj(x).reshape(B, T, K, Dh).transpose(0, 2, 1, 3)  # (B, K, T, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # rotate by position
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, Dh): the cached past, then the new positions
+        y = F.scaled_dot_product_attention(q, k, v, causal=True, scale=self.scaling)  # (B, H, T, Dh)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)  # (B, T, H·Dh): heads side by side
+        return self.o_proj(y)  # (B, T, D)
+
+
+class LlamaMLP(Module):
+    """SwiGLU feed-forward: down( SiLU(gate(x)) ⊙ up(x) ) [Shazeer 2020], D → F → D."""
+
+    def __init__(self, config: LlamaConfig, *, rng: np.random.Generator | None = None, dtype=np.float32):
+        super().__init__()
+        D, Fd, std, bias = config.hidden_size, config.intermediate_size, config.initializer_range, config.mlp_bias
+        self.gate_proj = Linear(D, Fd, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.up_proj = Linear(D, Fd, bias=bias, rng=rng, std=std, dtype=dtype)
+        self.down_proj = Linear(Fd, D, bias=bias, rng=rng, std=std, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, T, D) → (B, T, D)."""
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))  # (B, T, F) → (B, T, D)
+
+
+class LlamaDecoderLayer(Module):
+    """One pre-norm block: x + Attn(RMSNorm(x)), then + MLP(RMSNorm(·))."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, rng=rng, dtype=dtype)
+        self.mlp = LlamaMLP(config, rng=rng, dtype=dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+
+    def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, D) → (B, T, D)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)  # (B, T, D)
+        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, D)
+
+
+class LlamaModel(Module):
+    """The decoder stack without the head: ids (B, T) → final normalized hidden states (B, T, D)."""
+
+    def __init__(self, config: LlamaConfig, *, rng: np.random.Generator | None = None, dtype=np.float32):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rng=rng, std=config.initializer_range,
+                                      dtype=dtype)
+        if rng is not None and config.pad_token_id is not None:  # transformers zeroes the padding row at init
+            self.embed_tokens.weight.data[config.pad_token_id] = 0.0
+        self.layers = ModuleList([LlamaDecoderLayer(config, i, rng=rng, dtype=dtype)
+                                  for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.inv_freq = rope_inv_freq(config)  # (Dh/2,) a constant, not a parameter
+
+    def forward(self, ids: np.ndarray, cache: KVCache | None = None) -> Tensor:
+        """ids int (B, T), already checked → (B, T, D)."""
+        T = ids.shape[1]
+        past = cache.length if cache is not None else 0
+        x = self.embed_tokens(ids)  # (B, T, D)
+        cos, sin = rope_cos_sin(self.inv_freq, np.arange(past, past + T), dtype=x.dtype)  # (T, Dh) each
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)  # (B, T, D)
+        return self.norm(x)  # (B, T, D)
+
+
+class Llama(Module):
+    """A Llama causal language model: ``Llama(config, rng=rng)`` → ``model(ids)`` → logits (B, T, V).
+
+    Parameters
+    ----------
+    config : LlamaConfig or dict
+        The hyper-parameters (a dict is read as an HF ``config.json``).
+    rng : numpy.random.Generator, optional
+        Random initialization like transformers: every Linear and the embedding from N(0, initializer_range²),
+        biases 0, RMSNorm weights 1. Without ``rng`` the weights are zeros, to be filled by
+        :meth:`from_pretrained` or ``load_state_dict``.
+    dtype : numpy float dtype
+        Of the parameters and so of the computation: float32 (default, like transformers' float32 checks) or
+        float64 (for gradient checks and reference values).
+
+    With ``tie_word_embeddings`` the head's weight *is* the embedding's Parameter (one array, two uses), and the
+    checkpoint stores it once, as ``model.embed_tokens.weight``.
+    """
+
+    def __init__(self, config: LlamaConfig | dict, *, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
+        super().__init__()
+        if isinstance(config, dict):
+            config = LlamaConfig.from_dict(config)
+        if not isinstance(config, LlamaConfig):
+            raise ValueError(f"Llama needs a LlamaConfig or a config dict, got {type(config).__name__}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise ValueError(f"Llama dtype must be float32 or float64, got {np.dtype(dtype)}")
+        self.config = config
+        self.model = LlamaModel(config, rng=rng, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, rng=rng,
+                              std=config.initializer_range, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def forward(self, ids, cache: KVCache | None = None) -> Tensor:
+        """Logits of the next token at every position.
+
+        Parameters
+        ----------
+        ids : int array-like (B, T)
+            Token ids in [0, vocab_size).
+        cache : KVCache, optional
+            Keys/values of earlier positions; ``ids`` then continue at position ``cache.length``.
+
+        Returns
+        -------
+        Tensor (B, T, V) in the parameters' dtype (float32 unless built with ``dtype=np.float64``).
+        """
+        past = cache.length if cache is not None else 0
+        ids = self.check_ids(ids, past=past)
+        h = self.model(ids, cache)  # (B, T, D)
+        return self.lm_head(h)  # (B, T, V)
+
+    def check_ids(self, ids, *, past: int = 0) -> np.ndarray:
+        """``ids`` as an int64 array (B, T), or ``ValueError`` saying what is wrong with them."""
+        arr = np.asarray(ids)
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+        if arr.ndim != 2:
+            raise ValueError(f"token ids must have shape (B, T), got shape {arr.shape}")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(f"token ids must not be empty, got shape {arr.shape}")
+        V = self.config.vocab_size
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token id out of range: ids must lie in [0, {V}), got min {lo}, max {hi}")
+        limit = self.config.max_position_embeddings
+        if past + arr.shape[1] > limit:
+            raise ValueError(f"sequence too long: {past + arr.shape[1]} positions"
+                             f"{f' ({past} cached + {arr.shape[1]} new)' if past else ''} exceed "
+                             f"max_position_embeddings={limit}")
+        return arr.astype(np.int64, copy=False)
+
+    # ------------------------------------------------------------------------------------------------- generation
+    def generate(self, ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 rng: np.random.Generator | None = None, use_cache: bool = True) -> np.ndarray:
+        """Continue ``ids`` (B, T) by ``max_new_tokens`` tokens; returns int64 (B, T + max_new_tokens).
+
+        ``temperature=0`` is greedy decoding (argmax). ``temperature > 0`` samples from
+        softmax(logits / temperature), restricted to the ``top_k`` most likely tokens when given; sampling needs
+        ``rng``. With ``use_cache`` every step feeds only the newest token and reads the earlier keys/values from
+        a :class:`KVCache`; without it every step recomputes the whole sequence (same tokens, T times the work).
+        Runs in eval mode under ``no_grad``; the training flag is restored afterwards. Every row gets exactly
+        ``max_new_tokens`` tokens: there is no stop at ``eos_token_id`` (transformers' ``generate`` stops there
+        and pads) and no padding of prompts (all rows have the same length T).
+        """
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        _check_sampling(temperature, top_k, rng)
+        arr = self.check_ids(ids)
+        total = arr.shape[1] + max_new_tokens
+        if total > self.config.max_position_embeddings:
+            raise ValueError(f"sequence too long: {arr.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                cache = KVCache(self.config.num_hidden_layers) if use_cache else None
+                out, step = arr, arr
+                for _ in range(max_new_tokens):
+                    logits = np.asarray(self(step if use_cache else out, cache=cache))  # (B, t, V)
+                    nxt = sample_next_token(logits[:, -1, :], temperature=temperature, top_k=top_k, rng=rng)  # (B,)
+                    out = np.concatenate([out, nxt[:, None]], axis=1)  # (B, t + 1)
+                    step = nxt[:, None]  # (B, 1)
+        finally:
+            self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_names(self) -> list[str]:
+        """The tensor names a transformers checkpoint of this model holds (a tied head is stored once)."""
+        return [name for name, _ in self._unique_parameters()]
+
+    def _unique_parameters(self):
+        seen: set[int] = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield name, p
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=np.float32) -> "Llama":
+        """Load an HF Llama checkpoint folder: ``config.json`` + ``model.safetensors`` (or sharded with
+        ``model.safetensors.index.json``). bfloat16/float16/float64 weights are converted to float32, then to
+        ``dtype`` (float32 by default).
+
+        Raises ``ValueError`` naming the file for a missing folder or file, unreadable JSON, a corrupt safetensors
+        file, and naming the tensor for a missing, unexpected or wrongly shaped tensor.
+        """
+        folder = require_dir(path, "checkpoint folder")
+        config = LlamaConfig.from_json_file(folder / CONFIG_FILE)
+        tensors, sources = load_checkpoint_tensors(folder)
+        model = cls(config, dtype=dtype)
+        model.load_checkpoint_tensors(tensors, sources)
+        return model
+
+    def load_checkpoint_tensors(self, tensors: dict[str, np.ndarray], sources: dict[str, str] | None = None) -> None:
+        """Copy checkpoint tensors (transformers names) into the parameters, checking names and shapes."""
+        sources = sources or {}
+        params = dict(self._unique_parameters())
+        ignorable = {k for k in tensors if k.endswith("rotary_emb.inv_freq")}  # a buffer older versions saved
+        if self.config.tie_word_embeddings and "lm_head.weight" not in params and "lm_head.weight" in tensors:
+            # a tied checkpoint may carry a copy of the head; transformers unties the two when they differ
+            if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+                where = sources.get("lm_head.weight", "the checkpoint")
+                raise ValueError(f"config ties lm_head to embed_tokens, but {where} holds a different "
+                                 "lm_head.weight; set tie_word_embeddings to false in config.json to use it")
+            ignorable.add("lm_head.weight")
+        missing = [k for k in params if k not in tensors]
+        if missing:
+            raise ValueError(f"checkpoint lacks tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
+                                                                          if len(missing) > 1 else ""))
+        unexpected = sorted(k for k in tensors if k not in params and k not in ignorable)
+        if unexpected:
+            raise ValueError(f"checkpoint has unexpected tensor {unexpected[0]!r} in "
+                             f"{sources.get(unexpected[0], 'the checkpoint')}"
+                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        for name, p in params.items():
+            a = tensors[name]
+            if a.shape != p.shape:
+                raise ValueError(f"tensor {name!r} in {sources.get(name, 'the checkpoint')} has shape {a.shape}, "
+                                 f"the model expects {p.shape}")
+            p.data[...] = a  # in place: a tied head keeps sharing the embedding's array
+
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
+        """Write an HF checkpoint folder transformers' ``LlamaForCausalLM.from_pretrained`` loads: ``config.json``
+        and float32 ``model.safetensors`` (metadata ``{"format": "pt"}``), or shards of at most
+        ``max_shard_bytes`` each plus ``model.safetensors.index.json``.
+
+        The folder must be missing or empty; it appears complete or not at all (:func:`lora_ref.files.outputs.output_dir`).
+        A model whose layers were replaced (LoRA, 4-bit) is refused: merge the adapters into a plain model first.
+        """
+        expected = set(checkpoint_tensor_names(self.config))
+        tensors = {name: np.ascontiguousarray(p.data, dtype=np.float32) for name, p in self._unique_parameters()}
+        if set(tensors) != expected:
+            extra = sorted(set(tensors) - expected) or sorted(expected - set(tensors))
+            raise ValueError(f"cannot save as a Llama checkpoint: the model's parameters differ from a plain Llama's "
+                             f"(first difference: {extra[0]!r}); merge or remove replaced layers first")
+        with output_dir(path) as tmp:
+            write_json(tmp / CONFIG_FILE, self.config.to_dict())
+            if max_shard_bytes is None:
+                atomic_write(tmp / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+            else:
+                _write_shards(tmp, tensors, max_shard_bytes)
+        return Path(path)
+
+
+def checkpoint_tensor_names(config: LlamaConfig) -> list[str]:
+    """The tensor names of a transformers Llama checkpoint with this config (sorted, as transformers writes them)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        names += [prefix + "input_layernorm.weight", prefix + "post_attention_layernorm.weight"]
+        for proj, bias in [(f"self_attn.{n}_proj", config.attention_bias) for n in "qkvo"] + \
+                          [(f"mlp.{n}_proj", config.mlp_bias) for n in ("gate", "up", "down")]:
+            names.append(prefix + proj + ".weight")
+            if bias:
+                names.append(prefix + proj + ".bias")
+    return sorted(names)
+
+
+def _write_shards(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    if not _is_int(max_shard_bytes) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, a in tensors.items():  # greedy, in order; a tensor larger than the limit gets a shard of its own
+        if shards[-1] and size + a.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = a
+        size += a.nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        atomic_write(folder / fname, safetensors.numpy.save(shard, metadata={"format": "pt"}))
+        weight_map.update({name: fname for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    write_json(folder / WEIGHTS_INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+# ================================================================================================================
+# sampling
+# ================================================================================================================
+def _check_sampling(temperature, top_k, rng) -> None:
+    if not _is_number(temperature) or not temperature >= 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if temperature > 0 and not isinstance(rng, np.random.Generator):
+        raise ValueError("sampling (temperature > 0) needs rng=np.random.default_rng(seed)")
+
+
+def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: int | None = None,
+                      rng: np.random.Generator | None = None) -> np.ndarray:
+    """Pick one token per row of ``logits`` (B, V) → int64 (B,).
+
+    ``temperature == 0``: argmax (greedy; the first index on ties). Otherwise draw from
+    p = softmax(logits / temperature) computed in float64, after setting every logit below the k-th largest to
+    −∞ when ``top_k`` is given (ties with the k-th are kept, as in transformers' ``TopKLogitsWarper``). The draw is
+    the inverse CDF at one ``rng.random()`` per row.
+    """
+    _check_sampling(temperature, top_k, rng)
+    logits = np.asarray(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (B, V), got {logits.shape}")
+    if temperature == 0:
+        return np.argmax(logits, axis=-1).astype(np.int64)
+    z = logits.astype(np.float64) / temperature  # (B, V)
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.sort(z, axis=-1)[:, -top_k][:, None]  # (B, 1)
+        z = np.where(z < kth, -np.inf, z)
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)  # (B, V), unnormalized
+    cdf = np.cumsum(p, axis=-1)  # (B, V)
+    u = rng.random(z.shape[0])[:, None] * cdf[:, -1:]  # (B, 1) uniform on [0, total)
+    return np.argmax(cdf > u, axis=-1).astype(np.int64)  # first index whose cumulative mass exceeds u
+
+
+# ================================================================================================================
+# safetensors files
+# ================================================================================================================
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a ``.safetensors`` file into float32 arrays (F32 as is; BF16, F16, F64 converted).
+
+    The bytes are parsed by :func:`lora_ref.files.safetensors.read_safetensors_raw`, which raises ``ValueError`` naming
+    the file for any inconsistency; a tensor that is not floating point (a quantized checkpoint) is refused here.
+    """
+    tensors, _ = read_safetensors_raw(path)
+    out: dict[str, np.ndarray] = {}
+    for name, a in tensors.items():
+        if a.dtype.kind != "f" and a.dtype != np.dtype(ml_dtypes.bfloat16):
+            raise ValueError(f"tensor {name!r} in {Path(path)} has dtype {NP_TO_ST.get(a.dtype, a.dtype)}; only F32, "
+                             f"F16, BF16 and F64 are "
+                             f"read (a quantized checkpoint?)")
+        out[name] = a.astype(np.float32, copy=False)
+    return out
+
+
+def load_checkpoint_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of an HF checkpoint folder as float32, plus the file each came from (for error messages).
+
+    Reads ``model.safetensors``, or else the shards listed in ``model.safetensors.index.json``
+    (``{"weight_map": {name: shard file}}``).
+    """
+    folder = Path(folder)
+    single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
+    if single.is_file():
+        tensors = read_safetensors(single)
+        return tensors, {k: str(single) for k in tensors}
+    if not index.is_file():
+        found = sorted(f.name for f in folder.iterdir()) if folder.is_dir() else []
+        hint = " (pickle-based .bin checkpoints are not read; convert to safetensors)" \
+            if any(f.endswith(".bin") for f in found) else ""
+        raise ValueError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {folder}{hint}")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"corrupt index file (expected JSON with a weight_map of name → file): {index}") from None
+    tensors: dict[str, np.ndarray] = {}
+    sources: dict[str, str] = {}
+    for fname in sorted(set(weight_map.values())):
+        if Path(fname).name != fname or fname in (".", ".."):
+            raise ValueError(f"index file {index} names a shard outside its folder: {fname!r}")
+        shard = folder / fname
+        if not shard.is_file():
+            raise ValueError(f"shard listed in {index} not found: {shard}")
+        for name, a in read_safetensors(shard).items():
+            tensors[name] = a
+            sources[name] = str(shard)
+    for name, fname in weight_map.items():
+        if sources.get(name) != str(folder / fname):
+            raise ValueError(f"tensor {name!r} is listed in {index} under {fname} but not found there")
+    return tensors, sources

@@ -1,0 +1,33 @@
+"""The README's performance table is written from a bench JSON document, between its markers only."""
+
+import pytest
+
+from lora_ref.bench.report import END, START, table, update
+
+DOC = {"machine": {"cpu": "Test CPU", "cpus": 2, "python": "3.11", "numpy": "2.4"},
+       "results": [{"name": "train_step", "ours_s": 0.2, "baseline": "torch", "baseline_s": 0.25, "ratio": 0.8,
+                    "params": {}},
+                   {"name": "nf4_gemv_4096", "ours_s": 0.003, "baseline": "openblas_sgemv", "baseline_s": 0.005,
+                    "ratio": 0.6, "params": {}},
+                   {"name": "memory_lora", "ours_s": 3 * 2**20, "baseline": "memory_full", "baseline_s": 6 * 2**20,
+                    "ratio": 0.5, "params": {}}]}
+
+
+def test_table_rows_goals_and_verdicts():
+    t = table(DOC)
+    assert "Test CPU" in t
+    assert "| `train_step` | 200.00 ms | torch | 250.00 ms | 0.800 | <= 1.0 | yes |" in t
+    assert "| `nf4_gemv_4096` | 3.00 ms | openblas_sgemv | 5.00 ms | 0.600 | <= 0.5 | no |" in t
+    assert "| `memory_lora` | 3.0 MiB | memory_full | 6.0 MiB | 0.500 |  |  |" in t
+
+
+def test_update_replaces_only_the_marked_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\nbefore\n{START}\nold table\n{END}\nafter\n")
+    update(readme, DOC)
+    text = readme.read_text()
+    assert text.startswith("# x\nbefore\n") and text.endswith(f"{END}\nafter\n")
+    assert "old table" not in text and "train_step" in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="bench:start"):
+        update(readme, DOC)

@@ -1,0 +1,335 @@
+"""The fast paths (lora_ref.kernels.training, chosen by lora_ref.kernels.switch) equal their readable NumPy twins.
+
+Each fused operation is run twice on the same inputs, once with ``fast.readable()`` and once with
+``fast.fast_paths()``, and its output and its gradients (of sum(out · w) for a fixed random w) are compared; then
+a whole model's loss and every parameter gradient, and AdamW steps. The twins compute the same formulas in the same
+order, except that the kernels' exp is a polynomial (≤ 2 ulp) and some row sums run in eight lanes, so float32
+results agree to a few ulps: the tolerances below. Spies check that the kernels really ran (a silent fallback to the
+twin would make every comparison pass). ``test_fast_paths_without_jit`` runs this file again with
+``NUMBA_DISABLE_JIT=1``.
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_ref.kernels import switch as fast
+from lora_ref.kernels import training as train_kernels
+from lora_ref.autograd import functional as F
+from lora_ref.autograd import ops
+from lora_ref.autograd.tensor import Tensor
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# float32 tolerances, in one place: a few ulps (2^-23 ≈ 1.2e-7) per element after a handful of roundings that
+# differ between the twins; atol for values that cancel to near zero (gradients of a mean over many rows).
+TOL32 = {"rtol": 2e-5, "atol": 1e-6}
+# a whole model: differences pass through a dozen layers of matmuls and normalisations
+MODEL_TOL32 = {"rtol": 1e-4, "atol": 1e-6}
+
+
+def _run(fn, inputs: dict, *, fast_on: bool, seed: int = 0):
+    """Output and gradients of sum(fn(**inputs) · w) with the fast paths on or off."""
+    ctx = fast.fast_paths() if fast_on else fast.readable()
+    with ctx:
+        ts = {k: Tensor(v.copy(), requires_grad=v.dtype.kind == "f") for k, v in inputs.items()}
+        out = fn(**ts)
+        w = np.random.default_rng(seed).standard_normal(out.shape).astype(out.data.dtype)
+        (out * Tensor(w)).sum().backward()
+    return out.data, {k: t.grad for k, t in ts.items() if t.requires_grad}
+
+
+def _assert_twins_equal(fn, inputs: dict, tol=TOL32):
+    out_r, g_r = _run(fn, inputs, fast_on=False)
+    out_f, g_f = _run(fn, inputs, fast_on=True)
+    assert out_f.dtype == out_r.dtype == np.float32
+    np.testing.assert_allclose(out_f, out_r, **tol)
+    assert g_f.keys() == g_r.keys()
+    for k in g_r:
+        assert g_f[k].dtype == np.float32, k
+        np.testing.assert_allclose(g_f[k], g_r[k], **tol, err_msg=f"gradient of {k}")
+
+
+@contextlib.contextmanager
+def _spy(name: str):
+    """Count the calls of a train_kernels entry point inside the block (proves the fast path ran)."""
+    calls: list[int] = []
+    inner = getattr(train_kernels, name)
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        return inner(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_kernels, name, wrapper)
+        yield calls
+
+
+def _f32(rng, shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ exp
+def test_exp32_within_two_ulp_of_exp():
+    x = np.linspace(-103.9, 88.72, 200_001, dtype=np.float32)
+    if numba.config.DISABLE_JIT:
+        x = x[::997]  # Python loops: a sample
+    got = _exp32_array(x).astype(np.float64)
+    ref = np.exp(x.astype(np.float64))
+    ulp = np.spacing(ref.astype(np.float32)).astype(np.float64)  # subnormal spacing below e^-87.3
+    assert np.all(np.isfinite(got))
+    assert np.max(np.abs(got - ref) / ulp) <= 2.0
+
+
+def _exp32_array(x):
+    out = np.empty_like(x)
+    _exp_loop(x, out)
+    return out
+
+
+@numba.njit
+def _exp_loop(x, out):
+    for i in range(x.shape[0]):
+        out[i] = train_kernels.exp32(x[i])
+
+
+def test_exp32_edges():
+    f = train_kernels.exp32
+    assert f(np.float32(0.0)) == 1.0
+    assert f(np.float32(-np.inf)) == 0.0 and f(np.float32(-104.0)) == 0.0
+    assert f(np.float32(np.inf)) == np.inf and f(np.float32(88.73)) == np.inf
+    assert np.isnan(f(np.float32(np.nan)))
+    assert np.float32(f(np.float32(1.0))).dtype == np.float32
+
+
+# ------------------------------------------------------------------------------------------------ each operation
+dims = st.integers(1, 9)
+
+
+@given(n=dims, d=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_rms_norm_twins(n, d, seed):
+    rng = np.random.default_rng(seed)
+    with _spy("rms_norm") as calls:
+        _assert_twins_equal(lambda x, weight: F.rms_norm(x, weight, 1e-5),
+                            {"x": _f32(rng, (2, n, d)), "weight": 1 + _f32(rng, (d,), 0.1)})
+    assert len(calls) == 1
+
+
+def test_rms_norm_frozen_weight_has_no_gradient():
+    rng = np.random.default_rng(0)
+    x = Tensor(_f32(rng, (3, 5, 16)), requires_grad=True)
+    w = Tensor(np.ones(16, np.float32))  # frozen, as in LoRA
+    with fast.fast_paths():
+        F.rms_norm(x, w, 1e-6).sum().backward()
+    assert w.grad is None and x.grad.shape == (3, 5, 16)
+
+
+@given(n=dims, f=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_swiglu_twins(n, f, seed):
+    rng = np.random.default_rng(seed)
+    with _spy("swiglu") as calls:
+        gate = _f32(rng, (n, 3, f), 4.0)
+        gate.flat[0] = -120.0  # e^120 overflows: σ = 0 on both sides
+        _assert_twins_equal(F.swiglu, {"gate": gate, "up": _f32(rng, (n, 3, f))})
+    assert len(calls) == 1
+
+
+@given(b=st.integers(1, 3), h=st.integers(1, 3), t=dims, e=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_rotary_twins_and_gradient_layout(b, h, t, e, seed):
+    rng = np.random.default_rng(seed)
+    E = 2 * e
+    with _spy("rotary") as calls:
+        cos, sin = _f32(rng, (t, E)), _f32(rng, (t, E))
+        x_bthe = _f32(rng, (b, t, h, E))  # a projection's output, seen as (B, H, T, E) through a transpose
+
+        def fn(x):
+            return F.rotary(x.transpose(0, 2, 1, 3), cos, sin)
+
+        _assert_twins_equal(fn, {"x": x_bthe})
+    assert len(calls) == 1
+    with fast.fast_paths():
+        xt = Tensor(x_bthe.transpose(0, 2, 1, 3), requires_grad=True)
+        F.rotary(xt, cos, sin).sum().backward()
+    assert xt.grad.transpose(0, 2, 1, 3).flags.c_contiguous  # written in the projection's layout
+
+
+@given(b=st.integers(1, 2), k=st.integers(1, 2), g=st.integers(1, 3), t=st.integers(1, 20),
+       past=st.integers(0, 5), e=st.integers(1, 9), causal=st.booleans(), seed=st.integers(0, 2**16))
+def test_attention_twins(b, k, g, t, past, e, causal, seed):
+    rng = np.random.default_rng(seed)
+    S = t + past  # a KV cache of `past` earlier positions
+    with _spy("attention_softmax") as calls:
+        _assert_twins_equal(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal),
+                            {"q": _f32(rng, (b, k * g, t, e), 2.0), "k": _f32(rng, (b, k, S, e), 2.0),
+                             "v": _f32(rng, (b, k, S, e))})
+    assert len(calls) == 1
+
+
+@given(n=st.integers(1, 30), v=st.integers(2, 50), seed=st.integers(0, 2**16), ignore=st.booleans())
+def test_cross_entropy_twins(n, v, seed, ignore):
+    rng = np.random.default_rng(seed)
+    z = _f32(rng, (n, v), 3.0)
+    t = rng.integers(0, v, n)
+    if ignore and n > 1:
+        t[rng.integers(0, n)] = -100
+    with _spy("cross_entropy") as calls:
+        _assert_twins_equal(lambda logits: F.cross_entropy(logits, t) * 3.0, {"logits": z})
+    assert len(calls) == 1
+
+
+@given(n=st.integers(1, 60), v=st.integers(1, 12), d=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_embedding_gradient_twins_bit_exact(n, v, d, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, v, (2, n))  # repeats accumulate in the same order as np.add.at
+    w = _f32(rng, (v, d))
+    out_r, g_r = _run(lambda weight: ops.embedding(weight, ids), {"weight": w}, fast_on=False)
+    out_f, g_f = _run(lambda weight: ops.embedding(weight, ids), {"weight": w}, fast_on=True)
+    np.testing.assert_array_equal(g_f["weight"], g_r["weight"])
+
+
+def test_float64_runs_the_readable_twin():
+    names = ("rms_norm", "swiglu", "rotary", "attention_softmax", "cross_entropy")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 4, 6))
+    with contextlib.ExitStack() as stack:
+        spies = [stack.enter_context(_spy(n)) for n in names]
+        with fast.fast_paths():
+            F.rms_norm(x, np.ones(6), 1e-6)
+            F.swiglu(x, x)
+            F.rotary(x, np.ones((4, 6)), np.zeros((4, 6)))
+            F.scaled_dot_product_attention(x, x, x)
+            F.cross_entropy(x.reshape(-1, 6), np.zeros(16, np.int64))
+    assert all(len(c) == 0 for c in spies)
+
+
+# ------------------------------------------------------------------------------------------------ AdamW
+def _adamw_run(fast_on: bool):
+    from lora_ref.modeling.nn import Parameter
+    from lora_ref.training.optim import AdamW
+
+    rng = np.random.default_rng(3)
+    ps = [Parameter(_f32(rng, (7, 5))), Parameter(_f32(rng, (5,)))]
+    opt = AdamW([{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}],
+                lr=3e-3, betas=(0.9, 0.95))
+    with fast.fast_paths() if fast_on else fast.readable():
+        for step in range(4):
+            for p in ps:
+                p.grad = _f32(np.random.default_rng(step), p.shape)
+            opt.step()
+    return [p.data for p in ps], [(s["exp_avg"], s["exp_avg_sq"]) for s in opt.state.values()]
+
+
+def test_adamw_fused_update_equals_the_readable_update(monkeypatch):
+    calls = []
+    inner = train_kernels.adamw_update
+    monkeypatch.setattr(train_kernels, "adamw_update", lambda *a: (calls.append(1), inner(*a)))
+    w_r, st_r = _adamw_run(False)
+    w_f, st_f = _adamw_run(True)
+    assert len(calls) == 8
+    for a, b in zip(w_f, w_r):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    for (m1, v1), (m2, v2) in zip(st_f, st_r):
+        np.testing.assert_allclose(m1, m2, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(v1, v2, rtol=1e-6, atol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+def _tiny_model(rng):
+    from lora_ref.modeling.llama import Llama
+
+    cfg = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": False, "initializer_range": 0.2}
+    return Llama(cfg, rng=rng)
+
+
+def _model_loss_and_grads(fast_on: bool, lora: str | None = None):
+    from lora_ref.training.loop import lm_loss
+
+    model = _tiny_model(np.random.default_rng(0))
+    if lora:
+        from lora_ref.adapters.lora import LoraConfig, inject_lora
+        from lora_ref.adapters.qlora import inject_qlora, quantize_model
+
+        cfg = LoraConfig(r=4, lora_alpha=7, target_modules=["q_proj", "v_proj", "down_proj"])
+        if lora == "qlora":
+            inject_qlora(quantize_model(model), cfg, rng=np.random.default_rng(1))
+        else:
+            inject_lora(model, cfg, rng=np.random.default_rng(1))
+        for n, p in model.named_parameters():  # B ≠ 0, so the adapter path matters
+            if "lora_B" in n:
+                p.data[...] = np.random.default_rng(2).standard_normal(p.shape) * 0.1
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, 40, (3, 17)), rng.integers(0, 40, (3, 17))
+    with fast.fast_paths() if fast_on else fast.readable():
+        loss = lm_loss(model, x, y)
+        loss.backward()
+    return float(loss.data), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [None, "lora", "qlora"])
+def test_model_loss_and_gradients_fast_equal_readable(lora, monkeypatch):
+    loss_r, g_r = _model_loss_and_grads(False, lora)
+    calls = []
+    inner = F.lora_add
+    monkeypatch.setattr(F, "lora_add", lambda *a: (calls.append(1), inner(*a))[1])
+    loss_f, g_f = _model_loss_and_grads(True, lora)
+    assert len(calls) == (0 if lora is None else 2 * 3)  # 2 layers × 3 adapted projections, fused and in place
+    assert abs(loss_f - loss_r) <= 1e-5 * abs(loss_r)
+    assert g_f.keys() == g_r.keys() and len(g_r) > 0
+    for n in g_r:
+        assert g_f[n].dtype == np.float32, n
+        np.testing.assert_allclose(g_f[n], g_r[n], **MODEL_TOL32, err_msg=n)
+
+
+def test_training_steps_fast_equal_readable():
+    from lora_ref.training.optim import AdamW
+    from lora_ref.training.loop import decay_groups, train_step
+
+    losses = {}
+    for fast_on in (False, True):
+        model = _tiny_model(np.random.default_rng(0))
+        opt = AdamW(decay_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95))
+        rng = np.random.default_rng(5)
+        with fast.fast_paths() if fast_on else fast.readable():
+            losses[fast_on] = [train_step(model, opt, *rng.integers(0, 40, (2, 3, 17))) for _ in range(4)]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    assert losses[True][-1] < losses[True][0]
+
+
+# ------------------------------------------------------------------------------------------------ switch
+def test_switch_and_environment():
+    prev = fast.set_enabled(True)
+    try:
+        with fast.readable():
+            assert not fast.enabled() and not fast.applies(np.zeros(1, np.float32))
+        assert fast.enabled() and fast.applies(np.zeros(1, np.float32)) and not fast.applies(np.zeros(1))
+    finally:
+        fast.set_enabled(prev)
+    code = "from lora_ref import fast; print(fast.enabled())"
+    for env, want in (("0", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LORA_REF_FAST=env), cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == want, out.stderr
+    bad = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LORA_REF_FAST="yes"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "LORA_REF_FAST" in bad.stderr
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="this process already runs without JIT")
+def test_fast_paths_without_jit():
+    """The same tests with the kernels run as Python (NUMBA_DISABLE_JIT=1), fast paths forced on."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1", LORA_REF_FAST="1", HYPOTHESIS_MAX_EXAMPLES="4")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "not without_jit and not environment"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -1,0 +1,263 @@
+"""The Numba kernels equal their NumPy twins: bit for bit on codes, bytes and decoded floats; within the float32
+rounding bound on matmuls. The same tests run with NUMBA_DISABLE_JIT=1 (tests/kernels/test_kernels_nojit.py)."""
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lora_ref.kernels import matmul as mm
+from lora_ref.quant import blockwise as ref
+from lora_ref.quant import fused, kernels, nf4
+
+NO_JIT = numba.config.DISABLE_JIT
+# Pure-Python loops (NUMBA_DISABLE_JIT=1) are ~1000x slower: the same properties on smaller shapes.
+MAX_N = 300 if NO_JIT else 2000
+MAX_DIM = 20 if NO_JIT else 150
+
+F32_EPS = float(np.finfo(np.float32).eps)
+BLOCKSIZES = (32, 64, 128, 256, 4096)
+LOWLEVEL = ("absmax_blocks", "encode_4bit", "pack_nibbles", "unpack_nibbles", "decode_4bit", "encode_8bit",
+            "decode_8bit")
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """float32 bit patterns: equality of these is equality including the sign of zero."""
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+def matmul_bound(a_abs_b_abs: np.ndarray, k: int) -> np.ndarray:
+    """Two float32 sums of k products, in different orders, differ by at most 2·k·eps·Σ|a||b| (+ rounding)."""
+    return 2 * (k + 2) * F32_EPS * a_abs_b_abs + 1e-30
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_kernels():
+    """Compile (or load from cache) every kernel once, so no hypothesis example pays for compilation."""
+    x = np.linspace(-1, 1, 101, dtype=np.float32)
+    for qt in ("nf4", "fp4"):
+        for rounding in ("cuda", "cpu"):
+            p, s = ref.quantize_4bit(x, blocksize=32, quant_type=qt, rounding=rounding, double_quant=True,
+                                     impl="numba")
+            ref.dequantize_4bit(p, s, impl="numba")
+    w = np.ones((9, 64), np.float32)
+    p, s = ref.quantize_4bit(w, blocksize=32, impl="numba")
+    for m in (1, 9):
+        kernels.matmul_4bit(np.ones((m, 64), np.float32), p, s)
+        kernels.matmul_4bit_t(np.ones((m, 9), np.float32), p, s)
+    p, s = ref.quantize_4bit(np.ones((9, 33), np.float32), blocksize=32, impl="numba")
+    kernels.matmul_4bit(np.ones((1, 33), np.float32), p, s)
+    mm.matmul(np.ones((7, 3), np.float32), np.ones((3, 5), np.float32))
+
+
+@st.composite
+def flat_blocks(draw, max_n=MAX_N):
+    """(flat float32 vector, blocksize): odd and even n, partial tail blocks, some all-zero blocks."""
+    blocksize = draw(st.sampled_from(BLOCKSIZES))
+    n = draw(st.integers(1, max_n))
+    x = draw(hnp.arrays(np.float32, n, elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=False)))
+    if draw(st.booleans()) and n > blocksize:
+        x[:blocksize] = 0.0                                          # a zero block
+    scale = draw(st.sampled_from([1e-3, 1.0, 37.0]))
+    return (x * np.float32(scale)).astype(np.float32), blocksize
+
+
+def test_twins_are_distinct_functions_with_the_same_signature():
+    import inspect
+    for name in LOWLEVEL:
+        fast, slow = getattr(kernels, name), getattr(ref, name)
+        assert fast is not slow
+        assert list(inspect.signature(fast).parameters) == list(inspect.signature(slow).parameters), name
+
+
+@given(flat_blocks())
+def test_absmax_blocks(case):
+    x, bs = case
+    assert np.array_equal(bits(kernels.absmax_blocks(x, bs)), bits(ref.absmax_blocks(x, bs)))
+
+
+@given(flat_blocks(), st.sampled_from(["nf4", "fp4"]), st.sampled_from(["cuda", "cpu"]))
+def test_encode_4bit(case, quant_type, rounding):
+    x, bs = case
+    absmax = ref.absmax_blocks(x, bs)
+    expected = ref.encode_4bit(x, absmax, bs, quant_type, rounding)
+    got = kernels.encode_4bit(x, absmax, bs, quant_type, rounding)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("rounding", ["cuda", "cpu"])
+def test_encode_4bit_threshold_probes(quant_type, rounding):
+    """Values on, and one ulp either side of, every decision threshold and ±1, ±0, in a block with absmax 1."""
+    t = np.concatenate([nf4.cuda_nf4_thresholds(), nf4.cuda_fp4_thresholds(), -nf4.cuda_fp4_thresholds(),
+                        nf4.midpoints_f32(nf4.NF4_CODE), nf4.midpoints_f32(np.sort(nf4.FP4_CODE))])
+    probes = np.concatenate([t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2)),
+                             np.array([1, -1, 0, -0.0], np.float32)]).astype(np.float32)
+    probes = np.concatenate([probes, np.zeros(-probes.size % 63, np.float32)]).reshape(-1, 63)
+    x = np.concatenate([probes, np.ones((probes.shape[0], 1), np.float32)], axis=1).reshape(-1)  # a 1 per block
+    absmax = ref.absmax_blocks(x, 64)
+    assert np.all(absmax == 1)
+    np.testing.assert_array_equal(kernels.encode_4bit(x, absmax, 64, quant_type, rounding),
+                                  ref.encode_4bit(x, absmax, 64, quant_type, rounding))
+
+
+@given(st.integers(1, MAX_N), st.data())
+def test_pack_and_unpack_nibbles(n, data):
+    codes = data.draw(hnp.arrays(np.uint8, n, elements=st.integers(0, 15)))
+    packed = kernels.pack_nibbles(codes)
+    np.testing.assert_array_equal(packed, ref.pack_nibbles(codes))
+    np.testing.assert_array_equal(kernels.unpack_nibbles(packed, n), ref.unpack_nibbles(packed, n))
+    np.testing.assert_array_equal(kernels.unpack_nibbles(packed, n), codes)
+
+
+@given(flat_blocks(), st.sampled_from(["nf4", "fp4"]))
+def test_decode_4bit(case, quant_type):
+    x, bs = case
+    n = x.size
+    absmax = ref.absmax_blocks(x, bs)
+    packed = ref.pack_nibbles(ref.encode_4bit(x, absmax, bs, quant_type, "cuda"))
+    code = nf4.kernel_lut(quant_type)
+    expected = ref.decode_4bit(packed, absmax, code, bs, n)
+    got = kernels.decode_4bit(packed, absmax, code, bs, n)
+    assert got.dtype == np.float32 and got.shape == (n,)
+    np.testing.assert_array_equal(bits(got), bits(expected))
+
+
+def test_decode_4bit_into_rejects_a_wrong_buffer():
+    packed = np.zeros(2, np.uint8)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.decode_4bit_into(packed, np.ones(1, np.float32), nf4.NF4_CODE, 64, 4, np.empty(3, np.float32))
+
+
+@given(flat_blocks(), st.sampled_from(["cuda", "cpu"]))
+def test_encode_and_decode_8bit(case, rounding):
+    x, bs = case
+    absmax = ref.absmax_blocks(x, bs)
+    codes = ref.encode_8bit(x, absmax, bs, nf4.DYNAMIC_MAP, rounding)
+    np.testing.assert_array_equal(kernels.encode_8bit(x, absmax, bs, nf4.DYNAMIC_MAP, rounding), codes)
+    np.testing.assert_array_equal(bits(kernels.decode_8bit(codes, absmax, nf4.DYNAMIC_MAP, bs)),
+                                  bits(ref.decode_8bit(codes, absmax, nf4.DYNAMIC_MAP, bs)))
+
+
+@given(flat_blocks(), st.sampled_from(["nf4", "fp4"]), st.sampled_from(["cuda", "cpu"]), st.booleans())
+def test_public_api_with_numba_equals_numpy(case, quant_type, rounding, double_quant):
+    x, bs = case
+    kw = dict(blocksize=bs, quant_type=quant_type, rounding=rounding, double_quant=double_quant)
+    p0, s0 = ref.quantize_4bit(x, impl="numpy", **kw)
+    p1, s1 = ref.quantize_4bit(x, impl="numba", **kw)
+    np.testing.assert_array_equal(p1, p0)
+    np.testing.assert_array_equal(np.asarray(s1.absmax), np.asarray(s0.absmax))
+    assert s1.offset == s0.offset
+    np.testing.assert_array_equal(bits(ref.dequantize_4bit(p0, s0, impl="numba")),
+                                  bits(ref.dequantize_4bit(p0, s0, impl="numpy")))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Matmuls
+# ------------------------------------------------------------------------------------------------------------
+
+
+@given(st.integers(0, MAX_DIM), st.integers(0, 2 * MAX_DIM), st.integers(0, MAX_DIM), st.integers(0, 2**32 - 1))
+def test_matmul_equals_its_twin(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    got = mm.matmul(a, b)
+    expected = mm.matmul_reference(a, b)
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    bound = matmul_bound(np.abs(a).astype(np.float64) @ np.abs(b), k)
+    assert np.all(np.abs(got.astype(np.float64) - expected) <= bound)
+    exact = a.astype(np.float64) @ b
+    assert np.all(np.abs(got - exact) <= bound)
+
+
+def test_matmul_accepts_strided_operands():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((40, 70), dtype=np.float32)[:, ::2]      # (40, 35), non-contiguous
+    b = rng.standard_normal((35, 90), dtype=np.float32).T.copy().T   # Fortran order
+    bound = matmul_bound(np.abs(a).astype(np.float64) @ np.abs(b), 35)
+    assert np.all(np.abs(mm.matmul(a, b) - a.astype(np.float64) @ b) <= bound)
+
+
+@pytest.mark.parametrize("a, b, match", [
+    (np.ones((2, 3), np.float64), np.ones((3, 2), np.float32), "float32"),
+    (np.ones((2, 3), np.float32), np.ones((4, 2), np.float32), "inner dimensions"),
+    (np.ones(3, np.float32), np.ones((3, 2), np.float32), "2-D"),
+])
+def test_matmul_rejects_bad_operands(a, b, match):
+    with pytest.raises(ValueError, match=match):
+        mm.matmul(a, b)
+    with pytest.raises(ValueError, match=match):
+        mm.matmul_reference(a, b)
+
+
+@st.composite
+def weights_4bit(draw):
+    """A quantized 2-D weight (N, K) and its settings; K sometimes not a multiple of the blocksize (blocks then
+    span rows and rows start in the middle of a byte)."""
+    bs = draw(st.sampled_from((32, 64, 128)))
+    n = draw(st.integers(1, MAX_DIM))
+    k = draw(st.one_of(st.integers(1, 2 * MAX_DIM), st.integers(1, 4).map(lambda q: q * bs)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    quant_type = draw(st.sampled_from(["nf4", "fp4"]))
+    double_quant = draw(st.booleans())
+    w = (0.02 * np.random.default_rng(seed).standard_normal((n, k))).astype(np.float32)
+    packed, state = ref.quantize_4bit(w, blocksize=bs, quant_type=quant_type, double_quant=double_quant)
+    return packed, state, seed
+
+
+@given(weights_4bit(), st.one_of(st.integers(0, 8), st.integers(9, MAX_DIM)))
+def test_matmul_4bit_equals_dequantize_then_matmul(weight, m):
+    packed, state, seed = weight
+    n, k = state.shape
+    x = np.random.default_rng(seed + 1).standard_normal((m, k), dtype=np.float32)
+    w = fused.dequantize_weight(packed, state)                        # (N, K)
+    got = kernels.matmul_4bit(x, packed, state)
+    expected = fused.matmul_4bit(x, packed, state)
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    bound = matmul_bound(np.abs(x).astype(np.float64) @ np.abs(w).T, k)
+    assert np.all(np.abs(got.astype(np.float64) - expected) <= bound)
+
+
+@given(weights_4bit(), st.one_of(st.integers(0, 8), st.integers(9, MAX_DIM)))
+def test_matmul_4bit_t_equals_dequantize_then_matmul(weight, m):
+    packed, state, seed = weight
+    n, k = state.shape
+    dy = np.random.default_rng(seed + 2).standard_normal((m, n), dtype=np.float32)
+    w = fused.dequantize_weight(packed, state)
+    got = kernels.matmul_4bit_t(dy, packed, state)
+    expected = fused.matmul_4bit_t(dy, packed, state)
+    assert got.dtype == np.float32 and got.shape == (m, k)
+    bound = matmul_bound(np.abs(dy).astype(np.float64) @ np.abs(w), n)
+    assert np.all(np.abs(got.astype(np.float64) - expected) <= bound)
+
+
+def test_fused_weight_is_the_float32_dequantized_weight():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 96), dtype=np.float32)
+    packed, state = ref.quantize_4bit(w, blocksize=32, double_quant=True)
+    np.testing.assert_array_equal(bits(fused.dequantize_weight(packed, state)),
+                                  bits(ref.dequantize_4bit(packed, state)))
+    x = np.eye(96, dtype=np.float32)[:3]                               # picks columns 0..2 of W
+    np.testing.assert_array_equal(kernels.matmul_4bit(x, packed, state), ref.dequantize_4bit(packed, state)[:, :3].T)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba"])
+def test_fused_matmuls_reject_bad_shapes(impl):
+    packed, state = ref.quantize_4bit(np.ones((4, 64), np.float32))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 63\)"):
+        fused.matmul_4bit(np.ones((2, 63), np.float32), packed, state, impl=impl)
+    with pytest.raises(ValueError, match="float32"):
+        fused.matmul_4bit(np.ones((2, 64), np.float64), packed, state, impl=impl)
+    with pytest.raises(ValueError, match=r"dy has shape \(2, 5\)"):
+        fused.matmul_4bit_t(np.ones((2, 5), np.float32), packed, state, impl=impl)
+    with pytest.raises(ValueError, match="bytes"):
+        fused.matmul_4bit(np.ones((2, 64), np.float32), packed[:-1], state, impl=impl)
+    p1, s1 = ref.quantize_4bit(np.ones(64, np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        fused.matmul_4bit(np.ones((2, 64), np.float32), p1, s1, impl=impl)
+    with pytest.raises(ValueError, match="impl"):
+        fused.matmul_4bit(np.ones((2, 64), np.float32), packed, state, impl="cuda")
