@@ -385,9 +385,9 @@ def build_tokenizer(reader):
     - pre-tokenizer: GPT-2's ``ByteLevel`` (its regex splits words, numbers, punctuation and whitespace runs,
       then maps bytes to the alphabet), no prefix space. For pre-tokenizer names that transformers maps to a
       regex of their own (llama3, qwen2, …) it uses that ``Split``; SmolLM's ``smollm`` is not among them, so the
-      plain GPT-2 regex applies. Note: llama.cpp's own ``smollm`` pre-tokenizer and SmolLM's original
-      ``tokenizer.json`` split digits one by one; transformers' GGUF tokenizer (and therefore this one) groups
-      them as GPT-2 does, so a number may get other ids than in the original release.
+      plain GPT-2 regex applies. (llama.cpp's ``smollm`` pre-tokenizer and SmolLM's original ``tokenizer.json``
+      also split digits one by one; GPT-2's regex keeps a run of digits together, but SmolLM2's vocabulary has
+      only the ten single digits and no merge that joins a digit to anything, so the ids come out the same.)
     - decoder: ``ByteLevel`` (alphabet back to bytes, then UTF-8).
     - post-processor: ``bos`` before / ``eos`` after a sequence if ``tokenizer.ggml.add_bos_token`` /
       ``add_eos_token`` say so (SmolLM2: neither).
