@@ -111,6 +111,10 @@ def test_tokenizer_ids_equal_transformers(smollm2_dir, hf_gguf_tokenizer):
             hf_gguf_tokenizer.decode(expected, skip_special_tokens=True), text
     assert ours.encode("<|im_start|>user", add_special_tokens=False).ids[0] == 1
     assert len(ours.get_vocab()) == hf_gguf_tokenizer.vocab_size == 49152
+    # the docstring's claim: digits only as single tokens, so digit runs tokenize digit by digit either way
+    assert [t for t in ours.get_vocab() if any(c.isdigit() for c in t)] != []
+    assert all(len(t) == 1 for t in ours.get_vocab() if any(c in "0123456789" for c in t))
+    assert ours.encode(" 2024", add_special_tokens=False).tokens == ["Ġ", "2", "0", "2", "4"]
 
 
 def test_tokenizer_config_and_chat_template(smollm2_dir, hf_gguf_tokenizer):
