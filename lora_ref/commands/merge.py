@@ -122,6 +122,9 @@ def run(args) -> int:
         if args.svd_rank < 1:
             raise UsageError(f"--svd-rank must be >= 1, got {args.svd_rank}")
     check_out_dir(args.out)  # fail before any work
+    from lora_ref.files.models import model_arg
+
+    args.base = model_arg(args.base)  # a known model name (lora-ref models) is fetched on first use
     require_dir(args.base, "base checkpoint folder")
     for a in adapters:
         require_dir(a, "adapter folder")

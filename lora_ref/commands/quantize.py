@@ -186,6 +186,11 @@ def run(args) -> int:
     if args.blocksize not in ALLOWED_BLOCKSIZES:
         raise UsageError(f"--blocksize {args.blocksize} is not allowed; use one of "
                          f"{', '.join(map(str, ALLOWED_BLOCKSIZES))}")
+    from lora_ref.files.models import model_arg
+    from lora_ref.fsutil import check_out_dir
+
+    check_out_dir(args.out)  # before a known model is fetched
+    args.base = model_arg(args.base)  # a known model name (lora-ref models) is fetched on first use
     report = quantize_checkpoint(args.base, args.out, quant_type=args.quant_type, blocksize=args.blocksize,
                                  double_quant=args.double_quant, rounding=args.rounding, impl=args.impl,
                                  progress=sys.stderr)
