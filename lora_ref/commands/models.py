@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-HELP = "list the known model names, whether each is cached, and where"
 
 EXAMPLES = """\
 examples:
