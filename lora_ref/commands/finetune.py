@@ -37,7 +37,7 @@ full trains every weight; lora freezes the base and trains adapters of rank --r 
 --targets (comma-separated module names, NAME=RANK for a rank of its own, or all-linear: every linear layer but the
 output head, the same syntax as 'lora-ref count'); qlora does the same on a base whose linear layers (not the
 embeddings or lm_head) are quantized in memory to NF4 with double quantization, blocksize 64. AdamW with a linear
-warmup (5% of the steps) and a cosine decay to lr/10, gradient clipping at 1.0; batches are drawn in random order,
+warmup (5% of the steps, rounded down) and a cosine decay to lr/10, gradient clipping at 1.0; batches are drawn in random order,
 each example once per epoch, seeded by --seed. --eval-data (a .txt or .jsonl file read the same way) is scored
 before and after training: the mean next-token loss over its target tokens.
 
@@ -206,7 +206,8 @@ def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weigh
     Batches: :func:`~lora_ref.training.datasets.batch_indices` (epochs of ``rng`` permutations) →
     :func:`~lora_ref.training.datasets.collate` (right padding, ignored targets); each step is
     :func:`lora_ref.train.train_step` (masked mean cross-entropy, clipping, AdamW) under the same schedule as
-    :func:`lora_ref.train.train`: linear warmup over 5% of the steps, cosine decay to lr/10. ``eval_data`` is
+    :func:`lora_ref.train.train`: linear warmup over 5% of the steps (rounded down, so none under 20 steps), cosine
+    decay to lr/10. ``eval_data`` is
     scored with :func:`~lora_ref.training.datasets.mean_nll` before the first and after the last step
     (``History.val_loss``, at ``val_steps`` 0 and ``steps``).
     """
@@ -223,7 +224,7 @@ def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weigh
     if steps < 1 or batch < 1 or not lr > 0:
         raise ValueError(f"steps and batch must be >= 1 and lr > 0, got steps={steps}, batch={batch}, lr={lr}")
     optimizer = AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
+    warmup = steps // 20  # 5%, rounded down: a short run starts at the full rate (no step at lr 0)
     hist = History(batch=batch, seq=data.seq)
     if eval_data is not None:
         hist.val_steps.append(0)
