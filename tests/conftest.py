@@ -16,8 +16,9 @@ settings.register_profile(
 settings.load_profile("lora_ref")
 
 
-import pytest  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

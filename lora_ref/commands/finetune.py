@@ -37,8 +37,8 @@ full trains every weight; lora freezes the base and trains adapters of rank --r 
 --targets (comma-separated module names, NAME=RANK for a rank of its own, or all-linear: every linear layer but the
 output head, the same syntax as 'lora-ref count'); qlora does the same on a base whose linear layers (not the
 embeddings or lm_head) are quantized in memory to NF4 with double quantization, blocksize 64. AdamW with a linear
-warmup (5% of the steps, rounded down) and a cosine decay to lr/10, gradient clipping at 1.0; batches are drawn in random order,
-each example once per epoch, seeded by --seed. --eval-data (a .txt or .jsonl file read the same way) is scored
+warmup (5% of the steps, rounded down) and a cosine decay to lr/10, gradient clipping at 1.0; batches are drawn in
+random order, each example once per epoch, seeded by --seed. --eval-data (a .txt or .jsonl file read the same way) is scored
 before and after training: the mean next-token loss over its target tokens.
 
 --out receives the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors; PeftModel loads it
@@ -94,8 +94,6 @@ def model_folder(spec, *, quick: bool = False, progress: bool = True):
 
     Every use of the model argument goes through here, so known model names resolve in this one place.
     """
-    from pathlib import Path
-
     from lora_ref import tutorial
     from lora_ref.fsutil import require_dir
 

@@ -56,15 +56,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-__all__ = ["IGNORE_INDEX", "DEFAULT_TEXT_SEQ", "Example", "TokenDataset", "load_data", "text_examples",
-           "chat_example", "prompt_completion_example", "record_example", "read_jsonl", "collate",
-           "batch_indices", "mean_nll"]
+__all__ = ["DEFAULT_TEXT_SEQ", "IGNORE_INDEX", "Example", "TokenDataset", "batch_indices", "chat_example", "collate",
+           "load_data", "mean_nll", "prompt_completion_example", "read_jsonl", "record_example", "text_examples"]
 
 #: Target value left out of the loss (:func:`lora_ref.functional.cross_entropy`'s and torch's default).
 IGNORE_INDEX = -100
@@ -304,7 +303,8 @@ def _check_seq(seq) -> None:
         raise ValueError(f"the sequence length must be an integer >= 2, got {seq!r}")
 
 
-def load_data(path: str | os.PathLike, tokenizer, *, seq: int | None = None, context: int | None = None) -> TokenDataset:
+def load_data(path: str | os.PathLike, tokenizer, *, seq: int | None = None,
+              context: int | None = None) -> TokenDataset:
     """Read a ``.txt`` or ``.jsonl`` data file into a :class:`TokenDataset` (see the module docstring).
 
     Parameters

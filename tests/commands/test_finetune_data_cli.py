@@ -137,10 +137,9 @@ def _nothing_written(folder):
     (lambda d: (d / "x.jsonl").write_text(json.dumps({"text": "hi"})),
      ["--data", "{d}/x.jsonl"], 1, r"line 1: a record needs \"messages\""),
     (lambda d: (d / "e.txt").write_text(""), ["--data", "{d}/e.txt"], 1, r"data file is empty"),
-    (None, ["--data", "{d}/chat.jsonl", "--seq", "4"], 1, r"line 1: the record is \d+ tokens long, more than the "
-                                                          r"sequence length 4"),
-    (None, ["--data", "{d}/train.txt", "--seq", "257"], 2, r"--seq 257 is longer than the model's context "
-                                                           r"\(256 tokens"),
+    (None, ["--data", "{d}/chat.jsonl", "--seq", "4"], 1,
+     r"line 1: the record is \d+ tokens long, more than the sequence length 4"),
+    (None, ["--data", "{d}/train.txt", "--seq", "257"], 2, r"--seq 257 is longer than the model's context \(256 tok"),
     (None, ["--data", "{d}/train.txt", "--eval-data", "{d}/missing.txt"], 1, r"data file not found"),
     (None, ["--data", "{d}/train.txt", "--targets", "q_proj,v_proj=0"], 2, r"rank must be >= 1"),
     (None, ["--data", "{d}/train.txt", "--targets", "all-linear,q_proj"], 2, r"'all-linear' cannot be combined"),

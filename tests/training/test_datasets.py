@@ -9,8 +9,17 @@ import pytest
 from lora_ref.llama import Llama, LlamaConfig
 from lora_ref.modeling.tokenizer import ByteTokenizer, load_tokenizer
 from lora_ref.testing.tiny_models import write_tiny_chat_model
-from lora_ref.training.datasets import (IGNORE_INDEX, Example, batch_indices, chat_example, collate, load_data,
-                                        mean_nll, prompt_completion_example, text_examples)
+from lora_ref.training.datasets import (
+    IGNORE_INDEX,
+    Example,
+    batch_indices,
+    chat_example,
+    collate,
+    load_data,
+    mean_nll,
+    prompt_completion_example,
+    text_examples,
+)
 
 BYTES = ByteTokenizer()
 
@@ -117,7 +126,7 @@ def test_chat_mask_by_hand_tiny_bpe(tiny_tok):
     eos = [tiny_tok.eos_token_id]
     nl = enc("\n").tolist()
     start = tiny_tok.token_to_id("<|im_start|>")
-    head = lambda role: [start] + enc(role + "\n").tolist()  # noqa: E731
+    head = lambda role: [start] + enc(role + "\n").tolist()
     context1 = (head("system") + enc("you are a helpful assistant.").tolist() + eos + nl
                 + head("user") + enc("What is the capital of France?").tolist() + eos + nl + head("assistant"))
     answer1 = enc("Paris.").tolist() + eos
@@ -261,8 +270,7 @@ def test_record_longer_than_seq_is_refused_not_truncated(tmp_path, tiny_tok):
     ("a.txt", b"\xff\xfe\xfa", {}, r"is not UTF-8 text"),
     ("a.txt", b"x", {}, r"holds 1 token\(s\); training needs at least 2"),
     ("a.csv", b"x,y", {}, r"must be \.txt .* or \.jsonl"),
-    ("a.txt", b"hello", {"seq": 300, "context": 256}, r"sequence length 300 is longer than the model's context "
-                                                       r"\(256 tokens"),
+    ("a.txt", b"hello", {"seq": 300, "context": 256}, r"sequence length 300 is longer than the model's context \(256"),
     ("a.txt", b"hello", {"seq": 1}, r"sequence length must be an integer >= 2"),
 ])
 def test_file_errors(tmp_path, name, content, kw, match):
