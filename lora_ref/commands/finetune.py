@@ -270,6 +270,11 @@ def load_training_data(folder, data, eval_data=None, seq: int | None = None):
     tok = load_tokenizer(folder)
     train_set = load_data(data, tok, seq=seq, context=context)
     eval_set = None if eval_data is None else load_data(eval_data, tok, seq=seq, context=context)
+    for ds in (train_set, eval_set):
+        top = -1 if ds is None else max(int(e.ids.max()) for e in ds.examples)
+        if top >= config.vocab_size:
+            raise ValueError(f"{ds.path}: the tokenizer of {folder} gives token id {top}, but the model's vocabulary "
+                             f"has {config.vocab_size} ids (config.json vocab_size); tokenizer and model do not match")
     return tok, train_set, eval_set, context
 
 

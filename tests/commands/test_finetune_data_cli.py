@@ -170,6 +170,21 @@ def test_flag_combinations(data, capsys, argv, match):
     _nothing_written(data)
 
 
+def test_tokenizer_larger_than_the_model_is_refused_before_loading(tiny, data, capsys):
+    import shutil
+
+    other = data / "other"
+    shutil.copytree(tiny, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))  # weights no longer fit either
+    code, _, err = run_cli(capsys, "--model", other, "--data", data / "chat.jsonl", "--method", "lora",
+                           "--out", data / "run")
+    assert code == 1 and err.count("\n") == 1
+    assert re.search(r"chat\.jsonl: the tokenizer of .* gives token id \d+, but the model's vocabulary has 100 ids",
+                     err), err
+    _nothing_written(data)
+
+
 def test_chat_data_on_the_byte_level_tutorial_model_is_refused(data, capsys):
     code, _, err = run_cli(capsys, "--data", data / "chat.jsonl", "--quick", "--method", "lora", "--out",
                            data / "run")
