@@ -21,7 +21,7 @@ COMMANDS: dict[str, str] = {
     "tour": "run the whole story: pretrain (cached), fine-tune, LoRA, QLoRA, ranks, memory, merging, NF4",
     "count": "count parameters and predict memory for full fine-tuning, LoRA and QLoRA",
     "quantize": "quantize a checkpoint's linear layers to 4 bit in bitsandbytes' format",
-    "finetune": "fine-tune the tutorial model with full, LoRA or QLoRA training",
+    "finetune": "fine-tune a model (yours or the tutorial model) with full, LoRA or QLoRA training",
     "merge": "merge one or more PEFT adapters into a base checkpoint",
     "vectors": "write the reference vectors (safetensors + manifest.json + a standalone check.py)",
     "check": "check results against reference vectors",

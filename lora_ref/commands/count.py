@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+from lora_ref.adapters.targets import HELP as TARGETS_HELP
+from lora_ref.adapters.targets import targets_arg
+
 
 EXAMPLES = """\
 examples:
@@ -27,8 +30,8 @@ With --json, stdout is one JSON document: base_params, trainable_params, bits_pe
 def add_arguments(p) -> None:
     p.add_argument("--model", help="preset name or path of a config.json")
     p.add_argument("--r", type=int, default=8, help="LoRA rank for targets given without one (default 8)")
-    p.add_argument("--targets", help="comma-separated targets, NAME or NAME=RANK, or all-linear "
-                                     "(default q_proj,v_proj; with --measure all-linear)")
+    p.add_argument("--targets", type=targets_arg, help=f"{TARGETS_HELP} (default q_proj,v_proj; with --measure "
+                                                       "all-linear)")
     p.add_argument("--quant", choices=("nf4", "fp4"), help="add QLoRA with a 4-bit base of this type")
     p.add_argument("--double-quant", action="store_true", help="double quantization of the absmax constants")
     p.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (default 64)")
