@@ -10,7 +10,8 @@ call it). Both return the trained model, its :class:`~lora_ref.training.loop.His
 from __future__ import annotations
 
 from lora_ref.training.finetune import (  # noqa: F401  (the command's library, also imported from here)
-    DATA_BATCH, DATA_LR, DEFAULT_LR, DEFAULT_TARGETS, METHODS, finetune, finetune_data, prepare_model, save_finetuned)
+    DATA_BATCH, DATA_LR, DEFAULT_LR, DEFAULT_TARGETS, METHODS, finetune, finetune_data, model_folder, prepare_model,
+    save_finetuned)
 
 EXAMPLES = """\
 examples:
@@ -77,18 +78,6 @@ def add_arguments(p) -> None:
                                                         "a minute)")
     p.add_argument("--out", default=None, help="folder for the adapter / model (missing or empty)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-
-
-def model_folder(spec, *, quick: bool = False, progress: bool = True):
-    """The folder that ``--model`` names: a model folder, a known model's name (fetched and cached on first use:
-    ``lora-ref models``), or the cached tutorial base when None."""
-    if spec is None:
-        from lora_ref.training import tutorial
-
-        return tutorial.pretrained_base_dir(quick, progress=progress) / "model"
-    from lora_ref.files.models import resolve_model
-
-    return resolve_model(spec)
 
 
 def run(args) -> int:

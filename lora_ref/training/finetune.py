@@ -20,6 +20,18 @@ DATA_BATCH = 4  # default --batch with --data (the tutorial corpus: 16)
 DEFAULT_TARGETS = "q_proj,v_proj"
 
 
+def model_folder(spec, *, quick: bool = False, progress: bool = True):
+    """The folder that ``--model`` names: a model folder, a known model's name (fetched and cached on first use:
+    ``lora-ref models``), or the cached tutorial base when None."""
+    if spec is None:
+        from lora_ref.training import tutorial
+
+        return tutorial.pretrained_base_dir(quick, progress=progress) / "model"
+    from lora_ref.files.models import resolve_model
+
+    return resolve_model(spec)
+
+
 def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"),
                   use_rslora: bool = False, dropout: float = 0.0, rng=None, quick: bool = False, base=None,
                   impl: str = "auto"):
