@@ -4,13 +4,12 @@ import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile(
     "lora_ref",
     deadline=None,
     max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "40")),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,
 )
 settings.load_profile("lora_ref")
