@@ -517,7 +517,26 @@ def test_pissa_init_leaves_the_output_unchanged(out_f, in_f, r, alpha, rs, seed)
 @given(adapters(dtype=None, use_dora=None, use_rslora=None), st.booleans())
 def test_layer_merge_equals_the_pure_merge_functions(ad, safe):
     """LoraLinear.merge and LoraAdapter.merged_weight (lora.merged_weight / dora_merged_weight) agree bit for bit,
-    so code tested against ``lora_ref.testing`` is tested against the layer's merge."""
+    so code tested against ``lora_ref.testing`` is tested against the layer's merge; and both are PEFT's merge,
+    written out here: ΔW = (B @ A)·s in float32 with s from α and r, then round(W + ΔW) (unsafe) or
+    round(W + round(ΔW)) (safe) in the storage dtype; DoRA (m/‖W + ΔW‖_row)·(W + ΔW), within its roundings."""
     layer = ad.to_layer()
     layer.merge(safe_merge=safe)
-    assert np.array_equal(layer.weight.data, ad.merged_weight(safe_merge=safe))
+    got = layer.weight.data
+    assert np.array_equal(got, ad.merged_weight(safe_merge=safe))
+    s = ad.lora_alpha / (math.sqrt(ad.r) if ad.use_rslora else ad.r)
+    dW = (ad.B @ ad.A) * np.float32(s)
+    if ad.dtype == F32:
+        def rnd(a):
+            return a.astype(np.float32)
+    else:
+        def rnd(a):
+            return a.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    if not ad.use_dora:
+        assert np.array_equal(got, rnd(ad.W + (rnd(dW) if safe else dW)))
+    else:
+        V = ad.W.astype(np.float64) + dW
+        expected = (ad.magnitude / np.linalg.norm(V, axis=1))[:, None] * V
+        tol = (UNIT_ROUNDOFF[ad.dtype] + 8 * (ad.W.shape[1] + 4) * F32_U) * np.abs(expected) \
+            + 8 * ad.W.shape[1] * F32_U * (ad.magnitude / np.linalg.norm(V, axis=1))[:, None] * np.abs(V).max()
+        assert np.all(np.abs(got - expected) <= tol)
