@@ -139,13 +139,13 @@ def alphas() -> st.SearchStrategy[float]:
         lambda a: float(np.float32(a))))
 
 
-def _uniform(seed: int, shape, scale: float) -> np.ndarray:
+def _uniform(seed, shape, scale: float) -> np.ndarray:
     """float32 entries U(−scale, scale), independent (from ``default_rng(seed)``)."""
     rng = np.random.default_rng(seed)
     return (rng.uniform(-1.0, 1.0, size=shape) * scale).astype(np.float32)
 
 
-def _away_from_zero(seed: int, shape, low: float, high: float) -> np.ndarray:
+def _away_from_zero(seed, shape, low: float, high: float) -> np.ndarray:
     """float32 entries ±U(low, high) with a random sign, independent: never zero, full rank almost surely."""
     rng = np.random.default_rng(seed)
     mag = rng.uniform(low, high, size=shape)
@@ -201,16 +201,18 @@ def adapters(draw, max_side: int = 12, max_rank: int = 6, dtype=None, use_dora: 
     out_f, in_f = shape if shape is not None else draw(shapes(min_side, max_side))
     r = draw(ranks(max(1, min(max_rank, out_f, in_f))))
     dt = np.dtype(draw(st.sampled_from(DTYPES)) if dtype is None else dtype)
-    W = draw(weights((out_f, in_f), dt, draw(scales(-2, 1))))
-    A = draw(factors((r, in_f))) * np.float32(draw(scales(-1, 1)))
-    B = draw(factors((out_f, r))) * np.float32(draw(scales(-1, 1)))
+    # one seed per adapter, split into independent streams: W, A, B and the DoRA ratios never share entries
+    s_W, s_A, s_B, s_m = np.random.SeedSequence(draw(seeds())).spawn(4)
+    W = round_to_dtype(_uniform(s_W, (out_f, in_f), draw(scales(-2, 1))), dt)
+    A = _away_from_zero(s_A, (r, in_f), 0.1, 1.0) * np.float32(draw(scales(-1, 1)))
+    B = _away_from_zero(s_B, (out_f, r), 0.1, 1.0) * np.float32(draw(scales(-1, 1)))
     alpha = draw(alphas())
     rs = draw(st.booleans()) if use_rslora is None else bool(use_rslora)
     dora = draw(st.booleans()) if use_dora is None else bool(use_dora)
     ad = LoraAdapter(W, A, B, r, alpha, rs, dt)
     if dora:
         norm = np.linalg.norm(W + ad.delta_weight(), axis=1)
-        ratio = np.random.default_rng(draw(seeds())).uniform(0.5, 2.0, out_f).astype(np.float32)
+        ratio = np.random.default_rng(s_m).uniform(0.5, 2.0, out_f).astype(np.float32)
         ad = LoraAdapter(W, A, B, r, alpha, rs, dt, (np.maximum(norm, 1e-3) * ratio).astype(np.float32))
     return ad
 
@@ -221,16 +223,17 @@ def adapter_sets(draw, min_size: int = 2, max_size: int = 3, max_side: int = 10,
     """Several float32 adapters on one shared W (for combination code such as ``add_weighted_adapter``), each
     with the guarantees of :func:`adapters` (its own factor scales, so the adapters differ in size too)."""
     out_f, in_f = draw(shapes(min_side, max_side))
-    W = draw(weights((out_f, in_f), np.float32, draw(scales(-2, 1))))
     n = draw(st.integers(min_size, max_size))
+    streams = np.random.SeedSequence(draw(seeds())).spawn(1 + 2 * n)  # W, then A and B of each adapter
+    W = _uniform(streams[0], (out_f, in_f), draw(scales(-2, 1)))
     top = max(1, min(max_rank, out_f, in_f))
     r0 = draw(ranks(top))
     out = []
-    for _ in range(n):
+    for i in range(n):
         r = r0 if same_rank else draw(ranks(top))
         rs = draw(st.booleans()) if use_rslora is None else bool(use_rslora)
-        A = draw(factors((r, in_f))) * np.float32(draw(scales(-1, 1)))
-        B = draw(factors((out_f, r))) * np.float32(draw(scales(-1, 1)))
+        A = _away_from_zero(streams[1 + 2 * i], (r, in_f), 0.1, 1.0) * np.float32(draw(scales(-1, 1)))
+        B = _away_from_zero(streams[2 + 2 * i], (out_f, r), 0.1, 1.0) * np.float32(draw(scales(-1, 1)))
         out.append(LoraAdapter(W, A, B, r, draw(alphas()), rs))
     return out
 
