@@ -15,7 +15,8 @@ sees the bug too), as if the source had been edited. Each property runs with the
 up to the first failure and stops there (no shrinking), so the counts are reproducible.
 
 ``python tests/mutations/planted_bugs.py`` prints the table bug → property → examples to the first failure
-(``tests/mutations/test_mutations.py`` asserts the same in ``make test``).
+(``--all`` also runs every example and counts the failing ones); ``tests/mutations/test_mutations.py`` asserts
+the same in ``make test``.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ BUGS = (
         (LORA + "test_merged_forward_equals_unmerged_forward", LORA + "test_delta_weight_is_scaled_product",
          LORA + "test_lora_bias_is_scaled_in_forward_and_merge")),
     Bug("bf16 rounding order in the merge", _bf16_rounding_order,
-        (LORA + "test_bfloat16_merge_rounds_once_unsafe_twice_safe",)),
+        (LORA + "test_bfloat16_merge_rounds_once_unsafe_twice_safe",
+         LORA + "test_layer_merge_equals_the_pure_merge_functions")),
     Bug("unmerge does not invert merge", _unmerge_not_inverse,
         (LORA + "test_unmerge_after_merge_restores_float32_weight",)),
     Bug("TIES sign by count, not mass", _ties_sign_by_count,
@@ -301,6 +303,8 @@ class Outcome:
     caught: bool
     examples: int  # examples run up to and including the first failure (or all of them, if none failed)
     error: str = field(default="")
+    failing: int | None = None  # with stop_at_first=False: how many of the examples failed
+    total: int | None = None
 
 
 _modules: dict[Path, object] = {}
@@ -338,20 +342,26 @@ def _parse(spec: str):
     return filename, rest, kwargs
 
 
-def run_property(spec: str) -> Outcome:
-    """Run one property (with whatever bug is planted) up to its first failing example."""
+def run_property(spec: str, stop_at_first: bool = True) -> Outcome:
+    """Run one property (with whatever bug is planted) up to its first failing example; or, with
+    ``stop_at_first=False``, through all its examples, counting the failing ones (the failures are swallowed,
+    so hypothesis neither shrinks nor stops)."""
     filename, name, kwargs = _parse(spec)
     fn = getattr(_test_module(filename), name)
     inner = fn.hypothesis.inner_test
-    count = 0
+    count, failing, first, error = 0, 0, 0, ""
 
     def counting(*args, **kw):
-        nonlocal count
+        nonlocal count, failing, first, error
         count += 1
         try:
             return inner(*args, **kw)
         except Exception as e:  # the property failed on this example
-            raise _Failed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]) from e
+            text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+            if stop_at_first:
+                raise _Failed(text) from e
+            failing += 1
+            first, error = first or count, error or text
 
     fn.hypothesis.inner_test = counting
     try:
@@ -360,16 +370,18 @@ def run_property(spec: str) -> Outcome:
         return Outcome(spec, True, count, f.args[0])
     finally:
         fn.hypothesis.inner_test = inner
+    if not stop_at_first:
+        return Outcome(spec, failing > 0, first or count, error, failing, count)
     return Outcome(spec, False, count)
 
 
-def run_bug(bug: Bug) -> list[Outcome]:
+def run_bug(bug: Bug, stop_at_first: bool = True) -> list[Outcome]:
     p = Patcher()
     for spec in bug.caught_by:  # import the test modules first, so their bindings are rebound too
         _test_module(_parse(spec)[0])
     try:
         bug.plant(p)
-        return [run_property(spec) for spec in bug.caught_by]
+        return [run_property(spec, stop_at_first) for spec in bug.caught_by]
     finally:
         p.restore()
 
@@ -382,16 +394,21 @@ def load_profile() -> None:
 
 
 def table(results: dict[str, list[Outcome]]) -> str:
-    lines = ["| planted bug | property | caught | examples to the first failure |", "|---|---|---|---|"]
+    full = any(o.total is not None for outs in results.values() for o in outs)
+    head = "| planted bug | property | caught | examples to the first failure |"
+    lines = [head + (" failing examples / run |" if full else ""), "|---|---|---|---|" + ("---|" if full else "")]
     for bug, outs in results.items():
         for o in outs:
-            lines.append(f"| {bug} | `{o.test}` | {'yes' if o.caught else 'NO'} | {o.examples} |")
+            row = f"| {bug} | `{o.test}` | {'yes' if o.caught else 'NO'} | {o.examples} |"
+            lines.append(row + (f" {o.failing} / {o.total} |" if full else ""))
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """``--all``: run every example of each property and count the failing ones too."""
     load_profile()
-    results = {bug.name: run_bug(bug) for bug in BUGS}
+    full = "--all" in argv
+    results = {bug.name: run_bug(bug, stop_at_first=not full) for bug in BUGS}
     print(table(results))
     missed = [o.test for outs in results.values() for o in outs if not o.caught]
     return 1 if missed else 0
@@ -399,4 +416,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(TESTS.parent))
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
