@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from lora_ref.lora import (LoraConfig, LoraLinear, delta_weight, dora_merged_weight, dora_weight_norm, merged_weight,
                            round_to_dtype)

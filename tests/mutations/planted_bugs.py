@@ -22,7 +22,6 @@ the same in ``make test``.
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
