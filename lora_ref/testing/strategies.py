@@ -5,8 +5,9 @@ A property test is only as strong as its data. A LoRA adapter straight from its 
 most of an array with one repeated value, so drawn factors are often rank-deficient and drawn 4-bit blocks often
 hold one or two distinct values, which no rounding rule can get wrong. The strategies here avoid both:
 
-- **Independent entries.** Every array is drawn as one integer seed that feeds ``numpy.random.default_rng``, so
-  its entries are independent draws (hypothesis still shrinks the seed, and ``derandomize`` still replays).
+- **Independent entries.** Every array comes from one drawn integer seed that feeds ``numpy.random.default_rng``
+  (an adapter's seed is split with ``SeedSequence.spawn`` into one stream per array, so W, A and B never share
+  entries): no repeated fill value, and hypothesis still shrinks the seed and ``derandomize`` still replays it.
 - **Full rank.** Factor entries are ±U(0.1, 1) times a scale: never zero, so B ≠ 0 entry by entry, and A (R, in),
   B (out, R) have full rank min(R, in), min(out, R) with probability 1 (numerically: in ≥ 95% of draws,
   checked by ``tests/testing/test_strategy_guarantees.py``).
@@ -21,6 +22,7 @@ hold one or two distinct values, which no rounding rule can get wrong. The strat
 
 Use them to test your own merge code against lora_ref's::
 
+    import numpy as np
     from hypothesis import given
     from lora_ref.testing import adapters
 
