@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from lora_ref.autograd.numerical import gradcheck
 from lora_ref.adapters.lora import (LoraConfig, LoraLinear, as_bfloat16, delete_adapter, disable_adapters, find_targets,
@@ -29,7 +28,9 @@ F32_U = 2.0 ** -24
 
 
 def inputs(in_features, batch=3):
-    return hnp.arrays(np.float32, (batch, in_features), elements=st.floats(-2, 2, width=32, allow_subnormal=False))
+    """(batch, in) inputs with independent entries U(−2, 2) from a drawn seed (no repeated fill value)."""
+    return st.integers(0, 2**32 - 1).map(
+        lambda seed: np.random.default_rng(seed).uniform(-2, 2, (batch, in_features)).astype(np.float32))
 
 
 def abs_bound(x, M):
@@ -498,7 +499,7 @@ def test_lora_bias_is_scaled_in_forward_and_merge(ad, data):
 
 
 def weights_like(n):
-    return hnp.arrays(np.float32, (n,), elements=st.floats(-1, 1, width=32, allow_subnormal=False))
+    return st.integers(0, 2**32 - 1).map(lambda seed: np.random.default_rng(seed).uniform(-1, 1, n).astype(np.float32))
 
 
 @given(st.integers(2, 10), st.integers(2, 10), st.integers(1, 4), st.sampled_from([1.0, 4.0, 16.0]), st.booleans(),
@@ -517,7 +518,26 @@ def test_pissa_init_leaves_the_output_unchanged(out_f, in_f, r, alpha, rs, seed)
 @given(adapters(dtype=None, use_dora=None, use_rslora=None), st.booleans())
 def test_layer_merge_equals_the_pure_merge_functions(ad, safe):
     """LoraLinear.merge and LoraAdapter.merged_weight (lora.merged_weight / dora_merged_weight) agree bit for bit,
-    so code tested against ``lora_ref.testing`` is tested against the layer's merge."""
+    so code tested against ``lora_ref.testing`` is tested against the layer's merge; and both are PEFT's merge,
+    written out here: ΔW = (B @ A)·s in float32 with s from α and r, then round(W + ΔW) (unsafe) or
+    round(W + round(ΔW)) (safe) in the storage dtype; DoRA (m/‖W + ΔW‖_row)·(W + ΔW), within its roundings."""
     layer = ad.to_layer()
     layer.merge(safe_merge=safe)
-    assert np.array_equal(layer.weight.data, ad.merged_weight(safe_merge=safe))
+    got = layer.weight.data
+    assert np.array_equal(got, ad.merged_weight(safe_merge=safe))
+    s = ad.lora_alpha / (math.sqrt(ad.r) if ad.use_rslora else ad.r)
+    dW = (ad.B @ ad.A) * np.float32(s)
+    if ad.dtype == F32:
+        def rnd(a):
+            return a.astype(np.float32)
+    else:
+        def rnd(a):
+            return a.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    if not ad.use_dora:
+        assert np.array_equal(got, rnd(ad.W + (rnd(dW) if safe else dW)))
+    else:
+        V = ad.W.astype(np.float64) + dW
+        expected = (ad.magnitude / np.linalg.norm(V, axis=1))[:, None] * V
+        tol = (UNIT_ROUNDOFF[ad.dtype] + 8 * (ad.W.shape[1] + 4) * F32_U) * np.abs(expected) \
+            + 8 * ad.W.shape[1] * F32_U * (ad.magnitude / np.linalg.norm(V, axis=1))[:, None] * np.abs(V).max()
+        assert np.all(np.abs(got - expected) <= tol)

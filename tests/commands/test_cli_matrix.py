@@ -186,9 +186,9 @@ def test_non_empty_out_is_refused_and_untouched(world, tmp_path, command):
     assert "not empty" in err and str(out) in err
 
 
-@pytest.mark.skipif(os.geteuid() != 0 and not os.access("/proc", os.W_OK), reason="never: /proc refuses everyone")
 @pytest.mark.parametrize("command", ["merge", "quantize"])
 def test_unwritable_out(world, command):
+    """/proc refuses a new folder to every user, root included, so this runs everywhere."""
     out = Path("/proc/lora-ref-cannot-write-here")
     args = {"merge": ["merge", "--base", world / "base", "--adapter", world / "adapter"],
             "quantize": ["quantize", "--base", world / "base"]}[command]

@@ -24,6 +24,7 @@ from lora_ref.quant import (
     quantize_blockwise,
 )
 from lora_ref.quant.blockwise import pack_nibbles, unpack_nibbles
+from lora_ref.testing import quant_tensors
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 # relative rounding of the output dtype (half an ulp at 1)
@@ -36,26 +37,16 @@ def half_widest_gap(quant_type: str) -> float:
     return float(np.max(np.diff(code))) / 2
 
 
-@st.composite
-def tensors(draw, max_side=40):
-    """A float32/float16/bfloat16 array of 1-3 dims, finite normal values of varied magnitude."""
-    dtype = draw(st.sampled_from(DTYPES))
-    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=max_side))
-    scale = draw(st.sampled_from([1e-3, 0.02, 1.0, 300.0]))
-    elements = st.floats(-1.0, 1.0, allow_nan=False, allow_subnormal=False, width=32)
-    base = draw(hnp.arrays(np.float32, shape, elements=elements))
-    return (base * np.float32(scale)).astype(dtype)
-
-
+# (x, blocksize): float32/float16/bfloat16 tensors of 1-3 dims whose blocks hold many distinct values, with zero
+# blocks and outliers drawn on purpose (lora_ref.testing.quant_tensors states and tests the guarantees)
 settings_args = dict(
-    x=tensors(),
-    blocksize=st.sampled_from(SMALL_BLOCKS),
+    case=quant_tensors(SMALL_BLOCKS),
     quant_type=st.sampled_from(["nf4", "fp4"]),
     rounding=st.sampled_from(["cuda", "cpu"]),
 )
 
 
-@given(codes=hnp.arrays(np.uint8, st.integers(1, 301), elements=st.integers(0, 15)))
+@given(codes=hnp.arrays(np.uint8, st.integers(1, 301), elements=st.integers(0, 15), fill=st.nothing()))
 def test_pack_unpack_round_trip(codes):
     packed = pack_nibbles(codes)
     assert packed.shape == ((codes.size + 1) // 2,)
@@ -64,7 +55,8 @@ def test_pack_unpack_round_trip(codes):
 
 
 @given(**settings_args)
-def test_quantize_of_dequantize_returns_the_same_codes(x, blocksize, quant_type, rounding):
+def test_quantize_of_dequantize_returns_the_same_codes(case, quant_type, rounding):
+    x, blocksize = case
     packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, rounding=rounding)
     x_hat = dequantize_4bit(packed, state)
     assert x_hat.shape == x.shape and x_hat.dtype == x.dtype
@@ -81,7 +73,8 @@ def test_quantize_of_dequantize_returns_the_same_codes(x, blocksize, quant_type,
 
 
 @given(**settings_args)
-def test_error_at_most_half_the_widest_gap(x, blocksize, quant_type, rounding):
+def test_error_at_most_half_the_widest_gap(case, quant_type, rounding):
+    x, blocksize = case
     packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, rounding=rounding)
     x_hat = dequantize_4bit(packed, state).astype(np.float64).reshape(-1)
     flat = x.astype(np.float64).reshape(-1)
@@ -92,7 +85,8 @@ def test_error_at_most_half_the_widest_gap(x, blocksize, quant_type, rounding):
 
 
 @given(**settings_args, data=st.data())
-def test_zero_blocks(x, blocksize, quant_type, rounding, data):
+def test_zero_blocks(case, quant_type, rounding, data):
+    x, blocksize = case
     flat = x.reshape(-1).copy()
     nblocks = -(-flat.size // blocksize)
     zeroed = data.draw(st.lists(st.integers(0, nblocks - 1), min_size=1, max_size=nblocks, unique=True))
@@ -111,7 +105,8 @@ def test_zero_blocks(x, blocksize, quant_type, rounding, data):
 
 
 @given(**settings_args)
-def test_odd_element_count_pads_with_the_code_of_zero(x, blocksize, quant_type, rounding):
+def test_odd_element_count_pads_with_the_code_of_zero(case, quant_type, rounding):
+    x, blocksize = case
     flat = x.reshape(-1)
     if flat.size % 2 == 0:
         flat = flat[:-1]  # an even size is at least 2, so one element stays
@@ -128,10 +123,11 @@ def test_odd_element_count_pads_with_the_code_of_zero(x, blocksize, quant_type, 
     assert dequantize_4bit(packed, state).shape == (n,)
 
 
-@given(x=tensors(max_side=60), quant_type=st.sampled_from(["nf4", "fp4"]), rounding=st.sampled_from(["cuda", "cpu"]),
-       blocksize=st.sampled_from([32, 64]))
-def test_double_quant_extra_error_bound(x, quant_type, rounding, blocksize):
+@given(case=quant_tensors((32, 64), max_side=60), quant_type=st.sampled_from(["nf4", "fp4"]),
+       rounding=st.sampled_from(["cuda", "cpu"]))
+def test_double_quant_extra_error_bound(case, quant_type, rounding):
     """Codes are unchanged; each scale moves by at most absmax2 · (half the widest dynamic-map gap + LUT bin)."""
+    x, blocksize = case
     packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, rounding=rounding)
     packed_dq, state_dq = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, rounding=rounding,
                                         double_quant=True)
@@ -152,8 +148,9 @@ def test_double_quant_extra_error_bound(x, quant_type, rounding, blocksize):
     assert np.all(np.abs(x2 - x1) <= ds + (np.abs(x1) + np.abs(x2)) * eps + 1e-30)
 
 
-@given(x=tensors(), blocksize=st.sampled_from(ALLOWED_BLOCKSIZES), rounding=st.sampled_from(["cuda", "cpu"]))
-def test_blockwise_8bit_error_bound(x, blocksize, rounding):
+@given(case=quant_tensors(ALLOWED_BLOCKSIZES), rounding=st.sampled_from(["cuda", "cpu"]))
+def test_blockwise_8bit_error_bound(case, rounding):
+    x, blocksize = case
     codes, state = quantize_blockwise(x, blocksize=blocksize, rounding=rounding)
     assert codes.shape == x.shape and codes.dtype == np.uint8
     back = dequantize_blockwise(codes, state)
