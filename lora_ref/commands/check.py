@@ -1,4 +1,4 @@
-"""``lora-ref check VECTORS RESULTS``: compare results with reference vectors (see lora_ref/check.py)."""
+"""``lora-ref check VECTORS RESULTS``: compare results with reference vectors (see lora_ref/reference/check.py)."""
 
 from __future__ import annotations
 

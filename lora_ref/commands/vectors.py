@@ -1,4 +1,4 @@
-"""``lora-ref vectors --out DIR``: write the reference vectors (see lora_ref/vectors.py)."""
+"""``lora-ref vectors --out DIR``: write the reference vectors (see lora_ref/reference/vectors.py)."""
 
 from __future__ import annotations
 

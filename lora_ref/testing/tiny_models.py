@@ -55,8 +55,8 @@ def write_tiny_chat_model(folder: str | os.PathLike, *, rng: np.random.Generator
     (byte alphabet + merges + 3 special tokens), and the config's ``vocab_size`` equals the tokenizer's size.
     Special tokens: bos ``<|im_start|>``, eos and pad ``<|im_end|>``, unk ``<|endoftext|>`` (as SmolLM2).
     """
-    from lora_ref.fsutil import write_json
-    from lora_ref.llama import Llama, LlamaConfig
+    from lora_ref.files.outputs import write_json
+    from lora_ref.modeling.llama import Llama, LlamaConfig
 
     tok = _train_tokenizer(vocab_size)
     n_vocab = tok.get_vocab_size(with_added_tokens=True)

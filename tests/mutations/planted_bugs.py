@@ -70,7 +70,7 @@ def _ours(mod) -> bool:
 # ------------------------------------------------------------------------------------------------ the bugs
 def _factors_transposed(p: Patcher) -> None:
     """ΔW computed as (B·A)ᵀ and read back in W's (out, in) shape: a layout bug (row- vs column-major factors)."""
-    from lora_ref import lora
+    from lora_ref.adapters import lora
 
     def delta_weight(lora_A, lora_B, scaling):
         A, B = np.asarray(lora_A, np.float32), np.asarray(lora_B, np.float32)
@@ -82,7 +82,7 @@ def _factors_transposed(p: Patcher) -> None:
 
 def _rslora_alpha_over_r(p: Patcher) -> None:
     """rsLoRA layers scaled by α/r instead of α/√r (Kalajdzievski 2023)."""
-    from lora_ref.lora import LoraLinear
+    from lora_ref.adapters.lora import LoraLinear
 
     orig = LoraLinear.update_layer
 
@@ -95,7 +95,7 @@ def _rslora_alpha_over_r(p: Patcher) -> None:
 
 def _scaling_dropped(p: Patcher) -> None:
     """ΔW = B·A, the scaling s = α/r forgotten in the merge."""
-    from lora_ref import lora
+    from lora_ref.adapters import lora
 
     p.everywhere(lora, "delta_weight", lambda lora_A, lora_B, scaling: (
         np.asarray(lora_B, np.float32) @ np.asarray(lora_A, np.float32)))
@@ -103,7 +103,7 @@ def _scaling_dropped(p: Patcher) -> None:
 
 def _bf16_rounding_order(p: Patcher) -> None:
     """bfloat16 merge rounding swapped: unsafe merges round ΔW first, safe merges do not (PEFT does the opposite)."""
-    from lora_ref import lora
+    from lora_ref.adapters import lora
 
     orig = lora.merged_weight
     p.everywhere(lora, "merged_weight", lambda W, delta, dtype=np.float32, safe_merge=False: orig(
@@ -112,7 +112,7 @@ def _bf16_rounding_order(p: Patcher) -> None:
 
 def _unmerge_not_inverse(p: Patcher) -> None:
     """unmerge subtracts B·A without the scaling, so it does not undo the merge."""
-    from lora_ref.lora import LoraLinear
+    from lora_ref.adapters.lora import LoraLinear
 
     orig = LoraLinear.unmerge_weight
 
@@ -129,7 +129,7 @@ def _unmerge_not_inverse(p: Patcher) -> None:
 
 def _ties_sign_by_count(p: Patcher) -> None:
     """TIES elects each entry's sign by counting tasks (sgn Σ sgn τ) instead of by mass (sgn Σ τ)."""
-    from lora_ref import merge
+    from lora_ref.merging import combine as merge
 
     orig = merge.calculate_majority_sign_mask
     p.everywhere(merge, "calculate_majority_sign_mask", lambda stacked, method="total": orig(stacked, "frequency"))
@@ -137,7 +137,7 @@ def _ties_sign_by_count(p: Patcher) -> None:
 
 def _dare_without_rescale(p: Patcher) -> None:
     """DARE drops entries but does not divide the kept ones by the keep probability p."""
-    from lora_ref import merge
+    from lora_ref.merging import combine as merge
 
     orig = merge.random_pruning
     p.everywhere(merge, "random_pruning", lambda x, density, rng, rescale: orig(x, density, rng, False))
@@ -212,9 +212,9 @@ def _double_quant_offset_not_subtracted(p: Patcher) -> None:
 
 def _lora_grad_A_scaled_twice(p: Patcher) -> None:
     """The fused LoRA node's dL/dA multiplied by s twice (once through gs = s·g, once more as B's scaling)."""
-    from lora_ref import functional as F
-    from lora_ref import ops
-    from lora_ref.tensor import Tensor
+    from lora_ref.autograd import functional as F
+    from lora_ref.autograd import ops
+    from lora_ref.autograd.tensor import Tensor
 
     def lora_add(base_out, x, lora_A, lora_B, scaling):
         x = ops._t(x)

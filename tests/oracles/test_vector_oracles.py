@@ -1,6 +1,6 @@
 """Every reference-vector case against the oracle its manifest entry names, live.
 
-``lora_ref/vectors.py`` (:data:`lora_ref.vectors.ORACLES`) gives each case an ``oracle``: torch, transformers,
+``lora_ref/reference/vectors.py`` (:data:`lora_ref.reference.vectors.ORACLES`) gives each case an ``oracle``: torch, transformers,
 PEFT, bitsandbytes on the CPU, bitsandbytes' CUDA outputs (``tests/data/bnb``), the paper's formula written out
 here, or ``none: <reason>``. Here each oracle computes the case's outputs from the case's inputs, and the
 standalone checker compares them with the published outputs at the case's own tolerance, so a case marked
@@ -23,8 +23,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from lora_ref.check import check, compare
-from lora_ref.vectors import ORACLE_KINDS
+from lora_ref.reference.check import check, compare
+from lora_ref.reference.vectors import ORACLE_KINDS
 
 pytestmark = pytest.mark.interop
 
@@ -319,7 +319,7 @@ def test_every_case_names_a_known_oracle():
 
 
 def test_the_two_checkers_are_the_same_bytes():
-    """lora_ref/check.py ships as tests/vectors/check.py (and in every written set): one checker, two places."""
+    """lora_ref/reference/check.py ships as tests/vectors/check.py (and in every written set): one checker, two places."""
     assert (ROOT / "lora_ref" / "check.py").read_bytes() == (VECTORS / "check.py").read_bytes()
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lora_ref.llama import Llama, LlamaConfig
+from lora_ref.modeling.llama import Llama, LlamaConfig
 from lora_ref.modeling.tokenizer import ByteTokenizer, load_tokenizer
 from lora_ref.testing.tiny_models import write_tiny_chat_model
 from lora_ref.training.datasets import (
