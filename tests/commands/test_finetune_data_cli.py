@@ -161,7 +161,7 @@ def test_errors_are_one_line_and_write_nothing(tiny, data, capsys, setup, argv, 
 @pytest.mark.parametrize("argv,match", [
     (["--model", "{d}"], r"--model needs --data"),
     (["--eval-data", "{d}/train.txt"], r"--eval-data needs --data"),
-    (["--model", "{d}/no-such-folder", "--data", "{d}/train.txt"], r"model folder not found"),
+    (["--model", "{d}/no-such-folder", "--data", "{d}/train.txt"], r"neither an existing folder nor a known model name"),
 ])
 def test_flag_combinations(data, capsys, argv, match):
     argv = [a.replace("{d}", str(data)) for a in argv]
