@@ -18,6 +18,7 @@ _LAZY = {
     "LoraConfig": "lora", "inject_lora": "lora",
     "load_adapter": "peft_io", "save_adapter": "peft_io",
     "add_weighted_adapter": "merge",
+    "load_tokenizer": "modeling.tokenizer",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -14,3 +14,14 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("lora_ref")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """An HF folder of SmolLM2-135M-Instruct (placeholder: the folder named by $LORA_REF_TEST_SMOLLM2)."""
+    from pathlib import Path
+
+    return Path(os.environ["LORA_REF_TEST_SMOLLM2"])
