@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+from lora_ref.threads import apply_defaults as _apply_thread_defaults
+
+_apply_thread_defaults()  # idle thread pools sleep instead of spinning (lora_ref/threads.py); before any pool starts
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it

@@ -27,7 +27,13 @@ COMMANDS: dict[str, str] = {
     "check": "check results against reference vectors",
     "bench": "benchmarks, each a ratio against a baseline measured in the same run",
     "generate": "generate text from a checkpoint",
+    "chat": "chat with a model in the terminal (multi-turn; Ctrl-D or /exit ends)",
+    "eval": "a model's next-token loss and perplexity on a text file",
 }
+
+# commands that compute: each gets ``--threads N`` (lora_ref.threads.set_threads) before it runs; ``bench`` has
+# its own --threads, which also pins torch
+THREADED = ("tour", "quantize", "finetune", "merge", "generate", "chat", "eval")
 
 
 from lora_ref.errors import UsageError  # noqa: E402  (one class, also under ``python -m lora_ref.cli``)
@@ -63,6 +69,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
+        if name in THREADED:
+            p.add_argument("--threads", type=int, default=None, metavar="N",
+                           help="threads for Numba's kernels and the BLAS (default: all CPUs)")
     return parser
 
 
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     mod = _load(command)
     _interrupt_on_sigterm()
     try:
+        if command in THREADED and args.threads is not None:
+            _set_threads(args.threads)
         return int(mod.run(args) or 0)
     except UsageError as e:
         if os.environ.get("LORA_REF_DEBUG"):
@@ -101,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"lora-ref {command}: interrupted; no partial output was kept\n")
         return 130
+
+
+def _set_threads(n: int) -> None:
+    from lora_ref.threads import set_threads
+
+    try:
+        set_threads(n)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
 
 
 def _interrupt_on_sigterm() -> None:
