@@ -82,7 +82,8 @@ def _last_logits(model, ids: np.ndarray, cache: KVCache) -> np.ndarray:
 
 
 def generate_tokens(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-                    rng: np.random.Generator | None = None, stop_ids: Sequence[int] = ()) -> Iterator[int]:
+                    rng: np.random.Generator | None = None, stop_ids: Sequence[int] = (),
+                    decode_threads: int | None = 1) -> Iterator[int]:
     """Yield new token ids one at a time after ``prompt_ids`` (1-D, or (1, T)), as soon as each is chosen.
 
     Stops after ``max_new_tokens`` tokens, or at a token in ``stop_ids`` (not yielded). ``temperature=0`` is
@@ -90,7 +91,12 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, temperature: floa
     explicit ``rng``, so a seed reproduces the text. The prompt plus ``max_new_tokens`` must fit the model's
     ``max_position_embeddings`` (checked before any work). The model runs in eval mode under ``no_grad``; its
     training flag is restored when the generator finishes or is closed.
+
+    The prompt runs with the threads in force; the one-token steps with ``decode_threads`` threads in Numba and
+    the BLAS (default 1, see :func:`lora_ref.threads.limited`; ``None`` leaves the setting alone).
     """
+    if decode_threads is not None and (not _is_int(decode_threads) or decode_threads < 1):
+        raise ValueError(f"decode_threads must be a positive integer or None, got {decode_threads!r}")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, rng)
@@ -105,17 +111,19 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, temperature: floa
         raise ValueError(f"sequence too long: {ids.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed "
                          f"max_position_embeddings={limit}")
     stops = {int(s) for s in stop_ids}
-    return _generate(model, ids, max_new_tokens, temperature, top_k, rng, stops)
+    return _generate(model, ids, max_new_tokens, temperature, top_k, rng, stops, decode_threads)
 
 
-def _generate(model, ids, max_new_tokens, temperature, top_k, rng, stops) -> Iterator[int]:
+def _generate(model, ids, max_new_tokens, temperature, top_k, rng, stops, decode_threads) -> Iterator[int]:
+    from lora_ref.threads import limited
+
     was_training = model.training
     model.eval()
     try:
         cache = KVCache(model.config.num_hidden_layers)
         step = ids  # (1, T): the whole prompt first, then one token at a time
-        for _ in range(max_new_tokens):
-            with no_grad():
+        for i in range(max_new_tokens):
+            with no_grad(), limited(decode_threads if i > 0 else None):
                 logits = _last_logits(model, step, cache)  # (1, V)
             token = int(sample_next_token(logits, temperature=temperature, top_k=top_k, rng=rng)[0])
             if token in stops:
