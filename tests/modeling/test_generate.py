@@ -234,3 +234,23 @@ def test_adapter_for_another_model_is_refused_before_the_base_is_read(chat_folde
         for command, extra in [("generate", ["--prompt", "hi"]), ("eval", ["--data", folder / "tokenizer.json", "--seq", "32"])]:
             code, out, err = _run(capsys, monkeypatch, command, "--model", base, "--adapter", tmp_path / adapter, *extra)
             assert code == 1 and out == "" and message in err and err.count("\n") == 1, err
+
+
+def test_kv_cache_buffer_equals_a_full_forward():
+    from lora_ref.llama import KVCache
+    from lora_ref.tensor import no_grad
+
+    model = _random_llama(256, max_pos=64)
+    ids = np.random.default_rng(5).integers(0, 256, (2, 40))
+    with no_grad():
+        full = np.asarray(model(ids).data)
+    # the first chunk with gradients (concatenating cache), the rest without (in-place buffer that must grow)
+    cache = KVCache(2)
+    parts = [np.asarray(model(ids[:, :3], cache=cache).data)]
+    with no_grad():
+        t = 3
+        for n in (1, 5, 1, 12, 1, 17):
+            parts.append(np.asarray(model(ids[:, t:t + n], cache=cache).data))
+            t += n
+    assert cache.length == 40 and cache._buffers[0][0].shape[2] >= 40
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
