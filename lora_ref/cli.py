@@ -69,7 +69,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
-        if name in THREADED:
+        if name in THREADED and not any("--threads" in a.option_strings for a in p._actions):
             p.add_argument("--threads", type=int, default=None, metavar="N",
                            help="threads for Numba's kernels and the BLAS (default: all CPUs)")
     return parser

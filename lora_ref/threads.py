@@ -6,35 +6,43 @@ with its own pthreads). A transformer step alternates between them hundreds of t
 Numba RMSNorm, a BLAS product, a Numba softmax...
 
 Both pools, by default, keep their threads *spinning* for a while after a parallel region ends, betting that the
-next region of the same pool comes soon. libgomp spins up to ``GOMP_SPINCOUNT`` iterations (about 300,000 — a
-few milliseconds — with ``OMP_WAIT_POLICY`` unset; see the libgomp manual, "GOMP_SPINCOUNT"), OpenBLAS for
-2^``OPENBLAS_THREAD_TIMEOUT`` cycles (default 2^28, about 0.1 s; OpenBLAS ``driver/others/blas_server.c``). When
-the *other* pool runs next, the spinners sit on the cores its threads need: on 2 cores the BLAS threads wait for
-the OS to preempt spinning OpenMP threads, and a decode step of SmolLM2-135M slowed from 17 tokens/s to 1.2. A
-single competing process on the machine makes it much worse, because the spinners then also steal its share.
+next region of the same pool comes soon. libgomp spins up to ``GOMP_SPINCOUNT`` iterations (300,000 with
+``OMP_WAIT_POLICY`` unset, see the libgomp manual), OpenBLAS for 2^``OPENBLAS_THREAD_TIMEOUT`` cycles (2^28 by
+default, yielding the core while it waits; OpenBLAS ``driver/others/blas_server.c``). When the *other* pool
+runs next, spinning OpenMP threads sit on the cores the BLAS threads need: on 2 cores, greedy decoding of
+SmolLM2-135M ran at 1.2 tokens/s.
 
-:func:`apply_defaults` (run when ``lora_ref`` is imported, so before either pool starts) sets, unless the user
+:func:`apply_defaults` (run when ``lora_ref`` is imported, before Numba's pool starts) sets, unless the user
 already set them:
 
 - ``OMP_WAIT_POLICY=PASSIVE``: an idle OpenMP thread sleeps at once (libgomp's spin count becomes 0);
-- ``KMP_BLOCKTIME=0``: the same for Intel's and LLVM's OpenMP runtimes, should Numba load one of those;
-- ``OPENBLAS_THREAD_TIMEOUT=4``: an idle OpenBLAS thread spins only 2^4 cycles before it sleeps.
+- ``KMP_BLOCKTIME=0``: the same for Intel's and LLVM's OpenMP runtimes, should Numba load one of those.
+
+OpenBLAS keeps its default: its waiting threads yield the core, and making them sleep at once
+(``OPENBLAS_THREAD_TIMEOUT=4``) was measured slower, quiet and loaded (a SmolLM2 forward 0.45-0.57 s against
+0.31-0.34 s quiet), because every one of the ~200 matrix products of a forward then pays a wake-up.
 
 The pools never nest: no Numba parallel kernel calls the BLAS, and BLAS calls are made from Python between
 kernels, so at any moment at most one pool's threads are busy and the thread count is each pool's own
 (``numba.set_num_threads`` and ``threadpoolctl`` for the BLAS; :func:`set_threads` sets both, which is what
-every compute command's ``--threads N`` does).
+every compute command's ``--threads N`` does). Decoding runs its one-token steps on one thread
+(:func:`limited`).
 
-Measured on 2 cores (the report of the change that introduced this module has the figures): with these
-defaults a forward pass and a training step under one competing busy process stay within about 2x of their
-quiet times, instead of 5-10x.
+Measured on 2 cores shared with other work (best of 4, 2 threads; "busy" = one competing ``while True: pass``
+process), before these defaults → after:
+
+- SmolLM2-135M forward, 1 × 256 tokens: quiet 1.42-1.47 s → 0.35 s; busy 1.74-2.33 s → 0.74-0.83 s;
+- a training step of the tutorial model: quiet 0.54-0.68 s → 0.31-0.36 s; busy 0.79-0.80 s → 0.55-0.69 s;
+- greedy decoding of SmolLM2-135M: quiet 1.2 → 23 tokens/s; busy 0.6 → 18-23 tokens/s.
+
+A busy neighbour still costs about 2x (it takes a core from two threads that split every product evenly), where
+it cost up to 10x with spinning pools.
 """
 
 from __future__ import annotations
 
-import os
-
 import contextlib
+import os
 
 __all__ = ["DEFAULTS", "apply_defaults", "set_threads", "thread_info", "limited"]
 
@@ -42,16 +50,14 @@ __all__ = ["DEFAULTS", "apply_defaults", "set_threads", "thread_info", "limited"
 DEFAULTS: dict[str, str] = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "KMP_BLOCKTIME": "0",
-    "OPENBLAS_THREAD_TIMEOUT": "4",
 }
 
 
 def apply_defaults() -> dict[str, str]:
     """Set each of :data:`DEFAULTS` that is not already in the environment; return the ones this call set.
 
-    They are read when a pool starts: libgomp when Numba's first parallel region runs, OpenBLAS when NumPy is
-    imported. ``import lora_ref`` calls this, so ``lora-ref`` commands and scripts that import lora_ref before
-    NumPy get both; a script that imports NumPy first still gets the OpenMP policy (the one that matters most).
+    They are read when the OpenMP runtime starts, which is when Numba's first parallel region runs, so
+    ``import lora_ref`` (which calls this) is early enough even in a script that imported NumPy or Numba first.
     """
     changed = {}
     for key, value in DEFAULTS.items():
