@@ -35,8 +35,9 @@ process), before these defaults → after:
 - a training step of the tutorial model: quiet 0.54-0.68 s → 0.31-0.36 s; busy 0.79-0.80 s → 0.55-0.69 s;
 - greedy decoding of SmolLM2-135M: quiet 1.2 → 23 tokens/s; busy 0.6 → 18-23 tokens/s.
 
-A busy neighbour still costs about 2x (it takes a core from two threads that split every product evenly), where
-it cost up to 10x with spinning pools.
+A busy neighbour still costs about 2x: it takes part of a core from two threads that split every product
+evenly, so each product waits for the slower thread. One thread (``--threads 1``) is not slowed by one
+neighbour at all, but is about 2x slower on a quiet machine.
 """
 
 from __future__ import annotations
