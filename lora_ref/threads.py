@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["DEFAULTS", "apply_defaults", "set_threads", "thread_info", "limited"]
+__all__ = ["DEFAULTS", "apply_defaults", "limited", "set_threads", "thread_info"]
 
 #: Environment variables :func:`apply_defaults` sets when they are unset.
 DEFAULTS: dict[str, str] = {

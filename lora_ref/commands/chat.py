@@ -49,8 +49,7 @@ def fit_history(tok, system, turns, room: int):
 def run(args) -> int:
     import sys
 
-    from lora_ref.commands.generate import (DEFAULT_NEW_TOKENS, check_sampling_arguments, sampling_rng,
-                                            stream_text)
+    from lora_ref.commands.generate import DEFAULT_NEW_TOKENS, check_sampling_arguments, sampling_rng, stream_text
     from lora_ref.commands.loading import load_model, model_folder
     from lora_ref.modeling.generate import generate_tokens, stop_token_ids
     from lora_ref.modeling.tokenizer import ByteTokenizer

@@ -25,7 +25,7 @@ import numpy as np
 
 from lora_ref.tensor import no_grad
 
-__all__ = ["windows", "evaluate_tokens", "window_nll"]
+__all__ = ["evaluate_tokens", "window_nll", "windows"]
 
 #: logits elements (batch × time × vocabulary) computed at once; bounds the memory of a batch of windows
 MAX_LOGITS = 1 << 24

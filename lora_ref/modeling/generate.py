@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
 from lora_ref.llama import KVCache, _check_sampling, _is_int, sample_next_token
 from lora_ref.tensor import no_grad
 
-__all__ = ["generate_tokens", "generate", "stop_token_ids", "TextStream"]
+__all__ = ["TextStream", "generate", "generate_tokens", "stop_token_ids"]
 
 
 def stop_token_ids(folder: str | os.PathLike, tokenizer=None) -> tuple[int, ...]:

@@ -197,8 +197,8 @@ def test_chat_keeps_history_and_ends_on_exit_or_eof(chat_folder, capsys, monkeyp
 def test_chat_drops_old_turns_when_the_context_is_full(chat_folder, capsys, monkeypatch):
     folder, _ = chat_folder
     long = "hello there how are you " * 4  # ~ 20 tokens
-    code, out, err = _run(capsys, monkeypatch, "chat", "--model", folder, "--max-new-tokens", 40,
-                          stdin=f"{long}\n{long}\n{long * 5}\nhello\n")
+    code, _, err = _run(capsys, monkeypatch, "chat", "--model", folder, "--max-new-tokens", 40,
+                        stdin=f"{long}\n{long}\n{long * 5}\nhello\n")
     assert code == 0
     assert "too long for the model's context of 96 tokens" in err and err.count("\n") == 1
 
@@ -213,7 +213,7 @@ def test_adapter_for_another_model_is_refused_before_the_base_is_read(chat_folde
     from lora_ref.lora import LoraConfig, inject_lora
     from lora_ref.peft_io import save_adapter
 
-    folder, model = chat_folder
+    folder, _ = chat_folder
     other = Llama(LlamaConfig(vocab_size=300, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
                               num_attention_heads=2, max_position_embeddings=96), rng=np.random.default_rng(1))
     inject_lora(other, LoraConfig(r=2, target_modules=["q_proj"]), rng=np.random.default_rng(2))
@@ -228,11 +228,14 @@ def test_adapter_for_another_model_is_refused_before_the_base_is_read(chat_folde
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (base / f).write_bytes((folder / f).read_bytes())
     (base / "model.safetensors").write_bytes(b"not safetensors")
-    for adapter, message in [("wrong", "is for another model: base_model.model.model.layers.0.self_attn.q_proj"
-                                       ".lora_A.weight in adapter_model.safetensors has shape (2, 24)"),
-                             ("deep", "is for another model: it adapts model.layers.2.self_attn.v_proj")]:
-        for command, extra in [("generate", ["--prompt", "hi"]), ("eval", ["--data", folder / "tokenizer.json", "--seq", "32"])]:
-            code, out, err = _run(capsys, monkeypatch, command, "--model", base, "--adapter", tmp_path / adapter, *extra)
+    wrong = ("is for another model: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight in "
+             "adapter_model.safetensors has shape (2, 24)")
+    deep_message = "is for another model: it adapts model.layers.2.self_attn.v_proj"
+    commands = [("generate", ["--prompt", "hi"]), ("eval", ["--data", folder / "tokenizer.json", "--seq", "32"])]
+    for adapter, message in [("wrong", wrong), ("deep", deep_message)]:
+        for command, extra in commands:
+            code, out, err = _run(capsys, monkeypatch, command, "--model", base, "--adapter", tmp_path / adapter,
+                                  *extra)
             assert code == 1 and out == "" and message in err and err.count("\n") == 1, err
 
 
@@ -254,3 +257,20 @@ def test_kv_cache_buffer_equals_a_full_forward():
             t += n
     assert cache.length == 40 and cache._buffers[0][0].shape[2] >= 40
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_history_drops_the_oldest_pairs_first(chat_folder):
+    from lora_ref.commands.chat import fit_history
+
+    tok = load_tokenizer(chat_folder[0])
+    turns = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "fine thanks"},
+             {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine"},
+             {"role": "user", "content": "today?"}]
+    full = tok.apply_chat_template(turns, tokenize=True)
+    ids, kept = fit_history(tok, None, turns, full.size)
+    assert kept == turns and ids.tolist() == full.tolist()
+    ids, kept = fit_history(tok, "sys", turns, full.size)  # the system message makes it one pair too long
+    assert kept == turns[2:] and ids.tolist() == tok.apply_chat_template(
+        [{"role": "system", "content": "sys"}] + turns[2:], tokenize=True).tolist()
+    ids, kept = fit_history(tok, None, turns, 3)
+    assert ids is None and kept == turns[4:]
