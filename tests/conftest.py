@@ -14,3 +14,17 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("lora_ref")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """An HF folder (config.json, float32 model.safetensors, tokenizer files) of SmolLM2-135M-Instruct.
+
+    Placeholder: the folder named by $LORA_REF_TEST_SMOLLM2 (the session fixture that fetches and imports the model
+    replaces this)."""
+    from pathlib import Path
+
+    return Path(os.environ["LORA_REF_TEST_SMOLLM2"])

@@ -52,7 +52,9 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
                   impl: str = "auto"):
     """The tutorial base set up for ``method``: all weights trainable (full), LoRA adapters on a frozen float base
     (lora), or on a frozen NF4 base (qlora; ``impl`` as :class:`lora_ref.qlora.Linear4bit`). ``base`` overrides the
-    cached tutorial model (a Llama to modify)."""
+    cached tutorial model (a Llama to modify). A ``base`` that is already 4-bit (``Llama.from_pretrained`` of a
+    bitsandbytes NF4/FP4 folder) is used directly by ``qlora`` — its codes are the file's, not quantized again —
+    and refused by ``full`` and ``lora``."""
     import numpy as np
 
     from lora_ref import tutorial
@@ -63,6 +65,12 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     rng = np.random.default_rng(0) if rng is None else rng
     model = tutorial.pretrained_base(quick) if base is None else base
+    from lora_ref.qlora import Linear4bit
+
+    already_4bit = any(isinstance(m, Linear4bit) for m in model.modules())
+    if already_4bit and method != "qlora":
+        raise ValueError(f"the base model is already quantized to 4 bits (a bitsandbytes checkpoint); --method "
+                         f"{method} needs a floating-point base, use --method qlora")
     if method == "full":
         return model.requires_grad_(True)
     targets = list(targets)
@@ -70,7 +78,8 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, use_rslora=use_rslora, lora_dropout=dropout)
     if method == "lora":
         return inject_lora(model, config, rng=rng)
-    return inject_qlora(quantize_model(model, impl=impl), config, rng=rng)
+    # a 4-bit checkpoint (Llama.from_pretrained of a bitsandbytes folder) is used as it is, never re-quantized
+    return inject_qlora(model if already_4bit else quantize_model(model, impl=impl), config, rng=rng)
 
 
 def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"), use_rslora: bool = False,
