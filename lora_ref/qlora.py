@@ -102,10 +102,21 @@ def _matmuls(impl: str):
 def linear_4bit(x, packed: np.ndarray, state: QuantState, impl: str = "auto") -> Tensor:
     """y = x · dequant(W)ᵀ with W 4-bit (out, in); backward dx = dy · dequant(W) (no gradient to W).
 
-    x: Tensor or array (…, in), computed in float32 → Tensor (…, out) float32.
+    x: Tensor or array (…, in), computed in float32 → Tensor (…, out) float32. With a 16-bit ``state.dtype`` the
+    weight is ``dequantize_4bit`` rounded to that dtype, as in bitsandbytes (and :meth:`Linear4bit.dequantize`).
     """
     x = x if isinstance(x, Tensor) else Tensor(x)
     fwd, bwd = _matmuls(impl)
+    if np.dtype(state.dtype) != np.float32:
+        # a 16-bit state (a checkpoint quantized from bfloat16/float16 weights): bitsandbytes dequantizes to that
+        # dtype, rounding every weight, and multiplies in the compute dtype. The fused kernels use the unrounded
+        # float32 products, so such a weight is dequantized (rounded) per call instead; the backward does it again
+        # rather than keeping the float32 weight alive until then.
+        def fwd(x2, p, s):
+            return x2 @ np.asarray(dequantize_4bit(p, s), dtype=np.float32).T
+
+        def bwd(g2, p, s):
+            return g2 @ np.asarray(dequantize_4bit(p, s), dtype=np.float32)
     out_f, in_f = state.shape
     xd = x.data
     if xd.shape[-1] != in_f:
