@@ -17,7 +17,7 @@ Memory-lean I/O: a checkpoint can be larger than the memory one wants to spend o
 - :class:`SafetensorsWriter` takes tensors one at a time, in any order, and writes the same bytes as
   :func:`write_safetensors` would for the whole dict. The header (which comes first in the file) is only known
   once every tensor is in, so the tensor bytes go to a temporary file beside the output and are copied behind the
-  header at the end, in chunks (:data:`COPY_CHUNK` bytes): the memory used is one tensor, never the file.
+  header at the end through one buffer of :data:`COPY_CHUNK` bytes: the memory used is one tensor, never the file.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ ST_TO_NP = {
 NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-COPY_CHUNK = 16 << 20
-"""Bytes per read when :class:`SafetensorsWriter` copies tensor data behind the header (16 MiB)."""
+COPY_CHUNK = 8 << 20
+"""Bytes per read when :class:`SafetensorsWriter` copies tensor data behind the header (8 MiB, one reused buffer)."""
 
 
 def read_safetensors_raw(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
@@ -362,16 +362,17 @@ class SafetensorsWriter:
             with os.fdopen(fd, "wb") as out:
                 out.write(head)
                 self._data.flush()
+                buf = memoryview(bytearray(min(COPY_CHUNK, max(self._size, 1))))  # one buffer, reused
                 for n in names:
                     _, _, offset, nbytes = self._entries[n]
                     self._data.seek(offset)
                     left = nbytes
                     while left:
-                        chunk = self._data.read(min(left, COPY_CHUNK))
-                        if not chunk:
+                        got = self._data.readinto(buf[:min(left, len(buf))])
+                        if not got:
                             raise OSError(f"temporary data file {self._data_path} is shorter than expected")
-                        out.write(chunk)
-                        left -= len(chunk)
+                        out.write(buf[:got])
+                        left -= got
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

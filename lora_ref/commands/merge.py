@@ -244,7 +244,9 @@ def merge_checkpoint(base, adapters, out, *, weights=None, combination="svd", de
 
         def as_out(key, a):
             """A float tensor in the output dtype (a 4-bit output keeps the base's float tensors' dtypes)."""
-            return a.astype(reader.dtype(key)) if four_bit_out else a.astype(np.float32).astype(np_dtype)
+            if four_bit_out:
+                return a.astype(reader.dtype(key), copy=False)
+            return a.astype(np.float32, copy=False).astype(np_dtype, copy=False)
 
         with output_dir(out) as tmp:
             writers = {f: SafetensorsWriter(tmp / f, {"format": "pt"}) for f in sorted(set(shard_of.values()))}
@@ -291,7 +293,7 @@ def merge_checkpoint(base, adapters, out, *, weights=None, combination="svd", de
                         w_param.data = reader.read(name, out=np.empty(placeholder.shape, np.float32))
                         try:
                             layer.merge(adapter_names=[active])
-                            put(name, w_param.data.astype(np_dtype))
+                            put(name, w_param.data.astype(np_dtype, copy=False))
                             if has_bias:
                                 put(f"{mname}.bias", layer.bias.data.astype(np_dtype))
                         finally:

@@ -71,11 +71,16 @@ def _open_base(folder):
     return config, CheckpointReader(folder)
 
 
-def _error_sums(w, w_hat, rows: int = 4096) -> tuple[float, float, float]:
+ERROR_CHUNK = 1 << 18
+"""Elements per block when the quantization error is summed in float64 (three float64 blocks = 6 MiB at most)."""
+
+
+def _error_sums(w, w_hat) -> tuple[float, float, float]:
     """Σ(ŵ − w)², Σw² and max|ŵ − w| in float64, a block of rows at a time (no float64 copy of the whole weight)."""
     import numpy as np
 
     e2 = r2 = mx = 0.0
+    rows = max(1, ERROR_CHUNK // max(1, w.shape[1]))
     for i in range(0, w.shape[0], rows):
         w64 = w[i:i + rows].astype(np.float64)
         d64 = w_hat[i:i + rows].astype(np.float64) - w64
@@ -141,6 +146,7 @@ def quantize_checkpoint(base, out, *, quant_type="nf4", blocksize=64, double_qua
                     w = reader.read(name)
                     if name not in targets:
                         writer.add(name, w)
+                        del w  # before the next read, or two tensors would be alive at once
                         continue
                     bad = ~np.isfinite(w.astype(np.float32, copy=False))
                     if bad.any():
