@@ -16,8 +16,7 @@ from lora_ref import functional as F
 from lora_ref import ops
 from lora_ref.tensor import Tensor
 
-__all__ = ["Parameter", "Module", "ModuleList", "ModuleDict", "Linear", "Embedding", "RMSNorm", "placeholders",
-           "is_placeholder"]
+__all__ = ["Parameter", "Module", "ModuleList", "ModuleDict", "Linear", "Embedding", "RMSNorm", "placeholders"]
 
 _PLACEHOLDERS = False
 
@@ -38,11 +37,6 @@ def placeholders():
         yield
     finally:
         _PLACEHOLDERS = prev
-
-
-def is_placeholder(a: np.ndarray) -> bool:
-    """True for an array made under :func:`placeholders` (zero strides, not writeable) — not loaded yet."""
-    return a.size > 1 and not a.flags.writeable and all(st == 0 for st in a.strides)
 
 
 def _filled(shape, dtype, value: float, rng) -> np.ndarray:
