@@ -55,7 +55,7 @@ __all__ = [
     "LlamaConfig", "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "KVCache", "LlamaAttention",
     "LlamaMLP", "LlamaDecoderLayer", "LlamaModel", "Llama", "sample_next_token",
     "checkpoint_tensor_names", "read_safetensors", "load_checkpoint_tensors", "read_quantization_config",
-    "read_4bit_weight", "quantized_tensor_names", "copy_model_side_files", "MODEL_SIDE_FILES",
+    "read_4bit_weight", "quantized_tensor_names", "copy_model_side_files",
 ]
 
 ROPE_TYPES = ("default", "llama3")
@@ -748,22 +748,18 @@ def checkpoint_tensor_names(config: LlamaConfig) -> list[str]:
     return sorted(names)
 
 
-MODEL_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
-                    "added_tokens.json")
-"""Files that travel with a model folder (the usual ones; :func:`copy_model_side_files` copies any such file)."""
-
 _NOT_SIDE_FILES = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.safetensors\.index\.json|\.bin\.index\.json)$")
 
 
 def copy_model_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copy a model folder's tokenizer, chat template, generation config and other small files from ``src`` to
-    ``dst`` (both folders); returns the names copied.
+    ``dst`` (both folders); returns the names copied: ``tokenizer.json``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``, ``generation_config.json``, ``chat_template.jinja``, and also a tokenizer's own
+    files (``tokenizer.model``, ``vocab.json``, ``merges.txt``, ...), a model card or a license.
 
     Every regular file is copied except ``config.json`` (the writer makes its own), weight files (``*.safetensors``,
     their index, pickle-based ``*.bin``/``*.pt``/``*.pth``, ``*.gguf``) and hidden files (``.name``, e.g. a
-    temporary file): so besides :data:`MODEL_SIDE_FILES` a tokenizer's own files (``tokenizer.model``, ...) come
-    along too. ``lora-ref quantize`` and ``lora-ref merge`` both use it, so their outputs load with the base's
+    temporary file). ``lora-ref quantize`` and ``lora-ref merge`` both use it, so their outputs load with the base's
     tokenizer.
     """
     import shutil

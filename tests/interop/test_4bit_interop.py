@@ -183,7 +183,8 @@ def test_float_merge_into_4bit_base_equals_bitsandbytes_dequantize_then_peft_mer
         assert ours[k].dtype == np.float32
         assert np.array_equal(ours[k], theirs[k]), k
     # and the adapter mattered
-    assert not np.array_equal(ours["model.layers.0.mlp.up_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"].numpy())
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not np.array_equal(ours[name], sd[name].numpy())
 
 
 def test_requantize_merge_equals_peft_merge_on_the_bitsandbytes_model(bnb_folder, qlora_adapter, tmp_path):

@@ -19,7 +19,7 @@ from lora_ref.cli import main
 from lora_ref.llama import Llama, LlamaConfig
 from lora_ref.qlora import Linear4bit
 from lora_ref.quant import serialize as S
-from lora_ref.quant.blockwise import dequantize_4bit, quantize_4bit
+from lora_ref.quant.blockwise import quantize_4bit
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, attention_bias=True,

@@ -20,8 +20,8 @@ import pytest
 
 from lora_ref.llama import Llama, LlamaConfig, checkpoint_tensor_names
 from lora_ref.quant import serialize as S
-from lora_ref.safetensors_io import (COPY_CHUNK, CheckpointReader, SafetensorsFile, SafetensorsWriter, read_safetensors_header,
-                                     read_safetensors_raw, write_safetensors)
+from lora_ref.safetensors_io import (COPY_CHUNK, CheckpointReader, SafetensorsFile, SafetensorsWriter,
+                                     read_safetensors_header, read_safetensors_raw, write_safetensors)
 
 MiB = 1 << 20
 SLACK = 8 * MiB  # Python objects, headers, the adapters' small arrays, NumPy's small temporaries
