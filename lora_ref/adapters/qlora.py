@@ -102,10 +102,21 @@ def _matmuls(impl: str):
 def linear_4bit(x, packed: np.ndarray, state: QuantState, impl: str = "auto") -> Tensor:
     """y = x · dequant(W)ᵀ with W 4-bit (out, in); backward dx = dy · dequant(W) (no gradient to W).
 
-    x: Tensor or array (…, in), computed in float32 → Tensor (…, out) float32.
+    x: Tensor or array (…, in), computed in float32 → Tensor (…, out) float32. With a 16-bit ``state.dtype`` the
+    weight is ``dequantize_4bit`` rounded to that dtype, as in bitsandbytes (and :meth:`Linear4bit.dequantize`).
     """
     x = x if isinstance(x, Tensor) else Tensor(x)
     fwd, bwd = _matmuls(impl)
+    if np.dtype(state.dtype) != np.float32:
+        # a 16-bit state (a checkpoint quantized from bfloat16/float16 weights): bitsandbytes dequantizes to that
+        # dtype, rounding every weight, and multiplies in the compute dtype. The fused kernels use the unrounded
+        # float32 products, so such a weight is dequantized (rounded) per call instead; the backward does it again
+        # rather than keeping the float32 weight alive until then.
+        def fwd(x2, p, s):
+            return x2 @ np.asarray(dequantize_4bit(p, s), dtype=np.float32).T
+
+        def bwd(g2, p, s):
+            return g2 @ np.asarray(dequantize_4bit(p, s), dtype=np.float32)
     out_f, in_f = state.shape
     xd = x.data
     if xd.shape[-1] != in_f:
@@ -170,6 +181,33 @@ class Linear4bit(Module):
         """Quantize a float :class:`lora_ref.modeling.nn.Linear` (its weight and bias) into a new Linear4bit."""
         bias = getattr(linear, "bias", None)
         return cls(linear.weight.data, None if bias is None else bias.data, **kwargs)
+
+    @classmethod
+    def from_quantized(cls, packed: np.ndarray, state: QuantState, bias=None, *, rounding: str = "cuda",
+                       impl: str = "auto") -> "Linear4bit":
+        """A layer holding already quantized codes, as read from a bitsandbytes checkpoint: nothing is quantized or
+        dequantized here. ``blocksize``, ``quant_type`` and double quantization come from ``state``; ``rounding``
+        is only used if the layer is re-quantized later (a PEFT-style merge), and is not recorded in the file."""
+        if state.quant_type not in ("nf4", "fp4") or len(tuple(state.shape)) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D nf4/fp4 state, got quant_type {state.quant_type!r} and "
+                             f"shape {tuple(state.shape)}")
+        _matmuls(impl)
+        layer = cls.__new__(cls)
+        Module.__init__(layer)
+        layer.out_features, layer.in_features = (int(d) for d in state.shape)
+        layer.blocksize, layer.quant_type, layer.double_quant = int(state.blocksize), state.quant_type, state.nested
+        layer.rounding, layer.impl = rounding, impl
+        layer.weight_dtype = np.dtype(np.float32)
+        layer.quant_state = None
+        layer.set_quantized(packed, state)
+        if bias is not None:
+            b = np.asarray(bias, dtype=np.float32)
+            if b.shape != (layer.out_features,):
+                raise ValueError(f"bias has shape {b.shape}, expected ({layer.out_features},)")
+            layer.bias = Parameter(b.copy(), requires_grad=False)
+        else:
+            layer.bias = None
+        return layer
 
     def set_weight(self, w: np.ndarray) -> None:
         """Quantize float ``w`` (out, in) with this layer's settings and store it (PEFT's re-quantization)."""

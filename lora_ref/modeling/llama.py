@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ from lora_ref.autograd.tensor import Tensor, no_grad
 __all__ = [
     "LlamaConfig", "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "KVCache", "LlamaAttention",
     "LlamaMLP", "LlamaDecoderLayer", "LlamaModel", "Llama", "sample_next_token",
-    "checkpoint_tensor_names", "read_safetensors", "load_checkpoint_tensors",
+    "checkpoint_tensor_names", "read_safetensors", "load_checkpoint_tensors", "read_quantization_config",
+    "read_4bit_weight", "quantized_tensor_names", "copy_model_side_files",
 ]
 
 ROPE_TYPES = ("default", "llama3")
@@ -608,20 +610,94 @@ class Llama(Module):
             yield name, p
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=np.float32) -> "Llama":
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=np.float32, impl: str = "auto",
+                        rounding: str = "cuda") -> "Llama":
         """Load an HF Llama checkpoint folder: ``config.json`` + ``model.safetensors`` (or sharded with
         ``model.safetensors.index.json``). bfloat16/float16/float64 weights are converted to float32, then to
         ``dtype`` (float32 by default).
 
+        **4-bit checkpoints.** A ``config.json`` with a bitsandbytes ``quantization_config`` (``load_in_4bit``), as
+        ``lora-ref quantize`` and transformers + bitsandbytes' ``save_pretrained`` write it, loads with every
+        quantized linear weight (``<module>.weight`` uint8 with ``.absmax``, ``.quant_map``,
+        ``.quant_state.bitsandbytes__nf4|fp4`` and, double-quantized, ``.nested_absmax``/``.nested_quant_map``)
+        as a :class:`lora_ref.adapters.qlora.Linear4bit` holding the file's codes and scales unchanged (see
+        :func:`lora_ref.quant.serialize.state_from_tensors`): no float copy of those weights is ever made. Layers
+        the file keeps in floating point (embeddings, norms, usually ``lm_head``) stay float. ``impl`` is the
+        4-bit layers' matmul (:class:`~lora_ref.adapters.qlora.Linear4bit`); ``rounding`` the arithmetic used if a layer is
+        re-quantized later (a PEFT-style merge: ``"cuda"``, or ``"cpu"`` to re-quantize as bitsandbytes' CPU path
+        does). The model's ``quantization_config`` attribute holds the config entry (None for a float model).
+        4-bit layers compute in float32, so ``dtype`` must be float32 then.
+
+        **Memory.** The model is built with :func:`lora_ref.modeling.nn.placeholders` (parameters take no memory until
+        loaded) and each tensor is read from the file straight into its parameter's array
+        (:class:`lora_ref.files.safetensors.CheckpointReader`); a tensor stored in another dtype goes through one
+        temporary array of that tensor. So the peak is the model's own arrays plus the largest tensor, not the
+        file plus the model.
+
         Raises ``ValueError`` naming the file for a missing folder or file, unreadable JSON, a corrupt safetensors
-        file, and naming the tensor for a missing, unexpected or wrongly shaped tensor.
+        file, and naming the tensor for a missing, unexpected or wrongly shaped tensor, or an 8-bit or non-
+        bitsandbytes quantization.
         """
+        from lora_ref.modeling.nn import placeholders
+        from lora_ref.files.safetensors import CheckpointReader
+
         folder = require_dir(path, "checkpoint folder")
         config = LlamaConfig.from_json_file(folder / CONFIG_FILE)
-        tensors, sources = load_checkpoint_tensors(folder)
-        model = cls(config, dtype=dtype)
-        model.load_checkpoint_tensors(tensors, sources)
+        qconfig = read_quantization_config(folder / CONFIG_FILE)
+        if qconfig is not None and np.dtype(dtype) != np.float32:
+            raise ValueError(f"{folder} is a 4-bit checkpoint; its layers compute in float32, not {np.dtype(dtype)}")
+        with placeholders():
+            model = cls(config, dtype=dtype)
+        model.quantization_config = qconfig
+        with CheckpointReader(folder) as reader:
+            consumed = _load_4bit_layers(model, reader, impl=impl, rounding=rounding) if qconfig is not None else set()
+            model._check_checkpoint_names(reader, consumed)
+            for name, p in model._unique_parameters():
+                if name in consumed:  # a 4-bit layer's codes and bias, already in place
+                    continue
+                arr = np.empty(p.shape, dtype=p.dtype)  # the parameter's own array, filled from the file
+                reader.read(name, out=arr)
+                p.data = arr  # a tied head is the same Parameter object, so it follows
         return model
+
+    def _check_checkpoint_names(self, reader, consumed: set[str] = frozenset()) -> None:
+        """Names and shapes of a checkpoint (from its headers alone) against the parameters; ``ValueError`` naming
+        the first missing, unexpected or wrongly shaped tensor. Also refuses a non-float tensor where a float
+        parameter belongs (e.g. a 4-bit weight in a folder whose config.json lacks the quantization_config)."""
+        params = dict(self._unique_parameters())
+        names = set(reader.names())
+        for name in reader.names():
+            dt = reader.dtype(name)
+            if name not in consumed and dt.kind != "f" and dt != np.dtype(ml_dtypes.bfloat16):
+                raise ValueError(f"tensor {name!r} in {reader.source(name)} has dtype {NP_TO_ST.get(dt, dt)}; only "
+                                 f"F32, F16, BF16 and F64 are read (a quantized checkpoint without its "
+                                 f"quantization_config?)")
+        ignorable = {k for k in names if k.endswith("rotary_emb.inv_freq")}
+        ignorable |= set(consumed)
+        if self.config.tie_word_embeddings and "lm_head.weight" not in params and "lm_head.weight" in names:
+            a, b = reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight") \
+                if "model.embed_tokens.weight" in names else None
+            if b is None or a.shape != b.shape or not np.array_equal(a.astype(np.float32), b.astype(np.float32)):
+                raise ValueError(f"config ties lm_head to embed_tokens, but {reader.source('lm_head.weight')} holds a "
+                                 "different lm_head.weight; set tie_word_embeddings to false in config.json to use it")
+            ignorable.add("lm_head.weight")
+        missing = [k for k in params if k not in names]
+        if missing:
+            raise ValueError(f"checkpoint lacks tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
+                                                                          if len(missing) > 1 else ""))
+        unexpected = sorted(k for k in names if k not in params and k not in ignorable)
+        if unexpected:
+            hint = " (a 4-bit checkpoint whose config.json has no quantization_config?)" \
+                if any(".quant_state.bitsandbytes__" in k for k in unexpected) else ""
+            raise ValueError(f"checkpoint has unexpected tensor {unexpected[0]!r} in {reader.source(unexpected[0])}"
+                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") + hint)
+        for name, p in params.items():
+            if name in consumed:
+                continue
+            shape = reader.shape(name)
+            if shape != p.shape:
+                raise ValueError(f"tensor {name!r} in {reader.source(name)} has shape {shape}, "
+                                 f"the model expects {p.shape}")
 
     def load_checkpoint_tensors(self, tensors: dict[str, np.ndarray], sources: dict[str, str] | None = None) -> None:
         """Copy checkpoint tensors (transformers names) into the parameters, checking names and shapes."""
@@ -688,6 +764,110 @@ def checkpoint_tensor_names(config: LlamaConfig) -> list[str]:
             if bias:
                 names.append(prefix + proj + ".bias")
     return sorted(names)
+
+
+_NOT_SIDE_FILES = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.safetensors\.index\.json|\.bin\.index\.json)$")
+
+
+def copy_model_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy a model folder's tokenizer, chat template, generation config and other small files from ``src`` to
+    ``dst`` (both folders); returns the names copied: ``tokenizer.json``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``, ``generation_config.json``, ``chat_template.jinja``, and also a tokenizer's own
+    files (``tokenizer.model``, ``vocab.json``, ``merges.txt``, ...), a model card or a license.
+
+    Every regular file is copied except ``config.json`` (the writer makes its own), weight files (``*.safetensors``,
+    their index, pickle-based ``*.bin``/``*.pt``/``*.pth``, ``*.gguf``) and hidden files (``.name``, e.g. a
+    temporary file). ``lora-ref quantize`` and ``lora-ref merge`` both use it, so their outputs load with the base's
+    tokenizer.
+    """
+    import shutil
+
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.name != CONFIG_FILE and not f.name.startswith(".") and not _NOT_SIDE_FILES.search(f.name):
+            shutil.copyfile(f, Path(dst) / f.name)
+            copied.append(f.name)
+    return copied
+
+
+QUANTIZED_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict | None:
+    """The ``quantization_config`` of a ``config.json`` if it describes bitsandbytes 4-bit weights, None if there is
+    none; ``ValueError`` for one lora_ref cannot read (8-bit, another ``quant_method``, ...)."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file is not valid JSON: {p} ({e})") from None
+    q = d.get("quantization_config") if isinstance(d, dict) else None
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise ValueError(f"{p}: quantization_config must be a JSON object, got {q!r}")
+    method = q.get("quant_method", "bitsandbytes")
+    if method != "bitsandbytes":
+        raise ValueError(f"{p}: quant_method {method!r} is not supported (only bitsandbytes 4-bit checkpoints)")
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        raise ValueError(f"{p}: 8-bit (LLM.int8) checkpoints are not supported; only bitsandbytes 4-bit (nf4, fp4)")
+    if not (q.get("load_in_4bit") or q.get("_load_in_4bit")):
+        raise ValueError(f"{p}: quantization_config does not say load_in_4bit; only 4-bit checkpoints are read")
+    storage = q.get("bnb_4bit_quant_storage", "uint8")
+    if storage not in ("uint8", None):
+        raise ValueError(f"{p}: bnb_4bit_quant_storage {storage!r} is not supported (only uint8)")
+    return q
+
+
+def quantized_tensor_names(reader, weight: str) -> list[str]:
+    """The file's tensors that make up the 4-bit weight ``weight``: itself, its scales, code tables and state."""
+    out = [weight] + [f"{weight}.{s}" for s in QUANTIZED_SUFFIXES if f"{weight}.{s}" in reader]
+    return out + [k for k in (f"{weight}.quant_state.bitsandbytes__nf4", f"{weight}.quant_state.bitsandbytes__fp4")
+                  if k in reader]
+
+
+def read_4bit_weight(reader, weight: str):
+    """(packed uint8[ceil(n/2)], QuantState) of the 4-bit weight ``weight`` in a checkpoint reader."""
+    from lora_ref.quant.serialize import state_from_tensors
+
+    return state_from_tensors({k: reader.read(k) for k in quantized_tensor_names(reader, weight)}, weight)
+
+
+def _load_4bit_layers(model: "Llama", reader, *, impl: str, rounding: str) -> set[str]:
+    """Replace every Linear whose weight the checkpoint stores in 4 bits by a Linear4bit holding its codes; returns
+    the names of the tensors this consumed (codes, scales, tables, states, and those layers' biases)."""
+    from lora_ref.adapters.qlora import Linear4bit
+
+    marker = ".quant_state.bitsandbytes__"
+    weights = sorted({k.split(marker)[0] for k in reader.names() if marker in k})
+    modules = dict(model.named_modules())
+    consumed: set[str] = set()
+    for w in weights:
+        mname = w.removesuffix(".weight")
+        m = modules.get(mname)
+        if not w.endswith(".weight") or not isinstance(m, Linear):
+            raise ValueError(f"4-bit tensor {w!r} in {reader.source(w)} is not the weight of a linear layer of "
+                             f"this model")
+        if mname == "lm_head" and model.config.tie_word_embeddings:
+            raise ValueError(f"{reader.source(w)} stores lm_head in 4 bits, but config.json ties it to the "
+                             "embedding, which stays in floating point")
+        packed, state = read_4bit_weight(reader, w)
+        if tuple(state.shape) != (m.out_features, m.in_features):
+            raise ValueError(f"4-bit tensor {w!r} in {reader.source(w)} has shape {tuple(state.shape)}, the model "
+                             f"expects {(m.out_features, m.in_features)}")
+        bias = None
+        if m.bias is not None:
+            bname = mname + ".bias"
+            if bname not in reader:
+                raise ValueError(f"checkpoint lacks tensor {bname!r}")
+            bias = reader.read(bname).astype(np.float32)
+            consumed.add(bname)
+        model.set_submodule(mname, Linear4bit.from_quantized(packed, state, bias, rounding=rounding, impl=impl))
+        consumed.update(quantized_tensor_names(reader, w))
+    if not weights:
+        raise ValueError(f"config.json in {reader.folder} has a 4-bit quantization_config, but no tensor has a "
+                         "'.quant_state.bitsandbytes__nf4|fp4' companion")
+    return consumed
 
 
 def _write_shards(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
@@ -773,36 +953,16 @@ def load_checkpoint_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.nda
     """All tensors of an HF checkpoint folder as float32, plus the file each came from (for error messages).
 
     Reads ``model.safetensors``, or else the shards listed in ``model.safetensors.index.json``
-    (``{"weight_map": {name: shard file}}``).
+    (``{"weight_map": {name: shard file}}``), one tensor at a time (:class:`lora_ref.files.safetensors.CheckpointReader`).
     """
-    folder = Path(folder)
-    single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
-    if single.is_file():
-        tensors = read_safetensors(single)
-        return tensors, {k: str(single) for k in tensors}
-    if not index.is_file():
-        found = sorted(f.name for f in folder.iterdir()) if folder.is_dir() else []
-        hint = " (pickle-based .bin checkpoints are not read; convert to safetensors)" \
-            if any(f.endswith(".bin") for f in found) else ""
-        raise ValueError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {folder}{hint}")
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"corrupt index file (expected JSON with a weight_map of name → file): {index}") from None
+    from lora_ref.files.safetensors import CheckpointReader
+
     tensors: dict[str, np.ndarray] = {}
-    sources: dict[str, str] = {}
-    for fname in sorted(set(weight_map.values())):
-        if Path(fname).name != fname or fname in (".", ".."):
-            raise ValueError(f"index file {index} names a shard outside its folder: {fname!r}")
-        shard = folder / fname
-        if not shard.is_file():
-            raise ValueError(f"shard listed in {index} not found: {shard}")
-        for name, a in read_safetensors(shard).items():
-            tensors[name] = a
-            sources[name] = str(shard)
-    for name, fname in weight_map.items():
-        if sources.get(name) != str(folder / fname):
-            raise ValueError(f"tensor {name!r} is listed in {index} under {fname} but not found there")
-    return tensors, sources
+    with CheckpointReader(folder) as reader:
+        for name in reader.names():
+            dt = reader.dtype(name)
+            if dt.kind != "f" and dt != np.dtype(ml_dtypes.bfloat16):
+                raise ValueError(f"tensor {name!r} in {reader.source(name)} has dtype {NP_TO_ST.get(dt, dt)}; only "
+                                 f"F32, F16, BF16 and F64 are read (a quantized checkpoint?)")
+            tensors[name] = reader.read(name).astype(np.float32, copy=False)
+        return tensors, {k: reader.source(k) for k in tensors}

@@ -7,6 +7,7 @@ state-dict keys when the attributes are named as in transformers.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import numpy as np
@@ -15,7 +16,33 @@ from lora_ref.autograd import functional as F
 from lora_ref.autograd import ops
 from lora_ref.autograd.tensor import Tensor
 
-__all__ = ["Parameter", "Module", "ModuleList", "ModuleDict", "Linear", "Embedding", "RMSNorm"]
+__all__ = ["Parameter", "Module", "ModuleList", "ModuleDict", "Linear", "Embedding", "RMSNorm", "placeholders"]
+
+_PLACEHOLDERS = False
+
+
+@contextlib.contextmanager
+def placeholders():
+    """Build modules whose un-initialized parameters take no memory: inside this block, ``Linear``, ``Embedding``
+    and ``RMSNorm`` built without ``rng`` get read-only zero-stride views of a single value (``np.broadcast_to``)
+    of the right shape and dtype instead of allocated arrays.
+
+    A checkpoint loader builds the model this way and then gives each parameter its real array as it reads it
+    (:meth:`lora_ref.modeling.llama.Llama.from_pretrained`), so loading never holds an array of zeros *and* the weights, and
+    a model that is only a skeleton (shapes for LoRA layers, e.g. the streaming ``lora-ref merge``) costs nothing.
+    """
+    global _PLACEHOLDERS
+    prev, _PLACEHOLDERS = _PLACEHOLDERS, True
+    try:
+        yield
+    finally:
+        _PLACEHOLDERS = prev
+
+
+def _filled(shape, dtype, value: float, rng) -> np.ndarray:
+    if _PLACEHOLDERS and rng is None:
+        return np.broadcast_to(np.full((), value, dtype=dtype), shape)
+    return np.full(shape, value, dtype=dtype) if value else np.zeros(shape, dtype=dtype)
 
 
 class Parameter(Tensor):
@@ -257,11 +284,11 @@ class Linear(Module):
                  rng: np.random.Generator | None = None, std: float = 0.02, dtype=np.float32):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        w = np.zeros((out_features, in_features), dtype=dtype)
+        w = _filled((out_features, in_features), dtype, 0.0, rng)
         if rng is not None:
             w[...] = rng.normal(0.0, std, size=w.shape)
         self.weight = Parameter(w)
-        self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
+        self.bias = Parameter(_filled((out_features,), dtype, 0.0, rng)) if bias else None
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -277,7 +304,7 @@ class Embedding(Module):
                  std: float = 0.02, dtype=np.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
-        w = np.zeros((num_embeddings, embedding_dim), dtype=dtype)
+        w = _filled((num_embeddings, embedding_dim), dtype, 0.0, rng)
         if rng is not None:
             w[...] = rng.normal(0.0, std, size=w.shape)
         self.weight = Parameter(w)
@@ -295,7 +322,7 @@ class RMSNorm(Module):
     def __init__(self, dim: int, eps: float = 1e-6, dtype=np.float32):
         super().__init__()
         self.eps = float(eps)
-        self.weight = Parameter(np.ones(dim, dtype=dtype))
+        self.weight = Parameter(_filled((dim,), dtype, 1.0, None))
 
     def forward(self, x):
         return F.rms_norm(x, self.weight, self.eps)

@@ -38,17 +38,23 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
     """The tutorial base set up for ``method``: all weights trainable (full), LoRA adapters on a frozen float base
     (lora), or on a frozen NF4 base (qlora; ``impl`` as :class:`lora_ref.adapters.qlora.Linear4bit`). ``base`` overrides the
     cached tutorial model (a Llama to modify). ``targets`` is a list of names (or ``["all-linear"]``) or a
-    ``--targets`` string (:mod:`lora_ref.adapters.targets`; ``NAME=RANK`` entries become ``rank_pattern``)."""
+    ``--targets`` string (:mod:`lora_ref.adapters.targets`; ``NAME=RANK`` entries become ``rank_pattern``).
+    A ``base`` that is already 4-bit (``Llama.from_pretrained`` of a bitsandbytes NF4/FP4 folder) is used directly
+    by ``qlora`` (its codes are the file's, not quantized again) and refused by ``full`` and ``lora``."""
     import numpy as np
 
     from lora_ref.training import tutorial
     from lora_ref.adapters.lora import LoraConfig, inject_lora
-    from lora_ref.adapters.qlora import inject_qlora, quantize_model
+    from lora_ref.adapters.qlora import Linear4bit, inject_qlora, quantize_model
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     rng = np.random.default_rng(0) if rng is None else rng
     model = tutorial.pretrained_base(quick) if base is None else base
+    already_4bit = any(isinstance(m, Linear4bit) for m in model.modules())
+    if already_4bit and method != "qlora":
+        raise ValueError(f"the base model is already quantized to 4 bits (a bitsandbytes checkpoint); --method "
+                         f"{method} needs a floating-point base, use --method qlora")
     if method == "full":
         return model.requires_grad_(True)
     rank_pattern = {}
@@ -63,14 +69,15 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
                         rank_pattern=rank_pattern)
     if method == "lora":
         return inject_lora(model, config, rng=rng)
-    return inject_qlora(quantize_model(model, impl=impl), config, rng=rng)
+    # a 4-bit checkpoint (Llama.from_pretrained of a bitsandbytes folder) is used as it is, never re-quantized
+    return inject_qlora(model if already_4bit else quantize_model(model, impl=impl), config, rng=rng)
 
 
 def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"), use_rslora: bool = False,
              dropout: float = 0.0, steps: int = 100, lr: float | None = None, batch: int = 16, seq: int = 128,
              seed: int = 0, quick: bool = False, progress: bool = True, base=None, eval_batches: int = 8,
              eval_every: int | None = None):
-    """Fine-tune the tutorial model on :func:`lora_ref.data.finetuning_corpus`; returns (model, history, summary).
+    """Fine-tune the tutorial model on :func:`lora_ref.training.data.finetuning_corpus`; returns (model, history, summary).
 
     One seed drives everything: ``np.random.default_rng(seed).spawn(2)`` gives the adapter-init/dropout generator
     and the batch generator, so LoRA and QLoRA runs with the same seed see the same batches and the same initial A.
@@ -133,8 +140,8 @@ def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weigh
 
     Batches: :func:`~lora_ref.training.datasets.batch_indices` (epochs of ``rng`` permutations) →
     :func:`~lora_ref.training.datasets.collate` (right padding, ignored targets); each step is
-    :func:`lora_ref.train.train_step` (masked mean cross-entropy, clipping, AdamW) under the same schedule as
-    :func:`lora_ref.train.train`: linear warmup over 5% of the steps (rounded down, so none under 20 steps), cosine
+    :func:`lora_ref.training.loop.train_step` (masked mean cross-entropy, clipping, AdamW) under the same schedule as
+    :func:`lora_ref.training.loop.train`: linear warmup over 5% of the steps (rounded down, so none under 20 steps), cosine
     decay to lr/10. ``eval_data`` is
     scored with :func:`~lora_ref.training.datasets.mean_nll` before the first and after the last step
     (``History.val_loss``, at ``val_steps`` 0 and ``steps``).
@@ -218,8 +225,8 @@ def finetune_data(method: str, data, *, model=None, eval_data=None, r: int = 8, 
     adapter ``"default"``), its :class:`~lora_ref.training.loop.History` (``val_loss``: the loss on ``eval_data`` before
     and after), a summary dict and the model folder it started from. The data are read by
     :func:`lora_ref.training.datasets.load_data` (``seq`` as there), the model by
-    :meth:`lora_ref.llama.Llama.from_pretrained`; qlora quantizes its linear layers in memory
-    (:func:`lora_ref.qlora.quantize_model`: NF4, double quantization, blocksize 64, ``lm_head`` kept). One seed drives
+    :meth:`lora_ref.modeling.llama.Llama.from_pretrained`; qlora quantizes its linear layers in memory
+    (:func:`lora_ref.adapters.qlora.quantize_model`: NF4, double quantization, blocksize 64, ``lm_head`` kept). One seed drives
     everything: ``np.random.default_rng(seed).spawn(2)`` gives the adapter-init/dropout generator and the batch
     generator. Weight decay 0 and AdamW betas (0.9, 0.999): transformers' Trainer defaults.
     """
@@ -264,8 +271,8 @@ def finetune_data(method: str, data, *, model=None, eval_data=None, r: int = 8, 
 def save_finetuned(model, method: str, out, *, source_folder=None, state: dict | None = None):
     """Write the result of a run into ``out`` (missing or empty; complete or not at all).
 
-    lora / qlora: the adapter as PEFT writes it (:func:`lora_ref.peft_io.save_adapter`); full: the model folder
-    (:meth:`lora_ref.llama.Llama.save_pretrained`) plus the tokenizer and generation files of ``source_folder``.
+    lora / qlora: the adapter as PEFT writes it (:func:`lora_ref.adapters.peft_files.save_adapter`); full: the model folder
+    (:meth:`lora_ref.modeling.llama.Llama.save_pretrained`) plus the tokenizer and generation files of ``source_folder``.
     ``state`` goes to ``trainer_state.json``.
     """
     from lora_ref.files.outputs import output_dir, write_json
