@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "lora_ref"
 
 # lowest first; a package may import from packages before it
-LAYERS = ["errors", "threads", "files", "kernels", "autograd", "modeling", "quant", "adapters", "merging", "training",
+LAYERS = ["errors", "threads", "files", "kernels", "quant", "autograd", "modeling", "adapters", "merging", "training",
           "analysis", "testing", "reference", "bench", "tour", "commands", "cli", "__main__"]
 
 

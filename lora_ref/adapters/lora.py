@@ -505,7 +505,7 @@ class LoraLinear(Module):
         """Whether the adapter may be added into ``result``'s buffer (:func:`lora_ref.autograd.functional.lora_add`): it is
         the float32 output of a base layer whose class declares ``fresh_output = True`` (its forward returns a new
         array that its backward does not read: :class:`lora_ref.modeling.nn.Linear`, the 4-bit
-        :class:`lora_ref.adapters.qlora.Linear4bit`; declared per class, not inherited)."""
+        :class:`lora_ref.modeling.linear4bit.Linear4bit`; declared per class, not inherited)."""
         d = result.data
         return (vars(type(self.base_layer)).get("fresh_output", False) and d.dtype == np.float32
                 and d.flags.c_contiguous and d.flags.writeable)

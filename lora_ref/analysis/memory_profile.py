@@ -15,7 +15,7 @@ AdamW's state) is the largest of: the moment each node's backward runs (all outp
 the gradients made so far + that rule's temporaries + the residual-stream gradient in flight), and the optimizer
 update (all gradients + two temporaries of the largest trainable parameter). :func:`step_peak` simulates that walk
 over the op list of :func:`forward_ops`, which mirrors ``Llama.forward`` with :class:`lora_ref.adapters.lora.LoraLinear` and
-:class:`lora_ref.adapters.qlora.Linear4bit` layers in float32.
+:class:`lora_ref.modeling.linear4bit.Linear4bit` layers in float32.
 
 :func:`measure` trains the tutorial model for one step as full, lora or qlora and compares the peak traced by
 ``tracemalloc`` (which sees NumPy's and Numba's buffers) with the prediction: ``lora-ref count --measure``.
@@ -65,7 +65,7 @@ def kernel_4bit_scratch(M: int, K: int, N: int) -> int:
 def four_bit_backward_bytes(M: int, n_in: int, n_out: int) -> int:
     """Peak bytes of dx = g·dequant(W) for a 4-bit (n_out, n_in) weight and M rows, output included.
 
-    :func:`lora_ref.adapters.qlora.linear_4bit` picks by M (``impl="auto"``): from ``AUTO_DEQUANTIZE_ROWS`` rows on it
+    :func:`lora_ref.modeling.linear4bit.linear_4bit` picks by M (``impl="auto"``): from ``AUTO_DEQUANTIZE_ROWS`` rows on it
     dequantizes W to float32 and multiplies (the decoding holds about 17 bytes per weight at its peak: the
     uint8 codes, int64 block indices, the looked-up codes and scales; then W and dx), below that the tiled kernel
     with its scratch (:func:`kernel_4bit_scratch`).

@@ -11,7 +11,7 @@ Rows (:func:`lora_ref.bench.timing.row`; ``ratio = ours / baseline``, lower is b
 - ``qlora_step`` vs ``lora_step``: the same step with a LoRA adapter (r=8, α=16, every linear layer of the blocks)
   on a float32 base, and on the same base quantized to NF4 (blocksize 64, double quantization; the head stays
   float), only the adapters trained. The 4-bit layers compute through the quantized weight
-  (:func:`lora_ref.adapters.qlora.linear_4bit`); no float copy of a base weight is kept between steps.
+  (:func:`lora_ref.modeling.linear4bit.linear_4bit`); no float copy of a base weight is kept between steps.
 - ``memory_full``, ``memory_lora``, ``memory_qlora`` vs ``memory_full``: peak bytes allocated by NumPy (traced with
   :mod:`tracemalloc`, which NumPy reports its buffers to) from building the model through two training steps:
   weights, gradients, optimizer state and activations. ``ours_s``/``baseline_s`` hold bytes here

@@ -620,10 +620,10 @@ class Llama(Module):
         ``lora-ref quantize`` and transformers + bitsandbytes' ``save_pretrained`` write it, loads with every
         quantized linear weight (``<module>.weight`` uint8 with ``.absmax``, ``.quant_map``,
         ``.quant_state.bitsandbytes__nf4|fp4`` and, double-quantized, ``.nested_absmax``/``.nested_quant_map``)
-        as a :class:`lora_ref.adapters.qlora.Linear4bit` holding the file's codes and scales unchanged (see
+        as a :class:`lora_ref.modeling.linear4bit.Linear4bit` holding the file's codes and scales unchanged (see
         :func:`lora_ref.quant.serialize.state_from_tensors`): no float copy of those weights is ever made. Layers
         the file keeps in floating point (embeddings, norms, usually ``lm_head``) stay float. ``impl`` is the
-        4-bit layers' matmul (:class:`~lora_ref.adapters.qlora.Linear4bit`); ``rounding`` the arithmetic used if a layer is
+        4-bit layers' matmul (:class:`~lora_ref.modeling.linear4bit.Linear4bit`); ``rounding`` the arithmetic used if a layer is
         re-quantized later (a PEFT-style merge: ``"cuda"``, or ``"cpu"`` to re-quantize as bitsandbytes' CPU path
         does). The model's ``quantization_config`` attribute holds the config entry (None for a float model).
         4-bit layers compute in float32, so ``dtype`` must be float32 then.
@@ -836,7 +836,7 @@ def read_4bit_weight(reader, weight: str):
 def _load_4bit_layers(model: "Llama", reader, *, impl: str, rounding: str) -> set[str]:
     """Replace every Linear whose weight the checkpoint stores in 4 bits by a Linear4bit holding its codes; returns
     the names of the tensors this consumed (codes, scales, tables, states, and those layers' biases)."""
-    from lora_ref.adapters.qlora import Linear4bit
+    from lora_ref.modeling.linear4bit import Linear4bit
 
     marker = ".quant_state.bitsandbytes__"
     weights = sorted({k.split(marker)[0] for k in reader.names() if marker in k})

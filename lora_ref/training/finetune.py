@@ -36,7 +36,7 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
                   use_rslora: bool = False, dropout: float = 0.0, rng=None, quick: bool = False, base=None,
                   impl: str = "auto"):
     """The tutorial base set up for ``method``: all weights trainable (full), LoRA adapters on a frozen float base
-    (lora), or on a frozen NF4 base (qlora; ``impl`` as :class:`lora_ref.adapters.qlora.Linear4bit`). ``base`` overrides the
+    (lora), or on a frozen NF4 base (qlora; ``impl`` as :class:`lora_ref.modeling.linear4bit.Linear4bit`). ``base`` overrides the
     cached tutorial model (a Llama to modify). ``targets`` is a list of names (or ``["all-linear"]``) or a
     ``--targets`` string (:mod:`lora_ref.adapters.targets`; ``NAME=RANK`` entries become ``rank_pattern``).
     A ``base`` that is already 4-bit (``Llama.from_pretrained`` of a bitsandbytes NF4/FP4 folder) is used directly
@@ -112,25 +112,6 @@ def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj",
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return model, hist, summary
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "generation_config.json")
-
-
-def copy_tokenizer_files(src, dst) -> list[str]:
-    """Copy the tokenizer and generation files of model folder ``src`` into ``dst`` (those that exist); their names."""
-    import shutil
-    from pathlib import Path
-
-    copied = []
-    for name in TOKENIZER_FILES:
-        f = Path(src) / name
-        if f.is_file():
-            shutil.copyfile(f, Path(dst) / name)
-            copied.append(name)
-    return copied
 
 
 def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weight_decay: float = 0.0,
@@ -275,14 +256,15 @@ def save_finetuned(model, method: str, out, *, source_folder=None, state: dict |
     (:meth:`lora_ref.modeling.llama.Llama.save_pretrained`) plus the tokenizer and generation files of ``source_folder``.
     ``state`` goes to ``trainer_state.json``.
     """
-    from lora_ref.files.outputs import output_dir, write_json
     from lora_ref.adapters.peft_files import save_adapter
+    from lora_ref.files.outputs import output_dir, write_json
+    from lora_ref.modeling.llama import copy_model_side_files
 
     with output_dir(out) as tmp:
         if method == "full":
             model.save_pretrained(tmp)
             if source_folder is not None:
-                copy_tokenizer_files(source_folder, tmp)
+                copy_model_side_files(source_folder, tmp)
         else:
             save_adapter(model, tmp)
         if state is not None:

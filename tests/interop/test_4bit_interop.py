@@ -1,7 +1,7 @@
 """4-bit checkpoints against transformers + bitsandbytes + PEFT, live on the CPU.
 
 - A folder transformers + bitsandbytes write for a ``load_in_4bit`` model (NF4 with double quantization, FP4
-  without) loads in :meth:`lora_ref.modeling.llama.Llama.from_pretrained` as :class:`lora_ref.adapters.qlora.Linear4bit` layers whose
+  without) loads in :meth:`lora_ref.modeling.llama.Llama.from_pretrained` as :class:`lora_ref.modeling.linear4bit.Linear4bit` layers whose
   codes, scales and nested scales are the file's and bitsandbytes' own, and gives transformers' logits.
 - A folder ``lora-ref quantize`` writes loads the same way and gives the logits transformers + bitsandbytes compute
   from it.

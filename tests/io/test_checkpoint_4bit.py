@@ -128,9 +128,15 @@ def test_a_4bit_load_makes_no_float_copy_of_the_quantized_weights(q4):
     assert peak < float_rest + linear_bytes / 4 + 256 * 1024, (peak, float_rest, linear_bytes)
 
 
-def test_generate_on_a_4bit_folder(q4, capsys):
+def test_generate_on_a_4bit_folder(q4, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "nf4"  # the byte-level model: without the placeholder tokenizer files the fixture copies
+    shutil.copytree(q4, folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / f).unlink()
     prompt = "def f("
-    assert main(["generate", "--model", str(q4), "--prompt", prompt, "--max-new-tokens", "12", "--json"]) == 0
+    assert main(["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "12", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     ref = dequantized_model(q4).generate(np.frombuffer(prompt.encode(), np.uint8).astype(np.int64)[None], 12)
     assert doc["token_ids"][-12:] == ref[0, -12:].tolist()
