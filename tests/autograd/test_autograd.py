@@ -8,7 +8,7 @@ from hypothesis.extra import numpy as hnp
 
 from lora_ref import Tensor, no_grad
 from lora_ref.autograd import functional as F
-from lora_ref.autograd import numerical as gradcheck
+from lora_ref.autograd.numerical import gradcheck
 from lora_ref.autograd import ops
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4)
