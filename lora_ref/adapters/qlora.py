@@ -47,8 +47,8 @@ from lora_ref.quant.blockwise import (
     quantize_4bit,
     quantize_blockwise,
 )
-from lora_ref.autograd.tensor import Tensor
 from lora_ref.quant.kernels import AUTO_DEQUANTIZE_ROWS  # noqa: F401  (the "auto" rule's threshold, documented there)
+from lora_ref.autograd.tensor import Tensor
 
 __all__ = [
     "Linear4bit",

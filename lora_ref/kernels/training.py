@@ -32,7 +32,6 @@ from llvmlite import ir
 from numba import config, njit, prange, types
 from numba.extending import intrinsic
 
-
 from lora_ref.kernels import reference, switch
 
 __all__ = [
