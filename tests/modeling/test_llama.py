@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_ref.autograd import functional as F
-from lora_ref.autograd import numerical as gradcheck
+from lora_ref.autograd.numerical import gradcheck
 from lora_ref.modeling.llama import (KVCache, Llama, LlamaConfig, apply_rope, read_safetensors, rope_cos_sin, rope_inv_freq,
                             rotate_half, sample_next_token)
 from lora_ref.modeling.nn import Linear, Module

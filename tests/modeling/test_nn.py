@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lora_ref import Tensor
-from lora_ref.autograd import numerical as gradcheck
+from lora_ref.autograd.numerical import gradcheck
 from lora_ref.modeling.nn import Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
 
 
