@@ -3,28 +3,26 @@
 Each fused rule is derived in its docstring and verified against finite differences (``lora_ref.autograd.numerical``) and
 against the same function composed from primitives in ``tests/autograd/test_autograd.py``.
 
-The NumPy code here is the readable twin. When :mod:`lora_ref.kernels.switch` is on (the default with Numba's JIT), float32
-calls of rms_norm, swiglu, rotary, cross_entropy and the attention softmax run the compiled kernels of
-:mod:`lora_ref.kernels.training` instead: the same formulas in one pass per row (``tests/kernels/test_fast_paths.py``).
+rms_norm, swiglu, rotary, cross_entropy and the attention softmax have two implementations on arrays (the contract
+is in :mod:`lora_ref.kernels.switch`): the readable NumPy twins of :mod:`lora_ref.kernels.reference` and the compiled
+kernels of :mod:`lora_ref.kernels.training` (the same formulas in one pass per row). Each composite here validates
+its inputs, builds one node and asks the chooser ``kernels.pick`` once which twin fills it — forward and backward
+— (``tests/kernels/test_fast_paths.py`` holds the twins equal).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from lora_ref.kernels import switch as fast
 from lora_ref.autograd import ops
 from lora_ref.autograd.ops import linear, silu  # noqa: F401  (re-exported: F.linear, F.silu)
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import training as kernels
+from lora_ref.kernels.reference import causal_mask, rotate_half  # noqa: F401  (re-exported: F.causal_mask, …)
+from lora_ref.kernels.reference import log_sum_exp as _logsumexp
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "rms_norm", "linear", "silu", "dropout", "logsumexp", "swiglu",
            "causal_mask", "scaled_dot_product_attention", "rotate_half", "rotary", "lora_add"]
-
-
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0)
-    return m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
 
 
 def logsumexp(x, axis: int = -1, keepdims: bool = False) -> Tensor:
@@ -90,23 +88,13 @@ def cross_entropy(logits, targets, ignore_index: int = -100) -> Tensor:
     n = int(keep.sum())
     if n == 0:
         raise ValueError("cross_entropy: every target is ignore_index")
-    if fast.applies(z):
-        from lora_ref.kernels import training as train_kernels
-        return train_kernels.cross_entropy(logits, z, t, ignore_index, n)
-    rows = np.nonzero(keep)[0]
-    lse = _logsumexp(z, axis=-1)[:, 0]  # (N,)
-    loss = (lse[rows] - z[rows, t[rows]]).sum() / n
-    dt = z.dtype
+    impl = kernels.pick("cross_entropy", z)
+    loss, saved = impl.cross_entropy_forward(z, t, ignore_index, n)
 
     def backward(g):
-        grad = np.exp(z - lse[:, None])  # softmax, (N, V)
-        grad[rows, t[rows]] -= 1
-        if n != len(t):
-            grad[~keep] = 0
-        grad *= dt.type(g) / dt.type(n)
-        return (grad.reshape(logits.shape),)
+        return (impl.cross_entropy_backward(g, z, t, ignore_index, n, saved).reshape(logits.shape),)
 
-    return Tensor._make(np.asarray(loss, dtype=dt), (logits,), backward)
+    return Tensor._make(loss, (logits,), backward)
 
 
 def rms_norm(x, weight, eps: float = 1e-6) -> Tensor:
@@ -119,22 +107,11 @@ def rms_norm(x, weight, eps: float = 1e-6) -> Tensor:
     x = ops._t(x)
     weight = ops._t(weight, x)
     xd, wd = x.data, weight.data
-    if fast.applies(xd, wd) and wd.shape == xd.shape[-1:]:
-        from lora_ref.kernels import training as train_kernels
-        return train_kernels.rms_norm(x, weight, eps)
-    dt = xd.dtype
-    r = 1.0 / np.sqrt(np.mean(xd * xd, axis=-1, keepdims=True) + dt.type(eps))  # (…, 1)
-    xhat = xd * r  # (…, D)
-    out = xhat * wd
+    impl = kernels.pick("rms_norm", xd, wd)
+    out, saved = impl.rms_norm_forward(xd, wd, eps)
 
     def backward(g):
-        gx = gw = None
-        if weight.requires_grad:
-            gw = (g * xhat).reshape(-1, xd.shape[-1]).sum(axis=0)
-        if x.requires_grad:
-            h = g * wd
-            gx = r * (h - xhat * np.mean(h * xhat, axis=-1, keepdims=True))
-        return gx, gw
+        return impl.rms_norm_backward(g, xd, wd, saved, x.requires_grad, weight.requires_grad)
 
     return Tensor._make(out, (x, weight), backward)
 
@@ -162,23 +139,13 @@ def swiglu(gate, up) -> Tensor:
     """
     gate, up = ops._pair(gate, up)
     a, u = gate.data, up.data
-    if fast.applies(a, u) and a.shape == u.shape:
-        from lora_ref.kernels import training as train_kernels
-        return train_kernels.swiglu(gate, up)
-    s = ops._sigmoid(a)
-    act = a * s
+    impl = kernels.pick("swiglu", a, u)
+    out, saved = impl.swiglu_forward(a, u)
 
     def backward(g):
-        gg = (g * u * (s * (1 + a * (1 - s)))) if gate.requires_grad else None
-        gu = (g * act) if up.requires_grad else None
-        return gg, gu
+        return impl.swiglu_backward(g, a, u, saved, gate.requires_grad, up.requires_grad)
 
-    return Tensor._make(act * u, (gate, up), backward)
-
-
-def causal_mask(T: int, S: int) -> np.ndarray:
-    """Boolean (T, S) mask of allowed positions: query i (the last T of S positions) sees keys j <= i + S − T."""
-    return np.arange(S)[None, :] <= (np.arange(T)[:, None] + (S - T))
+    return Tensor._make(out, (gate, up), backward)
 
 
 def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | None = None) -> Tensor:
@@ -203,42 +170,21 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     qd = q.data.reshape(B, K, G * T, E)  # the G query heads of a group stacked along time: (B, K, G·T, E)
     kd, vd = k.data, v.data
     scores = np.matmul(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
-    use_fast = fast.applies(scores) and S >= T
-    if use_fast:  # scale, mask and softmax in one pass per row, in place
-        from lora_ref.kernels import training as train_kernels
-        train_kernels.attention_softmax(scores, sc, T, causal)
-    else:
-        scores *= sc
-        if causal:
-            allowed = np.tile(causal_mask(T, S), (G, 1))  # (G·T, S)
-            scores = np.where(allowed, scores, dt.type(-np.inf))
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-    p = scores  # (B, K, G·T, S)
+    impl = kernels.pick("attention_softmax", scores, T)  # the kernel scales, masks and normalises in place
+    p = impl.attention_softmax(scores, sc, T, causal)  # (B, K, G·T, S)
+    del scores  # the readable twin's masked copy replaces it
     out = np.matmul(p, vd).reshape(B, H, T, E)
 
     def backward(g):
         g4 = g.reshape(B, K, G * T, E)
         gv = np.matmul(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
         dp = np.matmul(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
-        if use_fast:
-            train_kernels.attention_softmax_backward(dp, p, sc, T, causal)  # dp becomes dS, in place
-            ds = dp
-        else:
-            ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-            ds *= sc
+        ds = impl.attention_softmax_backward(dp, p, sc, T, causal)  # the kernel turns dp into dS in place
         gq = np.matmul(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
         gk = np.matmul(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
         return gq, gk, gv
 
     return Tensor._make(out, (q, k, v), backward)
-
-
-def rotate_half(x: np.ndarray) -> np.ndarray:
-    """[x1, x2] → [−x2, x1] over the last axis split in halves (the convention of transformers' Llama)."""
-    h = x.shape[-1] // 2
-    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
 def rotary(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
@@ -251,17 +197,13 @@ def rotary(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
     xd = x.data
     cos = np.asarray(cos, dtype=xd.dtype)
     sin = np.asarray(sin, dtype=xd.dtype)
-    if fast.applies(xd):
-        from lora_ref.kernels import training as train_kernels
-        if train_kernels.rotary_applies(xd, cos, sin):
-            return train_kernels.rotary(x, cos, sin)
-    h = xd.shape[-1] // 2
+    impl = kernels.pick("rotary", xd, cos, sin)
+    out, saved = impl.rotary_forward(xd, cos, sin)
 
     def backward(g):
-        gs = g * sin
-        return (g * cos + np.concatenate([gs[..., h:], -gs[..., :h]], axis=-1),)
+        return (impl.rotary_backward(g, xd, cos, sin, saved),)
 
-    return Tensor._make(xd * cos + rotate_half(xd) * sin, (x,), backward)
+    return Tensor._make(out, (x,), backward)
 
 
 

@@ -4,6 +4,9 @@ Every function takes Tensors (or arrays / Python numbers, treated as constants) 
 rule receives ``g`` = dL/d(out) and returns dL/d(input) for each input, summed back over broadcast dimensions
 (:func:`unbroadcast`). Taught in ``notebooks/01_autograd.ipynb``; every rule is checked by ``lora_ref.autograd.numerical``
 in ``tests/autograd/test_autograd.py``.
+
+The end of this module installs the primitives as Tensor's operators and methods (``a + b`` is :func:`add`,
+``a.sum()`` is :func:`sum` …), so :mod:`lora_ref.autograd.tensor` imports nothing from here.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from lora_ref.kernels import switch as fast
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import training as kernels
+from lora_ref.kernels.reference import sigmoid as _sigmoid
 
 __all__ = [
     "unbroadcast", "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "matmul", "linear",
@@ -309,12 +313,8 @@ def embedding(weight, ids) -> Tensor:
     wd = weight.data
 
     def backward(g):
-        if fast.applies(wd, g):
-            from lora_ref.kernels import training as train_kernels
-            return (train_kernels.embedding_grad(ids, g, V),)
-        full = np.zeros_like(wd)
-        np.add.at(full, ids.reshape(-1), g.reshape(-1, D))
-        return (full,)
+        impl = kernels.pick("embedding_grad", wd, g)  # the readable scatter or its kernel
+        return (impl.embedding_grad(ids, g, V, wd.dtype),)
 
     return Tensor._make(wd[ids], (weight,), backward)
 
@@ -350,12 +350,6 @@ def where(cond, a, b) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- activations
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # exp of a non-positive number only, so no overflow for either sign
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
-
-
 def sigmoid(a) -> Tensor:
     """σ(a) = 1 / (1 + e^−a); dσ/da = σ(1 − σ)."""
     a = _t(a)
@@ -390,3 +384,44 @@ def astype(a, dtype) -> Tensor:
     a = _t(a)
     src = a.data.dtype
     return Tensor._make(a.data.astype(dtype), (a,), lambda g: (g.astype(src),))
+
+
+# --------------------------------------------------------------------------------------------- Tensor's operators
+def _reshape_method(self, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return reshape(self, shape)
+
+
+def _transpose_method(self, *axes):
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    return transpose(self, axes or None)
+
+
+def _swapaxes_method(self, a: int, b: int):
+    axes = list(range(self.ndim))
+    axes[a], axes[b] = axes[b], axes[a]
+    return transpose(self, tuple(axes))
+
+
+_OPERATORS = {
+    "__add__": add, "__radd__": lambda self, other: add(other, self),
+    "__sub__": sub, "__rsub__": lambda self, other: sub(other, self),
+    "__mul__": mul, "__rmul__": lambda self, other: mul(other, self),
+    "__truediv__": div, "__rtruediv__": lambda self, other: div(other, self),
+    "__pow__": pow, "__rpow__": lambda self, base: pow(base, self),
+    "__matmul__": matmul, "__rmatmul__": lambda self, other: matmul(other, self),
+    "__neg__": neg, "__getitem__": getitem,
+    "sum": lambda self, axis=None, keepdims=False: sum(self, axis, keepdims),
+    "mean": lambda self, axis=None, keepdims=False: mean(self, axis, keepdims),
+    "max": lambda self, axis=None, keepdims=False: max(self, axis, keepdims),
+    "reshape": _reshape_method, "transpose": _transpose_method, "permute": _transpose_method,
+    "swapaxes": _swapaxes_method, "T": property(lambda self: transpose(self, None)),
+    "exp": exp, "log": log, "sqrt": sqrt, "rsqrt": rsqrt, "sigmoid": sigmoid, "silu": silu, "tanh": tanh,
+    "relu": relu, "astype": astype,
+}
+"""Tensor's operators and methods, each one primitive of this module."""
+
+for _name, _fn in _OPERATORS.items():
+    setattr(Tensor, _name, _fn)

@@ -13,6 +13,9 @@ Conventions (the same as PyTorch):
   as they have been passed on, and so is the graph (call ``backward`` once per forward).
 - Inside ``with no_grad():`` nothing is recorded (inference, optimizer updates).
 
+The operators of a Tensor (``a + b``, ``a @ b``, ``a.sum()`` …) are the primitives of :mod:`lora_ref.autograd.ops`,
+installed on the class by that module (see the end of ``ops.py``).
+
 Taught in ``notebooks/01_autograd.ipynb``.
 """
 
@@ -216,117 +219,10 @@ class Tensor:
         return f"Tensor({np.array2string(self.data, precision=4, threshold=20)}, dtype={self.data.dtype}{flag})"
 
     # ----------------------------------------------------------------------------------------- operators
-    # The rules themselves live in lora_ref.autograd.ops; these methods only dispatch.
-    def __add__(self, other):
-        return _ops().add(self, other)
-
-    def __radd__(self, other):
-        return _ops().add(other, self)
-
-    def __sub__(self, other):
-        return _ops().sub(self, other)
-
-    def __rsub__(self, other):
-        return _ops().sub(other, self)
-
-    def __mul__(self, other):
-        return _ops().mul(self, other)
-
-    def __rmul__(self, other):
-        return _ops().mul(other, self)
-
-    def __truediv__(self, other):
-        return _ops().div(self, other)
-
-    def __rtruediv__(self, other):
-        return _ops().div(other, self)
-
-    def __pow__(self, exponent):
-        return _ops().pow(self, exponent)
-
-    def __rpow__(self, base):
-        return _ops().pow(base, self)
-
-    def __matmul__(self, other):
-        return _ops().matmul(self, other)
-
-    def __rmatmul__(self, other):
-        return _ops().matmul(other, self)
-
-    def __neg__(self):
-        return _ops().neg(self)
-
-    def __getitem__(self, index):
-        return _ops().getitem(self, index)
-
-    def sum(self, axis=None, keepdims: bool = False):
-        return _ops().sum(self, axis, keepdims)
-
-    def mean(self, axis=None, keepdims: bool = False):
-        return _ops().mean(self, axis, keepdims)
-
-    def max(self, axis=None, keepdims: bool = False):
-        return _ops().max(self, axis, keepdims)
-
-    def reshape(self, *shape):
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        return _ops().reshape(self, shape)
-
-    def transpose(self, *axes):
-        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-            axes = tuple(axes[0])
-        return _ops().transpose(self, axes or None)
-
-    permute = transpose
-
-    def swapaxes(self, a: int, b: int):
-        axes = list(range(self.ndim))
-        axes[a], axes[b] = axes[b], axes[a]
-        return _ops().transpose(self, tuple(axes))
-
-    @property
-    def T(self):
-        return _ops().transpose(self, None)
-
-    def exp(self):
-        return _ops().exp(self)
-
-    def log(self):
-        return _ops().log(self)
-
-    def sqrt(self):
-        return _ops().sqrt(self)
-
-    def rsqrt(self):
-        return _ops().rsqrt(self)
-
-    def sigmoid(self):
-        return _ops().sigmoid(self)
-
-    def silu(self):
-        return _ops().silu(self)
-
-    def tanh(self):
-        return _ops().tanh(self)
-
-    def relu(self):
-        return _ops().relu(self)
-
-    def astype(self, dtype):
-        return _ops().astype(self, dtype)
-
-
-_OPS = None
-
-
-def _ops():
-    global _OPS
-    if _OPS is None:
-        from lora_ref.autograd import ops  # late import: ops imports Tensor
-
-        _OPS = ops
-    return _OPS
+    # The operators (+ − · / ** @, unary −, [ ]) and the methods sum, mean, max, reshape, transpose / permute,
+    # swapaxes, T, exp, log, sqrt, rsqrt, sigmoid, silu, tanh, relu and astype are the primitives of
+    # lora_ref.autograd.ops, which installs them on this class when it is imported (importing lora_ref.autograd,
+    # or any module in it, imports ops first). This module therefore imports nothing from the rest of lora_ref.
 
 
 def tensor(data, requires_grad: bool = False) -> Tensor:

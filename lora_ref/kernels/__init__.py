@@ -1,1 +1,9 @@
-"""Compiled kernels (Numba) that take and return arrays, and the switch that turns the fast paths on. Never imports the autograd (chapter 6)."""
+"""Compiled kernels (Numba) that take and return arrays, their readable NumPy twins, and the switch that turns the fast paths on. Never imports the autograd (chapter 6).
+
+- :mod:`lora_ref.kernels.switch` — the fast-path contract (read it first), the ``LORA_REF_FAST`` switch and the
+  chooser machinery every kernel module uses.
+- :mod:`lora_ref.kernels.reference` — the readable twins of the two modules below.
+- :mod:`lora_ref.kernels.training` — the fused kernels of the training step and their chooser ``pick``.
+- :mod:`lora_ref.kernels.matmul` — the tiled float32 GEMM and its chooser.
+- :mod:`lora_ref.kernels.jit` — Numba intrinsics the kernels build on (stack tiles, wide vectors, a register table).
+"""

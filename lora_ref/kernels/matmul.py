@@ -18,54 +18,30 @@ the BLIS papers call the pieces by the names used here):
 Partial tiles at the edges are handled by zero padding in the packed copies; only the valid part of ``acc`` is
 written back. Threads split the columns of C (one B micro-panel each), so they never write the same element.
 
-The NumPy twin :func:`matmul_reference` runs the same tiling with ``np.matmul`` per tile; the two differ only
-by the order of float32 additions. Taught in ``notebooks/06_kernels.ipynb``; benchmarked by
+The NumPy twin :func:`lora_ref.kernels.reference.matmul` (also reachable here as :func:`matmul_reference`) runs the
+same tiling with ``np.matmul`` per tile; the two differ only by the order of float32 additions. The tile sizes live
+with the twin, so both read the same ones. Taught in ``notebooks/06_kernels.ipynb``; benchmarked by
 ``lora-ref bench`` (row ``sgemm_1024``).
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numba import njit, prange
 
+from lora_ref.kernels import reference, switch
 from lora_ref.kernels.jit import prefer_wide_vectors, stack_tile_f32
+from lora_ref.kernels.reference import KC, MR, NR
+from lora_ref.kernels.reference import check_matmul_operands as _check_operands
 
-__all__ = ["MR", "NR", "KC", "matmul", "matmul_reference", "pack_a", "micro_kernel"]
+__all__ = ["MR", "NR", "KC", "matmul", "matmul_reference", "pack_a", "micro_kernel", "pick", "PICK"]
 
-MR = 6     # rows of the register tile
-NR = 64    # columns of the register tile (4 AVX-512 vectors of float32)
-KC = 1024  # length of a K chunk: a B micro-panel is KC·NR·4 bytes = 256 KiB, kept in the L2 cache
+matmul_reference = reference.matmul
+"""The readable twin of :func:`matmul` (:func:`lora_ref.kernels.reference.matmul`), under its former name."""
 
 _acc_tile = stack_tile_f32(MR, NR)
-
-
-def _check_operands(a: np.ndarray, b: np.ndarray) -> None:
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, np.ndarray) or t.dtype != np.float32 or t.ndim != 2:
-            raise ValueError(f"matmul: {name} must be a 2-D float32 array, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} with shape {getattr(t, 'shape', None)}")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"matmul: inner dimensions differ: a {a.shape} @ b {b.shape}")
-
-
-def matmul_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """C = A @ B computed tile by tile with NumPy: the readable twin of :func:`matmul`.
-
-    Parameters: ``a`` (M, K) float32, ``b`` (K, N) float32. Returns (M, N) float32.
-    The loops are the kernel's loops (K chunks of ``KC``, column panels of ``NR``, row panels of ``MR``);
-    each tile product is one ``np.matmul``.
-    """
-    _check_operands(a, b)
-    M, K = a.shape
-    N = b.shape[1]
-    c = np.zeros((M, N), np.float32)                                # (M, N)
-    for k0 in range(0, K, KC):
-        for j0 in range(0, N, NR):
-            bp = b[k0:k0 + KC, j0:j0 + NR]                          # (kc, nr) micro-panel of B
-            for i0 in range(0, M, MR):
-                ap = a[i0:i0 + MR, k0:k0 + KC]                      # (mr, kc) micro-panel of A
-                c[i0:i0 + MR, j0:j0 + NR] += ap @ bp                # (mr, nr) tile
-    return c
 
 
 @njit(cache=True)
@@ -140,7 +116,7 @@ def _matmul_kernel(a, b, c):
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """C = A @ B for float32 matrices with the tiled, parallel Numba kernel; twin of :func:`matmul_reference`.
+    """C = A @ B for float32 matrices with the tiled, parallel Numba kernel; twin of :func:`reference.matmul`.
 
     Parameters: ``a`` (M, K) float32, ``b`` (K, N) float32 (any strides). Returns (M, N) float32.
     Uses ``numba.get_num_threads()`` threads. Raises ``ValueError`` for other dtypes or mismatched shapes.
@@ -149,3 +125,11 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     c = np.empty((a.shape[0], b.shape[1]), np.float32)              # (M, N)
     _matmul_kernel(a, b, c)
     return c
+
+
+PICK = switch.Twins(sys.modules[__name__], {
+    "matmul": switch.Operation(("matmul",), reference, switch.float32_arrays),
+})
+pick = PICK.pick
+"""``pick("matmul", a, b, impl="auto")``: this module or :mod:`lora_ref.kernels.reference` (see
+:class:`lora_ref.kernels.switch.Twins`)."""

@@ -1,13 +1,13 @@
-"""Fused Numba kernels of the training step, and the graph nodes that use them (the fast paths).
+"""Fused Numba kernels of the training step (the fast paths), on arrays, and their chooser :func:`pick`.
 
-Each kernel here is the compiled twin of a readable NumPy rule: :func:`rms_norm` of
-:func:`lora_ref.autograd.functional.rms_norm`, :func:`swiglu` of ``functional.swiglu``, :func:`rotary` of
-``functional.rotary``, :func:`causal_softmax_` / :func:`softmax_backward_` of the softmax inside
-``functional.scaled_dot_product_attention``, :func:`cross_entropy` of ``functional.cross_entropy``,
-:func:`embedding_backward` of the scatter in ``ops.embedding`` and :func:`adamw_update` of
-``optim.AdamW._update``. The twins compute the same formulas in the same order of operations; they differ only
-where a compiled ``exp`` or a sum's order rounds differently (a few float32 ulps), which
-``tests/kernels/test_fast_paths.py`` bounds. :mod:`lora_ref.kernels.switch` chooses between them.
+Each public function here has a readable twin with the same name and signature in :mod:`lora_ref.kernels.reference`
+(the contract: :mod:`lora_ref.kernels.switch`): ``rms_norm_forward`` / ``rms_norm_backward``, ``swiglu_*``,
+``rotary_*``, ``attention_softmax`` / ``attention_softmax_backward``, ``cross_entropy_*``, ``embedding_grad`` and
+``adamw_update``. They take and return arrays; the graph nodes are built by the composites of
+:mod:`lora_ref.autograd.functional` and :mod:`lora_ref.autograd.ops` (and AdamW's update by
+:class:`lora_ref.training.optim.AdamW`), which ask :func:`pick` which twin fills the node. The twins compute the
+same formulas in the same order of operations; they differ only where a compiled ``exp`` or a sum's order rounds
+differently (a few float32 ulps), which ``tests/kernels/test_fast_paths.py`` bounds.
 
 What the fusion buys, on the tutorial model's batch (B·T = 4096 rows):
 
@@ -25,18 +25,19 @@ gradient) use a fixed number of row chunks, so results do not depend on the thre
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from llvmlite import ir
 from numba import config, njit, prange, types
 from numba.extending import intrinsic
 
-from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import reference, switch
 
 __all__ = [
     "swiglu_forward", "swiglu_backward", "rms_norm_forward", "rms_norm_backward", "rotary_forward",
-    "rotary_backward", "causal_softmax_", "softmax_backward_", "cross_entropy_forward", "cross_entropy_backward",
-    "embedding_backward", "adamw_update",
-    "swiglu", "rms_norm", "rotary", "attention_softmax", "cross_entropy", "embedding_grad",
+    "rotary_backward", "attention_softmax", "attention_softmax_backward", "cross_entropy_forward",
+    "cross_entropy_backward", "embedding_grad", "adamw_update", "exp32", "pick", "PICK",
 ]
 
 F32 = np.float32
@@ -159,7 +160,7 @@ def _sum_row(a, i, n):
 
 # ================================================================================================ SwiGLU
 @njit(cache=True, parallel=True)
-def swiglu_forward(a, u, out):
+def _swiglu_forward_kernel(a, u, out):
     """out = silu(a) ⊙ u = a·σ(a)·u.  a, u, out: float32 (N, F) C-contiguous."""
     N, Fd = a.shape
     one = F32(1.0)
@@ -171,7 +172,7 @@ def swiglu_forward(a, u, out):
 
 
 @njit(cache=True, parallel=True)
-def swiglu_backward(g, a, u, ga, gu):
+def _swiglu_backward_kernel(g, a, u, ga, gu):
     """ga = g ⊙ u ⊙ σ(a)(1 + a(1 − σ(a))),  gu = g ⊙ a·σ(a) (σ recomputed, not stored).  All (N, F)."""
     N, Fd = a.shape
     one = F32(1.0)
@@ -184,27 +185,30 @@ def swiglu_backward(g, a, u, ga, gu):
             gu[i, j] = gij * (x * s)
 
 
-def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """Fast path of :func:`lora_ref.autograd.functional.swiglu` (same node: silu(gate) ⊙ up)."""
-    shape = gate.shape
+def swiglu_forward(a: np.ndarray, u: np.ndarray):
+    """out = silu(a) ⊙ u (float32, a and u of one shape); keeps only a and u as (N, F) rows (σ is recomputed)."""
+    shape = a.shape
     Fd = shape[-1]
-    a = np.ascontiguousarray(gate.data).reshape(-1, Fd)  # (N, F)
-    u = np.ascontiguousarray(up.data).reshape(-1, Fd)  # (N, F)
-    out = np.empty_like(a)
-    swiglu_forward(a, u, out)
+    a2 = np.ascontiguousarray(a).reshape(-1, Fd)  # (N, F)
+    u2 = np.ascontiguousarray(u).reshape(-1, Fd)  # (N, F)
+    out = np.empty_like(a2)
+    _swiglu_forward_kernel(a2, u2, out)
+    return out.reshape(shape), (a2, u2)
 
-    def backward(g):
-        g2 = np.ascontiguousarray(g).reshape(-1, Fd)
-        ga, gu = np.empty_like(a), np.empty_like(u)
-        swiglu_backward(g2, a, u, ga, gu)
-        return (ga.reshape(shape) if gate.requires_grad else None, gu.reshape(shape) if up.requires_grad else None)
 
-    return Tensor._make(out.reshape(shape), (gate, up), backward)
+def swiglu_backward(g, a, u, saved, need_a: bool, need_u: bool):
+    """(d/da, d/du) of silu(a) ⊙ u in one pass (None where not needed)."""
+    a2, u2 = saved
+    shape = a.shape
+    g2 = np.ascontiguousarray(g).reshape(-1, shape[-1])
+    ga, gu = np.empty_like(a2), np.empty_like(u2)
+    _swiglu_backward_kernel(g2, a2, u2, ga, gu)
+    return (ga.reshape(shape) if need_a else None, gu.reshape(shape) if need_u else None)
 
 
 # ================================================================================================ RMSNorm
 @njit(cache=True, parallel=True)
-def rms_norm_forward(x, w, eps, out, r):
+def _rms_norm_forward_kernel(x, w, eps, out, r):
     """r = 1/√(mean(x²) + ε) per row, out = (x·r) ⊙ w.  x, out (N, D); w (D,); r (N,); float32."""
     N, D = x.shape
     one = F32(1.0)
@@ -217,7 +221,7 @@ def rms_norm_forward(x, w, eps, out, r):
 
 
 @njit(cache=True, parallel=True)
-def rms_norm_backward(g, x, w, r, gx, gw_parts, want_gw):
+def _rms_norm_backward_kernel(g, x, w, r, gx, gw_parts, want_gw):
     """gx = r ⊙ (h − x̂ · mean(h ⊙ x̂)) with h = g ⊙ w, x̂ = x·r; gw_parts[c] = Σ_{rows of chunk c} g ⊙ x̂.
 
     g, x, gx (N, D); w (D,); r (N,); gw_parts (C, D), summed over C by the caller (C fixed: deterministic).
@@ -246,32 +250,34 @@ def rms_norm_backward(g, x, w, r, gx, gw_parts, want_gw):
                 gx[i, j] = ri * ((g[i, j] * w[j]) - xh * mean)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Fast path of :func:`lora_ref.autograd.functional.rms_norm`; keeps only 1/rms (N,) for backward."""
+def rms_norm_forward(x: np.ndarray, w: np.ndarray, eps: float):
+    """RMSNorm over the last axis of float32 x (…, D) with w (D,); keeps only 1/rms (N,) for backward."""
     shape = x.shape
     D = shape[-1]
-    xd = np.ascontiguousarray(x.data).reshape(-1, D)  # (N, D)
-    wd = np.ascontiguousarray(weight.data)
-    out = np.empty_like(xd)
-    r = np.empty(xd.shape[0], F32)  # (N,)
-    rms_norm_forward(xd, wd, F32(eps), out, r)
+    x2 = np.ascontiguousarray(x).reshape(-1, D)  # (N, D)
+    w2 = np.ascontiguousarray(w)
+    out = np.empty_like(x2)
+    r = np.empty(x2.shape[0], F32)  # (N,)
+    _rms_norm_forward_kernel(x2, w2, F32(eps), out, r)
+    return out.reshape(shape), (x2, w2, r)
 
-    def backward(g):
-        g2 = np.ascontiguousarray(g).reshape(-1, D)
-        gx = np.empty_like(xd)
-        want_gw = weight.requires_grad
-        parts = np.empty((min(_CHUNKS, max(1, xd.shape[0])), D) if want_gw else (min(_CHUNKS, max(1, xd.shape[0])), 0),
-                         F32)
-        rms_norm_backward(g2, xd, wd, r, gx, parts, want_gw)
-        gw = parts.sum(axis=0) if want_gw else None
-        return (gx.reshape(shape) if x.requires_grad else None), gw
 
-    return Tensor._make(out.reshape(shape), (x, weight), backward)
+def rms_norm_backward(g, x, w, saved, need_x: bool, need_w: bool):
+    """(dL/dx, dL/dw) of RMSNorm; the weight gradient summed over a fixed number of row chunks (deterministic)."""
+    x2, w2, r = saved
+    D = x2.shape[1]
+    g2 = np.ascontiguousarray(g).reshape(-1, D)
+    gx = np.empty_like(x2)
+    chunks = min(_CHUNKS, max(1, x2.shape[0]))
+    parts = np.empty((chunks, D if need_w else 0), F32)
+    _rms_norm_backward_kernel(g2, x2, w2, r, gx, parts, need_w)
+    gw = parts.sum(axis=0) if need_w else None
+    return (gx.reshape(x.shape) if need_x else None), gw
 
 
 # ================================================================================================ rotary
 @njit(cache=True, parallel=True)
-def rotary_forward(x, cos, sin, out):
+def _rotary_forward_kernel(x, cos, sin, out):
     """out = x·cos + rotate_half(x)·sin.  x, out (B, H, T, E) (any strides); cos, sin (T, E)."""
     B, H, T, E = x.shape
     h = E // 2
@@ -287,7 +293,7 @@ def rotary_forward(x, cos, sin, out):
 
 
 @njit(cache=True, parallel=True)
-def rotary_backward(g, cos, sin, gx):
+def _rotary_backward_kernel(g, cos, sin, gx):
     """gx = g·cos + Rᵀ(g·sin), Rᵀ[y1, y2] = [y2, −y1].  g, gx (B, H, T, E) (any strides); cos, sin (T, E)."""
     B, H, T, E = g.shape
     h = E // 2
@@ -302,31 +308,32 @@ def rotary_backward(g, cos, sin, gx):
                 gx[b, k, t, j + h] = g2 * cos[t, j + h] - g1 * sin[t, j]
 
 
-def rotary_applies(xd: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> bool:
+def _rotary_fits(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> bool:
     """The kernel takes x (B, H, T, E) with E even and cos, sin exactly (T, E)."""
-    return (xd.ndim == 4 and xd.shape[-1] % 2 == 0 and np.shape(cos) == xd.shape[-2:]
-            and np.shape(sin) == xd.shape[-2:])
+    return (x.ndim == 4 and x.shape[-1] % 2 == 0 and np.shape(cos) == x.shape[-2:]
+            and np.shape(sin) == x.shape[-2:])
 
 
-def rotary(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
-    """Fast path of :func:`lora_ref.autograd.functional.rotary`. The gradient takes the memory layout of ``x``."""
-    xd = x.data
+def rotary_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+    """x·cos + rotate_half(x)·sin for float32 x (B, H, T, E), any strides; the output is contiguous."""
     cos = np.ascontiguousarray(cos, dtype=F32)  # (T, E)
     sin = np.ascontiguousarray(sin, dtype=F32)
-    out = np.empty(xd.shape, F32)  # (B, H, T, E) contiguous, as attention wants it
-    rotary_forward(xd, cos, sin, out)
+    out = np.empty(x.shape, F32)  # (B, H, T, E) contiguous, as attention wants it
+    _rotary_forward_kernel(x, cos, sin, out)
+    return out, (cos, sin)
 
-    def backward(g):
-        gx = np.empty_like(xd)  # order "K": strides like x, e.g. the (B, T, H, E) projection output
-        rotary_backward(g, cos, sin, gx)
-        return (gx,)
 
-    return Tensor._make(out, (x,), backward)
+def rotary_backward(g, x, cos, sin, saved):
+    """dL/dx = g·cos + Rᵀ(g·sin), written in the memory layout of ``x`` (e.g. the (B, T, H, E) projection)."""
+    cos, sin = saved
+    gx = np.empty_like(x)  # order "K": strides like x
+    _rotary_backward_kernel(g, cos, sin, gx)
+    return gx
 
 
 # ================================================================================================ attention softmax
 @njit(cache=True, parallel=True)
-def causal_softmax_(s, scale, T, causal):
+def _causal_softmax_kernel(s, scale, T, causal):
     """In place: s ← softmax(s·scale) over each row, keys past the causal limit set to 0.
 
     s: float32 (R, S), rows in (…, T) order: row i is query t = i mod T of the last T of S positions and sees
@@ -352,7 +359,7 @@ def causal_softmax_(s, scale, T, causal):
 
 
 @njit(cache=True, parallel=True)
-def softmax_backward_(dp, p, scale, T, causal):
+def _softmax_backward_kernel(dp, p, scale, T, causal):
     """In place: dp ← p ⊙ (dp − Σ_j dp_j p_j) · scale (the scores' gradient), 0 at masked keys.  (R, S) each."""
     R, S = dp.shape
     for i in prange(R):
@@ -365,21 +372,23 @@ def softmax_backward_(dp, p, scale, T, causal):
             dp[i, j] = F32(0.0)
 
 
-def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> None:
-    """Scale, mask and softmax the attention scores (…, T', S) in place (T' a multiple of T)."""
+def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> np.ndarray:
+    """Scale, mask and softmax the float32 attention scores (…, T', S) in place (T' a multiple of T); returns them."""
     S = scores.shape[-1]
-    causal_softmax_(scores.reshape(-1, S), F32(scale), T, causal)
+    _causal_softmax_kernel(scores.reshape(-1, S), F32(scale), T, causal)
+    return scores
 
 
-def attention_softmax_backward(dp: np.ndarray, p: np.ndarray, scale, T: int, causal: bool) -> None:
-    """The scores' gradient from dP, in place in ``dp``."""
+def attention_softmax_backward(dp: np.ndarray, p: np.ndarray, scale, T: int, causal: bool) -> np.ndarray:
+    """The scores' gradient from dP, computed in place in ``dp`` and returned."""
     S = p.shape[-1]
-    softmax_backward_(dp.reshape(-1, S), p.reshape(-1, S), F32(scale), T, causal)
+    _softmax_backward_kernel(dp.reshape(-1, S), p.reshape(-1, S), F32(scale), T, causal)
+    return dp
 
 
 # ================================================================================================ cross-entropy
 @njit(cache=True, parallel=True)
-def cross_entropy_forward(z, t, ignore_index, lse, nll):
+def _cross_entropy_forward_kernel(z, t, ignore_index, lse, nll):
     """lse[i] = log Σ_j exp z[i, j]; nll[i] = lse[i] − z[i, t[i]] (0 where t[i] == ignore_index).  z (N, V)."""
     N, V = z.shape
     for i in prange(N):
@@ -395,7 +404,7 @@ def cross_entropy_forward(z, t, ignore_index, lse, nll):
 
 
 @njit(cache=True, parallel=True)
-def cross_entropy_backward(z, t, ignore_index, lse, scale, grad):
+def _cross_entropy_backward_kernel(z, t, ignore_index, lse, scale, grad):
     """grad[i] = (softmax(z[i]) − onehot(t[i])) · scale, 0 on ignored rows.  z, grad (N, V)."""
     N, V = z.shape
     one = F32(1.0)
@@ -411,26 +420,28 @@ def cross_entropy_backward(z, t, ignore_index, lse, scale, grad):
         grad[i, ti] = (exp32(z[i, ti] - li) - one) * scale
 
 
-def cross_entropy(logits: Tensor, z: np.ndarray, t: np.ndarray, ignore_index: int, n: int) -> Tensor:
-    """Fast path of :func:`lora_ref.autograd.functional.cross_entropy`: z (N, V) float32, t (N,) int, n kept rows."""
+def cross_entropy_forward(z: np.ndarray, t: np.ndarray, ignore_index: int, n: int):
+    """Mean NLL over the n kept rows of float32 logits z (N, V), targets t (N,); returns (0-d loss, saved)."""
     z = np.ascontiguousarray(z)
     t = np.ascontiguousarray(t, dtype=np.int64)
     N = z.shape[0]
     lse, nll = np.empty(N, F32), np.empty(N, F32)
-    cross_entropy_forward(z, t, ignore_index, lse, nll)
+    _cross_entropy_forward_kernel(z, t, ignore_index, lse, nll)
     loss = F32(nll.sum(dtype=np.float64) / n)
+    return np.asarray(loss, dtype=F32), (z, t, lse)
 
-    def backward(g):
-        grad = np.empty_like(z)
-        cross_entropy_backward(z, t, ignore_index, lse, F32(g) / F32(n), grad)
-        return (grad.reshape(logits.shape),)
 
-    return Tensor._make(np.asarray(loss, dtype=F32), (logits,), backward)
+def cross_entropy_backward(g, z, t, ignore_index: int, n: int, saved) -> np.ndarray:
+    """(softmax(z) − onehot(t)) · g / n, zero on ignored rows, in one pass per row; (N, V)."""
+    z, t, lse = saved
+    grad = np.empty_like(z)
+    _cross_entropy_backward_kernel(z, t, ignore_index, lse, F32(g) / F32(n), grad)
+    return grad
 
 
 # ================================================================================================ embedding
 @njit(cache=True)
-def embedding_backward(ids, g, out):
+def _embedding_backward_kernel(ids, g, out):
     """out[ids[i]] += g[i] for i in order (repeats accumulate, as np.add.at does).  ids (N,), g (N, D), out (V, D)."""
     N, D = g.shape
     for i in range(N):
@@ -439,23 +450,23 @@ def embedding_backward(ids, g, out):
             out[r, j] += g[i, j]
 
 
-def embedding_grad(ids: np.ndarray, g: np.ndarray, V: int) -> np.ndarray:
-    """The (V, D) gradient of an embedding gather at ``ids`` given the output gradient ``g`` (…, D)."""
+def embedding_grad(ids: np.ndarray, g: np.ndarray, V: int, dtype) -> np.ndarray:
+    """The (V, D) gradient of an embedding gather at ``ids`` given the output gradient ``g`` (…, D) (float32)."""
     D = g.shape[-1]
-    out = np.zeros((V, D), F32)
-    embedding_backward(np.ascontiguousarray(ids.reshape(-1), dtype=np.int64),
-                       np.ascontiguousarray(g).reshape(-1, D), out)
+    out = np.zeros((V, D), dtype)
+    _embedding_backward_kernel(np.ascontiguousarray(ids.reshape(-1), dtype=np.int64),
+                               np.ascontiguousarray(g).reshape(-1, D), out)
     return out
 
 
 # ================================================================================================ AdamW
 @njit(cache=True)
-def adamw_update(w, g, m, v, decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step):
+def _adamw_kernel(w, g, m, v, decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step):
     """One AdamW step in one pass, in place (1-D float32 views of the parameter, its gradient and state)::
 
         w ← w·decay;  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²;  w ← w − (m / (√v / √(1 − β2ᵗ) + ε)) · step
 
-    with ``decay = 1 − lr·λ`` and ``step = lr / (1 − β1ᵗ)``: the operations of :meth:`AdamW._update`, in its order.
+    with ``decay = 1 − lr·λ`` and ``step = lr / (1 − β1ᵗ)``: the operations of the readable twin, in its order.
     """
     for i in range(w.shape[0]):
         gi = g[i]
@@ -465,3 +476,35 @@ def adamw_update(w, g, m, v, decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt
         v[i] = vi
         denom = np.sqrt(vi) / bc2_sqrt + eps
         w[i] = w[i] * decay - (mi / denom) * step
+
+
+def adamw_update(w, g, m, v, decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step) -> None:
+    """One AdamW step in place on C-contiguous float32 w, m, v (g any layout), float32 scalars."""
+    _adamw_kernel(w.reshape(-1), np.ascontiguousarray(g).reshape(-1), m.reshape(-1), v.reshape(-1),
+                  decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step)
+
+
+# ================================================================================================ the chooser
+def _same_shape(a, b) -> bool:
+    return switch.float32_arrays(a, b) and a.shape == b.shape
+
+
+PICK = switch.Twins(sys.modules[__name__], {
+    "swiglu": switch.Operation(("swiglu_forward", "swiglu_backward"), reference, _same_shape),
+    "rms_norm": switch.Operation(("rms_norm_forward", "rms_norm_backward"), reference,
+                                 lambda x, w: switch.float32_arrays(x, w) and w.shape == x.shape[-1:]),
+    "rotary": switch.Operation(("rotary_forward", "rotary_backward"), reference,
+                               lambda x, cos, sin: switch.float32_arrays(x) and _rotary_fits(x, cos, sin)),
+    "attention_softmax": switch.Operation(("attention_softmax", "attention_softmax_backward"), reference,
+                                          lambda scores, T: switch.float32_arrays(scores) and scores.shape[-1] >= T),
+    "cross_entropy": switch.Operation(("cross_entropy_forward", "cross_entropy_backward"), reference,
+                                      switch.float32_arrays),
+    "embedding_grad": switch.Operation(("embedding_grad",), reference, switch.float32_arrays),
+    "adamw_update": switch.Operation(("adamw_update",), reference,
+                                     lambda w, m, v: switch.float32_arrays(w)
+                                     and w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous),
+})
+pick = PICK.pick
+"""``pick(operation, *arrays, impl="auto")``: the module (this one or :mod:`lora_ref.kernels.reference`) whose
+twins fill a node of ``operation`` ("swiglu", "rms_norm", "rotary", "attention_softmax", "cross_entropy",
+"embedding_grad", "adamw_update"); see :class:`lora_ref.kernels.switch.Twins`."""

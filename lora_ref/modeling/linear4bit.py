@@ -15,6 +15,8 @@ import numpy as np
 from lora_ref.autograd import ops
 from lora_ref.autograd.tensor import Tensor
 from lora_ref.modeling.nn import Module, Parameter
+from lora_ref.quant import kernels
+from lora_ref.quant.kernels import AUTO_DEQUANTIZE_ROWS  # noqa: F401  (the "auto" rule's threshold, documented there)
 from lora_ref.quant.blockwise import (
     QuantState,
     dequantize_4bit,
@@ -25,34 +27,20 @@ __all__ = ["Linear4bit", "linear_4bit", "storage_bytes", "AUTO_DEQUANTIZE_ROWS"]
 
 _IMPLS = ("auto", "numba", "numpy")
 
-AUTO_DEQUANTIZE_ROWS = 256
-"""With ``impl="auto"``, products with at least this many input rows (training batches) dequantize the layer and
-call BLAS; fewer rows (generation, small batches) use the fused kernel. Measured on the development machine: at
-1024 rows the dequantize-then-BLAS path was about 2× faster than the fused kernel; for a single row the fused kernel
-reads 8× fewer bytes. The dequantize path holds one layer's float32 weight while the product runs."""
-
-
 def _matmuls(impl: str):
-    if impl == "numba":
-        from lora_ref.quant import kernels
+    """The forward and input-gradient products of a 4-bit layer, each run by the twin that
+    :func:`lora_ref.quant.kernels.pick` chooses for ``impl`` and the number of rows (the one chooser)."""
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected 'auto', 'numba' (fused kernel) or 'numpy' "
+                         "(dequantize per layer)")
 
-        return kernels.matmul_4bit, kernels.matmul_4bit_t
-    if impl == "numpy":
-        from lora_ref.quant import dequant_matmul as fused
+    def fwd(x, packed, state):
+        return kernels.pick("matmul_4bit", x, impl=impl).matmul_4bit(x, packed, state)
 
-        return fused.matmul_4bit, fused.matmul_4bit_t
-    if impl == "auto":
-        from lora_ref.quant import dequant_matmul as fused, kernels
+    def bwd(g, packed, state):
+        return kernels.pick("matmul_4bit", g, impl=impl).matmul_4bit_t(g, packed, state)
 
-        def fwd(x, packed, state):
-            return (fused.matmul_4bit if x.shape[0] >= AUTO_DEQUANTIZE_ROWS else kernels.matmul_4bit)(x, packed, state)
-
-        def bwd(g, packed, state):
-            return (fused.matmul_4bit_t if g.shape[0] >= AUTO_DEQUANTIZE_ROWS else kernels.matmul_4bit_t)(g, packed, state)
-
-        return fwd, bwd
-    raise ValueError(f"unknown impl {impl!r}; expected 'auto', 'numba' (fused kernel) or 'numpy' "
-                     "(dequantize per layer)")
+    return fwd, bwd
 
 
 def linear_4bit(x, packed: np.ndarray, state: QuantState, impl: str = "auto") -> Tensor:

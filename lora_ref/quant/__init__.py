@@ -1,10 +1,14 @@
 """4-bit quantization as QLoRA and bitsandbytes do it: NF4 / FP4 codes, blockwise absmax, double quantization.
 
-- :mod:`lora_ref.quant.nf4` — the code tables, derived (NF4 quantiles, the 8-bit dynamic map) and as shipped.
+- :mod:`lora_ref.quant.nf4` — the code tables, derived (NF4 quantiles, the 8-bit dynamic map) and as shipped, and
+  the encoders' decision tables (their one home).
+- :mod:`lora_ref.quant.steps` — the readable low-level steps on flat arrays (absmax, encode, pack, decode).
+- :mod:`lora_ref.quant.dequant_matmul` — the 4-bit matmuls as dequantize-then-``np.matmul`` (the readable twins).
+- :mod:`lora_ref.quant.kernels` — their Numba twins (same names and signatures) and the chooser ``pick`` that
+  every ``impl=`` argument goes through (the contract: :mod:`lora_ref.kernels.switch`).
 - :mod:`lora_ref.quant.blockwise` — ``quantize_4bit`` / ``dequantize_4bit`` / ``quantize_blockwise`` /
   ``dequantize_blockwise`` and ``QuantState``, bit for bit with bitsandbytes' CUDA or CPU path (``rounding=``).
 - :mod:`lora_ref.quant.serialize` — bitsandbytes' ``Linear4bit`` state-dict format, read and written.
-- :mod:`lora_ref.quant.kernels` — Numba twins of the low-level steps (``impl="numba"``).
 """
 
 from lora_ref.quant.blockwise import (

@@ -23,10 +23,11 @@ the dynamic map, blocksize 256 (:func:`quantize_blockwise`).
   codes by ``bucketize`` against the float32 midpoints (a value on a midpoint goes to the lower code), FP4
   through the sorted table; 8 bits through a 65,536-bin lookup table.
 
-The readable low-level steps are module-level functions on plain arrays (:func:`absmax_blocks`,
+The readable low-level steps are functions on plain arrays in :mod:`lora_ref.quant.steps` (:func:`absmax_blocks`,
 :func:`encode_4bit`, :func:`pack_nibbles`, :func:`unpack_nibbles`, :func:`decode_4bit`, :func:`encode_8bit`,
-:func:`decode_8bit`). ``lora_ref.quant.kernels`` holds Numba twins with the same names and signatures; the public
-functions choose between them with ``impl="numpy" | "numba"``.
+:func:`decode_8bit`, re-exported here). ``lora_ref.quant.kernels`` holds Numba twins with the same names and
+signatures, and its chooser ``pick`` runs one or the other: the public functions pass it their
+``impl="numpy" | "numba" | "auto"`` (the contract: :mod:`lora_ref.kernels.switch`).
 
 Taught in ``notebooks/05_nf4.ipynb``. References: [QLoRA] Dettmers et al. 2023, arXiv 2305.14314;
 bitsandbytes 0.50.2 ``functional.py`` (``quantize_4bit``, ``dequantize_4bit``, ``quantize_blockwise``,
@@ -42,7 +43,16 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
-from lora_ref.quant import nf4
+from lora_ref.quant import kernels, nf4
+from lora_ref.quant.steps import (
+    absmax_blocks,
+    decode_4bit,
+    decode_8bit,
+    encode_4bit,
+    encode_8bit,
+    pack_nibbles,
+    unpack_nibbles,
+)
 
 __all__ = [
     "ALLOWED_BLOCKSIZES",
@@ -75,13 +85,6 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
 F32 = np.float32
-_CPU_MIN_ABSMAX = F32(1e-38)  # bitsandbytes' CPU path: absmax.clamp(min=1e-38)
-
-# Decision thresholds, computed once from nf4.py.
-_CUDA_NF4_T = nf4.cuda_nf4_thresholds()  # float32[15]
-_CUDA_FP4_T = nf4.cuda_fp4_thresholds()  # float32[7], magnitudes
-_CPU_NF4_T = nf4.midpoints_f32(nf4.NF4_CODE)  # float32[15]
-_CPU_FP4_T = nf4.midpoints_f32(nf4.FP4_CODE[nf4.FP4_SORTED_ORDER])  # float32[15]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,222 +137,41 @@ class QuantState:
         scales = _impl("decode_8bit", impl)(np.asarray(self.absmax, dtype=np.uint8), s2.absmax, s2.code, s2.blocksize)
         return (scales + F32(self.offset)).astype(np.float32)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Low-level steps on flat arrays (each has a Numba twin in lora_ref.quant.kernels)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def absmax_blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
-    """Per-block absolute maximum of a flat float32 vector.
-
-    Parameters
-    ----------
-    flat : float32[n]
-    blocksize : elements per block; the last block holds the n % blocksize leftover elements (if any).
-
-    Returns
-    -------
-    float32[ceil(n / blocksize)], absmax_b = max_{i in block b} |flat_i|.
-    """
-    n = flat.shape[0]
-    nblocks = -(-n // blocksize)
-    padded = np.zeros(nblocks * blocksize, dtype=np.float32)  # |0| never raises a maximum
-    padded[:n] = np.abs(flat)
-    return padded.reshape(nblocks, blocksize).max(axis=1)  # (nblocks,)
-
-
-def _block_index(n: int, blocksize: int) -> np.ndarray:
-    return np.arange(n, dtype=np.int64) // blocksize  # (n,)
-
-
-def _scaled(flat: np.ndarray, absmax: np.ndarray, blocksize: int, rounding: str) -> np.ndarray:
-    """float32[n]: x normalised by its block's absmax, with the arithmetic of the chosen implementation."""
-    n = flat.shape[0]
-    blk = _block_index(n, blocksize)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if rounding == "cuda":
-            inv = (F32(1.0) / absmax).astype(np.float32)  # 1/0 = inf, so a zero block gives 0·inf = NaN
-            return (flat * inv[blk]).astype(np.float32)
-        # cpu: reciprocal multiply, clamp to [-1, 1]; the trailing partial block uses true division
-        safe = np.maximum(absmax, _CPU_MIN_ABSMAX)
-        inv = (F32(1.0) / safe).astype(np.float32)
-        s = (flat * inv[blk]).astype(np.float32)
-        rem = n % blocksize
-        if rem:
-            s[n - rem:] = flat[n - rem:] / safe[-1]
-        return np.clip(s, F32(-1.0), F32(1.0))
-
-
-def encode_4bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type: str, rounding: str) -> np.ndarray:
-    """4-bit codes of a flat float32 vector, given its block scales.
-
-    Parameters
-    ----------
-    flat : float32[n]
-    absmax : float32[ceil(n / blocksize)] block scales (from :func:`absmax_blocks`)
-    blocksize : elements per block
-    quant_type : "nf4" or "fp4"
-    rounding : "cuda" (decimal thresholds, strict >, NaN → 0) or "cpu" (float32 midpoints, bucketize)
-
-    Returns
-    -------
-    uint8[n], values 0..15: index into ``get_4bit_type(quant_type)``.
-    """
-    s = _scaled(flat, absmax, blocksize, rounding)  # (n,)
-    if rounding == "cuda":
-        nan = np.isnan(s)
-        if quant_type == "nf4":
-            # code = number of thresholds t with s > t
-            codes = np.searchsorted(_CUDA_NF4_T, s, side="left").astype(np.uint8)
-            codes[nan] = 0
-            return codes
-        sign = np.where(s < 0, 0b1000, 0).astype(np.uint8)  # -0.0 and NaN count as positive
-        rank = np.searchsorted(_CUDA_FP4_T, np.abs(s), side="left")  # number of literals below |s|
-        rank[nan] = 0
-        return (nf4.CUDA_FP4_MAGNITUDE_CODES[rank] + sign).astype(np.uint8)
-    # cpu: torch.bucketize(s, midpoints, right=False) = number of midpoints strictly below s
-    if quant_type == "nf4":
-        return np.searchsorted(_CPU_NF4_T, s, side="left").astype(np.uint8)
-    return nf4.FP4_SORTED_ORDER[np.searchsorted(_CPU_FP4_T, s, side="left")]
-
-
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """Pack 4-bit codes two to a byte, the first element in the high nibble.
-
-    Parameters
-    ----------
-    codes : uint8[n], values 0..15. For odd n the caller appends the padding code first (see
-        :func:`quantize_4bit`), or the last low nibble is 0.
-
-    Returns
-    -------
-    uint8[ceil(n / 2)], byte j = (codes[2j] << 4) | codes[2j + 1].
-    """
-    n = codes.shape[0]
-    padded = np.zeros(n + (n % 2), dtype=np.uint8)
-    padded[:n] = codes
-    return ((padded[0::2] << 4) | padded[1::2]).astype(np.uint8)
-
-
-def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
-    """The inverse of :func:`pack_nibbles`: uint8[ceil(n/2)] → uint8[n] codes (high nibble first)."""
-    out = np.empty(2 * packed.shape[0], dtype=np.uint8)
-    out[0::2] = packed >> 4
-    out[1::2] = packed & 0x0F
-    return out[:n]
-
-
-def decode_4bit(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, n: int) -> np.ndarray:
-    """Dequantize packed 4-bit codes: x̂_i = code[c_i] · absmax_{i // blocksize}, in float32.
-
-    Parameters
-    ----------
-    packed : uint8[ceil(n / 2)]
-    absmax : float32[ceil(n / blocksize)]
-    code : float32[16] code table
-    blocksize : elements per block
-    n : number of elements
-
-    Returns
-    -------
-    float32[n]
-    """
-    codes = unpack_nibbles(packed, n)  # (n,)
-    return (code[codes] * absmax[_block_index(n, blocksize)]).astype(np.float32)
-
-
-def _cuda_search_8bit(s: np.ndarray, code: np.ndarray) -> np.ndarray:
-    """The CUDA kernel's ``dQuantize<0>``: a 7-step binary search over a sorted 256-entry code, vectorised.
-
-    The search starts at pivot 127 with steps 64, 32, …, 1 and keeps the last code below (``lower``) and above
-    (``upper``) the value, starting from −1 and +1 (code[0] / code[255] only if never updated). The final choice
-    compares against the float32 midpoint of the pivot and the neighbour on s's side, strictly; ties stay on the pivot.
-    """
-    n = s.shape[0]
-    pivot = np.full(n, 127, dtype=np.int64)
-    upper_pivot = np.full(n, 255, dtype=np.int64)
-    lower_pivot = np.zeros(n, dtype=np.int64)
-    lower = np.full(n, -1.0, dtype=np.float32)
-    upper = np.full(n, 1.0, dtype=np.float32)
-    val = code[pivot]
-    step = 64
-    while step > 0:
-        up = s > val
-        lower_pivot = np.where(up, pivot, lower_pivot)
-        lower = np.where(up, val, lower)
-        upper_pivot = np.where(up, upper_pivot, pivot)
-        upper = np.where(up, upper, val)
-        pivot = np.where(up, pivot + step, pivot - step)
-        val = code[pivot]
-        step //= 2
-    upper = np.where(upper_pivot == 255, code[255], upper)
-    lower = np.where(lower_pivot == 0, code[0], lower)
-    above = s > val
-    mid_up = ((upper + val) * F32(0.5)).astype(np.float32)
-    mid_down = ((lower + val) * F32(0.5)).astype(np.float32)
-    out = np.where(above, np.where(s > mid_up, upper_pivot, pivot), np.where(s < mid_down, lower_pivot, pivot))
-    return out.astype(np.uint8)
-
-
-_LUT_SIZE = 65536
-
-
-def _cpu_lut(code: np.ndarray) -> np.ndarray:
-    """bitsandbytes' CPU 8-bit lookup table (``build_quantize_lut``, csrc/cpu_ops.cpp): uint8[65536].
-
-    Bin i stands for v_i = −1 + 2i / 65535 (float32); its code is the first index whose float32 midpoint with
-    the next entry is not below v_i.
-    """
-    mids = nf4.midpoints_f32(code)  # (255,)
-    i = np.arange(_LUT_SIZE, dtype=np.float32)
-    v = (F32(-1.0) + (F32(2.0) * i) / F32(_LUT_SIZE - 1)).astype(np.float32)
-    return np.searchsorted(mids, v, side="left").astype(np.uint8)  # number of midpoints < v
-
-
-def _cpu_lut_index(s: np.ndarray) -> np.ndarray:
-    """The LUT bin of a normalised value, as ``csrc/cpu_ops.cpp`` computes it in float32 steps:
-    v = clamp(s, −1, 1); t = ((v + 1) · 0.5) · 65535 + 0.5; bin = trunc(t)."""
-    v = np.clip(s.astype(np.float32), F32(-1.0), F32(1.0))
-    t = ((v + F32(1.0)) * F32(0.5)).astype(np.float32)
-    t = (t * F32(_LUT_SIZE - 1)).astype(np.float32)
-    t = (t + F32(0.5)).astype(np.float32)
-    return t.astype(np.int64)  # truncation toward zero; t >= 0.5
-
-
-def encode_8bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, code: np.ndarray, rounding: str) -> np.ndarray:
-    """8-bit codes of a flat float32 vector with a sorted 256-entry code, given its block scales.
-
-    Parameters
-    ----------
-    flat : float32[n]
-    absmax : float32[ceil(n / blocksize)]
-    blocksize : elements per block
-    code : float32[256], sorted (the dynamic map for double quantization)
-    rounding : "cuda" (s = x · (1/absmax), binary search) or "cpu" (bitsandbytes' 65,536-bin lookup table)
-
-    Returns
-    -------
-    uint8[n]
-    """
-    n = flat.shape[0]
-    blk = _block_index(n, blocksize)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        inv = (F32(1.0) / absmax).astype(np.float32)
-        s = (flat * inv[blk]).astype(np.float32)  # (n,)
-    if rounding == "cuda":
-        return _cuda_search_8bit(s, np.asarray(code, dtype=np.float32))
-    lut = _cpu_lut(np.asarray(code, dtype=np.float32))
-    zero_block = (absmax == 0)[blk]  # the CPU kernel writes code 0 for an all-zero block
-    codes = lut[_cpu_lut_index(np.where(zero_block, F32(0.0), s))]
-    codes[zero_block] = 0
-    return codes
-
-
-def decode_8bit(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int) -> np.ndarray:
-    """x̂_i = code[c_i] · absmax_{i // blocksize} in float32. codes uint8[n] → float32[n]."""
-    n = codes.shape[0]
-    return (np.asarray(code, dtype=np.float32)[codes] * absmax[_block_index(n, blocksize)]).astype(np.float32)
+    def check_packed(self, packed) -> np.ndarray:
+        """Validate packed 4-bit data against this state; return it as flat uint8[ceil(n/2)] (``ValueError``
+        naming the mismatch otherwise)."""
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"state.quant_type is {self.quant_type!r}; expected 'nf4' or 'fp4'")
+        _check_blocksize(self.blocksize)
+        if np.dtype(self.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"state.dtype is {self.dtype}; expected float32, float16 or bfloat16")
+        packed = np.asarray(packed)
+        if packed.dtype != np.uint8:
+            raise ValueError(f"packed 4-bit data must be uint8, got {packed.dtype}")
+        n = self.numel
+        if n == 0:
+            raise ValueError(f"state.shape {self.shape} holds no elements")
+        if packed.size != (n + 1) // 2:
+            raise ValueError(f"packed data holds {packed.size} bytes but the state's shape {tuple(self.shape)} "
+                             f"({n} elements) needs {(n + 1) // 2}")
+        nblocks = -(-n // self.blocksize)
+        if np.shape(self.absmax) != (nblocks,):
+            raise ValueError(f"state.absmax has shape {np.shape(self.absmax)}; {n} elements at blocksize "
+                             f"{self.blocksize} need ({nblocks},)")
+        if np.shape(self.code) != (16,):
+            raise ValueError(f"state.code has shape {np.shape(self.code)}; a 4-bit code has 16 entries")
+        if self.nested:
+            if np.asarray(self.absmax).dtype != np.uint8:
+                raise ValueError("a double-quantized state needs uint8 absmax codes")
+            if self.offset is None:
+                raise ValueError("a double-quantized state needs an offset")
+            n2 = -(-nblocks // self.state2.blocksize)
+            if np.shape(self.state2.absmax) != (n2,) or np.shape(self.state2.code) != (256,):
+                raise ValueError(f"state.state2 does not fit: absmax {np.shape(self.state2.absmax)} (need ({n2},)), "
+                                 f"code {np.shape(self.state2.code)} (need (256,))")
+        elif np.asarray(self.absmax).dtype != np.float32:
+            raise ValueError(f"state.absmax must be float32 without double quantization, got {self.absmax.dtype}")
+        return packed.reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,19 +272,10 @@ def cpu_mean_f32(v: np.ndarray, threads: int = 1) -> np.float32:
 
 
 def _impl(name: str, impl: str):
-    """The low-level function ``name`` from this module ("numpy") or its Numba twin in kernels.py ("numba")."""
-    if impl == "numpy":
-        return globals()[name]
-    if impl == "numba":
-        try:
-            from lora_ref.quant import kernels
-        except ImportError as e:
-            raise ValueError(f"impl='numba' needs lora_ref.quant.kernels, which cannot be imported: {e}") from e
-        fn = getattr(kernels, name, None)
-        if fn is None:
-            raise ValueError(f"impl='numba': lora_ref.quant.kernels has no Numba twin of {name!r}")
-        return fn
-    raise ValueError(f"unknown impl {impl!r}; expected 'numpy' or 'numba'")
+    """The low-level step ``name`` as the chooser :func:`lora_ref.quant.kernels.pick` picks it for ``impl``:
+    "numpy" the readable step (:mod:`lora_ref.quant.steps`), "numba" its Numba twin, "auto" the twin when the
+    fast-path switch is on (the two agree bit for bit)."""
+    return getattr(kernels.pick(name, impl=impl), name)
 
 
 def _check_blocksize(blocksize, allowed=ALLOWED_BLOCKSIZES) -> int:
@@ -510,7 +323,7 @@ def quantize_blockwise(
     blocksize : one of :data:`ALLOWED_BLOCKSIZES` (bitsandbytes' default 4096; double quantization uses 256)
     code : float32[256] sorted code; default :data:`lora_ref.quant.nf4.DYNAMIC_MAP`
     rounding : "cuda" (binary search, exact) or "cpu" (bitsandbytes' lookup-table approximation)
-    impl : "numpy" or "numba"
+    impl : "numpy", "numba" or "auto" (see :func:`lora_ref.quant.kernels.pick`)
 
     Returns
     -------
@@ -564,7 +377,8 @@ def quantize_4bit(
     double_quant : also quantize the float32 block scales (bitsandbytes' ``compress_statistics``): subtract their
         mean, then :func:`quantize_blockwise` with the dynamic map and blocksize 256.
     rounding : "cuda" or "cpu", the bitsandbytes implementation to reproduce (module docstring).
-    impl : "numpy" (this module's reference steps) or "numba" (their twins in ``lora_ref.quant.kernels``).
+    impl : "numpy" (the readable steps of ``lora_ref.quant.steps``), "numba" (their twins in
+        ``lora_ref.quant.kernels``) or "auto" (the twins when the fast-path switch is on).
 
     Returns
     -------
@@ -596,7 +410,7 @@ def quantize_4bit(
     packed = _impl("pack_nibbles", impl)(codes)  # (ceil(n/2),)
     if rounding == "cpu" and n % blocksize:
         absmax = absmax.copy()
-        absmax[-1] = max(absmax[-1], _CPU_MIN_ABSMAX)  # the CPU path stores the clamped tail scale
+        absmax[-1] = max(absmax[-1], nf4.CPU_MIN_ABSMAX)  # the CPU path stores the clamped tail scale
 
     code = nf4.get_4bit_type(quant_type).copy()
     if not double_quant:
@@ -614,38 +428,7 @@ def quantize_4bit(
 def _check_state_4bit(packed: np.ndarray, state: QuantState) -> np.ndarray:
     if not isinstance(state, QuantState):
         raise ValueError(f"state must be a QuantState, got {type(state).__name__}")
-    if state.quant_type not in QUANT_TYPES:
-        raise ValueError(f"state.quant_type is {state.quant_type!r}; expected 'nf4' or 'fp4'")
-    _check_blocksize(state.blocksize)
-    if np.dtype(state.dtype) not in SUPPORTED_DTYPES:
-        raise ValueError(f"state.dtype is {state.dtype}; expected float32, float16 or bfloat16")
-    packed = np.asarray(packed)
-    if packed.dtype != np.uint8:
-        raise ValueError(f"packed 4-bit data must be uint8, got {packed.dtype}")
-    n = state.numel
-    if n == 0:
-        raise ValueError(f"state.shape {state.shape} holds no elements")
-    if packed.size != (n + 1) // 2:
-        raise ValueError(f"packed data holds {packed.size} bytes but the state's shape {tuple(state.shape)} "
-                         f"({n} elements) needs {(n + 1) // 2}")
-    nblocks = -(-n // state.blocksize)
-    if np.shape(state.absmax) != (nblocks,):
-        raise ValueError(f"state.absmax has shape {np.shape(state.absmax)}; {n} elements at blocksize "
-                         f"{state.blocksize} need ({nblocks},)")
-    if np.shape(state.code) != (16,):
-        raise ValueError(f"state.code has shape {np.shape(state.code)}; a 4-bit code has 16 entries")
-    if state.nested:
-        if np.asarray(state.absmax).dtype != np.uint8:
-            raise ValueError("a double-quantized state needs uint8 absmax codes")
-        if state.offset is None:
-            raise ValueError("a double-quantized state needs an offset")
-        n2 = -(-nblocks // state.state2.blocksize)
-        if np.shape(state.state2.absmax) != (n2,) or np.shape(state.state2.code) != (256,):
-            raise ValueError(f"state.state2 does not fit: absmax {np.shape(state.state2.absmax)} (need ({n2},)), "
-                             f"code {np.shape(state.state2.code)} (need (256,))")
-    elif np.asarray(state.absmax).dtype != np.float32:
-        raise ValueError(f"state.absmax must be float32 without double quantization, got {state.absmax.dtype}")
-    return packed.reshape(-1)
+    return state.check_packed(packed)
 
 
 def dequantize_4bit(packed, state: QuantState, impl: str = "numpy") -> np.ndarray:

@@ -7,11 +7,13 @@ and backward pass ([QLoRA] Eq. 5–6)::
     dx = dy · dequant(W)          # input gradient, dy (M, N), dx (M, K)
 
 W itself gets no gradient. The NumPy version below says exactly that: dequantize W to float32, then
-``np.matmul``. The Numba version (``impl="numba"``, :mod:`lora_ref.quant.kernels`) computes the same products
-tile by tile and never holds the float32 W in memory: 8× fewer bytes read than a float32 weight, which is
-what makes a 4-bit GEMV faster than a float32 one.
+``np.matmul``. It is the readable twin (same names and signatures) of the fused Numba kernels
+:func:`lora_ref.quant.kernels.matmul_4bit` / ``matmul_4bit_t``, which compute the same products tile by tile and
+never hold the float32 W in memory: 8× fewer bytes read than a float32 weight, which is what makes a 4-bit GEMV
+faster than a float32 one. Which of the two runs is chosen by ``lora_ref.quant.kernels.pick("matmul_4bit", x,
+impl=...)`` (the contract: :mod:`lora_ref.kernels.switch`; :func:`lora_ref.adapters.qlora.linear_4bit` asks it).
 
-W's elements are the float32 products code[c] · absmax (:func:`lora_ref.quant.blockwise.decode_4bit`), i.e.
+W's elements are the float32 products code[c] · absmax (:func:`lora_ref.quant.steps.decode_4bit`), i.e.
 ``dequantize_4bit`` of a float32 state before any cast to float16/bfloat16. The two implementations differ
 only in the order of float32 additions. Taught in ``notebooks/06_kernels.ipynb``.
 """
@@ -21,16 +23,26 @@ from __future__ import annotations
 import numpy as np
 
 from lora_ref.quant import nf4
-from lora_ref.quant.blockwise import QuantState, _check_state_4bit, decode_4bit
+from lora_ref.quant.steps import decode_4bit
 
-__all__ = ["dequantize_weight", "matmul_4bit", "matmul_4bit_t"]
+__all__ = ["dequantize_weight", "matmul_4bit", "matmul_4bit_t", "check_weight"]
 
 
-def dequantize_weight(packed: np.ndarray, state: QuantState) -> np.ndarray:
-    """float32 (N, K): the 4-bit weight W as float32 products code[c] · absmax (scales dequantized first)."""
-    flat = _check_state_4bit(packed, state)
+def check_weight(packed: np.ndarray, state) -> np.ndarray:
+    """The flat packed bytes of a 2-D 4-bit weight, validated against its
+    :class:`~lora_ref.quant.blockwise.QuantState` (``ValueError`` naming the mismatch otherwise)."""
+    check = getattr(state, "check_packed", None)  # QuantState's own validation (this module sits below it)
+    if check is None:
+        raise ValueError(f"state must be a QuantState, got {type(state).__name__}")
+    flat = check(packed)
     if len(state.shape) != 2:
         raise ValueError(f"a 4-bit weight for matmul must be 2-D (out, in), got shape {tuple(state.shape)}")
+    return flat
+
+
+def dequantize_weight(packed: np.ndarray, state) -> np.ndarray:
+    """float32 (N, K): the 4-bit weight W as float32 products code[c] · absmax (scales dequantized first)."""
+    flat = check_weight(packed, state)
     w = decode_4bit(flat, state.block_absmax(), nf4.kernel_lut(state.quant_type), state.blocksize, state.numel)
     return w.reshape(state.shape)                                   # (N, K)
 
@@ -44,31 +56,21 @@ def _check(a, name: str, axis_len: int, shape) -> np.ndarray:
     return a
 
 
-def matmul_4bit(x: np.ndarray, packed: np.ndarray, state: QuantState, impl: str = "numpy") -> np.ndarray:
+def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     """y = x · dequant(W)ᵀ. x float32 (M, K); W (N, K) from ``quantize_4bit``; returns float32 (M, N).
 
-    ``impl="numba"`` runs :func:`lora_ref.quant.kernels.matmul_4bit` (same result up to the order of additions).
+    The readable twin of :func:`lora_ref.quant.kernels.matmul_4bit` (same result up to the order of additions).
     """
-    if impl == "numba":
-        from lora_ref.quant import kernels
-        return kernels.matmul_4bit(x, packed, state)
-    if impl != "numpy":
-        raise ValueError(f"unknown impl {impl!r}; expected 'numpy' or 'numba'")
     w = dequantize_weight(packed, state)                            # (N, K)
     x = _check(x, "x", w.shape[1], state.shape)                     # (M, K)
     return np.matmul(x, w.T)                                        # (M, N)
 
 
-def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state: QuantState, impl: str = "numpy") -> np.ndarray:
+def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     """dx = dy · dequant(W). dy float32 (M, N); W (N, K) from ``quantize_4bit``; returns float32 (M, K).
 
-    ``impl="numba"`` runs :func:`lora_ref.quant.kernels.matmul_4bit_t`.
+    The readable twin of :func:`lora_ref.quant.kernels.matmul_4bit_t`.
     """
-    if impl == "numba":
-        from lora_ref.quant import kernels
-        return kernels.matmul_4bit_t(dy, packed, state)
-    if impl != "numpy":
-        raise ValueError(f"unknown impl {impl!r}; expected 'numpy' or 'numba'")
     w = dequantize_weight(packed, state)                            # (N, K)
     dy = _check(dy, "dy", w.shape[0], state.shape)                  # (M, N)
     return np.matmul(dy, w)                                         # (M, K)

@@ -1,9 +1,11 @@
 """Numba twins of the blockwise 4-bit and 8-bit steps, and the fused 4-bit matmuls of QLoRA.
 
-Each public function here has the same name, signature and result as its NumPy reference in
-:mod:`lora_ref.quant.blockwise` (``absmax_blocks``, ``encode_4bit``, ``pack_nibbles``, ``unpack_nibbles``,
-``decode_4bit``, ``encode_8bit``, ``decode_8bit``), so ``quantize_4bit(..., impl="numba")`` runs the same
-algorithm through compiled loops. Integer outputs (codes, packed bytes) are bit for bit equal to the reference,
+Each twin here has the same name, signature and result as its readable NumPy version (the contract:
+:mod:`lora_ref.kernels.switch`): the steps ``absmax_blocks``, ``encode_4bit``, ``pack_nibbles``, ``unpack_nibbles``,
+``decode_4bit``, ``encode_8bit``, ``decode_8bit`` of :mod:`lora_ref.quant.steps`, and the products ``matmul_4bit``,
+``matmul_4bit_t`` of :mod:`lora_ref.quant.dequant_matmul`. The chooser :func:`pick` at the end of this module is the
+one place that decides which runs: ``quantize_4bit(..., impl="numba")`` asks it and runs the same algorithm
+through compiled loops. (``pair_table`` and ``decode_4bit_into`` are helpers of the kernels, not twins.) Integer outputs (codes, packed bytes) are bit for bit equal to the reference,
 and so are the float32 results of the decoders: every element is the one float32 product ``code[c] · absmax``.
 The quantization and dequantization kernels use strict IEEE float32 arithmetic (no ``fastmath``), because a
 fused or reordered multiply would move values that sit on a decision threshold; the matmuls use ``fastmath``
@@ -30,12 +32,15 @@ Taught in ``notebooks/06_kernels.ipynb``; measured by ``lora-ref bench`` (rows `
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numba import njit, prange
 
+from lora_ref.kernels import switch
 from lora_ref.kernels.jit import HAS_AVX512, lut16_decode16, prefer_wide_vectors, stack_tile_f32
 from lora_ref.kernels.matmul import KC, MR, NR, micro_kernel, pack_a, store_tile
-from lora_ref.quant import nf4
+from lora_ref.quant import dequant_matmul, nf4, steps
 
 __all__ = [
     "absmax_blocks",
@@ -49,19 +54,18 @@ __all__ = [
     "pair_table",
     "matmul_4bit",
     "matmul_4bit_t",
+    "AUTO_DEQUANTIZE_ROWS",
+    "pick",
+    "PICK",
 ]
 
 F32 = np.float32
 U64 = np.uint64
 """Hot loops index with unsigned integers: Numba wraps a negative signed index (``a[-1]``), and that check stops
 LLVM from vectorizing the loop. An unsigned index cannot be negative, so the check disappears."""
-_CUDA_NF4_T = nf4.cuda_nf4_thresholds()                           # float32[15]
-_CUDA_FP4_T = nf4.cuda_fp4_thresholds()                           # float32[7], magnitudes
-_CPU_NF4_T = nf4.midpoints_f32(nf4.NF4_CODE)                      # float32[15]
-_CPU_FP4_T = nf4.midpoints_f32(nf4.FP4_CODE[nf4.FP4_SORTED_ORDER])  # float32[15]
 _NO_ORDER = np.empty(0, np.int32)
 _FP4_ORDER = np.asarray(nf4.FP4_SORTED_ORDER, np.int32)             # int32: a 32-bit table lookup vectorizes
-_CPU_MIN_ABSMAX = F32(1e-38)
+_CPU_MIN_ABSMAX = nf4.CPU_MIN_ABSMAX
 
 # ---------------------------------------------------------------------------------------------------------------
 # Block scales
@@ -184,14 +188,14 @@ def encode_4bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type
     out = np.empty(flat.shape[0], np.uint8)
     if rounding == "cuda":
         if quant_type == "nf4":
-            _encode_cuda_nf4_kernel(flat, absmax, blocksize, _CUDA_NF4_T, out)
+            _encode_cuda_nf4_kernel(flat, absmax, blocksize, nf4.CUDA_NF4_T, out)
         else:
-            _encode_cuda_fp4_kernel(flat, absmax, blocksize, _CUDA_FP4_T,
+            _encode_cuda_fp4_kernel(flat, absmax, blocksize, nf4.CUDA_FP4_T,
                                     np.asarray(nf4.CUDA_FP4_MAGNITUDE_CODES, np.uint8), out)
     elif quant_type == "nf4":
-        _encode_cpu_kernel(flat, absmax, blocksize, _CPU_NF4_T, _NO_ORDER, out)
+        _encode_cpu_kernel(flat, absmax, blocksize, nf4.CPU_NF4_T, _NO_ORDER, out)
     else:
-        _encode_cpu_kernel(flat, absmax, blocksize, _CPU_FP4_T, _FP4_ORDER, out)
+        _encode_cpu_kernel(flat, absmax, blocksize, nf4.CPU_FP4_T, _FP4_ORDER, out)
     return out
 
 
@@ -369,8 +373,6 @@ def _encode_8bit_cpu_kernel(flat, absmax, blocksize, lut, out):
 def encode_8bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, code: np.ndarray, rounding: str) -> np.ndarray:
     """uint8[n] 8-bit codes with a sorted 256-entry code (twin of blockwise's): "cuda" binary search or
     "cpu" 65,536-bin lookup table."""
-    from lora_ref.quant.blockwise import _cpu_lut  # the LUT itself is a 65,536-entry NumPy construction
-
     flat = np.ascontiguousarray(flat, np.float32)
     absmax = np.ascontiguousarray(absmax, np.float32)
     code = np.ascontiguousarray(code, np.float32)
@@ -378,7 +380,7 @@ def encode_8bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, code: np.n
     if rounding == "cuda":
         _encode_8bit_cuda_kernel(flat, absmax, blocksize, code, out)
     else:
-        _encode_8bit_cpu_kernel(flat, absmax, blocksize, _cpu_lut(code), out)
+        _encode_8bit_cpu_kernel(flat, absmax, blocksize, nf4.cpu_lut_8bit(code), out)
     return out
 
 
@@ -530,11 +532,7 @@ def _tiled_kernel(x, packed, absmax, code, blocksize, N_w, K_w, transpose, y):
 
 def _weight_operands(packed, state):
     """(flat packed bytes, float32 block scales, the kernels' 16-value table, N, K) of a 2-D 4-bit weight."""
-    from lora_ref.quant.blockwise import _check_state_4bit
-
-    flat_packed = _check_state_4bit(packed, state)
-    if len(state.shape) != 2:
-        raise ValueError(f"a 4-bit weight for matmul must be 2-D (out, in), got shape {tuple(state.shape)}")
+    flat_packed = dequant_matmul.check_weight(packed, state)
     absmax = state.block_absmax("numba")                            # double quant: dequantized first (small)
     code = np.ascontiguousarray(nf4.kernel_lut(state.quant_type), np.float32)
     N, K = (int(d) for d in state.shape)
@@ -563,7 +561,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     -------
     float32 (M, N). W's elements are the float32 products code[c] · absmax of :func:`decode_4bit` (the values
     ``dequantize_4bit`` returns for a float32 state, before any cast to a 16-bit ``state.dtype``); only the
-    order of the float32 additions differs from the NumPy twin ``lora_ref.quant.dequant_matmul.matmul_4bit(impl="numpy")``.
+    order of the float32 additions differs from the NumPy twin :func:`lora_ref.quant.dequant_matmul.matmul_4bit`.
     """
     flat_packed, absmax, code, N, K = _weight_operands(packed, state)
     x = _check_activation(x, "x", K, state.shape)
@@ -587,3 +585,36 @@ def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     dx = np.empty((dy.shape[0], K), np.float32)                    # (M, K)
     _tiled_kernel(dy, flat_packed, absmax, code, state.blocksize, N, K, True, dx)
     return dx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chooser
+# ---------------------------------------------------------------------------------------------------------------
+
+AUTO_DEQUANTIZE_ROWS = 256
+"""With ``impl="auto"``, 4-bit products with at least this many input rows (training batches) dequantize the layer
+and call BLAS (:mod:`lora_ref.quant.dequant_matmul`); fewer rows (generation, small batches) use the fused kernel.
+Measured on the development machine: at 1024 rows the dequantize-then-BLAS path was about 2× faster than the fused
+kernel; for a single row the fused kernel reads 8× fewer bytes. The dequantize path holds one layer's float32
+weight while the product runs."""
+
+
+def _switch_on(*args) -> bool:
+    """The blockwise steps' rule for "auto": the fast-path switch (the twins agree bit for bit)."""
+    return switch.enabled()
+
+
+def _few_rows(x) -> bool:
+    """The 4-bit products' rule for "auto": the fused kernel below :data:`AUTO_DEQUANTIZE_ROWS` input rows."""
+    return x.shape[0] < AUTO_DEQUANTIZE_ROWS
+
+
+PICK = switch.Twins(sys.modules[__name__], {
+    **{name: switch.Operation((name,), steps, _switch_on) for name in steps.__all__},
+    "matmul_4bit": switch.Operation(("matmul_4bit", "matmul_4bit_t"), dequant_matmul, _few_rows),
+})
+pick = PICK.pick
+"""``pick(operation, *args, impl)``: this module or the readable one (:mod:`lora_ref.quant.steps`,
+:mod:`lora_ref.quant.dequant_matmul`) whose function runs ``operation`` — a step ("absmax_blocks", "encode_4bit",
+…, "decode_8bit") or "matmul_4bit" (its functions ``matmul_4bit`` and ``matmul_4bit_t``, rule "auto" by the rows of
+``x``). See :class:`lora_ref.kernels.switch.Twins`."""

@@ -61,6 +61,13 @@ __all__ = [
     "cuda_nf4_thresholds",
     "cuda_fp4_thresholds",
     "midpoints_f32",
+    "CPU_MIN_ABSMAX",
+    "CUDA_NF4_T",
+    "CUDA_FP4_T",
+    "CPU_NF4_T",
+    "CPU_FP4_T",
+    "LUT_SIZE_8BIT",
+    "cpu_lut_8bit",
 ]
 
 F32 = np.float32
@@ -481,3 +488,32 @@ def midpoints_f32(sorted_code: np.ndarray) -> np.ndarray:
     """
     c = np.asarray(sorted_code, dtype=np.float32)
     return ((c[:-1] + c[1:]) / F32(2)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoders' decision tables, computed once: their one home, read by the readable steps
+# (lora_ref.quant.steps) and by their Numba twins (lora_ref.quant.kernels).
+# ---------------------------------------------------------------------------------------------------------------
+
+CPU_MIN_ABSMAX = np.float32(1e-38)
+"""bitsandbytes' CPU path clamps block scales from below: ``absmax.clamp(min=1e-38)``."""
+CUDA_NF4_T = cuda_nf4_thresholds()                          # float32[15]
+CUDA_FP4_T = cuda_fp4_thresholds()                          # float32[7], magnitudes
+CPU_NF4_T = midpoints_f32(NF4_CODE)                         # float32[15]
+CPU_FP4_T = midpoints_f32(FP4_CODE[FP4_SORTED_ORDER])       # float32[15], of the sorted FP4 table
+
+LUT_SIZE_8BIT = 65536
+"""Bins of bitsandbytes' CPU 8-bit lookup table."""
+
+
+def cpu_lut_8bit(code: np.ndarray) -> np.ndarray:
+    """bitsandbytes' CPU 8-bit lookup table (``build_quantize_lut``, csrc/cpu_ops.cpp): uint8[65536].
+
+    Bin i stands for v_i = −1 + 2i / 65535 (float32); its code is the first index whose float32 midpoint with
+    the next entry is not below v_i.
+    """
+    mids = midpoints_f32(code)  # (255,)
+    i = np.arange(LUT_SIZE_8BIT, dtype=np.float32)
+    v = (np.float32(-1.0) + (np.float32(2.0) * i) / np.float32(LUT_SIZE_8BIT - 1)).astype(np.float32)
+    return np.searchsorted(mids, v, side="left").astype(np.uint8)  # number of midpoints < v
+

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from lora_ref.kernels import switch as fast
+from lora_ref.kernels import training as kernels
 
 
 class AdamW:
@@ -105,33 +105,10 @@ class AdamW:
         t = st["step"]
         m, v = st["exp_avg"], st["exp_avg_sq"]
         grad = grad.astype(w.dtype, copy=False)
-        if fast.applies(w) and w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous:
-            self._fused_update(w, grad, m, v, t, lr, b1, b2, eps, wd)
-            return
-        if wd != 0.0:
-            w *= w.dtype.type(1.0 - lr * wd)  # p ← p − lr·λ·p
-        m *= w.dtype.type(b1)  # m ← β1·m + (1 − β1)·g
-        m += w.dtype.type(1.0 - b1) * grad
-        v *= w.dtype.type(b2)  # v ← β2·v + (1 − β2)·g²
-        v += w.dtype.type(1.0 - b2) * grad * grad
-        bc1 = 1.0 - b1 ** t
-        bc2_sqrt = math.sqrt(1.0 - b2 ** t)
-        denom = np.sqrt(v)  # √v / √(1 − β2ᵗ) + ε
-        denom /= w.dtype.type(bc2_sqrt)
-        denom += w.dtype.type(eps)
-        upd = np.divide(m, denom)
-        upd *= w.dtype.type(lr / bc1)
-        w -= upd
-
-    @staticmethod
-    def _fused_update(w, grad, m, v, t: int, lr: float, b1: float, b2: float, eps: float, wd: float) -> None:
-        """The same update in one compiled pass over the parameter (:func:`lora_ref.kernels.training.adamw_update`)."""
-        from lora_ref.kernels.training import adamw_update
-
-        f = np.float32
-        adamw_update(w.reshape(-1), np.ascontiguousarray(grad).reshape(-1), m.reshape(-1), v.reshape(-1),
-                     f(1.0 - lr * wd) if wd != 0.0 else f(1.0), f(b1), f(1.0 - b1), f(b2), f(1.0 - b2),
-                     f(math.sqrt(1.0 - b2 ** t)), f(eps), f(lr / (1.0 - b1 ** t)))
+        f = w.dtype.type  # every scalar in the parameter's dtype
+        impl = kernels.pick("adamw_update", w, m, v)  # the readable update or its one-pass kernel
+        impl.adamw_update(w, grad, m, v, f(1.0 - lr * wd) if wd != 0.0 else f(1.0), f(b1), f(1.0 - b1), f(b2),
+                          f(1.0 - b2), f(math.sqrt(1.0 - b2 ** t)), f(eps), f(lr / (1.0 - b1 ** t)))
 
     def state_bytes(self) -> int:
         """Bytes held by the optimizer state (m and v of every trainable parameter that has stepped)."""

@@ -248,19 +248,31 @@ def test_fused_weight_is_the_float32_dequantized_weight():
     np.testing.assert_array_equal(kernels.matmul_4bit(x, packed, state), ref.dequantize_4bit(packed, state)[:, :3].T)
 
 
-@pytest.mark.parametrize("impl", ["numpy", "numba"])
-def test_fused_matmuls_reject_bad_shapes(impl):
+@pytest.mark.parametrize("twin", [fused, kernels], ids=["numpy", "numba"])
+def test_fused_matmuls_reject_bad_shapes(twin):
     packed, state = ref.quantize_4bit(np.ones((4, 64), np.float32))
     with pytest.raises(ValueError, match=r"x has shape \(2, 63\)"):
-        fused.matmul_4bit(np.ones((2, 63), np.float32), packed, state, impl=impl)
+        twin.matmul_4bit(np.ones((2, 63), np.float32), packed, state)
     with pytest.raises(ValueError, match="float32"):
-        fused.matmul_4bit(np.ones((2, 64), np.float64), packed, state, impl=impl)
+        twin.matmul_4bit(np.ones((2, 64), np.float64), packed, state)
     with pytest.raises(ValueError, match=r"dy has shape \(2, 5\)"):
-        fused.matmul_4bit_t(np.ones((2, 5), np.float32), packed, state, impl=impl)
+        twin.matmul_4bit_t(np.ones((2, 5), np.float32), packed, state)
     with pytest.raises(ValueError, match="bytes"):
-        fused.matmul_4bit(np.ones((2, 64), np.float32), packed[:-1], state, impl=impl)
+        twin.matmul_4bit(np.ones((2, 64), np.float32), packed[:-1], state)
+    with pytest.raises(ValueError, match="must be a QuantState"):
+        twin.matmul_4bit(np.ones((2, 64), np.float32), packed, {"absmax": state.absmax})
     p1, s1 = ref.quantize_4bit(np.ones(64, np.float32))
     with pytest.raises(ValueError, match="2-D"):
-        fused.matmul_4bit(np.ones((2, 64), np.float32), p1, s1, impl=impl)
-    with pytest.raises(ValueError, match="impl"):
-        fused.matmul_4bit(np.ones((2, 64), np.float32), packed, state, impl="cuda")
+        twin.matmul_4bit(np.ones((2, 64), np.float32), p1, s1)
+
+
+def test_the_4bit_chooser():
+    """``impl`` forces a twin; "auto" picks the fused kernel below AUTO_DEQUANTIZE_ROWS rows; anything else is an error."""
+    few, many = np.ones((3, 64), np.float32), np.ones((kernels.AUTO_DEQUANTIZE_ROWS, 64), np.float32)
+    assert kernels.pick("matmul_4bit", many, impl="numba") is kernels
+    assert kernels.pick("matmul_4bit", few, impl="numpy") is fused
+    assert kernels.pick("matmul_4bit", few) is kernels and kernels.pick("matmul_4bit", many) is fused
+    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
+        kernels.pick("matmul_4bit", few, impl="cuda")
+    with pytest.raises(ValueError, match="no operation 'matmul_8bit'"):
+        kernels.pick("matmul_8bit", few)

@@ -82,17 +82,24 @@ def test_8bit_codes_that_do_not_fit():
         quantize_blockwise(X, code=np.linspace(-1, 1, 16, dtype=np.float32))
 
 
-def test_numba_impl_without_a_twin_is_a_clear_error(monkeypatch):
-    import sys
+def test_a_kernel_without_a_readable_twin_is_refused():
+    """The chooser's table is checked when it is made: a kernel whose twin is missing, or has another signature,
+    is a clear error at import, not a silent fallback at run time."""
     import types
 
-    fake = types.ModuleType("lora_ref.quant.kernels")  # a kernels module that lacks every twin
-    monkeypatch.setitem(sys.modules, "lora_ref.quant.kernels", fake)
-    import lora_ref.quant
+    from lora_ref.kernels import switch
+    from lora_ref.quant import steps
 
-    monkeypatch.setattr(lora_ref.quant, "kernels", fake, raising=False)
-    with pytest.raises(ValueError, match="no Numba twin of 'absmax_blocks'"):
-        quantize_4bit(X, impl="numba")
+    kernel = types.ModuleType("fake_kernels")  # a kernel module with a twin of one step only
+    kernel.absmax_blocks = lambda flat, blocksize: flat
+    switch.Twins(kernel, {"absmax_blocks": switch.Operation(("absmax_blocks",), steps, bool)})  # fine
+    with pytest.raises(ValueError, match="fake_kernels has no function 'encode_4bit'"):
+        switch.Twins(kernel, {"encode_4bit": switch.Operation(("encode_4bit",), steps, bool)})
+    kernel.pack_nibbles = lambda codes, n: codes
+    with pytest.raises(ValueError, match="different signatures"):
+        switch.Twins(kernel, {"pack_nibbles": switch.Operation(("pack_nibbles",), steps, bool)})
+    switch.TWINS.pop("fake_kernels")
+    assert set(switch.TWINS) >= {"lora_ref.quant.kernels"}
 
 
 def test_serialized_state_errors():
