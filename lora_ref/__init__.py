@@ -43,6 +43,7 @@ _LAZY = {
     "merge_and_unload": "adapters.lora",
     "load_adapter": "adapters.peft_files", "save_adapter": "adapters.peft_files",
     "add_weighted_adapter": "merging.combine",
+    "loftq_init": "adapters.loftq",
 }
 
 # module path before the chapter layout -> where the module lives now

@@ -43,7 +43,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from lora_ref.adapters.lora import LoraConfig, find_targets, lora_layers, _inject
+from lora_ref.adapters.lora import LoraConfig, _candidate_modules, _inject, find_targets, lora_layers, matches_target
 from lora_ref.adapters.qlora import Linear4bit
 from lora_ref.modeling.nn import Linear, Module
 from lora_ref.quant import dequantize_4bit, quantize_4bit
@@ -183,13 +183,13 @@ def apply_loftq(model: Module, config: LoraConfig, *, num_iter: int = 1, name: s
         raise ValueError(f"apply_loftq needs a LoraConfig, got {type(config).__name__}")
     if config.use_dora:
         raise ValueError("apply_loftq: LoftQ initializes a plain LoRA adapter; use use_dora=False")
-    targets = find_targets(model, config)
-    results: dict[str, LoftQResult] = {}
-    for t in targets:  # check everything before changing the model
-        m = model.get_submodule(t)
-        if type(m) is not Linear:
+    for t, m in _candidate_modules(model):  # check everything before changing the model
+        if matches_target(config, t) and type(m) is not Linear:
             raise ValueError(f"LoftQ cannot quantize {t}: it is a {type(m).__name__}, not a float Linear layer")
-        _check_weight(m.weight.data, f"LoftQ on {t}")
+    targets = find_targets(model, config)
+    for t in targets:
+        _check_weight(model.get_submodule(t).weight.data, f"LoftQ on {t}")
+    results: dict[str, LoftQResult] = {}
     for t in targets:
         m = model.get_submodule(t)
         r, _ = config.rank_and_alpha(t)
