@@ -44,6 +44,11 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=_DTYPES, help="output dtype (default: the base's)")
     p.add_argument("--out", required=True, help="output checkpoint folder (must be missing or empty)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="4-bit base only: write the merge report (JSON) of each way to merge into it to FILE; "
+                        "--out then gets PEFT's re-quantized merge")
+    p.add_argument("--report-original", default=None, metavar="DIR",
+                   help="with --report: the 16-bit checkpoint the 4-bit base was quantized from")
 
 
 def _parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -105,6 +110,10 @@ def run(args) -> int:
     from lora_ref.adapters.lora import as_bfloat16, lora_layers, merge_and_unload, set_adapter
     from lora_ref.adapters.peft_files import load_adapter
 
+    if getattr(args, "report", None) or getattr(args, "report_original", None):
+        from lora_ref.adapters.merge_report import run_report
+
+        return run_report(args)
     t0 = time.perf_counter()
     adapters = list(args.adapter)
     weights = _parse_weights(args.weights, len(adapters))
