@@ -57,7 +57,7 @@ __all__ = [
 #: for llama): the query and value projections, as in the LoRA paper's main experiments.
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 
-_INITS = (True, False, "gaussian", "pissa")
+_INITS = (True, False, "gaussian", "pissa", "olora")
 _BIAS = ("none", "all", "lora_only")
 
 
@@ -82,10 +82,11 @@ class LoraConfig:
         Modules never targeted (same matching rules as a list / a regex), checked first.
     use_rslora : bool
         Scale by α/√r instead of α/r (rank-stabilized LoRA, Kalajdzievski 2023).
-    init_lora_weights : True, False, "gaussian" or "pissa"
+    init_lora_weights : True, False, "gaussian", "pissa" or "olora"
         True: A ~ U(±1/√in) (Kaiming-uniform, a=√5), B = 0. "gaussian": A ~ N(0, (1/r)²), B = 0. False: A and B both
         nonzero (torch.nn.Linear's default init, U(±1/√fan_in)); the adapter is not a no-op, which tests need.
         "pissa": A, B from the top-r SVD of W and the base replaced by the residual (Meng et al. 2024).
+        "olora": A, B from the QR decomposition of W (B = Q_r, A = R_r), the base W − s·B·A (Büyükakyüz 2024).
     use_dora : bool
         Weight-decomposed LoRA: a trainable magnitude per output row.
     bias : "none", "all" or "lora_only"
@@ -398,6 +399,8 @@ class LoraLinear(Module):
             return
         if init_lora_weights == "pissa":
             self.pissa_init(adapter_name)
+        elif init_lora_weights == "olora":
+            self.olora_init(adapter_name)
         else:
             self._random_init(adapter_name, init_lora_weights, rng)
         if self.weight_dtype != np.float32:
@@ -440,6 +443,18 @@ class LoraLinear(Module):
         Sr = S[:r] / np.float32(s)
         A = np.sqrt(Sr)[:, None] * Vh[:r]  # (R, in)
         B = U[:, :r] * np.sqrt(Sr)[None, :]  # (out, R)
+        self.lora_A[adapter_name].weight.data[...] = A
+        self.lora_B[adapter_name].weight.data[...] = B
+        self.set_base_weight(W - np.float32(s) * (B @ A))
+
+    def olora_init(self, adapter_name: str) -> None:
+        """OLoRA (Büyükakyüz 2024, arXiv 2406.01775; PEFT ``olora_init``): W = Q·R (reduced QR of the (out, in) weight),
+        B = Q[:, :R] (out, R), A = R[:R] (R, in), and W ← W − s·B·A. A quantized base is dequantized first and the
+        residual re-quantized (as PEFT does for a bitsandbytes base); the layer's output changes by that rounding."""
+        s, r = self.scaling[adapter_name], self.r[adapter_name]
+        W = self.base_weight()  # (out, in) float32
+        Qm, Rm = np.linalg.qr(W)  # reduced: Q (out, k), R (k, in), k = min(out, in)
+        B, A = np.ascontiguousarray(Qm[:, :r], np.float32), np.ascontiguousarray(Rm[:r], np.float32)
         self.lora_A[adapter_name].weight.data[...] = A
         self.lora_B[adapter_name].weight.data[...] = B
         self.set_base_weight(W - np.float32(s) * (B @ A))

@@ -148,7 +148,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         if key in d and d[key] not in (None, False, {}, []):
             raise ValueError(f"{f} uses {key}={d[key]!r}, a PEFT feature lora_ref does not implement")
     kwargs = {k: d[k] for k in _OUR_FIELDS if k in d}
-    if kwargs.get("init_lora_weights") not in (True, False, "gaussian", "pissa"):
+    if kwargs.get("init_lora_weights") not in (True, False, "gaussian", "pissa", "olora"):
         kwargs["init_lora_weights"] = True  # other inits (olora, loftq, eva, ...) only matter before training
     if kwargs.get("layers_to_transform") is not None and not isinstance(kwargs["layers_to_transform"], (int, list)):
         raise ValueError(f"{f}: layers_to_transform must be an int or a list")
