@@ -147,8 +147,12 @@ class LoraConfig:
         if self.fan_in_fan_out:
             raise ValueError("LoraConfig: fan_in_fan_out=True (GPT-2 Conv1D layout) is not supported; "
                              "weights are (out, in)")
-        if self.modules_to_save:
-            raise ValueError("LoraConfig: modules_to_save is not supported")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m
+                                                                 for m in self.modules_to_save):
+                raise ValueError(f"LoraConfig: modules_to_save must be a list of module names, "
+                                 f"got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -725,6 +729,12 @@ def matches_target(config: LoraConfig, key: str) -> bool:
     return found
 
 
+def _is_embedding(m: Module) -> bool:
+    from lora_ref.modeling.nn import Embedding
+
+    return isinstance(m, Embedding)
+
+
 def _candidate_modules(model: Module) -> list[tuple[str, Module]]:
     """Every named module except the model itself and anything inside a LoraLinear."""
     out, inside = [], []
@@ -752,7 +762,9 @@ def find_targets(model: Module, config: LoraConfig) -> list[str]:
     names = []
     for n, m in cands:
         if matches_target(config, n):
-            if not _is_linear(m):
+            if _is_embedding(m):
+                import lora_ref.adapters.embedding  # noqa: F401  (registers LoraEmbedding for Embedding)
+            elif not _is_linear(m):
                 raise ValueError(f"target module {n} is a {type(m).__name__}; LoRA here supports linear layers only")
             names.append(n)
     if not names:
@@ -783,6 +795,10 @@ def _inject(model: Module, config: LoraConfig, name: str, *, rng, init_lora_weig
     if name in existing:
         raise ValueError(f"adapter {name!r} already exists in the model")
     targets = find_targets(model, config)
+    if config.modules_to_save:
+        from lora_ref.adapters.modules_to_save import find_modules_to_save
+
+        find_modules_to_save(model, config.modules_to_save)  # a missing name fails before the model changes
     first = not existing
     for tname in targets:
         r, alpha = config.rank_and_alpha(tname)
@@ -803,6 +819,10 @@ def _inject(model: Module, config: LoraConfig, name: str, *, rng, init_lora_weig
         saved.target_modules = sorted(targets)
     elif config.target_modules is None:
         saved.target_modules = sorted(DEFAULT_TARGET_MODULES)
+    if config.modules_to_save:
+        from lora_ref.adapters.modules_to_save import wrap_modules_to_save
+
+        wrap_modules_to_save(model, config.modules_to_save, name, targets)
     existing = dict(existing)
     existing[name] = saved
     model.peft_config = existing
@@ -816,8 +836,8 @@ def _freeze_base(model: Module, bias: str = "none") -> None:
     """requires_grad False for every non-LoRA parameter (PEFT ``_mark_only_adapters_as_trainable``)."""
     lora_names = {n for n, _ in lora_layers(model)}
     for pname, p in model.named_parameters():
-        if "lora_" in pname:
-            continue
+        if "lora_" in pname or ".modules_to_save." in pname or pname.startswith("modules_to_save."):
+            continue  # adapters, and the trained copies of modules_to_save (their wrapper sets requires_grad)
         trainable = False
         if pname.endswith("bias"):
             if bias == "all":
@@ -838,6 +858,10 @@ def set_adapter(model: Module, name: str | list[str]) -> Module:
         # a layer without any of these adapters computes as its base layer
         layer.active_adapters = list(names)
         layer._set_requires_grad()
+    from lora_ref.adapters.modules_to_save import modules_to_save_wrappers
+
+    for _, w in modules_to_save_wrappers(model):
+        w.set_adapter(names[0])
     model.active_adapter = names[0] if len(names) == 1 else names
     return model
 
@@ -859,7 +883,9 @@ def delete_adapter(model: Module, name: str) -> Module:
 @contextlib.contextmanager
 def disable_adapters(model: Module) -> Iterator[Module]:
     """Inside the block the model computes with its base weights only (merged adapters are unmerged first)."""
-    layers = [l for _, l in lora_layers(model)]
+    from lora_ref.adapters.modules_to_save import modules_to_save_wrappers
+
+    layers = [l for _, l in lora_layers(model)] + [w for _, w in modules_to_save_wrappers(model)]
     prev = [l.disable_adapters for l in layers]
     for l in layers:
         l.disable_adapters = True
@@ -885,6 +911,9 @@ def merge_and_unload(model: Module, safe_merge: bool = False, adapter_names: lis
     for name, layer in list(lora_layers(model)):
         layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         model.set_submodule(name, layer.base_layer)
+    from lora_ref.adapters.modules_to_save import unwrap_modules_to_save
+
+    unwrap_modules_to_save(model, adapter_names)  # the trained copies replace the originals (as PEFT)
     _drop_peft_state(model)
     return model
 
@@ -894,6 +923,9 @@ def unload(model: Module) -> Module:
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
         model.set_submodule(name, layer.base_layer)
+    from lora_ref.adapters.modules_to_save import unwrap_modules_to_save
+
+    unwrap_modules_to_save(model)
     _drop_peft_state(model)
     return model
 
