@@ -798,7 +798,9 @@ def _inject(model: Module, config: LoraConfig, name: str, *, rng, init_lora_weig
     if config.modules_to_save:
         from lora_ref.adapters.modules_to_save import find_modules_to_save
 
-        find_modules_to_save(model, config.modules_to_save)  # a missing name fails before the model changes
+        clash = set(find_modules_to_save(model, config.modules_to_save)) & set(targets)  # checked before any change
+        if clash:
+            raise ValueError(f"{sorted(clash)[0]} is both a LoRA target and in modules_to_save; choose one")
     first = not existing
     for tname in targets:
         r, alpha = config.rank_and_alpha(tname)

@@ -42,6 +42,20 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="start from the quick-recipe base (cached in under a minute)")
     p.add_argument("--out", default=None, help="folder for the adapter / checkpoint (missing or empty)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--modules-to-save", default=None, metavar="NAMES",
+                   help="lora/qlora: comma-separated modules trained in full and saved with the adapter "
+                        "(PEFT's modules_to_save), e.g. embed_tokens,lm_head")
+
+
+def _modules_to_save(args):
+    from lora_ref.errors import UsageError
+
+    if not getattr(args, "modules_to_save", None):
+        return None
+    names = [n.strip() for n in args.modules_to_save.split(",")]
+    if args.method == "full" or not all(names):
+        raise UsageError("--modules-to-save takes comma-separated module names and applies to lora and qlora")
+    return names
 
 
 def run(args) -> int:
@@ -69,7 +83,8 @@ def run(args) -> int:
 
     model, hist, summary = finetune(args.method, r=args.r, alpha=args.alpha, targets=args.targets,
                                     use_rslora=args.rslora, dropout=args.dropout, steps=args.steps, lr=args.lr,
-                                    batch=args.batch, seq=args.seq, seed=args.seed, quick=args.quick)
+                                    batch=args.batch, seq=args.seq, seed=args.seed, quick=args.quick,
+                                    modules_to_save=_modules_to_save(args))
     if args.out is not None:
         if args.method == "full":
             model.save_pretrained(args.out)

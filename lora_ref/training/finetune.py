@@ -13,10 +13,11 @@ DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
 
 def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"),
                   use_rslora: bool = False, dropout: float = 0.0, rng=None, quick: bool = False, base=None,
-                  impl: str = "auto"):
+                  impl: str = "auto", modules_to_save=None):
     """The tutorial base set up for ``method``: all weights trainable (full), LoRA adapters on a frozen float base
     (lora), or on a frozen NF4 base (qlora; ``impl`` as :class:`lora_ref.adapters.qlora.Linear4bit`). ``base`` overrides the
-    cached tutorial model (a Llama to modify)."""
+    cached tutorial model (a Llama to modify). ``modules_to_save`` (lora, qlora): module names trained in full next
+    to the adapter (PEFT's ``modules_to_save``, e.g. ``["embed_tokens", "lm_head"]``)."""
     import numpy as np
 
     from lora_ref.training import tutorial
@@ -31,7 +32,8 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
         return model.requires_grad_(True)
     targets = list(targets)
     tm = targets[0] if len(targets) == 1 and targets[0].lower() == "all-linear" else targets
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, use_rslora=use_rslora, lora_dropout=dropout)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, use_rslora=use_rslora, lora_dropout=dropout,
+                        modules_to_save=list(modules_to_save) if modules_to_save else None)
     if method == "lora":
         return inject_lora(model, config, rng=rng)
     return inject_qlora(quantize_model(model, impl=impl), config, rng=rng)
@@ -40,7 +42,7 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
 def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"), use_rslora: bool = False,
              dropout: float = 0.0, steps: int = 100, lr: float | None = None, batch: int = 16, seq: int = 128,
              seed: int = 0, quick: bool = False, progress: bool = True, base=None, eval_batches: int = 8,
-             eval_every: int | None = None):
+             eval_every: int | None = None, modules_to_save=None):
     """Fine-tune the tutorial model on :func:`lora_ref.training.data.finetuning_corpus`; returns (model, history, summary).
 
     One seed drives everything: ``np.random.default_rng(seed).spawn(2)`` gives the adapter-init/dropout generator
@@ -59,7 +61,7 @@ def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj",
     lr = DEFAULT_LR[method] if lr is None else lr
     init_rng, data_rng = np.random.default_rng(seed).spawn(2)
     model = prepare_model(method, r=r, alpha=alpha, targets=targets, use_rslora=use_rslora, dropout=dropout,
-                          rng=init_rng, quick=quick, base=base)
+                          rng=init_rng, quick=quick, base=base, modules_to_save=modules_to_save)
     corpus = finetuning_corpus()
     t0 = time.perf_counter()
     hist = train(model, corpus, steps, lr, batch, seq, data_rng, weight_decay=0.1 if method == "full" else 0.0,
@@ -69,6 +71,7 @@ def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj",
         "r": None if method == "full" else r,
         "alpha": None if method == "full" else alpha,
         "targets": None if method == "full" else list(targets),
+        "modules_to_save": None if method == "full" or not modules_to_save else list(modules_to_save),
         "steps": steps, "lr": lr, "batch": batch, "seq": seq, "seed": seed,
         "trainable_parameters": model.num_parameters(trainable_only=True),
         "train_loss_first": hist.train_loss[0], "train_loss_last": hist.train_loss[-1],
