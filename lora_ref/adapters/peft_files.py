@@ -247,7 +247,9 @@ def load_adapter(model: Module, path: str | os.PathLike, name: str = "default", 
         except ValueError as e:
             raise ValueError(f"adapter {folder} does not fit the model: {e}") from None
         for n in saved_modules:
-            for pn, prm in model.get_submodule(n).named_parameters():
+            mod = model.get_submodule(n)
+            mod = getattr(mod, "original_module", mod)  # already wrapped for another adapter
+            for pn, prm in mod.named_parameters():
                 expected[f"{PREFIX}{n}.{pn}"] = tuple(prm.shape)
     for k, shape in optional.items():
         if k in tensors and tuple(tensors[k].shape) != shape:

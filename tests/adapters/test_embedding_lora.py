@@ -83,3 +83,27 @@ def test_bad_modules_to_save_are_one_line_errors():
         inject_lora(model, LoraConfig(r=2, target_modules=["lm_head"], modules_to_save=["lm_head"]))
     with pytest.raises(ValueError, match="list of module names"):
         LoraConfig(modules_to_save="lm_head")
+
+
+def test_two_adapters_with_modules_to_save_round_trip(tmp_path):
+    from lora_ref.adapters.lora import set_adapter
+    from lora_ref.adapters.peft_files import load_adapter, save_adapter
+
+    model = Llama(LlamaConfig(**TINY), rng=np.random.default_rng(1))
+    inject_lora(model, LoraConfig(r=2, target_modules=["embed_tokens"], modules_to_save=["lm_head"],
+                                  init_lora_weights=False), rng=np.random.default_rng(2))
+    inject_lora(model, LoraConfig(r=3, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                  init_lora_weights=False), "second", rng=np.random.default_rng(3))
+    model.lm_head.modules_to_save["second"].weight.data[...] += 0.5
+    set_adapter(model, "second")
+    ids = np.array([[3, 1, 4, 1, 5]])
+    with no_grad():
+        y2 = np.asarray(model(ids).data)
+    save_adapter(model, tmp_path / "second", "second")
+    save_adapter(model, tmp_path / "first", "default")
+    fresh = Llama(LlamaConfig(**TINY), rng=np.random.default_rng(1))
+    load_adapter(fresh, tmp_path / "first")
+    load_adapter(fresh, tmp_path / "second", "second")
+    set_adapter(fresh, "second")
+    with no_grad():
+        np.testing.assert_allclose(np.asarray(fresh(ids).data), y2, rtol=1e-6, atol=1e-6)
