@@ -35,7 +35,6 @@ load on the CPU.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

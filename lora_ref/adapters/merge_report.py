@@ -31,7 +31,6 @@ around: merging a QLoRA adapter into the 16-bit weights is *not* the trained fun
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from lora_ref.adapters.lora import LoraConfig, inject_lora, lora_layers, merge_and_unload
+from lora_ref.adapters.lora import LoraConfig, inject_lora, merge_and_unload
 from lora_ref.adapters.peft_files import load_adapter, save_adapter
-from lora_ref.autograd.tensor import Tensor, no_grad
+from lora_ref.autograd.tensor import no_grad
 from lora_ref.modeling.llama import Llama
 
 pytestmark = pytest.mark.interop
