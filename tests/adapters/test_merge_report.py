@@ -121,3 +121,12 @@ def test_float_base_has_no_4bit_question():
     with pytest.raises(ValueError, match="no 4-bit merge question") as ei:
         merge_report(model, rng=np.random.default_rng(0))
     assert "\n" not in str(ei.value) and NO_4BIT_QUESTION in str(ei.value)
+
+
+def test_totals_are_layer_means():
+    model, original = qlora_llama(9, 0.3)
+    r = merge_report(model, rng=np.random.default_rng(3), original=original)
+    rows = list(r["layers"].values())
+    for t in r["targets"]:
+        assert r["total"]["errors"][t] == pytest.approx(np.mean([row["errors"][t] for row in rows]), rel=1e-12)
+    assert r["total"]["adapter_effect"] == pytest.approx(np.mean([row["adapter_effect"] for row in rows]))
