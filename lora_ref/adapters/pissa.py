@@ -45,12 +45,15 @@ def _fro(x) -> float:
 
 
 def apply_qpissa(model: Module, config: LoraConfig, name: str = "default", *, blocksize: int = 64,
-                 double_quant: bool = True, rounding: str = "cuda", impl: str = "auto") -> dict[str, dict]:
+                 double_quant: bool = True, rounding: str = "cuda", impl: str = "auto",
+                 skip_modules=("lm_head",)) -> dict[str, dict]:
     """QPiSSA: PiSSA (or OLoRA) on the float model, then the residual base layers quantized to NF4.
 
     ``config.init_lora_weights`` must be "pissa" or "olora"; every target must be a float Linear (PEFT refuses a
     PiSSA decomposition of an already quantized weight: "initialize PiSSA under float32 … subsequently re-quantize
-    the residual model"). Returns per layer ``{"qlora_error": ‖W − Q(W)‖_F, "qpissa_error": ‖W − (Q(W_res) +
+    the residual model"). As in PEFT's recipe (save the residual model, load it with ``BitsAndBytesConfig(
+    load_in_4bit=True)``), every other linear layer is quantized too, except ``skip_modules`` (the output head).
+    Returns per layer ``{"qlora_error": ‖W − Q(W)‖_F, "qpissa_error": ‖W − (Q(W_res) +
     s·B₀A₀)‖_F, "weight_norm": ‖W‖_F}``: the error QLoRA would start from and the one QPiSSA starts from.
     """
     from lora_ref.quant import dequantize_4bit, quantize_4bit
@@ -72,7 +75,8 @@ def apply_qpissa(model: Module, config: LoraConfig, name: str = "default", *, bl
     factors = {n: (l.lora_A[name].weight.data.copy(), l.lora_B[name].weight.data.copy())
                for n, l in lora_layers(model)}
     unload(model)  # the residual float layers, no adapters
-    for n in factors:
+    skip = set(skip_modules)
+    for n in [n for n, m in model.named_modules() if n and type(m) is Linear and n.rsplit(".", 1)[-1] not in skip]:
         model.set_submodule(n, Linear4bit.from_linear(model.get_submodule(n), blocksize=blocksize, quant_type="nf4",
                                                       double_quant=double_quant, rounding=rounding, impl=impl))
     _inject(model, config, name, rng=None, init_lora_weights=None)  # LoraLinear4bit around each 4-bit residual

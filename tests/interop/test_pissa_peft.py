@@ -100,3 +100,66 @@ def test_olora_init_equals_peft(base_dir):
         np.testing.assert_allclose(layer.get_delta_weight("default"), delta, atol=1e-5)
         n += 1
     assert n == 4
+
+
+def test_qpissa_equals_peft_recipe_and_its_conversion(tmp_path):
+    """QPiSSA as PEFT's PiSSA example does it: PiSSA on the float model, the residual model saved and loaded with
+    ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quantization)`` (every linear layer but lm_head in 4 bits),
+    the initial adapter on top. Same logits here with bitsandbytes' CPU rounding; the conversion after training
+    equals PEFT's. Widths are multiples of 64 (bitsandbytes' CPU dequantize is wrong otherwise); the 4-bit PEFT
+    model stays in train mode (dropout 0)."""
+    import bitsandbytes.functional as BF
+    import peft
+    import safetensors.numpy
+    import torch
+    import transformers
+
+    from lora_ref.adapters.pissa import apply_qpissa
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-6)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    kw = dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    pm = peft.get_peft_model(_hf(tmp_path / "base"), peft.LoraConfig(init_lora_weights="pissa", **kw))
+    pm.peft_config["default"].init_lora_weights = True
+    pm.save_pretrained(tmp_path / "init")
+    pm.unload().save_pretrained(tmp_path / "residual")
+    bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    q = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "residual", quantization_config=bnb_cfg,
+                                                          dtype=torch.float32)
+    qm = peft.PeftModel.from_pretrained(q, tmp_path / "init", is_trainable=True)
+    qm.train()
+    ours = Llama.from_pretrained(tmp_path / "base")
+    stats = apply_qpissa(ours, LoraConfig(init_lora_weights="pissa", **kw), rounding="cpu")
+    assert all(v["qpissa_error"] < v["qlora_error"] for v in stats.values())
+    assert type(ours.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"  # the rest of the model is 4-bit too
+    for n, layer in lora_layers(ours):  # the residual's NF4, up to the ulps the two SVDs differ by
+        w = qm.base_model.model.get_submodule(n).base_layer.weight
+        np.testing.assert_allclose(BF.dequantize_4bit(w.data, w.quant_state).numpy(), layer.base_layer.dequantize(),
+                                   rtol=1e-5, atol=1e-6)
+    ids = np.random.default_rng(0).integers(0, 64, size=(2, 7))
+    with torch.no_grad():
+        y_peft = qm(torch.from_numpy(ids)).logits.numpy()
+    with no_grad():
+        np.testing.assert_allclose(np.asarray(ours(ids).data), y_peft, rtol=1e-4, atol=1e-4)
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in qm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    state = {k: v.detach().numpy() for k, v in qm.named_parameters() if "lora_" in k}
+    for n, layer in lora_layers(ours):  # the same trained adapter here
+        for part in ("lora_A", "lora_B"):
+            getattr(layer, part)["default"].weight.data[...] = state[f"base_model.model.{n}.{part}.default.weight"]
+    qm.save_pretrained(tmp_path / "peft_conv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    save_converted_adapter(ours, tmp_path / "our_conv", tmp_path / "init")
+    theirs = safetensors.numpy.load_file(tmp_path / "peft_conv" / "adapter_model.safetensors")
+    mine = safetensors.numpy.load_file(tmp_path / "our_conv" / "adapter_model.safetensors")
+    assert sorted(theirs) == sorted(mine)
+    for k in theirs:
+        np.testing.assert_array_equal(mine[k], theirs[k])
