@@ -168,15 +168,16 @@ def loftq_init(weight, num_bits: int = 4, reduced_rank: int = 16, num_iter: int 
 
 
 def apply_loftq(model: Module, config: LoraConfig, *, num_iter: int = 1, name: str = "default",
-                rounding: str = "cuda", impl: str = "auto") -> dict[str, LoftQResult]:
+                rounding: str = "cuda", impl: str = "auto", skip_modules=("lm_head",)) -> dict[str, LoftQResult]:
     """Quantize the targeted linear layers of ``model`` with LoftQ and add adapter ``name`` initialized from it.
 
     Every layer ``config`` targets must be a float :class:`lora_ref.modeling.nn.Linear` (the layer LoftQ quantizes;
     anything else raises ``ValueError`` naming it). It is replaced by a :class:`~lora_ref.adapters.qlora.Linear4bit`
     holding the LoftQ codes Q_N exactly (NF4, blocksize 64, no double quantization, as PEFT's ``loftq_init``), and a
     LoRA adapter with A = A_N, B = B_N wraps it. As in PEFT the factors are not divided by s = α/r: choose
-    ``lora_alpha = r`` for the initial model to be Q_N + B_N·A_N. Layers that are not targeted are left alone
-    (quantize them with :func:`lora_ref.adapters.qlora.quantize_model` if wanted). Returns name → :class:`LoftQResult`.
+    ``lora_alpha = r`` for the initial model to be Q_N + B_N·A_N. Every other linear layer except ``skip_modules``
+    (the output head) is quantized plainly with the same settings, as loading PEFT's LoftQ base in 4 bits does
+    (transformers quantizes every linear layer of it). Returns name → :class:`LoftQResult`.
     """
     if not isinstance(config, LoraConfig):
         raise ValueError(f"apply_loftq needs a LoraConfig, got {type(config).__name__}")
@@ -203,6 +204,11 @@ def apply_loftq(model: Module, config: LoraConfig, *, num_iter: int = 1, name: s
             q.bias = Parameter(np.array(m.bias.data, dtype=np.float32), requires_grad=False)
         model.set_submodule(t, q)
         results[t] = res
+    skip = set(skip_modules)
+    for n in [n for n, m in model.named_modules() if n and type(m) is Linear and n.rsplit(".", 1)[-1] not in skip]:
+        model.set_submodule(n, Linear4bit.from_linear(model.get_submodule(n), blocksize=LOFTQ_BLOCKSIZE,
+                                                      quant_type="nf4", double_quant=False, rounding=rounding,
+                                                      impl=impl))
     _inject(model, config, name, rng=None, init_lora_weights=None)
     for t, res in results.items():
         layer = model.get_submodule(t)
@@ -237,15 +243,15 @@ def save_loftq(model: Module, base_dir: str | os.PathLike, adapter_dir: str | os
         if "lora_" in pname:
             continue
         tensors[pname.replace(".base_layer.", ".")] = np.ascontiguousarray(p.data)
-    for lname, layer in layers.items():
-        base = layer.base_layer
+    for lname, base in model.named_modules():
         if isinstance(base, Linear4bit):
+            lname = lname.removesuffix(".base_layer")
             tensors.pop(f"{lname}.weight", None)
             if base.double_quant or base.quant_type != "nf4":
                 raise ValueError(f"{lname}: save_loftq writes NF4 bases without double quantization")
             tensors.update(state_to_tensors(f"{lname}.weight", base.weight.data, base.quant_state))
             quantized.add(lname)
-    if not quantized:
+    if not any(isinstance(l.base_layer, Linear4bit) for l in layers.values()):
         raise ValueError("save_loftq: the model has no LoRA layer over a 4-bit base; run apply_loftq first")
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)

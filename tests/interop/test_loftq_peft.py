@@ -39,7 +39,9 @@ def test_saved_loftq_pair_loads_in_transformers_and_peft(base_dir, tmp_path):
 
     torch.set_num_threads(1)
     model = Llama.from_pretrained(base_dir)
-    results = apply_loftq(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), num_iter=2)
+    results = apply_loftq(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                          num_iter=2)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"  # untargeted layers: plain NF4
     save_loftq(model, tmp_path / "base", tmp_path / "adapter")
     ids = np.random.default_rng(0).integers(0, 64, size=(2, 9))
     with no_grad():
@@ -55,7 +57,10 @@ def test_saved_loftq_pair_loads_in_transformers_and_peft(base_dir, tmp_path):
         np.testing.assert_array_equal(BF.dequantize_4bit(w.data, w.quant_state).numpy(), res.dequantized)
         np.testing.assert_array_equal(layer.lora_B["default"].weight.detach().numpy(), res.lora_B)
         n += 1
-    assert n == 14
+    assert n == 6
+    k = pm.base_model.model.model.layers[1].self_attn.k_proj.weight  # an untargeted layer: the same plain NF4
+    np.testing.assert_array_equal(BF.dequantize_4bit(k.data, k.quant_state).numpy(),
+                                  model.model.layers[1].self_attn.k_proj.dequantize())
     pm.train()  # dropout is 0; train mode keeps bitsandbytes off its repacking eval path
     with torch.no_grad():
         theirs = pm(torch.from_numpy(ids)).logits.numpy()
