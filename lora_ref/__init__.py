@@ -48,6 +48,7 @@ _LAZY = {
     "load_adapter": "adapters.peft_files", "save_adapter": "adapters.peft_files",
     "add_weighted_adapter": "merging.combine",
     "load_tokenizer": "modeling.tokenizer",
+    "loftq_init": "adapters.loftq",
 }
 
 # module path before the chapter layout -> where the module lives now

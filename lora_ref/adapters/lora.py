@@ -57,7 +57,7 @@ __all__ = [
 #: for llama): the query and value projections, as in the LoRA paper's main experiments.
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 
-_INITS = (True, False, "gaussian", "pissa")
+_INITS = (True, False, "gaussian", "pissa", "olora")
 _BIAS = ("none", "all", "lora_only")
 
 
@@ -82,10 +82,11 @@ class LoraConfig:
         Modules never targeted (same matching rules as a list / a regex), checked first.
     use_rslora : bool
         Scale by α/√r instead of α/r (rank-stabilized LoRA, Kalajdzievski 2023).
-    init_lora_weights : True, False, "gaussian" or "pissa"
+    init_lora_weights : True, False, "gaussian", "pissa" or "olora"
         True: A ~ U(±1/√in) (Kaiming-uniform, a=√5), B = 0. "gaussian": A ~ N(0, (1/r)²), B = 0. False: A and B both
         nonzero (torch.nn.Linear's default init, U(±1/√fan_in)); the adapter is not a no-op, which tests need.
         "pissa": A, B from the top-r SVD of W and the base replaced by the residual (Meng et al. 2024).
+        "olora": A, B from the QR decomposition of W (B = Q_r, A = R_r), the base W − s·B·A (Büyükakyüz 2024).
     use_dora : bool
         Weight-decomposed LoRA: a trainable magnitude per output row.
     bias : "none", "all" or "lora_only"
@@ -146,8 +147,12 @@ class LoraConfig:
         if self.fan_in_fan_out:
             raise ValueError("LoraConfig: fan_in_fan_out=True (GPT-2 Conv1D layout) is not supported; "
                              "weights are (out, in)")
-        if self.modules_to_save:
-            raise ValueError("LoraConfig: modules_to_save is not supported")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m
+                                                                 for m in self.modules_to_save):
+                raise ValueError(f"LoraConfig: modules_to_save must be a list of module names, "
+                                 f"got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -398,6 +403,8 @@ class LoraLinear(Module):
             return
         if init_lora_weights == "pissa":
             self.pissa_init(adapter_name)
+        elif init_lora_weights == "olora":
+            self.olora_init(adapter_name)
         else:
             self._random_init(adapter_name, init_lora_weights, rng)
         if self.weight_dtype != np.float32:
@@ -440,6 +447,18 @@ class LoraLinear(Module):
         Sr = S[:r] / np.float32(s)
         A = np.sqrt(Sr)[:, None] * Vh[:r]  # (R, in)
         B = U[:, :r] * np.sqrt(Sr)[None, :]  # (out, R)
+        self.lora_A[adapter_name].weight.data[...] = A
+        self.lora_B[adapter_name].weight.data[...] = B
+        self.set_base_weight(W - np.float32(s) * (B @ A))
+
+    def olora_init(self, adapter_name: str) -> None:
+        """OLoRA (Büyükakyüz 2024, arXiv 2406.01775; PEFT ``olora_init``): W = Q·R (reduced QR of the (out, in) weight),
+        B = Q[:, :R] (out, R), A = R[:R] (R, in), and W ← W − s·B·A. A quantized base is dequantized first and the
+        residual re-quantized (as PEFT does for a bitsandbytes base); the layer's output changes by that rounding."""
+        s, r = self.scaling[adapter_name], self.r[adapter_name]
+        W = self.base_weight()  # (out, in) float32
+        Qm, Rm = np.linalg.qr(W)  # reduced: Q (out, k), R (k, in), k = min(out, in)
+        B, A = np.ascontiguousarray(Qm[:, :r], np.float32), np.ascontiguousarray(Rm[:r], np.float32)
         self.lora_A[adapter_name].weight.data[...] = A
         self.lora_B[adapter_name].weight.data[...] = B
         self.set_base_weight(W - np.float32(s) * (B @ A))
@@ -710,6 +729,12 @@ def matches_target(config: LoraConfig, key: str) -> bool:
     return found
 
 
+def _is_embedding(m: Module) -> bool:
+    from lora_ref.modeling.nn import Embedding
+
+    return isinstance(m, Embedding)
+
+
 def _candidate_modules(model: Module) -> list[tuple[str, Module]]:
     """Every named module except the model itself and anything inside a LoraLinear."""
     out, inside = [], []
@@ -737,7 +762,9 @@ def find_targets(model: Module, config: LoraConfig) -> list[str]:
     names = []
     for n, m in cands:
         if matches_target(config, n):
-            if not _is_linear(m):
+            if _is_embedding(m):
+                import lora_ref.adapters.embedding  # noqa: F401  (registers LoraEmbedding for Embedding)
+            elif not _is_linear(m):
                 raise ValueError(f"target module {n} is a {type(m).__name__}; LoRA here supports linear layers only")
             names.append(n)
     if not names:
@@ -768,6 +795,12 @@ def _inject(model: Module, config: LoraConfig, name: str, *, rng, init_lora_weig
     if name in existing:
         raise ValueError(f"adapter {name!r} already exists in the model")
     targets = find_targets(model, config)
+    if config.modules_to_save:
+        from lora_ref.adapters.modules_to_save import find_modules_to_save
+
+        clash = set(find_modules_to_save(model, config.modules_to_save)) & set(targets)  # checked before any change
+        if clash:
+            raise ValueError(f"{sorted(clash)[0]} is both a LoRA target and in modules_to_save; choose one")
     first = not existing
     for tname in targets:
         r, alpha = config.rank_and_alpha(tname)
@@ -788,6 +821,10 @@ def _inject(model: Module, config: LoraConfig, name: str, *, rng, init_lora_weig
         saved.target_modules = sorted(targets)
     elif config.target_modules is None:
         saved.target_modules = sorted(DEFAULT_TARGET_MODULES)
+    if config.modules_to_save:
+        from lora_ref.adapters.modules_to_save import wrap_modules_to_save
+
+        wrap_modules_to_save(model, config.modules_to_save, name, targets)
     existing = dict(existing)
     existing[name] = saved
     model.peft_config = existing
@@ -801,8 +838,8 @@ def _freeze_base(model: Module, bias: str = "none") -> None:
     """requires_grad False for every non-LoRA parameter (PEFT ``_mark_only_adapters_as_trainable``)."""
     lora_names = {n for n, _ in lora_layers(model)}
     for pname, p in model.named_parameters():
-        if "lora_" in pname:
-            continue
+        if "lora_" in pname or ".modules_to_save." in pname or pname.startswith("modules_to_save."):
+            continue  # adapters, and the trained copies of modules_to_save (their wrapper sets requires_grad)
         trainable = False
         if pname.endswith("bias"):
             if bias == "all":
@@ -823,6 +860,10 @@ def set_adapter(model: Module, name: str | list[str]) -> Module:
         # a layer without any of these adapters computes as its base layer
         layer.active_adapters = list(names)
         layer._set_requires_grad()
+    from lora_ref.adapters.modules_to_save import modules_to_save_wrappers
+
+    for _, w in modules_to_save_wrappers(model):
+        w.set_adapter(names[0])
     model.active_adapter = names[0] if len(names) == 1 else names
     return model
 
@@ -844,7 +885,9 @@ def delete_adapter(model: Module, name: str) -> Module:
 @contextlib.contextmanager
 def disable_adapters(model: Module) -> Iterator[Module]:
     """Inside the block the model computes with its base weights only (merged adapters are unmerged first)."""
-    layers = [l for _, l in lora_layers(model)]
+    from lora_ref.adapters.modules_to_save import modules_to_save_wrappers
+
+    layers = [l for _, l in lora_layers(model)] + [w for _, w in modules_to_save_wrappers(model)]
     prev = [l.disable_adapters for l in layers]
     for l in layers:
         l.disable_adapters = True
@@ -870,6 +913,9 @@ def merge_and_unload(model: Module, safe_merge: bool = False, adapter_names: lis
     for name, layer in list(lora_layers(model)):
         layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         model.set_submodule(name, layer.base_layer)
+    from lora_ref.adapters.modules_to_save import unwrap_modules_to_save
+
+    unwrap_modules_to_save(model, adapter_names)  # the trained copies replace the originals (as PEFT)
     _drop_peft_state(model)
     return model
 
@@ -879,6 +925,9 @@ def unload(model: Module) -> Module:
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
         model.set_submodule(name, layer.base_layer)
+    from lora_ref.adapters.modules_to_save import unwrap_modules_to_save
+
+    unwrap_modules_to_save(model)
     _drop_peft_state(model)
     return model
 

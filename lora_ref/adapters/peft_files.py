@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,15 @@ _UNSUPPORTED = ("alora_invocation_tokens", "arrow_config", "kasa_config", "layer
                 "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora", "velora_config")
 
 
+_EMBEDDING_NAME = re.compile(r"(.*\.)?(embed_tokens|lm_head)$")  # PEFT's EMBEDDING_LAYER_NAMES
+
+
+def _is_lora_embedding(layer) -> bool:
+    from lora_ref.adapters.embedding import LoraEmbedding
+
+    return isinstance(layer, LoraEmbedding)
+
+
 # --------------------------------------------------------------------------------------------- saving
 def _config_dict(config: LoraConfig) -> dict:
     d = dict(PEFT_CONFIG_DEFAULTS)
@@ -81,17 +91,35 @@ def adapter_state_dict(model: Module, name: str = "default") -> dict[str, np.nda
     if name not in configs:
         raise ValueError(f"the model has no adapter {name!r} (adapters: {sorted(configs)})")
     config = configs[name]
+    from lora_ref.adapters.modules_to_save import modules_to_save_wrappers
+
     out: dict[str, np.ndarray] = {}
     for lname, layer in lora_layers(model):
         if name not in layer.lora_A:
             continue
         p = PREFIX + lname
+        if _is_lora_embedding(layer):  # PEFT's lora.Embedding: parameters without ".weight"
+            out[f"{p}.lora_embedding_A"] = layer.lora_A[name].weight.data
+            out[f"{p}.lora_embedding_B"] = layer.lora_B[name].weight.data
+            continue
         out[f"{p}.lora_A.weight"] = layer.lora_A[name].weight.data
         out[f"{p}.lora_B.weight"] = layer.lora_B[name].weight.data
         if layer.lora_bias[name]:
             out[f"{p}.lora_B.bias"] = layer.lora_B[name].bias.data
         if layer.use_dora[name]:
             out[f"{p}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight.data
+    # PEFT (save_embedding_layers="auto"): when an embed_tokens / lm_head module is a target, the base tables of the
+    # targeted embedding layers travel with the adapter, as "<module>.base_layer.weight"
+    adapted = [(n, l) for n, l in lora_layers(model) if name in l.lora_A]
+    if any(_EMBEDDING_NAME.match(n) for n, _ in adapted):
+        for n, l in adapted:
+            if _EMBEDDING_NAME.match(n):
+                out[f"{PREFIX}{n}.base_layer.weight"] = l.base_layer.weight.data
+    # modules_to_save: the trained copy under the module's own names
+    for wname, w in modules_to_save_wrappers(model):
+        if name in w.modules_to_save:
+            for pn, prm in w.modules_to_save[name].named_parameters():
+                out[f"{PREFIX}{wname}.{pn}"] = prm.data
     if not out:
         raise ValueError(f"adapter {name!r} has no LoRA layers in the model")
     # PEFT _get_learnable_bias_state_dict: trained base biases travel with the adapter ("all": every bias;
@@ -143,7 +171,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         if key in d and d[key] not in (None, False, {}, []):
             raise ValueError(f"{f} uses {key}={d[key]!r}, a PEFT feature lora_ref does not implement")
     kwargs = {k: d[k] for k in _OUR_FIELDS if k in d}
-    if kwargs.get("init_lora_weights") not in (True, False, "gaussian", "pissa"):
+    if kwargs.get("init_lora_weights") not in (True, False, "gaussian", "pissa", "olora"):
         kwargs["init_lora_weights"] = True  # other inits (olora, loftq, eva, ...) only matter before training
     if kwargs.get("layers_to_transform") is not None and not isinstance(kwargs["layers_to_transform"], (int, list)):
         raise ValueError(f"{f}: layers_to_transform must be an int or a list")
@@ -185,20 +213,45 @@ def load_adapter(model: Module, path: str | os.PathLike, name: str = "default", 
         raise ValueError(f"adapter {folder} does not fit the model: {e}") from None
 
     # the tensors the adapter must have, with their shapes
+    from lora_ref.adapters.lora import _is_embedding
+    from lora_ref.adapters.modules_to_save import find_modules_to_save
+
     expected: dict[str, tuple[int, ...]] = {}
+    optional: dict[str, tuple[int, ...]] = {}  # the base tables PEFT writes for targeted embedding layers
     for t in targets:
         m = model.get_submodule(t)
-        in_f, out_f = (m.in_features, m.out_features)
         r, _ = config.rank_and_alpha(t)
         p = PREFIX + t
+        if _EMBEDDING_NAME.match(t):
+            optional[f"{p}.base_layer.weight"] = tuple(m.weight.shape)
+        if _is_embedding(m):
+            expected[f"{p}.lora_embedding_A"] = (r, m.num_embeddings)
+            expected[f"{p}.lora_embedding_B"] = (m.embedding_dim, r)
+            continue
+        in_f, out_f = (m.in_features, m.out_features)
         expected[f"{p}.lora_A.weight"] = (r, in_f)
         expected[f"{p}.lora_B.weight"] = (out_f, r)
         if config.lora_bias:
             expected[f"{p}.lora_B.bias"] = (out_f,)
         if config.use_dora:
             expected[f"{p}.lora_magnitude_vector"] = (out_f,)
-    bias_keys = [k for k in tensors if k not in expected and "lora_" not in k and k.endswith("bias")
-                 and config.bias != "none"]
+    saved_modules = []
+    if config.modules_to_save:
+        try:
+            saved_modules = find_modules_to_save(model, config.modules_to_save)
+        except ValueError as e:
+            raise ValueError(f"adapter {folder} does not fit the model: {e}") from None
+        for n in saved_modules:
+            mod = model.get_submodule(n)
+            mod = getattr(mod, "original_module", mod)  # already wrapped for another adapter
+            for pn, prm in mod.named_parameters():
+                expected[f"{PREFIX}{n}.{pn}"] = tuple(prm.shape)
+    for k, shape in optional.items():
+        if k in tensors and tuple(tensors[k].shape) != shape:
+            raise ValueError(f"tensor {k} in {wfile} has shape {tuple(tensors[k].shape)}, but the model expects "
+                             f"shape {shape}")
+    bias_keys = [k for k in tensors if k not in expected and k not in optional and "lora_" not in k
+                 and k.endswith("bias") and config.bias != "none"]
     for key, shape in expected.items():
         if key not in tensors:
             module = key[len(PREFIX):].rsplit(".lora_", 1)[0]
@@ -206,7 +259,7 @@ def load_adapter(model: Module, path: str | os.PathLike, name: str = "default", 
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"tensor {key} in {wfile} has shape {tuple(tensors[key].shape)}, but the model expects "
                              f"shape {shape}")
-    unexpected = [k for k in tensors if k not in expected and k not in bias_keys]
+    unexpected = [k for k in tensors if k not in expected and k not in bias_keys and k not in optional]
     if unexpected:
         raise ValueError(f"{wfile} holds tensors this LoRA config does not produce: {unexpected[:5]}"
                          f"{' …' if len(unexpected) > 5 else ''}")
@@ -227,6 +280,12 @@ def load_adapter(model: Module, path: str | os.PathLike, name: str = "default", 
     for t in targets:
         layer: LoraLinear = model.get_submodule(t)
         p = PREFIX + t
+        if f"{p}.base_layer.weight" in tensors:  # PEFT loads the saved table into the base, as here
+            layer.base_layer.weight.data[...] = tensors[f"{p}.base_layer.weight"]
+        if _is_lora_embedding(layer):
+            layer.lora_A[name].weight.data[...] = tensors[f"{p}.lora_embedding_A"]
+            layer.lora_B[name].weight.data[...] = tensors[f"{p}.lora_embedding_B"]
+            continue
         layer.lora_A[name].weight.data[...] = tensors[f"{p}.lora_A.weight"]
         layer.lora_B[name].weight.data[...] = tensors[f"{p}.lora_B.weight"]
         if config.lora_bias:
@@ -237,6 +296,11 @@ def load_adapter(model: Module, path: str | os.PathLike, name: str = "default", 
     for k in bias_keys:
         pname = k[len(PREFIX):]
         params.get(pname, params.get(pname.replace(".base_layer.", "."))).data[...] = tensors[k]
+    for n in saved_modules:
+        copy_params = dict(model.get_submodule(n).modules_to_save[name].named_parameters())
+        for pn, prm in copy_params.items():
+            prm.data[...] = tensors[f"{PREFIX}{n}.{pn}"]
+            prm.requires_grad = is_trainable
     if not is_trainable:
         if config.bias != "none":
             for pname, prm in model.named_parameters():

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_ref.adapters.lora import LoraConfig, LoraLinear, inject_lora, lora_layers, register_lora_layer
-from lora_ref.modeling.linear4bit import (  # noqa: F401  (public here too: lora_ref.qlora.Linear4bit, ...)
+from lora_ref.adapters.lora import (LoraConfig, LoraLinear, dora_merged_weight, inject_lora, lora_layers,
+                                   register_lora_layer)
+from lora_ref.modeling.linear4bit import (  # noqa: F401  (public here too: lora_ref.adapters.qlora.Linear4bit, ...)
     AUTO_DEQUANTIZE_ROWS,
     Linear4bit,
     linear_4bit,
@@ -102,7 +103,12 @@ class LoraLinear4bit(LoraLinear):
     that for any base layer with ``dequantize`` / ``set_weight``. The class is registered for :class:`Linear4bit`
     with :func:`lora_ref.adapters.lora.register_lora_layer`, so :func:`lora_ref.adapters.lora.inject_lora` and
     :func:`lora_ref.adapters.peft_files.load_adapter` wrap 4-bit layers in it; the generic LoRA code never imports
-    this module. DoRA is not supported on a 4-bit base here.
+    this module.
+
+    DoRA on a 4-bit base works as in PEFT's ``lora.bnb.Linear4bit`` with ``DoraLinearVariant``: the forward pass and
+    the magnitude's initial value use the dequantized weight (n = ‖dequant(W) + s·B·A‖ per output row, detached);
+    a merge computes (m/n)·(dequant(W) + s·B·A) in float32 and re-quantizes it, an unmerge dequantizes, divides by
+    m/n, subtracts s·B·A and re-quantizes again (both through :meth:`LoraLinear.merge_weight`).
     """
 
 
@@ -112,9 +118,7 @@ register_lora_layer(Linear4bit, LoraLinear4bit)
 def inject_qlora(model: Module, config: LoraConfig, name: str = "default", *,
                  rng: np.random.Generator | None = None) -> Module:
     """:func:`lora_ref.adapters.lora.inject_lora` on a model with :class:`Linear4bit` layers (wrapped in
-    :class:`LoraLinear4bit`, whose merges dequantize and re-quantize). Returns ``model``."""
-    if config.use_dora:
-        raise ValueError("DoRA on a 4-bit base is not supported; use use_dora=False")
+    :class:`LoraLinear4bit`, whose merges dequantize and re-quantize; DoRA included). Returns ``model``."""
     return inject_lora(model, config, name, rng=rng)
 
 
@@ -136,15 +140,24 @@ def to_qlora_layers(model: Module) -> Module:
 
 
 def _merged_target(layer: LoraLinear, adapter_names) -> tuple[np.ndarray, np.ndarray | None]:
-    """T = dequant(W) + Σ ΔW (float32 (out, in)) and the merged bias b + Σ s·b_B (or None)."""
+    """T = dequant(W) + Σ ΔW (float32 (out, in)) and the merged bias b + Σ s·b_B (or None).
+
+    A DoRA adapter contributes as PEFT merges it: T ← (m/n)[:, None]·(T + ΔW), n the row norms of
+    dequant(W) + ΔW (the unmerged base weight)."""
     if layer.merged:
         raise ValueError("the layer already has merged adapters; unmerge first")
     names = list(layer.active_adapters) if adapter_names is None else list(adapter_names)
-    W = layer.base_weight()  # (out, in) float32
+    W0 = layer.base_weight()  # (out, in) float32
+    W = W0.copy()
     bias = None if layer.bias is None else np.array(layer.bias.data, dtype=np.float32)
     for n in names:
         if n not in layer.lora_A:
             raise ValueError(f"no adapter {n!r} in this layer (adapters: {list(layer.lora_A)})")
+        if layer.use_dora[n]:
+            delta = layer.get_delta_weight(n)
+            norm = layer.dora_weight_norm(n, W0)
+            W = dora_merged_weight(W, delta, layer.lora_magnitude_vector[n].weight.data, norm)
+            continue
         W = W + layer.get_delta_weight(n)
         if layer.lora_bias[n]:
             if bias is None:

@@ -78,6 +78,20 @@ def add_arguments(p) -> None:
                                                         "a minute)")
     p.add_argument("--out", default=None, help="folder for the adapter / model (missing or empty)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--modules-to-save", default=None, metavar="NAMES",
+                   help="lora/qlora: comma-separated modules trained in full and saved with the adapter "
+                        "(PEFT's modules_to_save), e.g. embed_tokens,lm_head")
+
+
+def _modules_to_save(args):
+    from lora_ref.errors import UsageError
+
+    if not getattr(args, "modules_to_save", None):
+        return None
+    names = [n.strip() for n in args.modules_to_save.split(",")]
+    if args.method == "full" or not all(names):
+        raise UsageError("--modules-to-save takes comma-separated module names and applies to lora and qlora")
+    return names
 
 
 def run(args) -> int:
@@ -130,13 +144,14 @@ def run(args) -> int:
             args.method, args.data, model=args.model, eval_data=args.eval_data, r=args.r, alpha=args.alpha,
             targets=args.targets, use_rslora=args.rslora, dropout=args.dropout, steps=args.steps, lr=args.lr,
             batch=DATA_BATCH if args.batch is None else args.batch, seq=args.seq, seed=args.seed,
-            quick=args.quick)
+            quick=args.quick, modules_to_save=_modules_to_save(args))
     else:
         folder = None
         model, hist, summary = finetune(args.method, r=args.r, alpha=args.alpha, targets=args.targets,
                                         use_rslora=args.rslora, dropout=args.dropout, steps=args.steps, lr=args.lr,
                                         batch=16 if args.batch is None else args.batch,
-                                        seq=128 if args.seq is None else args.seq, seed=args.seed, quick=args.quick)
+                                        seq=128 if args.seq is None else args.seq, seed=args.seed, quick=args.quick,
+                                        modules_to_save=_modules_to_save(args))
     if args.out is not None:
         save_finetuned(model, args.method, args.out, source_folder=folder,
                        state={**hist.to_dict(), "summary": summary})

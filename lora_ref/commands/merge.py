@@ -63,6 +63,11 @@ def add_arguments(p) -> None:
                    help="arithmetic of --quantized requantize: bitsandbytes' CUDA kernels (default) or its CPU path")
     p.add_argument("--out", required=True, help="output checkpoint folder (must be missing or empty)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="4-bit base only: write the merge report (JSON) of each way to merge into it to FILE; "
+                        "--out then gets PEFT's re-quantized merge")
+    p.add_argument("--report-original", default=None, metavar="DIR",
+                   help="with --report: the 16-bit checkpoint the 4-bit base was quantized from")
 
 
 def _parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -332,6 +337,10 @@ def run(args) -> int:
     from lora_ref.merging import combine as M
     from lora_ref.errors import UsageError
 
+    if getattr(args, "report", None) or getattr(args, "report_original", None):
+        from lora_ref.adapters.merge_report import run_report
+
+        return run_report(args)
     adapters = list(args.adapter)
     weights = _parse_weights(args.weights, len(adapters))
     ct = args.combination

@@ -574,6 +574,162 @@ def qlora_cases() -> list[Case]:
     return cases
 
 
+@builder
+def qlora_depth_cases() -> list[Case]:
+    """LoftQ, PiSSA → LoRA conversion, DoRA on a 4-bit base (and DoRA's other normalization axis), the 4-bit merge
+    targets, LoRA on an embedding table."""
+    from lora_ref.adapters.embedding import LoraEmbedding
+    from lora_ref.adapters.loftq import loftq
+    from lora_ref.adapters.merge_report import layer_report, target_layer
+    from lora_ref.adapters.pissa import converted_state_dict
+    from lora_ref.adapters.qlora import Linear4bit, LoraLinear4bit, merge_4bit
+    from lora_ref.autograd.tensor import no_grad
+    from lora_ref.modeling.nn import Embedding
+
+    cases: list[Case] = []
+
+    def qstate(base):
+        st = base.quant_state
+        return {"W_packed": np.asarray(base.weight.data, np.uint8).reshape(-1),
+                "W_absmax_codes": np.asarray(st.absmax, np.uint8), "W_offset": np.array([st.offset], np.float32),
+                "W_absmax2": _f32(st.state2.absmax)}
+
+    # ---- LoftQ
+    name = "loftq_iterations"
+    rng, seed = rng_for(name)
+    W = (0.02 * rng.standard_t(4, size=(64, 128))).astype(np.float32)
+    one = loftq(W, 4, 4, 1)
+    three = loftq(W, 4, 4, 3)
+    cases.append(Case(name, "loftq_init", "lora.safetensors", {"atol": 1e-6, "rtol": 1e-3},
+                      "LoftQ (Li et al. 2023, Algorithm 1; PEFT's loftq_init(W, num_bits=4, reduced_rank=4, num_iter=N)):"
+                      " alternate NF4 (blocksize 64, no double quantization, CUDA rounding) of W − B·A and a rank-4 "
+                      "SVD of W − Q. Outputs: dequant(Q_1) (bitsandbytes' NF4 of W, exact values), B·A after one "
+                      "iteration, and ‖W − (Q_t + B_t·A_t)‖_F for t = 1, 2, 3 of a 3-iteration run. B·A (not A, B: "
+                      "an SVD fixes them only up to signs) and the errors depend on the SVD's float32 rounding.",
+                      {"seed": seed, "num_bits": 4, "reduced_rank": 4, "num_iter": 3, "blocksize": 64},
+                      {"W": W},
+                      {"dequantized_iter1": _f32(one.dequantized), "BA_iter1": _f32(one.lora_B @ one.lora_A),
+                       "errors": np.array(three.errors, np.float32)}))
+
+    # ---- PiSSA → LoRA
+    name = "pissa_to_lora_conversion"
+    rng, seed = rng_for(name)
+    out_f, in_f, r, alpha = 16, 24, 4, 8.0
+    s = alpha / r
+    W = (0.1 * rng.standard_normal((out_f, in_f))).astype(np.float32)
+    U, S, Vh = np.linalg.svd(W, full_matrices=False)
+    A0 = (np.sqrt(S[:r] / s)[:, None] * Vh[:r]).astype(np.float32)
+    B0 = (U[:, :r] * np.sqrt(S[:r] / s)[None, :]).astype(np.float32)
+    W_res = (W - np.float32(s) * (B0 @ A0)).astype(np.float32)
+    A = (A0 + 0.05 * rng.standard_normal(A0.shape)).astype(np.float32)
+    B = (B0 + 0.05 * rng.standard_normal(B0.shape)).astype(np.float32)
+    conv = converted_state_dict({"m.lora_A.weight": A, "m.lora_B.weight": B},
+                                {"m.lora_A.weight": A0, "m.lora_B.weight": B0})
+    x = rng.standard_normal((3, in_f)).astype(np.float32)
+    y = (x.astype(np.float64) @ (W_res.astype(np.float64) + s * B.astype(np.float64) @ A).T).astype(np.float32)
+    cases.append(Case(name, "pissa_to_lora", "lora.safetensors", F32_TOL,
+                      "PiSSA → LoRA (PEFT's save_pretrained(path_initial_model_for_weight_conversion=…)): from the "
+                      "initial adapter (A0, B0; W_res = W − s·B0·A0) and the trained one (A, B), the rank-2r adapter "
+                      "for the unmodified W: A' = [A; A0], B' = [B, −B0], r' = 2r, α' = 2α (same s). A' and B' are "
+                      "concatenations (exact values); y = x·(W + s·B'·A')ᵀ equals the PiSSA model x·(W_res + s·B·A)ᵀ.",
+                      {"seed": seed, "r": r, "lora_alpha": alpha, "scaling": s, "converted_r": 2 * r,
+                       "converted_lora_alpha": 2 * alpha},
+                      {"W": W, "W_res": W_res, "lora_A_init": A0, "lora_B_init": B0, "lora_A": A, "lora_B": B,
+                       "x": x},
+                      {"lora_A_converted": conv["m.lora_A.weight"], "lora_B_converted": conv["m.lora_B.weight"],
+                       "y": y}))
+
+    # ---- DoRA on a 4-bit base, and the other normalization axis
+    name = "dora_4bit_forward_merge"
+    rng, seed = rng_for(name)
+    W = (0.05 * rng.standard_normal((32, 64))).astype(np.float32)
+    base = Linear4bit(W, blocksize=64, quant_type="nf4", double_quant=True, rounding="cuda", impl="numpy")
+    layer = LoraLinear4bit(base, "default", r=4, lora_alpha=8, init_lora_weights=False, use_dora=True, rng=rng)
+    m = layer.lora_magnitude_vector["default"].weight
+    m.data[...] = m.data * rng.uniform(0.7, 1.3, m.shape).astype(np.float32)
+    A, B, mag = (_f32(layer.lora_A["default"].weight.data), _f32(layer.lora_B["default"].weight.data),
+                 _f32(m.data))
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    with no_grad():
+        y = _f32(layer(x).data)
+    target = _f32(merge_4bit(layer, "float").weight.data)
+    Wq = base.dequantize()
+    cases.append(Case(name, "dora_4bit", "lora.safetensors", F32_TOL,
+                      "DoRA (Liu et al. 2024) on an NF4 base with double quantization (blocksize 64, CUDA rounding), "
+                      "as PEFT's bnb Linear4bit + DoraLinearVariant: V = dequant(W) + s·B·A, n = ‖V‖ per output row "
+                      "(over in_features, PEFT's axis), y = x·((m/n)[:, None]·V)ᵀ; merged_weight = (m/n)[:, None]·V "
+                      "(the float32 target that PEFT then re-quantizes).",
+                      {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0, "norm_axis": "per output row"},
+                      {**qstate(base), "W": W, "W_dequantized": _f32(Wq), "lora_A": A, "lora_B": B, "magnitude": mag,
+                       "x": x},
+                      {"y": y, "merged_weight": target}))
+    V = Wq.astype(np.float64) + 2.0 * B.astype(np.float64) @ A
+    rng_alt, seed_alt = rng_for("dora_alternative_axis")
+    m_col = (np.linalg.norm(V, axis=0) * rng_alt.uniform(0.7, 1.3, V.shape[1])).astype(np.float32)
+    W_alt = V * (m_col / np.linalg.norm(V, axis=0))[None, :]
+    cases.append(Case("dora_alternative_axis", "dora_column_norm", "lora.safetensors", F32_TOL,
+                      "The other DoRA normalization axis, an alternative some implementations use (reading the paper's "
+                      "column norm ‖·‖_c on the (out, in) layout): n = ‖V‖ per *input column* (over out_features), "
+                      "m has in_features entries, W' = V·(m/n)[None, :]. Not what PEFT does (dora_4bit_forward_merge "
+                      "normalizes each output row); same V = dequant(W) + s·B·A as that case.",
+                      {"seed": seed_alt, "r": 4, "lora_alpha": 8, "scaling": 2.0, "norm_axis": "per input column"},
+                      {"W_dequantized": _f32(Wq), "lora_A": A, "lora_B": B, "magnitude": m_col, "x": x},
+                      {"y": _f32(x.astype(np.float64) @ W_alt.T), "merged_weight": _f32(W_alt)}))
+
+    # ---- the 4-bit merge targets
+    name = "qlora_merge_targets"
+    rng, seed = rng_for(name)
+    W16 = (0.05 * rng.standard_normal((32, 128))).astype(np.float32)
+    base = Linear4bit(W16, blocksize=64, quant_type="nf4", double_quant=True, rounding="cuda", impl="numpy")
+    layer = LoraLinear4bit(base, "default", r=4, lora_alpha=8, init_lora_weights=False, rng=rng)
+    layer.lora_B["default"].weight.data[...] *= np.float32(0.05)
+    A, B = _f32(layer.lora_A["default"].weight.data), _f32(layer.lora_B["default"].weight.data)
+    x = rng.standard_normal((6, 128)).astype(np.float32)
+    outs = {}
+    with no_grad():
+        for t in ("requantize", "refit", "float", "original", "unmerged"):
+            outs[f"y_{t}"] = _f32(target_layer(layer, t, W16)(x).data)
+    row = layer_report(layer, x, W16)
+    requant = merge_4bit(layer, "requantize")
+    cases.append(Case(name, "merge_4bit_targets", "lora.safetensors", F32_LOOSE,
+                      "A QLoRA adapter (s = 2) on an NF4 base (double quantization, blocksize 64, CUDA rounding) and "
+                      "the outputs of its five deployments: requantize (PEFT: Q(dequant(W) + ΔW)), refit (the same "
+                      "target, per-block MSE-fitted scales), float (dequant(W) + ΔW), original (W16 + ΔW, the weight "
+                      "that was quantized), unmerged (dequant(W) and the adapter apart). errors = ‖y_t − y‖/‖y‖ with y "
+                      "the float64 x·(dequant(W) + ΔW)ᵀ, in the order above; requantized_packed: the codes of the "
+                      "re-quantized merge (exact).",
+                      {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0,
+                       "targets": ["requantize", "refit", "float", "original", "unmerged"]},
+                      {**qstate(base), "W16": W16, "lora_A": A, "lora_B": B, "x": x},
+                      {**outs, "errors": np.array([row["errors"][t] for t in ("requantize", "refit", "float",
+                                                                               "original", "unmerged")], np.float32)}))
+    cases.append(Case("qlora_merge_targets_codes", "merge_4bit", "lora.safetensors", "exact",
+                      "The packed NF4 codes and nested scale codes of qlora_merge_targets' re-quantized merge.",
+                      {"seed": seed, "strategy": "requantize"}, {**qstate(base), "lora_A": A, "lora_B": B},
+                      {"packed": np.asarray(requant.weight.data, np.uint8).reshape(-1),
+                       "absmax_codes": np.asarray(requant.quant_state.absmax, np.uint8)}))
+
+    # ---- LoRA on an embedding table
+    name = "lora_embedding"
+    rng, seed = rng_for(name)
+    E = Embedding(40, 16, rng=rng, std=1.0)
+    E0 = _f32(E.weight.data)
+    layer = LoraEmbedding(E, "default", r=4, lora_alpha=8, init_lora_weights=False, rng=rng)
+    A, B = _f32(layer.lora_A["default"].weight.data), _f32(layer.lora_B["default"].weight.data)
+    ids = rng.integers(0, 40, size=(2, 7)).astype(np.int64)
+    with no_grad():
+        y = _f32(layer(ids).data)
+    layer.merge()
+    cases.append(Case(name, "lora_embedding", "lora.safetensors", F32_TOL,
+                      "LoRA on an embedding table, as PEFT's lora.Embedding: E (V=40, d=16), lora_embedding_A (r, V), "
+                      "lora_embedding_B (d, r), s = α/r = 2: y = E[ids] + s·(Aᵀ[ids])·Bᵀ; merged table "
+                      "E + s·(B·A)ᵀ.",
+                      {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0},
+                      {"E": E0, "lora_embedding_A": A, "lora_embedding_B": B, "ids": ids},
+                      {"y": y, "merged_E": _f32(E.weight.data)}))
+    return cases
+
+
 def _combo_sources(name: str, n: int = 2, out_f: int = 12, in_f: int = 10, ranks=(4, 4)):
     rng, seed = rng_for(name)
     As = [rng.uniform(-0.3, 0.3, (r, in_f)).astype(np.float32) for r in ranks[:n]]

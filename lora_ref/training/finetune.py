@@ -34,13 +34,14 @@ def model_folder(spec, *, quick: bool = False, progress: bool = True):
 
 def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"),
                   use_rslora: bool = False, dropout: float = 0.0, rng=None, quick: bool = False, base=None,
-                  impl: str = "auto"):
+                  impl: str = "auto", modules_to_save=None):
     """The tutorial base set up for ``method``: all weights trainable (full), LoRA adapters on a frozen float base
     (lora), or on a frozen NF4 base (qlora; ``impl`` as :class:`lora_ref.modeling.linear4bit.Linear4bit`). ``base`` overrides the
     cached tutorial model (a Llama to modify). ``targets`` is a list of names (or ``["all-linear"]``) or a
     ``--targets`` string (:mod:`lora_ref.adapters.targets`; ``NAME=RANK`` entries become ``rank_pattern``).
     A ``base`` that is already 4-bit (``Llama.from_pretrained`` of a bitsandbytes NF4/FP4 folder) is used directly
-    by ``qlora`` (its codes are the file's, not quantized again) and refused by ``full`` and ``lora``."""
+    by ``qlora`` (its codes are the file's, not quantized again) and refused by ``full`` and ``lora``. ``modules_to_save`` (lora, qlora): module names trained in full next
+    to the adapter (PEFT's ``modules_to_save``, e.g. ``["embed_tokens", "lm_head"]``)."""
     import numpy as np
 
     from lora_ref.training import tutorial
@@ -66,7 +67,7 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
         targets = list(targets)
         tm = targets[0] if len(targets) == 1 and targets[0].lower() == "all-linear" else targets
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, use_rslora=use_rslora, lora_dropout=dropout,
-                        rank_pattern=rank_pattern)
+                        rank_pattern=rank_pattern, modules_to_save=list(modules_to_save) if modules_to_save else None)
     if method == "lora":
         return inject_lora(model, config, rng=rng)
     # a 4-bit checkpoint (Llama.from_pretrained of a bitsandbytes folder) is used as it is, never re-quantized
@@ -76,7 +77,7 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
 def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"), use_rslora: bool = False,
              dropout: float = 0.0, steps: int = 100, lr: float | None = None, batch: int = 16, seq: int = 128,
              seed: int = 0, quick: bool = False, progress: bool = True, base=None, eval_batches: int = 8,
-             eval_every: int | None = None):
+             eval_every: int | None = None, modules_to_save=None):
     """Fine-tune the tutorial model on :func:`lora_ref.training.data.finetuning_corpus`; returns (model, history, summary).
 
     One seed drives everything: ``np.random.default_rng(seed).spawn(2)`` gives the adapter-init/dropout generator
@@ -95,7 +96,7 @@ def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj",
     lr = DEFAULT_LR[method] if lr is None else lr
     init_rng, data_rng = np.random.default_rng(seed).spawn(2)
     model = prepare_model(method, r=r, alpha=alpha, targets=targets, use_rslora=use_rslora, dropout=dropout,
-                          rng=init_rng, quick=quick, base=base)
+                          rng=init_rng, quick=quick, base=base, modules_to_save=modules_to_save)
     corpus = finetuning_corpus()
     t0 = time.perf_counter()
     hist = train(model, corpus, steps, lr, batch, seq, data_rng, weight_decay=0.1 if method == "full" else 0.0,
@@ -105,6 +106,7 @@ def finetune(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_proj",
         "r": None if method == "full" else r,
         "alpha": None if method == "full" else alpha,
         "targets": None if method == "full" else (targets if isinstance(targets, str) else list(targets)),
+        "modules_to_save": None if method == "full" or not modules_to_save else list(modules_to_save),
         "steps": steps, "lr": lr, "batch": batch, "seq": seq, "seed": seed,
         "trainable_parameters": model.num_parameters(trainable_only=True),
         "train_loss_first": hist.train_loss[0], "train_loss_last": hist.train_loss[-1],
@@ -199,7 +201,7 @@ def load_training_data(folder, data, eval_data=None, seq: int | None = None):
 def finetune_data(method: str, data, *, model=None, eval_data=None, r: int = 8, alpha: float = 16.0,
                   targets="q_proj,v_proj", use_rslora: bool = False, dropout: float = 0.0, steps: int = 100,
                   lr: float | None = None, batch: int = DATA_BATCH, seq: int | None = None, seed: int = 0,
-                  quick: bool = False, progress: bool = True):
+                  quick: bool = False, progress: bool = True, modules_to_save=None):
     """Fine-tune the model in folder ``model`` (None: the tutorial model) on data file ``data``.
 
     Returns ``(model, history, summary, folder)``: the trained model (full: every weight trained; lora / qlora: with
@@ -224,7 +226,7 @@ def finetune_data(method: str, data, *, model=None, eval_data=None, r: int = 8, 
     tok, train_set, eval_set, _ = load_training_data(folder, data, eval_data, seq)
     init_rng, data_rng = np.random.default_rng(seed).spawn(2)
     net = prepare_model(method, r=r, alpha=alpha, targets=targets, use_rslora=use_rslora, dropout=dropout,
-                        rng=init_rng, base=Llama.from_pretrained(folder))
+                        rng=init_rng, base=Llama.from_pretrained(folder), modules_to_save=modules_to_save)
     if method != "full" and model is not None:
         net.peft_config["default"].base_model_name_or_path = str(model)  # as PEFT records the base it was given
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -425,7 +425,7 @@ def test_bfloat16_model_and_adapter_init_rounding():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"r": 0}, "r must be"), ({"r": 2.5}, "r must be"), ({"lora_dropout": 1.0}, "lora_dropout"),
-    ({"init_lora_weights": "olora"}, "init_lora_weights"), ({"bias": "some"}, "bias"),
+    ({"init_lora_weights": "eva"}, "init_lora_weights"), ({"bias": "some"}, "bias"),
     ({"lora_alpha": float("nan")}, "lora_alpha"), ({"fan_in_fan_out": True}, "fan_in_fan_out"),
 ])
 def test_config_validation(kwargs, match):

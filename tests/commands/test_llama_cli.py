@@ -80,7 +80,7 @@ def test_disallowed_flag_values_exit_2(ckpt, capsys, extra, message):
 def test_bad_input_exits_1_with_one_line(ckpt, tmp_path, capsys):
     path, _ = ckpt
     cases = [
-        (["--model", tmp_path / "missing", "--prompt", "a"], "checkpoint folder not found"),
+        (["--model", tmp_path / "missing", "--prompt", "a"], "neither an existing folder nor a known model name"),
         (["--model", path, "--prompt", ""], "the prompt is empty"),
         (["--model", path, "--prompt", "y" * 49], "the prompt is 49 tokens long; the model reads at most 48"),
         (["--model", path, "--chat", "hi"], "has no chat template"),

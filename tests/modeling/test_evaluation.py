@@ -102,7 +102,7 @@ def test_eval_command_errors(byte_model, tmp_path, capsys):
         (["--model", path, "--data", tmp_path / "missing.txt"], 1, "data file not found"),
         (["--model", path, "--data", tmp_path / "latin1.txt", "--seq", 8], 1, "is not UTF-8 text"),
         (["--model", path, "--data", tmp_path / "one.txt", "--seq", 8], 1, "has 1 token(s); eval needs at least 2"),
-        (["--model", tmp_path / "nope", "--data", data], 1, "checkpoint folder not found"),
+        (["--model", tmp_path / "nope", "--data", data], 1, "neither an existing folder nor a known model name"),
     ]
     for argv, status, message in cases:
         code, out, err = run(capsys, *argv)
