@@ -762,10 +762,8 @@ def find_targets(model: Module, config: LoraConfig) -> list[str]:
     names = []
     for n, m in cands:
         if matches_target(config, n):
-            if _is_embedding(m):
-                import lora_ref.adapters.embedding  # noqa: F401  (registers LoraEmbedding for Embedding)
-            elif not _is_linear(m):
-                raise ValueError(f"target module {n} is a {type(m).__name__}; LoRA here supports linear layers only")
+            if not (_is_embedding(m) or _is_linear(m)):
+                raise ValueError(f"target module {n} is a {type(m).__name__}; LoRA here supports linear and embedding layers")
             names.append(n)
     if not names:
         raise ValueError(f"target modules {config.target_modules!r} not found in the base model "
