@@ -41,10 +41,10 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from lora_ref.kernels import switch as fast
 from lora_ref.autograd import functional as F
-from lora_ref.modeling.nn import Linear, Module, ModuleDict, Parameter
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import switch as fast
+from lora_ref.modeling.nn import Linear, Module, ModuleDict, Parameter
 
 __all__ = [
     "LoraConfig", "LoraLinear", "DoraMagnitude", "inject_lora", "merge_and_unload", "unload", "trainable_count",

@@ -389,11 +389,9 @@ def write_merge_report(base, adapter, report_file, *, out=None, original=None, s
     return it. ``original``: the 16-bit checkpoint folder the base was quantized from (adds that target). ``out``:
     also write PEFT's merge (re-quantized, ``merge_and_unload_4bit(model, "requantize")``) as a 4-bit checkpoint.
     A float base raises ``ValueError`` (:data:`NO_4BIT_QUESTION`)."""
-    from lora_ref.adapters.qlora import merge_and_unload_4bit
-    from lora_ref.files.outputs import check_out_dir
-
     from lora_ref.adapters.peft_files import load_adapter
-    from lora_ref.files.outputs import atomic_write
+    from lora_ref.adapters.qlora import merge_and_unload_4bit
+    from lora_ref.files.outputs import atomic_write, check_out_dir
     from lora_ref.modeling.llama import Llama
 
     if not is_4bit_checkpoint(base):

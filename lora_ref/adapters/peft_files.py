@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from lora_ref.files.outputs import atomic_write, output_dir, read_json, require_dir
 from lora_ref.adapters.lora import LoraConfig, LoraLinear, _inject, find_targets, lora_layers
+from lora_ref.files.outputs import atomic_write, output_dir, read_json, require_dir
 from lora_ref.modeling.nn import Module
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict", "CONFIG_NAME",

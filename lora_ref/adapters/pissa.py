@@ -157,8 +157,14 @@ def save_converted_adapter(model: Module, path: str | os.PathLike, initial: str 
 
     import safetensors.numpy
 
-    from lora_ref.adapters.peft_files import (CONFIG_NAME, WEIGHTS_NAME, _config_dict, _read_weights,
-                                              adapter_state_dict, read_adapter_config)
+    from lora_ref.adapters.peft_files import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        _config_dict,
+        _read_weights,
+        adapter_state_dict,
+        read_adapter_config,
+    )
     from lora_ref.files.outputs import atomic_write, check_out_dir, output_dir, require_dir
 
     check_out_dir(path)

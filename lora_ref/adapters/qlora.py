@@ -35,8 +35,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_ref.adapters.lora import (LoraConfig, LoraLinear, dora_merged_weight, inject_lora, lora_layers,
-                                   register_lora_layer)
+from lora_ref.adapters.lora import (
+    LoraConfig,
+    LoraLinear,
+    dora_merged_weight,
+    inject_lora,
+    lora_layers,
+    register_lora_layer,
+)
 from lora_ref.modeling.linear4bit import (  # noqa: F401  (public here too: lora_ref.adapters.qlora.Linear4bit, ...)
     AUTO_DEQUANTIZE_ROWS,
     Linear4bit,

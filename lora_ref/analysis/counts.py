@@ -38,7 +38,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
 
 

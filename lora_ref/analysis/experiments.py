@@ -49,11 +49,11 @@ from pathlib import Path
 import numpy as np
 
 import lora_ref
+from lora_ref.adapters.lora import LoraConfig, find_targets, inject_lora, lora_layers
 from lora_ref.files import cache
-from lora_ref.training.data import Corpus, finetuning_corpus, pretraining_corpus
 from lora_ref.files.outputs import write_json
 from lora_ref.modeling.llama import Llama
-from lora_ref.adapters.lora import LoraConfig, find_targets, inject_lora, lora_layers
+from lora_ref.training.data import Corpus, finetuning_corpus, pretraining_corpus
 from lora_ref.training.loop import History, evaluate, train
 
 __all__ = [

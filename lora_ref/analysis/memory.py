@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lora_ref.analysis import memory_profile
-from lora_ref.analysis.counts import ArchSpec, LoraPlan, lora_plan
+from lora_ref.analysis.counts import ArchSpec, LoraPlan
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
@@ -473,13 +473,6 @@ def inference_memory(spec: ArchSpec, method: str, setup: Setup | None = None, pl
     if spec.head is not None and spec.causal:
         terms.append(Term("logits", B * spec.vocab_size * 4, "last position's logits B·V in float32"))
     return MemoryEstimate(method, "inference", tuple(terms))
-
-
-def estimate_all(spec: ArchSpec, targets="q_proj,v_proj", r: int = 8, setup: Setup | None = None,
-                 quant: QuantConfig | None = None, methods: tuple[str, ...] = METHODS) -> dict[str, MemoryEstimate]:
-    """Training estimates for several methods with one LoRA plan (``targets`` at rank ``r``)."""
-    plan = lora_plan(spec, targets, r)
-    return {m: training_memory(spec, m, setup, plan if m != "full" else None, quant) for m in methods}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from lora_ref.analysis.counts import lora_plan, parse_targets, spec_from_config
 from lora_ref.analysis.memory import predict_lora_ref_step as predict
 from lora_ref.analysis.memory_profile import fast_paths_enabled, step_peak  # noqa: F401  (step_peak: read beside the measurement in chapter 4)
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,8 +34,8 @@ def tutorial_config() -> dict:
 
 
 def _build(method: str, config: dict, r: int, targets, rng: np.random.Generator):
-    from lora_ref.modeling.llama import Llama
     from lora_ref.adapters.lora import LoraConfig, inject_lora
+    from lora_ref.modeling.llama import Llama
     from lora_ref.training.optim import AdamW
 
     model = Llama(dict(config), rng=rng)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from lora_ref.analysis.counts import ArchSpec, LoraPlan
 
 FLOAT32_BYTES = 4  # bytes of one float32

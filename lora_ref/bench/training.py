@@ -68,11 +68,11 @@ def _setup():
 
 def _model(kind: str, cfg):
     """The tutorial model (seeded init) for ``kind`` in full / lora / qlora, and its AdamW."""
-    from lora_ref.modeling.llama import Llama
     from lora_ref.adapters.lora import LoraConfig, inject_lora
-    from lora_ref.training.optim import AdamW
     from lora_ref.adapters.qlora import inject_qlora, quantize_model
+    from lora_ref.modeling.llama import Llama
     from lora_ref.training.loop import decay_groups
+    from lora_ref.training.optim import AdamW
 
     model = Llama(cfg, rng=np.random.default_rng(0))
     if kind == "lora":
@@ -92,9 +92,9 @@ def train_step_row(quick: bool = False) -> dict:
     import torch
 
     from lora_ref.kernels import switch as fast
-    from lora_ref.training.optim import AdamW
     from lora_ref.reference.torch_model import TorchLlama, torch_train_step
     from lora_ref.training.loop import decay_groups, train_step
+    from lora_ref.training.optim import AdamW
 
     r, cfg, x, y = _setup()
     from lora_ref.modeling.llama import Llama

@@ -8,7 +8,6 @@ import sys
 from lora_ref.adapters.targets import HELP as TARGETS_HELP
 from lora_ref.adapters.targets import targets_arg
 
-
 EXAMPLES = """\
 examples:
   lora-ref count --model llama-3-8b --r 16 --targets all-linear
@@ -85,8 +84,7 @@ def run(args) -> int:
         raise UsageError(f"--r must be >= 1, got {args.r}")
 
     from lora_ref.analysis.counts import lora_plan, resolve_model
-    from lora_ref.analysis.memory import (QuantConfig, Setup, bits_per_quantized_param, inference_memory,
-                                 training_memory)
+    from lora_ref.analysis.memory import QuantConfig, Setup, bits_per_quantized_param, inference_memory, training_memory
 
     args.targets = args.targets or "q_proj,v_proj"
     args.batch = 1 if args.batch is None else args.batch

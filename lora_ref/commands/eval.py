@@ -53,8 +53,8 @@ def run(args) -> int:
 
     from lora_ref.commands.loading import load_model, model_folder
     from lora_ref.errors import UsageError
-    from lora_ref.modeling.llama import CONFIG_FILE, LlamaConfig
     from lora_ref.modeling.evaluation import evaluate_tokens
+    from lora_ref.modeling.llama import CONFIG_FILE, LlamaConfig
 
     if args.seq < 2:
         raise UsageError(f"--seq must be >= 2 (a window predicts its tokens after the first), got {args.seq}")

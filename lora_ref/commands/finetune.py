@@ -10,8 +10,17 @@ call it). Both return the trained model, its :class:`~lora_ref.training.loop.His
 from __future__ import annotations
 
 from lora_ref.training.finetune import (  # noqa: F401  (the command's library, also imported from here)
-    DATA_BATCH, DATA_LR, DEFAULT_LR, DEFAULT_TARGETS, METHODS, finetune, finetune_data, model_folder, prepare_model,
-    save_finetuned)
+    DATA_BATCH,
+    DATA_LR,
+    DEFAULT_LR,
+    DEFAULT_TARGETS,
+    METHODS,
+    finetune,
+    finetune_data,
+    model_folder,
+    prepare_model,
+    save_finetuned,
+)
 
 EXAMPLES = """\
 examples:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-
 EXAMPLES = """\
 examples:
   lora-ref import-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2

@@ -140,18 +140,25 @@ def merge_checkpoint(base, adapters, out, *, weights=None, combination="svd", de
     import ml_dtypes
     import numpy as np
 
-    from lora_ref.merging import combine as M
-    from lora_ref.errors import UsageError
-    from lora_ref.files.outputs import check_out_dir, output_dir, require_dir, write_json
-    from lora_ref.modeling.llama import (CONFIG_FILE, Llama, LlamaConfig, copy_model_side_files, quantized_tensor_names,
-                                read_4bit_weight, read_quantization_config)
     from lora_ref.adapters.lora import lora_layers, set_adapter
-    from lora_ref.modeling.nn import Linear, placeholders
     from lora_ref.adapters.peft_files import load_adapter
     from lora_ref.adapters.qlora import Linear4bit, merge_4bit
+    from lora_ref.errors import UsageError
+    from lora_ref.files.outputs import check_out_dir, output_dir, require_dir, write_json
+    from lora_ref.files.safetensors import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, CheckpointReader, SafetensorsWriter
+    from lora_ref.merging import combine as M
+    from lora_ref.modeling.llama import (
+        CONFIG_FILE,
+        Llama,
+        LlamaConfig,
+        copy_model_side_files,
+        quantized_tensor_names,
+        read_4bit_weight,
+        read_quantization_config,
+    )
+    from lora_ref.modeling.nn import Linear, placeholders
     from lora_ref.quant.blockwise import dequantize_4bit
     from lora_ref.quant.serialize import state_to_tensors
-    from lora_ref.files.safetensors import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, CheckpointReader, SafetensorsWriter
 
     t0 = time.perf_counter()
     adapters = [str(a) for a in adapters]
@@ -334,8 +341,8 @@ def run(args) -> int:
     import json
     import sys
 
-    from lora_ref.merging import combine as M
     from lora_ref.errors import UsageError
+    from lora_ref.merging import combine as M
 
     if getattr(args, "report", None) or getattr(args, "report_original", None):
         from lora_ref.adapters.merge_report import run_report

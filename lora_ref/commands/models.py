@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 EXAMPLES = """\
 examples:
   lora-ref models

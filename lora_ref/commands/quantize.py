@@ -104,10 +104,10 @@ def quantize_checkpoint(base, out, *, quant_type="nf4", blocksize=64, double_qua
     import numpy as np
 
     from lora_ref.files.outputs import check_out_dir, output_dir, write_json
+    from lora_ref.files.safetensors import SafetensorsWriter
     from lora_ref.modeling.llama import copy_model_side_files
     from lora_ref.quant.blockwise import SUPPORTED_DTYPES, bits_per_parameter, dequantize_4bit, quantize_4bit
     from lora_ref.quant.serialize import dtype_name, state_to_tensors, transformers_quantization_config
-    from lora_ref.files.safetensors import SafetensorsWriter
 
     check_out_dir(out)
     config, reader = _open_base(base)

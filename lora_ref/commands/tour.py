@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-
 EXAMPLES = """\
 examples:
   lora-ref tour                       # full tour into runs/tour/ (pretrains once, then reuses the cache)

@@ -350,8 +350,9 @@ def gguf_config(reader) -> dict:
 # The tokenizer
 # ---------------------------------------------------------------------------------------------------------------
 
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-"""llama.cpp's token types (``enum llama_token_type``), stored per token in ``tokenizer.ggml.token_type``."""
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+"""Three of llama.cpp's token types (``enum llama_token_type``: 1 normal, 2 unknown, 3 control, 4 user-defined,
+5 unused, 6 byte), stored per token in ``tokenizer.ggml.token_type``; the others are read as normal tokens."""
 
 
 def _byte_alphabet() -> dict[int, str]:

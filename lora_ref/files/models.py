@@ -203,7 +203,7 @@ def fetch(name: str, *, progress: bool = True) -> Path:
 
             bar = tqdm(total=None, unit="tensor", desc="import", file=sys.stderr, leave=False)
 
-        def tick(done, total, tensor_name):
+        def tick(done, total, _name):
             if bar is not None:
                 bar.total = total
                 bar.update(1)

@@ -120,7 +120,7 @@ class SafetensorsFile:
     def __enter__(self) -> "SafetensorsFile":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *_exc) -> None:
         self.close()
 
     def close(self) -> None:
@@ -225,7 +225,7 @@ class CheckpointReader:
     def __enter__(self) -> "CheckpointReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *_exc) -> None:
         self.close()
 
     def close(self) -> None:
@@ -323,7 +323,7 @@ class SafetensorsWriter:
     def __enter__(self) -> "SafetensorsWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, _exc, _tb) -> None:
         if exc_type is None:
             self.close()
         else:

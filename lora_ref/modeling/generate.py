@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_ref.modeling.llama import KVCache, _check_sampling, _is_int, sample_next_token
 from lora_ref.autograd.tensor import no_grad
+from lora_ref.modeling.llama import KVCache, _check_sampling, _is_int, sample_next_token
 
 __all__ = ["TextStream", "generate", "generate_tokens", "stop_token_ids"]
 

@@ -16,12 +16,12 @@ from lora_ref.autograd import ops
 from lora_ref.autograd.tensor import Tensor
 from lora_ref.modeling.nn import Module, Parameter
 from lora_ref.quant import kernels
-from lora_ref.quant.kernels import AUTO_DEQUANTIZE_ROWS  # noqa: F401  (the "auto" rule's threshold, documented there)
 from lora_ref.quant.blockwise import (
     QuantState,
     dequantize_4bit,
     quantize_4bit,
 )
+from lora_ref.quant.kernels import AUTO_DEQUANTIZE_ROWS  # noqa: F401  (the "auto" rule's threshold, documented there)
 
 __all__ = ["Linear4bit", "linear_4bit", "storage_bytes", "AUTO_DEQUANTIZE_ROWS"]
 

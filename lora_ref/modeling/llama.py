@@ -46,10 +46,10 @@ import safetensors.numpy
 
 from lora_ref.autograd import functional as F
 from lora_ref.autograd import ops
-from lora_ref.files.outputs import atomic_write, output_dir, read_json, require_dir, write_json
-from lora_ref.modeling.nn import Embedding, Linear, Module, ModuleList, RMSNorm
-from lora_ref.files.safetensors import NP_TO_ST, read_safetensors_raw
 from lora_ref.autograd.tensor import Tensor, no_grad
+from lora_ref.files.outputs import atomic_write, output_dir, read_json, require_dir, write_json
+from lora_ref.files.safetensors import NP_TO_ST, read_safetensors_raw
+from lora_ref.modeling.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 
 __all__ = [
     "LlamaConfig", "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "KVCache", "LlamaAttention",
@@ -638,8 +638,8 @@ class Llama(Module):
         file, and naming the tensor for a missing, unexpected or wrongly shaped tensor, or an 8-bit or non-
         bitsandbytes quantization.
         """
-        from lora_ref.modeling.nn import placeholders
         from lora_ref.files.safetensors import CheckpointReader
+        from lora_ref.modeling.nn import placeholders
 
         folder = require_dir(path, "checkpoint folder")
         config = LlamaConfig.from_json_file(folder / CONFIG_FILE)

@@ -122,11 +122,6 @@ class Module:
         for _, p in self.named_parameters():
             yield p
 
-    def trainable_parameters(self) -> Iterator[tuple[str, Parameter]]:
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                yield name, p
-
     def num_parameters(self, trainable_only: bool = False) -> int:
         return int(sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only))
 

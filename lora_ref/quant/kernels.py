@@ -501,7 +501,7 @@ _acc_tile = stack_tile_f32(MR, NR)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _tiled_kernel(x, packed, absmax, code, blocksize, N_w, K_w, transpose, y):
+def _tiled_kernel(x, packed, absmax, code, blocksize, _N_w, K_w, transpose, y):
     """y = x · Wᵀ (transpose=False: x (M, K_w), y (M, N_w)) or y = x · W (transpose=True: x (M, N_w),
     y (M, K_w)) with the register-blocked matmul; each B micro-panel is decoded straight from ``packed``."""
     K_in = x.shape[1]

@@ -33,7 +33,6 @@ import ml_dtypes
 import numpy as np
 
 from lora_ref.files.safetensors import read_safetensors_raw, write_safetensors  # noqa: F401  (re-exported)
-
 from lora_ref.quant.blockwise import (
     ALLOWED_BLOCKSIZES,
     NESTED_BLOCKSIZE,

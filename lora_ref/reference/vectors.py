@@ -116,18 +116,9 @@ def _f32(a) -> np.ndarray:
     return np.array(a, dtype=np.float32, copy=True, order="C")
 
 
-_BUILDERS: list[Callable[[], list[Case]]] = []
-
-
-def builder(fn):
-    _BUILDERS.append(fn)
-    return fn
-
-
 # ================================================================================================================
 # quantization
 # ================================================================================================================
-@builder
 def codebook_cases() -> list[Case]:
     from lora_ref.quant import nf4
 
@@ -171,7 +162,6 @@ def _quant_case(name, *, shape, blocksize, quant_type, rounding, dtype="float32"
                 {"x": _f32(xq)}, outputs)
 
 
-@builder
 def quantize_cases() -> list[Case]:
     cases = []
     for qt in ("nf4", "fp4"):
@@ -213,7 +203,6 @@ def quantize_cases() -> list[Case]:
     return cases
 
 
-@builder
 def blockwise_8bit_cases() -> list[Case]:
     from lora_ref.quant import dequantize_blockwise, quantize_blockwise
 
@@ -228,7 +217,6 @@ def blockwise_8bit_cases() -> list[Case]:
                  {"codes": codes, "absmax": _f32(state.absmax), "dequantized": _f32(dequantize_blockwise(codes, state))})]
 
 
-@builder
 def bnb_divergence_cases() -> list[Case]:
     """Inputs on which bitsandbytes' CPU and CUDA paths disagree; lora_ref reproduces each (``rounding=``)."""
     from lora_ref.quant import nf4
@@ -312,7 +300,6 @@ def _grad_case(name, op, fn, inputs: dict, description, params=None) -> Case:
     return Case(name, op, "autograd.safetensors", F32_TOL, description, p, {**inputs, "out_weight": w}, outputs)
 
 
-@builder
 def autograd_cases() -> list[Case]:
     from lora_ref.autograd import functional as F
 
@@ -371,10 +358,9 @@ def tiny_llama_config(rope: str = "llama3") -> dict:
     return cfg
 
 
-@builder
 def model_cases() -> list[Case]:
-    from lora_ref.modeling.llama import Llama, LlamaConfig, rope_cos_sin, rope_inv_freq
     from lora_ref.autograd.tensor import no_grad
+    from lora_ref.modeling.llama import Llama, LlamaConfig, rope_cos_sin, rope_inv_freq
 
     cases = []
     name = "rope_llama3"
@@ -450,7 +436,6 @@ def _lora_params(layer, seed, **extra) -> dict:
             "use_dora": layer.use_dora["default"], "shapes": "W (out, in), lora_A (r, in), lora_B (out, r), x (..., in)", **extra}
 
 
-@builder
 def lora_cases() -> list[Case]:
     from lora_ref.autograd.tensor import Tensor
 
@@ -532,7 +517,6 @@ def lora_cases() -> list[Case]:
     return cases
 
 
-@builder
 def qlora_cases() -> list[Case]:
     from lora_ref.adapters.qlora import Linear4bit, LoraLinear4bit, merge_4bit
     from lora_ref.autograd.tensor import Tensor
@@ -574,7 +558,6 @@ def qlora_cases() -> list[Case]:
     return cases
 
 
-@builder
 def qlora_depth_cases() -> list[Case]:
     """LoftQ, PiSSA → LoRA conversion, DoRA on a 4-bit base (and DoRA's other normalization axis), the 4-bit merge
     targets, LoRA on an embedding table."""
@@ -737,7 +720,6 @@ def _combo_sources(name: str, n: int = 2, out_f: int = 12, in_f: int = 10, ranks
     return rng, seed, As, Bs
 
 
-@builder
 def combination_cases() -> list[Case]:
     from lora_ref.merging.combine import combine_lora
 
@@ -813,6 +795,21 @@ def combination_cases() -> list[Case]:
 # ================================================================================================================
 # writing
 # ================================================================================================================
+# every family of cases, in the order they are written
+_BUILDERS: tuple[Callable[[], list[Case]], ...] = (
+    codebook_cases,
+    quantize_cases,
+    blockwise_8bit_cases,
+    bnb_divergence_cases,
+    autograd_cases,
+    model_cases,
+    lora_cases,
+    qlora_cases,
+    qlora_depth_cases,
+    combination_cases,
+)
+
+
 def build_cases() -> list[Case]:
     """Every case, computed with BLAS pinned to one thread (serial paths: the bytes do not depend on threads) and
     with the readable NumPy twins of the fused kernels (:func:`lora_ref.kernels.switch.readable`), so the bytes do not depend
@@ -855,8 +852,8 @@ Cases named `divergence_*` record where bitsandbytes or PEFT compute something e
 
 def write_vectors(out) -> list[Case]:
     """Write every case, manifest.json, check.py and README.md into the new folder ``out`` (atomically)."""
-    from lora_ref.reference import check as check_module
     from lora_ref.files.outputs import output_dir
+    from lora_ref.reference import check as check_module
 
     cases = build_cases()
     files: dict[str, dict[str, np.ndarray]] = {}

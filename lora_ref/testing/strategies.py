@@ -42,8 +42,15 @@ import ml_dtypes
 import numpy as np
 from hypothesis import strategies as st
 
-from lora_ref.adapters.lora import (LoraConfig, LoraLinear, delta_weight, dora_merged_weight, dora_weight_norm, merged_weight,
-                           round_to_dtype)
+from lora_ref.adapters.lora import (
+    LoraConfig,
+    LoraLinear,
+    delta_weight,
+    dora_merged_weight,
+    dora_weight_norm,
+    merged_weight,
+    round_to_dtype,
+)
 from lora_ref.modeling.nn import Linear
 
 __all__ = [

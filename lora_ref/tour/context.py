@@ -70,8 +70,8 @@ def lora_settings(quick: bool) -> tuple[int, float]:
 
 
 def tutorial_base(ctx):
-    from lora_ref.training import tutorial
     from lora_ref.modeling.llama import Llama
+    from lora_ref.training import tutorial
 
     if "base" not in ctx.state:
         ctx.state["base"] = Llama.from_pretrained(tutorial.pretrained_base_dir(ctx.quick, progress=ctx.progress)

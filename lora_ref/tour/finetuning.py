@@ -12,8 +12,8 @@ def section_comparison(ctx) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from lora_ref.training import tutorial
     from lora_ref.modeling.llama import Llama
+    from lora_ref.training import tutorial
 
     base_dir = ctx.state.get("base_dir") or tutorial.pretrained_base_dir(ctx.quick, progress=ctx.progress) / "model"
     steps = 15 if ctx.quick else 60

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def section_memory(ctx) -> None:
     """One training step per method on the tutorial model: tracemalloc's peak against the memory model."""
     import matplotlib.pyplot as plt

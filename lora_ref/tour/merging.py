@@ -20,9 +20,9 @@ def section_merging(ctx) -> None:
     """Merge equivalence in float32, and the error of the three ways to merge into a 4-bit base."""
     import matplotlib.pyplot as plt
 
-    from lora_ref.analysis import experiments as X
     from lora_ref.adapters.lora import disable_adapters, merge_and_unload
     from lora_ref.adapters.qlora import merge_and_unload_4bit
+    from lora_ref.analysis import experiments as X
 
     base = tutorial_base(ctx)
     steps, lr = lora_settings(ctx.quick)

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-
-
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "data" / "bnb"
 
 

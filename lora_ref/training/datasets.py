@@ -111,16 +111,8 @@ class TokenDataset:
         return len(self.examples)
 
     @property
-    def n_tokens(self) -> int:
-        return sum(len(e) for e in self.examples)
-
-    @property
     def n_targets(self) -> int:
         return sum(e.n_targets for e in self.examples)
-
-    @property
-    def max_len(self) -> int:
-        return max(len(e) for e in self.examples)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ def prepare_model(method: str, *, r: int = 8, alpha: float = 16.0, targets=("q_p
     to the adapter (PEFT's ``modules_to_save``, e.g. ``["embed_tokens", "lm_head"]``)."""
     import numpy as np
 
-    from lora_ref.training import tutorial
     from lora_ref.adapters.lora import LoraConfig, inject_lora
     from lora_ref.adapters.qlora import Linear4bit, inject_qlora, quantize_model
+    from lora_ref.training import tutorial
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -135,9 +135,9 @@ def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weigh
 
     from tqdm.auto import tqdm
 
-    from lora_ref.training.optim import AdamW, cosine_schedule
-    from lora_ref.training.loop import History, decay_groups, train_step
     from lora_ref.training.datasets import batch_indices, collate, mean_nll
+    from lora_ref.training.loop import History, decay_groups, train_step
+    from lora_ref.training.optim import AdamW, cosine_schedule
 
     if steps < 1 or batch < 1 or not lr > 0:
         raise ValueError(f"steps and batch must be >= 1 and lr > 0, got steps={steps}, batch={batch}, lr={lr}")

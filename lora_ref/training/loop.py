@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from lora_ref.autograd import functional as F
-from lora_ref.training.data import eval_batches, sample_batch
-from lora_ref.files.outputs import check_out_dir, write_json
-from lora_ref.training.optim import AdamW, clip_grad_norm, cosine_schedule
 from lora_ref.autograd.tensor import Tensor, no_grad
+from lora_ref.files.outputs import check_out_dir, write_json
+from lora_ref.training.data import eval_batches, sample_batch
+from lora_ref.training.optim import AdamW, clip_grad_norm, cosine_schedule
 
 
 def lm_loss(model, x: np.ndarray, y: np.ndarray) -> Tensor:

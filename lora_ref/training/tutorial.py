@@ -27,9 +27,9 @@ import numpy as np
 
 import lora_ref
 from lora_ref.files import cache
-from lora_ref.training.data import Corpus, pretraining_corpus
 from lora_ref.files.outputs import write_json
 from lora_ref.modeling.llama import Llama, LlamaConfig
+from lora_ref.training.data import Corpus, pretraining_corpus
 from lora_ref.training.loop import History, evaluate, train
 
 # The tutorial Llama: byte vocabulary, 4 layers of width 128, 4 query heads sharing 2 key/value heads (GQA),

@@ -12,12 +12,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_ref.adapters.lora import (
+    LoraConfig,
+    LoraLinear,
+    as_bfloat16,
+    delete_adapter,
+    disable_adapters,
+    find_targets,
+    inject_lora,
+    lora_layers,
+    merge_and_unload,
+    round_to_dtype,
+    set_adapter,
+    trainable_count,
+    unload,
+)
 from lora_ref.autograd.numerical import gradcheck
-from lora_ref.adapters.lora import (LoraConfig, LoraLinear, as_bfloat16, delete_adapter, disable_adapters, find_targets,
-                           inject_lora, lora_layers, merge_and_unload, round_to_dtype, set_adapter, trainable_count,
-                           unload)
-from lora_ref.modeling.nn import Linear, Module, ModuleList
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.modeling.nn import Linear, Module, ModuleList
 from lora_ref.testing import adapters, lora_configs
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_ref.adapters.lora import LoraConfig, inject_lora, lora_layers
-from lora_ref.modeling.nn import Linear, Module, ModuleList
 from lora_ref.adapters.peft_files import PEFT_CONFIG_DEFAULTS, load_adapter, read_adapter_config, save_adapter
+from lora_ref.modeling.nn import Linear, Module, ModuleList
 from lora_ref.testing import lora_configs
 
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from lora_ref.adapters import qlora as Q
 from lora_ref.adapters.lora import LoraConfig, set_adapter
+from lora_ref.autograd.tensor import Tensor
 from lora_ref.modeling.nn import Embedding, Linear, Module
 from lora_ref.quant import DYNAMIC_MAP, NF4_CODE, dequantize_4bit, quantize_4bit
-from lora_ref.autograd.tensor import Tensor
 
 NF4_HALF_GAP = float(np.max(np.diff(np.sort(NF4_CODE.astype(np.float64))))) / 2  # 0.1385: nearest-code error / absmax
 DYNAMIC_MAX_GAP = float(np.max(np.diff(np.sort(DYNAMIC_MAP.astype(np.float64)))))  # 0.0141, the 8-bit map's widest step

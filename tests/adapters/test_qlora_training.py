@@ -9,14 +9,14 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from lora_ref.training import tutorial
-from lora_ref.training.finetune import finetune, prepare_model
-from lora_ref.training.data import finetuning_corpus, sample_batch
+from lora_ref.adapters.qlora import Linear4bit
 from lora_ref.modeling.llama import Llama
 from lora_ref.modeling.nn import Linear
-from lora_ref.training.optim import AdamW
-from lora_ref.adapters.qlora import Linear4bit
+from lora_ref.training import tutorial
+from lora_ref.training.data import finetuning_corpus, sample_batch
+from lora_ref.training.finetune import finetune, prepare_model
 from lora_ref.training.loop import train_step
+from lora_ref.training.optim import AdamW
 
 TARGETS = ("all-linear",)
 

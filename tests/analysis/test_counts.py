@@ -11,10 +11,24 @@ import sys
 
 import pytest
 
-from lora_ref.analysis.counts import (LORA_PAPER_COUNTS, PRESETS, lora_plan, lora_trainable, resolve_model,
-                             spec_from_config, spec_from_preset)
-from lora_ref.analysis.memory import (QuantConfig, Setup, bits_per_quantized_param, inference_memory, nf4_tensor_bytes,
-                             torch_block_ledger, training_memory)
+from lora_ref.analysis.counts import (
+    LORA_PAPER_COUNTS,
+    PRESETS,
+    lora_plan,
+    lora_trainable,
+    resolve_model,
+    spec_from_config,
+    spec_from_preset,
+)
+from lora_ref.analysis.memory import (
+    QuantConfig,
+    Setup,
+    bits_per_quantized_param,
+    inference_memory,
+    nf4_tensor_bytes,
+    torch_block_ledger,
+    training_memory,
+)
 
 GPT3 = spec_from_preset("gpt3-175b")
 

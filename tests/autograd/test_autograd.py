@@ -8,8 +8,8 @@ from hypothesis.extra import numpy as hnp
 
 from lora_ref import Tensor, no_grad
 from lora_ref.autograd import functional as F
-from lora_ref.autograd.numerical import gradcheck
 from lora_ref.autograd import ops
+from lora_ref.autograd.numerical import gradcheck
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4)
 seeds = st.integers(0, 2**31 - 1)

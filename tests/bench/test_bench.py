@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lora_ref.modeling.llama import Llama, LlamaConfig
 from lora_ref.training import tutorial
 from lora_ref.training.data import pretraining_corpus, sample_batch
-from lora_ref.modeling.llama import Llama, LlamaConfig
 from lora_ref.training.loop import lm_loss
 
 pytestmark = pytest.mark.interop

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from lora_ref import cli
-from lora_ref.modeling.llama import Llama
 from lora_ref.adapters.lora import LoraConfig, inject_lora
 from lora_ref.adapters.peft_files import save_adapter
+from lora_ref.modeling.llama import Llama
 
 TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from lora_ref.training import tutorial
-from lora_ref.cli import main
-from lora_ref.modeling.llama import Llama
 from lora_ref.adapters.lora import lora_layers
 from lora_ref.adapters.peft_files import load_adapter, read_adapter_config
+from lora_ref.cli import main
+from lora_ref.modeling.llama import Llama
+from lora_ref.training import tutorial
 
 
 def run_cli(capsys, *argv):

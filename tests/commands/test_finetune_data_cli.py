@@ -8,11 +8,11 @@ import re
 import numpy as np
 import pytest
 
+from lora_ref.adapters.lora import lora_layers
+from lora_ref.adapters.peft_files import load_adapter, read_adapter_config
 from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama
-from lora_ref.adapters.lora import lora_layers
 from lora_ref.modeling.tokenizer import load_tokenizer
-from lora_ref.adapters.peft_files import load_adapter, read_adapter_config
 from lora_ref.testing.tiny_models import write_tiny_chat_model
 
 CHATS = [

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lora_ref.cli import main
-from lora_ref.training.data import encode
 from lora_ref.modeling.llama import Llama, LlamaConfig
+from lora_ref.training.data import encode
 
 
 @pytest.fixture(scope="module")

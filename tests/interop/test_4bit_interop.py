@@ -26,9 +26,9 @@ import json
 import numpy as np
 import pytest
 
+from lora_ref.adapters.qlora import Linear4bit
 from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama
-from lora_ref.adapters.qlora import Linear4bit
 from lora_ref.quant import serialize as S
 
 pytestmark = pytest.mark.interop

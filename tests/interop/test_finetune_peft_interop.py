@@ -10,11 +10,11 @@ import torch
 import transformers
 from peft import PeftModel
 
+from lora_ref.adapters.peft_files import load_adapter
+from lora_ref.autograd.tensor import no_grad
 from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama
 from lora_ref.modeling.tokenizer import load_tokenizer
-from lora_ref.adapters.peft_files import load_adapter
-from lora_ref.autograd.tensor import no_grad
 from lora_ref.testing.tiny_models import write_tiny_chat_model
 from lora_ref.training.datasets import chat_example
 

@@ -77,8 +77,8 @@ def test_greedy_chat_equals_transformers(smollm2_dir, hf_model, capsys, monkeypa
 
 
 def test_greedy_prompts_equal_transformers(smollm2_dir, hf_model):
-    from lora_ref.modeling.llama import Llama
     from lora_ref.modeling.generate import generate, stop_token_ids
+    from lora_ref.modeling.llama import Llama
 
     tok = load_tokenizer(smollm2_dir)
     model = Llama.from_pretrained(smollm2_dir)
@@ -129,9 +129,9 @@ def test_eval_with_adapter_equals_peft(tmp_path, capsys):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from lora_ref.modeling.llama import Llama, LlamaConfig
     from lora_ref.adapters.lora import LoraConfig, inject_lora
     from lora_ref.adapters.peft_files import save_adapter
+    from lora_ref.modeling.llama import Llama, LlamaConfig
 
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -145,8 +145,8 @@ def test_tokenizer_config_and_chat_template(smollm2_dir, hf_gguf_tokenizer):
 
 
 def test_lora_ref_llama_logits_match_transformers(smollm2_dir, hf_gguf_model, hf_gguf_tokenizer):
-    from lora_ref.modeling.llama import Llama
     from lora_ref.autograd.tensor import no_grad
+    from lora_ref.modeling.llama import Llama
 
     prompt = hf_gguf_tokenizer.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True)
     ids = np.array([hf_gguf_tokenizer(prompt, add_special_tokens=False)["input_ids"]])

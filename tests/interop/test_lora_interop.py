@@ -10,20 +10,26 @@
 import json
 
 import numpy as np
+import peft  # noqa: E402
 import pytest
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import peft  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from lora_ref.autograd import functional as F  # noqa: E402
-from lora_ref.adapters.lora import (LoraConfig, as_bfloat16, inject_lora, lora_layers, matches_target,  # noqa: E402
-                           merge_and_unload, set_adapter)
-from lora_ref.modeling.llama import Llama  # noqa: E402
+from lora_ref.adapters.lora import (  # noqa: E402
+    LoraConfig,
+    as_bfloat16,
+    inject_lora,
+    lora_layers,
+    matches_target,
+    merge_and_unload,
+    set_adapter,
+)
 from lora_ref.adapters.peft_files import PEFT_CONFIG_DEFAULTS, load_adapter, save_adapter  # noqa: E402
+from lora_ref.autograd import functional as F  # noqa: E402
 from lora_ref.autograd.tensor import no_grad  # noqa: E402
+from lora_ref.modeling.llama import Llama  # noqa: E402
 
 pytestmark = pytest.mark.interop
 torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from lora_ref.merging import combine as M
 from lora_ref.adapters.lora import LoraConfig, inject_lora, lora_layers, merge_and_unload, set_adapter
+from lora_ref.merging import combine as M
 from lora_ref.modeling.nn import Linear, Module
 
 pytestmark = pytest.mark.interop

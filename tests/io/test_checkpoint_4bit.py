@@ -15,9 +15,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from lora_ref.adapters.qlora import Linear4bit
 from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama, LlamaConfig
-from lora_ref.adapters.qlora import Linear4bit
 from lora_ref.quant import serialize as S
 from lora_ref.quant.blockwise import quantize_4bit
 
@@ -143,8 +143,8 @@ def test_generate_on_a_4bit_folder(q4, tmp_path, capsys):
 
 
 def test_qlora_finetune_uses_the_4bit_base_as_it_is(q4, tmp_path):
-    from lora_ref.commands.finetune import finetune, prepare_model
     from lora_ref.adapters.peft_files import save_adapter
+    from lora_ref.commands.finetune import finetune, prepare_model
 
     tensors, _ = S.read_safetensors_raw(q4 / "model.safetensors")
     model, hist, summary = finetune("qlora", base=Llama.from_pretrained(q4), r=4, alpha=8, targets=["all-linear"],

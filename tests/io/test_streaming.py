@@ -18,10 +18,17 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from lora_ref.files.safetensors import (
+    COPY_CHUNK,
+    CheckpointReader,
+    SafetensorsFile,
+    SafetensorsWriter,
+    read_safetensors_header,
+    read_safetensors_raw,
+    write_safetensors,
+)
 from lora_ref.modeling.llama import Llama, LlamaConfig, checkpoint_tensor_names
 from lora_ref.quant import serialize as S
-from lora_ref.files.safetensors import (COPY_CHUNK, CheckpointReader, SafetensorsFile, SafetensorsWriter,
-                                     read_safetensors_header, read_safetensors_raw, write_safetensors)
 
 MiB = 1 << 20
 SLACK = 8 * MiB  # Python objects, headers, the adapters' small arrays, NumPy's small temporaries
@@ -51,8 +58,8 @@ def _shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def synthetic(tmp_path_factory):
     """A sharded float32 checkpoint (three shards, an index), its side files, and an all-linear LoRA adapter."""
     from lora_ref.adapters.lora import LoraConfig, inject_lora
-    from lora_ref.modeling.nn import placeholders
     from lora_ref.adapters.peft_files import save_adapter
+    from lora_ref.modeling.nn import placeholders
 
     root = tmp_path_factory.mktemp("stream")
     base = root / "base"
@@ -189,9 +196,9 @@ def test_loading_bfloat16_converts_one_tensor_at_a_time(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- merge
 def test_merge_streams_and_writes_the_whole_model_bytes(synthetic, tmp_path):
-    from lora_ref.commands.merge import merge_checkpoint
     from lora_ref.adapters.lora import merge_and_unload
     from lora_ref.adapters.peft_files import load_adapter
+    from lora_ref.commands.merge import merge_checkpoint
 
     out = tmp_path / "merged"
     doc, peak = traced_peak(lambda: merge_checkpoint(synthetic["base"], [synthetic["adapter"]], out))
@@ -222,9 +229,9 @@ def test_merge_streams_and_writes_the_whole_model_bytes(synthetic, tmp_path):
 
 def test_merge_of_a_single_file_base_is_one_file(synthetic, tmp_path):
     """A base in one model.safetensors gives one model.safetensors (bfloat16 output, rounded once)."""
-    from lora_ref.commands.merge import merge_checkpoint
     from lora_ref.adapters.lora import merge_and_unload
     from lora_ref.adapters.peft_files import load_adapter
+    from lora_ref.commands.merge import merge_checkpoint
 
     small = tmp_path / "small"
     small.mkdir()

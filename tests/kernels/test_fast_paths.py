@@ -21,11 +21,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_ref.kernels import switch as fast
-from lora_ref.kernels import training as train_kernels
 from lora_ref.autograd import functional as F
 from lora_ref.autograd import ops
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import switch as fast
+from lora_ref.kernels import training as train_kernels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -293,8 +293,8 @@ def test_model_loss_and_gradients_fast_equal_readable(lora, monkeypatch):
 
 
 def test_training_steps_fast_equal_readable():
-    from lora_ref.training.optim import AdamW
     from lora_ref.training.loop import decay_groups, train_step
+    from lora_ref.training.optim import AdamW
 
     losses = {}
     for fast_on in (False, True):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from lora_ref.cli import main
-from lora_ref.modeling.llama import Llama, LlamaConfig
 from lora_ref.modeling.evaluation import evaluate_tokens, window_nll, windows
+from lora_ref.modeling.llama import Llama, LlamaConfig
 
 
 @pytest.fixture(scope="module")

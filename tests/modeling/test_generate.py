@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from lora_ref.cli import main
-from lora_ref.modeling.llama import Llama, LlamaConfig
 from lora_ref.modeling.generate import TextStream, generate, generate_tokens, stop_token_ids
+from lora_ref.modeling.llama import Llama, LlamaConfig
 from lora_ref.modeling.tokenizer import ByteTokenizer, load_tokenizer
 
 TEMPLATE = ("{% for m in messages %}{{ '<s>' + m['role'] + '\n' + m['content'] + '</s>\n' }}{% endfor %}"
@@ -240,8 +240,8 @@ def test_adapter_for_another_model_is_refused_before_the_base_is_read(chat_folde
 
 
 def test_kv_cache_buffer_equals_a_full_forward():
-    from lora_ref.modeling.llama import KVCache
     from lora_ref.autograd.tensor import no_grad
+    from lora_ref.modeling.llama import KVCache
 
     model = _random_llama(256, max_pos=64)
     ids = np.random.default_rng(5).integers(0, 256, (2, 40))

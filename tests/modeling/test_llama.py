@@ -13,10 +13,19 @@ from hypothesis import strategies as st
 
 from lora_ref.autograd import functional as F
 from lora_ref.autograd.numerical import gradcheck
-from lora_ref.modeling.llama import (KVCache, Llama, LlamaConfig, apply_rope, read_safetensors, rope_cos_sin, rope_inv_freq,
-                            rotate_half, sample_next_token)
-from lora_ref.modeling.nn import Linear, Module
 from lora_ref.autograd.tensor import Tensor, no_grad
+from lora_ref.modeling.llama import (
+    KVCache,
+    Llama,
+    LlamaConfig,
+    apply_rope,
+    read_safetensors,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate_half,
+    sample_next_token,
+)
+from lora_ref.modeling.nn import Linear, Module
 
 TINY = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=32)

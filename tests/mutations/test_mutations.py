@@ -2,7 +2,6 @@
 examples; and without a bug, the same properties pass (so "caught" means the bug, not a broken harness)."""
 
 import pytest
-
 from planted_bugs import BUGS, run_bug, run_property, table  # this folder is on sys.path (pytest's rootdir import)
 
 

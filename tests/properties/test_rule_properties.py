@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lora_ref.autograd.tensor import Tensor
 from lora_ref.kernels import switch as fast
 from lora_ref.merging import combine as M
-from lora_ref.autograd.tensor import Tensor
 from lora_ref.testing import adapters, seeds
 
 F32_U = 2.0 ** -24

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_ref import cli
-from lora_ref.training import tutorial
 import lora_ref.tour as tour_sections
+from lora_ref import cli
 from lora_ref.commands import tour
 from lora_ref.modeling.llama import Llama
+from lora_ref.training import tutorial
 
 
 def run_tour(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -39,7 +39,7 @@ def test_quick_tour_twice(tmp_path):
     assert m, first.stdout
     base = Llama.from_pretrained(out / "base")
     assert tutorial.bits_per_byte(tutorial.validation_loss(base)) == pytest.approx(float(m.group(1)), abs=6e-4)
-    assert f"**Validation loss: " in report and m.group(1) in report
+    assert "**Validation loss: " in report and m.group(1) in report
     assert "sample: " in first.stdout and "report: " in first.stdout
     # the cache entry: the HF checkpoint, the history and the key description
     entry = tutorial.pretrained_base_dir(quick=True)

@@ -126,7 +126,8 @@ def test_chat_mask_by_hand_tiny_bpe(tiny_tok):
     eos = [tiny_tok.eos_token_id]
     nl = enc("\n").tolist()
     start = tiny_tok.token_to_id("<|im_start|>")
-    head = lambda role: [start] + enc(role + "\n").tolist()
+    def head(role):
+        return [start] + enc(role + "\n").tolist()
     context1 = (head("system") + enc("you are a helpful assistant.").tolist() + eos + nl
                 + head("user") + enc("What is the capital of France?").tolist() + eos + nl + head("assistant"))
     answer1 = enc("Paris.").tolist() + eos
