@@ -97,6 +97,9 @@ ORACLES = {
                               "its two steps are checked elsewhere (the dequantization in qlora_forward_backward "
                               "against bitsandbytes' CPU path, the CUDA quantizer with these settings in "
                               "nf4_double_quant_cuda against the CUDA fixtures)",
+    "loftq_iterations": "peft", "pissa_to_lora_conversion": "peft", "dora_4bit_forward_merge": "peft",
+    "dora_alternative_axis": "formula", "qlora_merge_targets": "formula", "qlora_merge_targets_codes": "peft",
+    "lora_embedding": "peft",
     "combine_cat": "peft", "combine_svd": "peft", "combine_linear": "peft", "combine_ties": "peft",
     "combine_dare_linear": "peft", "combine_dare_ties": "peft", "combine_magnitude_prune": "peft",
     "divergence_peft_rslora_combination": "formula", "task_arithmetic_full": "formula", "ties_full": "formula",
@@ -581,15 +584,16 @@ def qlora_depth_cases() -> list[Case]:
     name = "loftq_iterations"
     rng, seed = rng_for(name)
     W = (0.02 * rng.standard_t(4, size=(64, 128))).astype(np.float32)
-    one = loftq(W, 4, 4, 1)
-    three = loftq(W, 4, 4, 3)
+    one = loftq(W, 4, 4, 1, rounding="cpu")
+    three = loftq(W, 4, 4, 3, rounding="cpu")
     cases.append(Case(name, "loftq_init", "lora.safetensors", {"atol": 1e-6, "rtol": 1e-3},
                       "LoftQ (Li et al. 2023, Algorithm 1; PEFT's loftq_init(W, num_bits=4, reduced_rank=4, num_iter=N)):"
-                      " alternate NF4 (blocksize 64, no double quantization, CUDA rounding) of W − B·A and a rank-4 "
-                      "SVD of W − Q. Outputs: dequant(Q_1) (bitsandbytes' NF4 of W, exact values), B·A after one "
-                      "iteration, and ‖W − (Q_t + B_t·A_t)‖_F for t = 1, 2, 3 of a 3-iteration run. B·A (not A, B: "
+                      " alternate NF4 (blocksize 64, no double quantization) of W − B·A and a rank-4 SVD of W − Q, with "
+                      "bitsandbytes' CPU rounding (PEFT's loop run on a CPU; the CUDA rounding PEFT's GPU-only "
+                      "function uses is checked against its H100 outputs in tests/data/loftq). Outputs: dequant(Q_1) "
+                      "(bitsandbytes' CPU NF4 of W, exact values), B·A after one iteration, and ‖W − (Q_t + B_t·A_t)‖_F for t = 1, 2, 3 of a 3-iteration run. B·A (not A, B: "
                       "an SVD fixes them only up to signs) and the errors depend on the SVD's float32 rounding.",
-                      {"seed": seed, "num_bits": 4, "reduced_rank": 4, "num_iter": 3, "blocksize": 64},
+                      {"seed": seed, "num_bits": 4, "reduced_rank": 4, "num_iter": 3, "blocksize": 64, "rounding": "cpu"},
                       {"W": W},
                       {"dequantized_iter1": _f32(one.dequantized), "BA_iter1": _f32(one.lora_B @ one.lora_A),
                        "errors": np.array(three.errors, np.float32)}))
@@ -663,7 +667,7 @@ def qlora_depth_cases() -> list[Case]:
     name = "qlora_merge_targets"
     rng, seed = rng_for(name)
     W16 = (0.05 * rng.standard_normal((32, 128))).astype(np.float32)
-    base = Linear4bit(W16, blocksize=64, quant_type="nf4", double_quant=True, rounding="cuda", impl="numpy")
+    base = Linear4bit(W16, blocksize=64, quant_type="nf4", double_quant=True, rounding="cpu", impl="numpy")
     layer = LoraLinear4bit(base, "default", r=4, lora_alpha=8, init_lora_weights=False, rng=rng)
     layer.lora_B["default"].weight.data[...] *= np.float32(0.05)
     A, B = _f32(layer.lora_A["default"].weight.data), _f32(layer.lora_B["default"].weight.data)
@@ -675,20 +679,22 @@ def qlora_depth_cases() -> list[Case]:
     row = layer_report(layer, x, W16)
     requant = merge_4bit(layer, "requantize")
     cases.append(Case(name, "merge_4bit_targets", "lora.safetensors", F32_LOOSE,
-                      "A QLoRA adapter (s = 2) on an NF4 base (double quantization, blocksize 64, CUDA rounding) and "
+                      "A QLoRA adapter (s = 2) on an NF4 base (double quantization, blocksize 64, bitsandbytes' CPU "
+                      "rounding, so that PEFT + bitsandbytes can re-quantize it live on a CPU) and "
                       "the outputs of its five deployments: requantize (PEFT: Q(dequant(W) + ΔW)), refit (the same "
                       "target, per-block MSE-fitted scales), float (dequant(W) + ΔW), original (W16 + ΔW, the weight "
                       "that was quantized), unmerged (dequant(W) and the adapter apart). errors = ‖y_t − y‖/‖y‖ with y "
                       "the float64 x·(dequant(W) + ΔW)ᵀ, in the order above; requantized_packed: the codes of the "
                       "re-quantized merge (exact).",
-                      {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0,
+                      {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0, "rounding": "cpu",
                        "targets": ["requantize", "refit", "float", "original", "unmerged"]},
                       {**qstate(base), "W16": W16, "lora_A": A, "lora_B": B, "x": x},
                       {**outs, "errors": np.array([row["errors"][t] for t in ("requantize", "refit", "float",
                                                                                "original", "unmerged")], np.float32)}))
     cases.append(Case("qlora_merge_targets_codes", "merge_4bit", "lora.safetensors", "exact",
-                      "The packed NF4 codes and nested scale codes of qlora_merge_targets' re-quantized merge.",
-                      {"seed": seed, "strategy": "requantize"}, {**qstate(base), "lora_A": A, "lora_B": B},
+                      "The packed NF4 codes and nested scale codes of qlora_merge_targets' re-quantized merge "
+                      "(bitsandbytes' CPU rounding, as PEFT's merge of a bitsandbytes Linear4bit does on a CPU).",
+                      {"seed": seed, "strategy": "requantize", "rounding": "cpu"}, {**qstate(base), "lora_A": A, "lora_B": B},
                       {"packed": np.asarray(requant.weight.data, np.uint8).reshape(-1),
                        "absmax_codes": np.asarray(requant.quant_state.absmax, np.uint8)}))
 
