@@ -105,7 +105,14 @@ ORACLES = {
     "divergence_peft_rslora_combination": "formula", "task_arithmetic_full": "formula", "ties_full": "formula",
 }
 """Each case's oracle. The two ``divergence_peft_*`` cases name the formula (lora_ref's semantics) and record in
-their description how PEFT differs; the DARE combinations replay the stored keep masks inside PEFT."""
+their description how PEFT differs; the DARE combinations replay the stored keep masks inside PEFT. The PEFT cases
+on a 4-bit base (DoRA, the re-quantized merge of ``qlora_merge_targets_codes``) run PEFT over bitsandbytes'
+``Linear4bit`` on the CPU, built from the case's stored codes; ``loftq_iterations`` replays the loop of PEFT's
+``loftq_init`` (which refuses to run without a GPU) with bitsandbytes' CPU NF4 and PEFT's own SVD step, so that case
+uses bitsandbytes' CPU rounding (LoftQ with CUDA rounding is checked against PEFT's H100 outputs on the fixture's
+weights in the LoftQ tests). ``qlora_merge_targets`` names the formula: each deployment written out in the test,
+with bitsandbytes' CPU quantizer for the re-quantization and the refit procedure re-implemented from its
+definition."""
 
 
 def rng_for(name: str) -> tuple[np.random.Generator, int]:
@@ -694,7 +701,7 @@ def qlora_depth_cases() -> list[Case]:
     cases.append(Case("qlora_merge_targets_codes", "merge_4bit", "lora.safetensors", "exact",
                       "The packed NF4 codes and nested scale codes of qlora_merge_targets' re-quantized merge "
                       "(bitsandbytes' CPU rounding, as PEFT's merge of a bitsandbytes Linear4bit does on a CPU).",
-                      {"seed": seed, "strategy": "requantize", "rounding": "cpu"}, {**qstate(base), "lora_A": A, "lora_B": B},
+                      {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0, "strategy": "requantize", "rounding": "cpu"}, {**qstate(base), "lora_A": A, "lora_B": B},
                       {"packed": np.asarray(requant.weight.data, np.uint8).reshape(-1),
                        "absmax_codes": np.asarray(requant.quant_state.absmax, np.uint8)}))
 

@@ -156,178 +156,7 @@ def peft_results() -> dict[str, np.ndarray]:
         res[f"{name}/outputs/delta_W"] = layer.get_delta_weight("combo").detach().numpy()
         res[f"{name}/outputs/lora_A"] = layer.lora_A["combo"].weight.detach().numpy()
         res[f"{name}/outputs/lora_B"] = layer.lora_B["combo"].weight.detach().numpy()
-    res.update(_peft_loftq())
-    res.update(_peft_pissa_conversion())
-    res.update(_peft_dora_4bit())
-    res.update(_peft_merge_targets_codes())
-    res.update(_peft_embedding())
     return res
-
-
-def _bnb_state(inp: dict, shape, p: dict):
-    """bitsandbytes' QuantState for a case's stored NF4 codes with double quantization (the nested 8-bit state
-    rebuilt from the stored codes, offset and absmax2; blocksize 256 as bitsandbytes' compress_statistics)."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    state2 = bnbf.QuantState(absmax=torch.from_numpy(inp["W_absmax2"]), code=bnbf.create_dynamic_map(signed=True),
-                             blocksize=256, dtype=torch.float32)
-    return bnbf.QuantState(absmax=torch.from_numpy(inp["W_absmax_codes"]), shape=torch.Size(shape),
-                           code=bnbf.get_4bit_type("nf4", device="cpu"), blocksize=p.get("blocksize", 64),
-                           quant_type="nf4", dtype=torch.float32,
-                           offset=torch.from_numpy(inp["W_offset"]).reshape(()), state2=state2)
-
-
-def _peft_4bit_layer(inp: dict, p: dict, **lora_kw):
-    """PEFT's LoRA layer over a bitsandbytes Linear4bit holding the case's stored NF4 codes (not re-quantized)."""
-    import bitsandbytes as bnb
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    out_f, in_f = inp["lora_B"].shape[0], inp["lora_A"].shape[1]
-    model = _example("check_peft").OneLayer(out_f, in_f, bias=False)
-    q = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4", compute_dtype=torch.float32,
-                          compress_statistics=True)
-    q.weight = bnb.nn.Params4bit(torch.from_numpy(inp["W_packed"].copy()).reshape(-1, 1), requires_grad=False,
-                                 quant_state=_bnb_state(inp, (out_f, in_f), p), blocksize=64,
-                                 compress_statistics=True, quant_type="nf4", bnb_quantized=True)
-    model.proj = q.to("cpu")
-    model.is_loaded_in_4bit = True  # what transformers sets; PEFT then wraps the layer as a 4-bit LoRA layer
-    model.train()  # an eval-mode forward would repack the weight on AVX512-BF16 CPUs before a merge
-    pm = get_peft_model(model, LoraConfig(r=p["r"], lora_alpha=p["lora_alpha"], target_modules=["proj"],
-                                          init_lora_weights=False, **lora_kw))
-    pm.train()
-    layer = pm.base_model.model.proj
-    assert type(layer).__module__.endswith("lora.bnb"), type(layer)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(torch.from_numpy(inp["lora_A"]))
-        layer.lora_B["default"].weight.copy_(torch.from_numpy(inp["lora_B"]))
-        if "magnitude" in inp:
-            layer.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(inp["magnitude"]))
-    return pm, layer
-
-
-def _peft_dora_4bit() -> dict:
-    """DoRA over a bitsandbytes 4-bit base: PEFT's forward, and the float32 weight PEFT's merge re-quantizes
-    (``DoraLinearVariant.merge_safe`` on bitsandbytes' dequantization, as ``lora.bnb.Linear4bit.merge`` calls it)."""
-    import torch
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    name = "dora_4bit_forward_merge"
-    p, inp = CASES[name]["params"], inputs(name)
-    pm, layer = _peft_4bit_layer(inp, p, use_dora=True)
-    with torch.no_grad():
-        y = pm(torch.from_numpy(inp["x"])).numpy()
-        weight = layer.get_base_layer().weight
-        deq = dequantize_bnb_weight(weight, state=weight.quant_state)
-        merged = layer.lora_variant["default"].merge_safe(layer, "default", deq)
-    return {f"{name}/outputs/y": y, f"{name}/outputs/merged_weight": merged.numpy()}
-
-
-def _peft_merge_targets_codes() -> dict:
-    """PEFT's merge of the adapter into its bitsandbytes Linear4bit (dequantize, add, re-quantize), on the CPU."""
-    name = "qlora_merge_targets_codes"
-    p, inp = CASES["qlora_merge_targets"]["params"], inputs(name)
-    _, layer = _peft_4bit_layer(inp, p)
-    layer.merge()
-    w = layer.get_base_layer().weight
-    return {f"{name}/outputs/packed": w.data.numpy().reshape(-1),
-            f"{name}/outputs/absmax_codes": w.quant_state.absmax.numpy()}
-
-
-def _peft_pissa_conversion() -> dict:
-    """PEFT's PiSSA → LoRA conversion (``LoraModel.subtract_mutated_init``, what ``save_pretrained(...,
-    path_initial_model_for_weight_conversion=...)`` calls) and the PiSSA model's output (residual base + trained
-    adapter), from the case's W_res, initial and trained adapters."""
-    import torch
-    from peft.utils import get_peft_model_state_dict
-
-    name = "pissa_to_lora_conversion"
-    p, inp = CASES[name]["params"], inputs(name)
-    example = _example("check_peft")
-    model, layer = example.peft_layer({"W": inp["W_res"], "lora_A": inp["lora_A"], "lora_B": inp["lora_B"]}, p)
-    with torch.no_grad():
-        y = model(torch.from_numpy(inp["x"])).numpy()
-    from peft import LoraConfig
-
-    model.add_adapter("init", LoraConfig(r=p["r"], lora_alpha=p["lora_alpha"], target_modules=["proj"],
-                                         init_lora_weights=False))
-    with torch.no_grad():
-        layer.lora_A["init"].weight.copy_(torch.from_numpy(inp["lora_A_init"]))
-        layer.lora_B["init"].weight.copy_(torch.from_numpy(inp["lora_B_init"]))
-    trained = get_peft_model_state_dict(model, adapter_name="default")
-    conv = model.base_model.subtract_mutated_init(trained, "init", {})
-    (ka,) = [k for k in conv if "lora_A" in k]
-    (kb,) = [k for k in conv if "lora_B" in k]
-    return {f"{name}/outputs/lora_A_converted": conv[ka].numpy(), f"{name}/outputs/lora_B_converted": conv[kb].numpy(),
-            f"{name}/outputs/y": y}
-
-
-def _peft_embedding() -> dict:
-    """PEFT's ``lora.Embedding`` on a torch ``nn.Embedding``: forward, then merge."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    name = "lora_embedding"
-    p, inp = CASES[name]["params"], inputs(name)
-
-    class Emb(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(*inp["E"].shape)
-
-        def forward(self, ids):
-            return self.emb(ids)
-
-    model = Emb()
-    with torch.no_grad():
-        model.emb.weight.copy_(torch.from_numpy(inp["E"]))
-    pm = get_peft_model(model, LoraConfig(r=p["r"], lora_alpha=p["lora_alpha"], target_modules=["emb"],
-                                          init_lora_weights=False))
-    layer = pm.base_model.model.emb
-    with torch.no_grad():
-        layer.lora_embedding_A["default"].copy_(torch.from_numpy(inp["lora_embedding_A"]))
-        layer.lora_embedding_B["default"].copy_(torch.from_numpy(inp["lora_embedding_B"]))
-        y = pm(torch.from_numpy(inp["ids"])).numpy()
-    layer.merge()
-    return {f"{name}/outputs/y": y, f"{name}/outputs/merged_E": layer.base_layer.weight.detach().numpy().copy()}
-
-
-def _peft_loftq() -> dict:
-    """LoftQ: ``peft.utils.loftq_utils.loftq_init``'s loop with its device moves dropped (PEFT's own function insists
-    on a GPU): bitsandbytes' CPU NF4 (``Params4bit``, no double quantization) and PEFT's ``_low_rank_decomposition``.
-    The error after t iterations is that of a t-iteration run."""
-    import bitsandbytes as bnb
-    import torch
-    from peft.utils.loftq_utils import _low_rank_decomposition
-
-    name = "loftq_iterations"
-    p, inp = CASES[name]["params"], inputs(name)
-    weight = torch.from_numpy(inp["W"])
-
-    def run(iters):
-        res = weight.clone()
-        for i in range(iters):
-            q = bnb.nn.Params4bit(res, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
-            deq = bnb.functional.dequantize_4bit(q.data, q.quant_state)
-            res = weight - deq
-            out = _low_rank_decomposition(res, reduced_rank=p["reduced_rank"])
-            L, R = out["L"], out["R"]
-            if i + 1 == iters:
-                break
-            res = weight - torch.mm(L, R)
-        return deq, L @ R
-
-    out = {}
-    errors = []
-    for t in range(1, p["num_iter"] + 1):
-        deq, BA = run(t)
-        errors.append(float(torch.linalg.norm((weight.double() - deq.double() - BA.double()))))
-        if t == 1:
-            out[f"{name}/outputs/dequantized_iter1"] = deq.numpy()
-            out[f"{name}/outputs/BA_iter1"] = BA.numpy()
-    out[f"{name}/outputs/errors"] = np.array(errors, np.float32)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ bitsandbytes (CPU)
@@ -356,14 +185,7 @@ def bitsandbytes_cpu_results() -> dict[str, np.ndarray]:
     # QLoRA: the 4-bit weight dequantized by bitsandbytes from the stored codes, the LoRA branch in torch
     name = "qlora_forward_backward"
     p, inp = CASES[name]["params"], inputs(name)
-    out_f, in_f = inp["W"].shape
-    state2 = bnbf.QuantState(absmax=torch.from_numpy(inp["W_absmax2"]), code=bnbf.create_dynamic_map(signed=True),
-                             blocksize=256, dtype=torch.float32)
-    state = bnbf.QuantState(absmax=torch.from_numpy(inp["W_absmax_codes"]), shape=torch.Size((out_f, in_f)),
-                            code=bnbf.get_4bit_type("nf4", device="cpu"), blocksize=p["blocksize"],
-                            quant_type="nf4", dtype=torch.float32,
-                            offset=torch.from_numpy(inp["W_offset"]).reshape(()), state2=state2)
-    W = bnbf.dequantize_4bit(torch.from_numpy(inp["W_packed"]).reshape(-1, 1), state)
+    W = bnbf.dequantize_4bit(torch.from_numpy(inp["W_packed"]).reshape(-1, 1), _bnb_state(inp, inp["W"].shape, p))
     x = torch.from_numpy(inp["x"]).requires_grad_(True)
     A = torch.from_numpy(inp["lora_A"]).requires_grad_(True)
     B = torch.from_numpy(inp["lora_B"]).requires_grad_(True)
@@ -374,6 +196,20 @@ def bitsandbytes_cpu_results() -> dict[str, np.ndarray]:
     res[f"{name}/outputs/grad_lora_A"] = A.grad.numpy()
     res[f"{name}/outputs/grad_lora_B"] = B.grad.numpy()
     return res
+
+
+def _bnb_state(inp: dict, shape, p: dict):
+    """bitsandbytes' QuantState for a case's stored NF4 codes with double quantization (the nested 8-bit state
+    rebuilt from the stored codes, offset and absmax2; blocksize 256 as bitsandbytes' compress_statistics)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    state2 = bnbf.QuantState(absmax=torch.from_numpy(inp["W_absmax2"]), code=bnbf.create_dynamic_map(signed=True),
+                             blocksize=256, dtype=torch.float32)
+    return bnbf.QuantState(absmax=torch.from_numpy(inp["W_absmax_codes"]), shape=torch.Size(shape),
+                           code=bnbf.get_4bit_type("nf4", device="cpu"), blocksize=p.get("blocksize", 64),
+                           quant_type="nf4", dtype=torch.float32,
+                           offset=torch.from_numpy(inp["W_offset"]).reshape(()), state2=state2)
 
 
 # ------------------------------------------------------------------------------------------------ formulas
@@ -563,7 +399,7 @@ def test_every_case_names_a_known_oracle():
         o = c["oracle"]
         assert o in ORACLE_KINDS or (o.startswith("none: ") and len(o) > 40), (c["name"], o)
     named = [c for c in MANIFEST["cases"] if not c["oracle"].startswith("none")]
-    assert len(named) >= 44, len(named)
+    assert len(named) >= 52, len(named)
 
 
 def test_the_two_checkers_are_the_same_bytes():
