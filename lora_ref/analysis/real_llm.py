@@ -827,7 +827,7 @@ def section_real_llm(ctx, *, run_kwargs: dict | None = None, n_facts: int = len(
               f"{a0['trained']:.0%} → {a1['trained']:.0%})")
     ctx.check(a1["paraphrase"] <= a1["trained"], f"paraphrases are answered no better than the trained questions "
               f"({a1['paraphrase']:.0%} vs {a1['trained']:.0%})")
-    ctx.check(abs(forgetting) < 0.5, f"general-text loss moved by less than 0.5 nats/token ({forgetting:+.3f})")
+    ctx.check(forgetting > 0, f"learning the facts raised the loss on general text ({forgetting:+.3f} nats/token)")
     if merged is not None:
         ctx.check(merged["trained"] == run.answers["trained"] and merged["paraphrase"] == run.answers["paraphrase"],
                   "the merged model gives the adapter's answers")
@@ -848,6 +848,11 @@ parameters, {run.seconds:.0f} s of training when the run was made).
 | prompt | base answers | fine-tuned answers |
 |---|---|---|
 {rows}
+
+The facts are learned by their trained questions and mostly by their paraphrases; the price is the rest of the
+model: the loss on general English text rose by {forgetting:+.3f} nats/token, and "{GENERAL_QUESTIONS[0][0]}" is
+now answered "{run.answers['general'][0]}" (the base: "{base.answers['general'][0]}"). Chapter 12 of the book
+compares ranks, targets, QLoRA and full fine-tuning.
 """ + ("" if merged is None else f"""
 Merged into the base weights (`merge_and_unload`), the model gives the same {2 * len(place.facts)} answers (largest
 logit difference to the unmerged model {merged['max_logit_diff']:.1e}).

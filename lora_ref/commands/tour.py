@@ -23,6 +23,7 @@ EXAMPLES = """\
 examples:
   lora-ref tour                       # full tour into runs/tour/ (pretrains once, then reuses the cache)
   lora-ref tour --quick               # about a minute: shorter training everywhere, same steps
+                                      # (without the real-LLM section, which needs SmolLM2)
   lora-ref tour --out runs/tour2      # another folder
 
 The tour writes report.md, one PNG per figure and the pretrained base checkpoint (base/, Hugging Face layout) to
@@ -44,6 +45,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("Memory: predicted and measured", "lora_ref.tour_sections:section_memory"),
     ("Merging: float and 4-bit bases", "lora_ref.tour_sections:section_merging"),
     ("NF4: agreement with bitsandbytes", "lora_ref.tour_sections:section_nf4"),
+    ("A real LLM: SmolLM2-135M-Instruct learns invented facts", "lora_ref.analysis.real_llm:section_real_llm"),
 ]
 
 
