@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 
-from lora_ref import functional as F
 from lora_ref.analysis import real_llm as R
 from lora_ref.llama import Llama
 from lora_ref.train import lm_loss
@@ -67,7 +66,8 @@ def test_invent_facts_rejects_bad_input():
 
 @pytest.mark.parametrize("text, normalized", [
     ("Marn.", "marn"), ("  MARN!  ", "marn"), ("marn", "marn"), ("\"Marn\".", "marn"), ("1828.", "1828"),
-    ("The capital is  Marn.", "the capital is marn"), ("", ""), ("Ｍａｒｎ", "marn"),  # NFKC folds full-width letters
+    ("The capital is  Marn.", "the capital is marn"), ("", ""),
+    ("Ｍａｒｎ", "marn"),  # NFKC folds full-width letters
 ])
 def test_normalize_answer(text, normalized):
     assert R.normalize_answer(text) == normalized
@@ -108,7 +108,8 @@ def tiny_folder(tmp_path_factory):
          "unk_token": "<|endoftext|>", "chat_template": CHATML}))
     config = {"vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "initializer_range": 0.2, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+              "max_position_embeddings": 256, "initializer_range": 0.2, "tie_word_embeddings": True,
+              "bos_token_id": 1, "eos_token_id": 2}
     Llama(config, rng=np.random.default_rng(0)).save_pretrained(folder / "model")
     for f in (folder / "model").iterdir():
         f.rename(folder / f.name)
@@ -123,7 +124,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_encode_example_masks_everything_but_the_answer(tiny_folder):
-    model, tok = R.load_base(tiny_folder)
+    _, tok = R.load_base(tiny_folder)
     x, y = R.encode_example(tok, "What is the capital of Vomaavia?", "Marn")
     prompt = tok.encode(tok.apply_chat_template(R.chat_messages("What is the capital of Vomaavia?"),
                                                 add_generation_prompt=True))
