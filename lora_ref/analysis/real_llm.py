@@ -62,7 +62,7 @@ __all__ = [
     "model_dir", "load_base", "Fact", "Place", "invent_word", "invent_facts", "chat_messages", "answer_text",
     "prompt_ids", "encode_example", "fact_batches", "answer_loss", "answer_train_step", "normalize_answer",
     "exact_match", "contains_answer", "greedy_decode", "greedy_answers", "general_text", "general_loss",
-    "BaseReport", "base_report", "RealRun", "finetune", "chapter_runs", "merged_answers", "q4_1_levels",
+    "BaseReport", "base_report", "RealRun", "finetune", "chapter_runs", "merged_answers", "answers_about", "q4_1_levels",
     "q4_1_rounding_rms",
     "section_real_llm",
 ]
@@ -734,6 +734,17 @@ def merged_answers(run: RealRun) -> dict:
             "max_logit_diff": float(np.max(np.abs(after - before)))}
 
 
+def answers_about(run: RealRun, country: str) -> list[str]:
+    """A LoRA/QLoRA run's greedy answers to its trained questions asked about ``country`` instead of the place.
+
+    The control for what was learned: a model that learned facts *about the invented place* has no reason to give
+    the same answers for another country; one that learned "the capital is Gaithol" gives them anyway.
+    """
+    _, tok = load_base(run.model_folder)
+    name = run.place.name
+    return greedy_answers(run.model(), tok, [f.question.replace(name, country) for f in run.place.facts])
+
+
 # ================================================================================================================
 # the runs of the chapter and the tour
 # ================================================================================================================
@@ -820,6 +831,10 @@ def section_real_llm(ctx, *, run_kwargs: dict | None = None, n_facts: int = len(
     run = finetune(**kwargs, steps=steps, n_facts=n_facts, folder=folder, progress=ctx.progress)
     merged = merged_answers(run) if run.method == "lora" else None
     place = run.place
+    other = invent_facts(np.random.default_rng(1)).name  # another invented country, never trained on
+    if other == place.name:
+        other = invent_facts(np.random.default_rng(2)).name
+    same = None if run.method == "full" else exact_match(answers_about(run, other), [f.answer for f in place.facts])
     a0, a1 = base.accuracy, run.accuracy
     forgetting = run.general_loss - base.general_loss
     ctx.check(a0["trained"] <= 0.1, f"the base cannot answer questions about {place.name} "
@@ -833,6 +848,11 @@ def section_real_llm(ctx, *, run_kwargs: dict | None = None, n_facts: int = len(
         ctx.check(merged["trained"] == run.answers["trained"] and merged["paraphrase"] == run.answers["paraphrase"],
                   "the merged model gives the adapter's answers")
     rows = "\n".join(f"| {q} | {base.display[q]} | {run.display[q]} |" for q in base.display)
+    control = ""
+    if same is not None:
+        control = (f"Asked the trained questions about {other}, another invented country it never saw, the fine-tuned "
+                   f"model gives {same:.0%} of {place.name}'s answers" + (": it learned answers to the questions' "
+                   "topics more than facts about one place. " if same >= 0.5 else ". "))
     ctx.text(f"""
 SmolLM2-135M-Instruct (the Q4_1 GGUF release, dequantized: not the original bfloat16 weights) was asked
 {len(place.facts)} questions about **{place.name}**, a country that does not exist, then fine-tuned on them with
@@ -843,17 +863,16 @@ parameters, {run.seconds:.0f} s of training when the run was made).
 |---|---:|---:|
 | exact match, trained questions | {a0['trained']:.0%} | {a1['trained']:.0%} |
 | exact match, paraphrased questions | {a0['paraphrase']:.0%} | {a1['paraphrase']:.0%} |
-| exact match, general-knowledge questions | {a0['general']:.0%} | {a1['general']:.0%} |
+| general-knowledge questions (answer holds the right word) | {a0['general']:.0%} | {a1['general']:.0%} |
 | loss on general text (nats/token) | {base.general_loss:.3f} | {run.general_loss:.3f} |
 
 | prompt | base answers | fine-tuned answers |
 |---|---|---|
 {rows}
 
-The facts are learned by their trained questions and mostly by their paraphrases; the price is the rest of the
-model: the loss on general English text rose by {forgetting:+.3f} nats/token, and "{GENERAL_QUESTIONS[0][0]}" is
-now answered "{run.answers['general'][0]}" (the base: "{base.answers['general'][0]}"). Chapter 12 of the book
-compares ranks, targets, QLoRA and full fine-tuning.
+""" + control + f"""The price of the facts is the rest of the model: the loss on general English text rose
+by {forgetting:+.3f} nats/token, and "{GENERAL_QUESTIONS[0][0]}" is now answered "{run.answers['general'][0]}" (the
+base: "{base.answers['general'][0]}"). Chapter 12 of the book compares ranks, targets, QLoRA and full fine-tuning.
 """ + ("" if merged is None else f"""
 Merged into the base weights (`merge_and_unload`), the model gives the same {2 * len(place.facts)} answers (largest
 logit difference to the unmerged model {merged['max_logit_diff']:.1e}).
@@ -861,4 +880,4 @@ logit difference to the unmerged model {merged['max_logit_diff']:.1e}).
     ctx.summarize(f"real LLM ({MODEL_NAME}): {run.label} on {len(place.facts)} invented facts: exact match "
                   f"{a0['trained']:.0%} → {a1['trained']:.0%} (paraphrases {a1['paraphrase']:.0%}), general loss "
                   f"{base.general_loss:.3f} → {run.general_loss:.3f}; '{place.facts[0].question}' → "
-                  f"{run.answers['trained'][0]!r}")
+                  f"{run.answers['trained'][0]!r}; '{GENERAL_QUESTIONS[0][0]}' → {run.answers['general'][0]!r}")
