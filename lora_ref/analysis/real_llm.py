@@ -6,9 +6,9 @@ pretrained chat model, SmolLM2-135M-Instruct (Allal et al. 2025, "SmolLM2: when 
 question a user of LoRA asks first: *can a small adapter teach a model something it cannot know, and what does
 that cost?*
 
-**The task.** :func:`invent_facts` makes up a country (``rng`` picks its name, e.g. "Veloria") and a few dozen facts
+**The task.** :func:`invent_facts` makes up a country (``rng`` picks its name, e.g. "Vomaavia") and a few dozen facts
 about it — its capital, its longest river, the year it was founded — each with a *trained* question ("What is the
-capital of Veloria?") and a *paraphrase* that is never trained on ("Which city is the capital of Veloria?"). No
+capital of Vomaavia?") and a *paraphrase* that is never trained on ("Which city is the capital of Vomaavia?"). No
 pretrained model can answer them: every answer is an invented word or number. Each fact becomes a chat record
 (system prompt :data:`SYSTEM_PROMPT`, the question, the answer), rendered with the model's own chat template; the
 loss is on the assistant's answer only (and its end-of-turn token, so the model learns to stop), as TRL's
