@@ -48,7 +48,7 @@ import os
 import sys
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +62,8 @@ __all__ = [
     "model_dir", "load_base", "Fact", "Place", "invent_word", "invent_facts", "chat_messages", "answer_text",
     "prompt_ids", "encode_example", "fact_batches", "answer_loss", "answer_train_step", "normalize_answer",
     "exact_match", "contains_answer", "greedy_decode", "greedy_answers", "general_text", "general_loss",
-    "BaseReport", "base_report", "RealRun", "finetune", "chapter_runs", "merged_answers", "answers_about", "q4_1_levels",
-    "q4_1_rounding_rms",
+    "BaseReport", "base_report", "RealRun", "finetune", "chapter_runs", "merged_answers", "answers_about",
+    "q4_1_levels", "q4_1_rounding_rms",
     "section_real_llm",
 ]
 
@@ -560,7 +560,6 @@ class RealRun:
     seconds: float
     folder: Path
     model_folder: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
