@@ -25,10 +25,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 
 from lora_ref.adapters.lora import LoraConfig, LoraLinear, _inject, find_targets, lora_layers
 from lora_ref.files.outputs import atomic_write, output_dir, read_json, require_dir
+from lora_ref.files.safetensors import write_safetensors
 from lora_ref.modeling.nn import Module
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict", "CONFIG_NAME",
@@ -144,15 +144,24 @@ def save_adapter(model: Module, path: str | os.PathLike, name: str = "default") 
     configs = getattr(model, "peft_config", None) or {}
     if name not in configs:
         raise ValueError(f"the model has no adapter {name!r} (adapters: {sorted(configs)})")
-    tensors = adapter_state_dict(model, name)
-    cfg = _config_dict(configs[name])
+    return write_adapter_folder(path, adapter_state_dict(model, name), peft_config_dict(model, configs[name]))
+
+
+def peft_config_dict(model: Module, config: LoraConfig) -> dict:
+    """``adapter_config.json`` of ``config`` as PEFT writes it for ``model``."""
+    cfg = _config_dict(config)
     if type(model).__name__ == "Llama" and cfg["task_type"] is None:
         # what PEFT records for a transformers LlamaForCausalLM base (used by AutoPeftModel)
         cfg["auto_mapping"] = {"base_model_class": "LlamaForCausalLM",
                                "parent_library": "transformers.models.llama.modeling_llama"}
-    blob = safetensors.numpy.save(dict(sorted(tensors.items())), metadata={"format": "pt"})
+    return cfg
+
+
+def write_adapter_folder(path: str | os.PathLike, tensors: dict[str, np.ndarray], cfg: dict) -> Path:
+    """Write a PEFT adapter folder (``adapter_model.safetensors``, metadata ``{"format": "pt"}``, and
+    ``adapter_config.json``) into a temporary folder renamed to ``path`` at the end."""
     with output_dir(path) as tmp:
-        atomic_write(tmp / WEIGHTS_NAME, blob)
+        write_safetensors(tmp / WEIGHTS_NAME, tensors)
         atomic_write(tmp / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True))
     return Path(path)
 

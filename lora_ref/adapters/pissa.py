@@ -155,17 +155,15 @@ def save_converted_adapter(model: Module, path: str | os.PathLike, initial: str 
     """
     import json
 
-    import safetensors.numpy
-
     from lora_ref.adapters.peft_files import (
         CONFIG_NAME,
-        WEIGHTS_NAME,
-        _config_dict,
         _read_weights,
         adapter_state_dict,
+        peft_config_dict,
         read_adapter_config,
+        write_adapter_folder,
     )
-    from lora_ref.files.outputs import atomic_write, check_out_dir, output_dir, require_dir
+    from lora_ref.files.outputs import atomic_write, check_out_dir, require_dir
 
     check_out_dir(path)
     folder = require_dir(initial, "initial adapter folder")
@@ -178,17 +176,9 @@ def save_converted_adapter(model: Module, path: str | os.PathLike, initial: str 
     if (init_cfg.r, init_cfg.rank_pattern) != (config.r, config.rank_pattern):
         raise ValueError(f"the initial adapter in {folder} has rank {init_cfg.r}, the trained one {config.r}")
     tensors = converted_state_dict(adapter_state_dict(model, name), init_tensors)
-    new = converted_config(config)
-    cfg = _config_dict(new)
-    if type(model).__name__ == "Llama" and cfg["task_type"] is None:
-        cfg["auto_mapping"] = {"base_model_class": "LlamaForCausalLM",
-                               "parent_library": "transformers.models.llama.modeling_llama"}
+    cfg = peft_config_dict(model, converted_config(config))
     init_json = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     if init_json.get("init_lora_weights") is not True:
         init_json["init_lora_weights"] = True
         atomic_write(folder / CONFIG_NAME, json.dumps(init_json, indent=2, sort_keys=True))
-    blob = safetensors.numpy.save(dict(sorted(tensors.items())), metadata={"format": "pt"})
-    with output_dir(path) as tmp:
-        atomic_write(tmp / WEIGHTS_NAME, blob)
-        atomic_write(tmp / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True))
-    return Path(path)
+    return write_adapter_folder(path, tensors, cfg)

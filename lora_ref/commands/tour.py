@@ -13,6 +13,7 @@ EXAMPLES = """\
 examples:
   lora-ref tour                       # full tour into runs/tour/ (pretrains once, then reuses the cache)
   lora-ref tour --quick               # about a minute: shorter training everywhere, same steps
+                                      # (without the real-LLM section, which needs SmolLM2)
   lora-ref tour --out runs/tour2      # another folder
 
 The tour writes report.md, one PNG per figure and the pretrained base checkpoint (base/, Hugging Face layout) to

@@ -40,6 +40,17 @@ ST_TO_NP = {
     "U8": np.dtype("u1"), "I8": np.dtype("i1"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "BOOL": np.dtype("?"),
 }
 NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
+_DATA_ORDER = {d: i for i, d in enumerate(("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8",
+                                           "U8", "BOOL"))}
+"""The order tensors' data (and header entries) are written in: by dtype as the ``safetensors`` package orders them
+(its ``Dtype`` enum, largest first, which also keeps every tensor aligned to its element size), then by name. With it
+our files are byte for byte what ``safetensors.numpy.save`` writes for the same dict
+(``tests/files/test_safetensors_bytes.py``)."""
+
+
+def _write_order(entries) -> list:
+    """``(name, st_dtype, ...)`` tuples in the order the data is written (:data:`_DATA_ORDER`, then name)."""
+    return sorted(entries, key=lambda e: (_DATA_ORDER[e[1]], e[0]))
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 COPY_CHUNK = 8 << 20
@@ -264,21 +275,22 @@ class CheckpointReader:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    """Write ``tensors`` (names sorted, dtypes kept) as a safetensors file, via an atomic rename.
+    """Write ``tensors`` (dtypes kept; the data in :data:`_DATA_ORDER`) as a safetensors file, via an atomic rename.
 
     Metadata defaults to ``{"format": "pt"}``, which transformers expects. :class:`SafetensorsWriter` writes the
     same bytes from tensors given one at a time.
     """
     from lora_ref.files.outputs import atomic_write
 
-    entries, chunks = [], []
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+    entries = []
+    for name in tensors:
+        a = np.asarray(tensors[name], order="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
         if a.dtype not in NP_TO_ST:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors here")
-        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        entries.append((name, NP_TO_ST[a.dtype], list(a.shape), len(raw)))
-        chunks.append(raw)
+        entries.append((name, NP_TO_ST[a.dtype], list(a.shape), a.nbytes, a))
+    entries = _write_order(entries)
+    chunks = [a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for *_, a in entries]
+    entries = [e[:4] for e in entries]
     atomic_write(path, _header_bytes(entries, metadata) + b"".join(chunks))
 
 def _header_bytes(entries: list[tuple[str, str, list[int], int]], metadata: dict | None) -> bytes:
@@ -296,7 +308,7 @@ def _header_bytes(entries: list[tuple[str, str, list[int], int]], metadata: dict
 
 class SafetensorsWriter:
     """Write a safetensors file from tensors given one at a time, in any order: byte for byte what
-    :func:`write_safetensors` writes for the same dict (names sorted, dtypes kept, header padded to 8 bytes).
+    :func:`write_safetensors` writes for the same dict (dtypes kept, data in :data:`_DATA_ORDER`, header padded to 8 bytes).
 
     ``add(name, array)`` appends the array's bytes to a temporary data file beside ``path`` and keeps only its
     name, dtype, shape and offset; ``close()`` writes the header to a second temporary file, copies every tensor's
@@ -342,18 +354,18 @@ class SafetensorsWriter:
         a = np.asarray(array)
         if a.dtype not in NP_TO_ST:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors here")
-        le = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+        le = np.asarray(a.astype(a.dtype.newbyteorder("<"), copy=False), order="C")
         self._data.write(memoryview(le.reshape(-1).view(np.uint8)) if le.size else b"")
         self._entries[name] = (NP_TO_ST[a.dtype], list(a.shape), self._size, le.nbytes)
         self._size += le.nbytes
 
     def close(self) -> Path:
-        """Write the file (header, then the data in name order) and rename it into place; returns its path."""
+        """Write the file (header, then the data in :data:`_DATA_ORDER`) and rename it into place; returns its path."""
         import tempfile
 
         if self.closed:
             return self.path
-        names = sorted(self._entries)
+        names = [e[0] for e in _write_order([(n, e[0]) for n, e in self._entries.items()])]
         head = _header_bytes([(n, self._entries[n][0], self._entries[n][1], self._entries[n][3]) for n in names],
                              self.metadata)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)

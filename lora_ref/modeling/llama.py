@@ -42,13 +42,12 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-import safetensors.numpy
 
 from lora_ref.autograd import functional as F
 from lora_ref.autograd import ops
 from lora_ref.autograd.tensor import Tensor, no_grad
-from lora_ref.files.outputs import atomic_write, output_dir, read_json, require_dir, write_json
-from lora_ref.files.safetensors import NP_TO_ST, read_safetensors_raw
+from lora_ref.files.outputs import output_dir, read_json, require_dir, write_json
+from lora_ref.files.safetensors import NP_TO_ST, read_safetensors_raw, write_safetensors
 from lora_ref.modeling.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 
 __all__ = [
@@ -744,7 +743,7 @@ class Llama(Module):
         with output_dir(path) as tmp:
             write_json(tmp / CONFIG_FILE, self.config.to_dict())
             if max_shard_bytes is None:
-                atomic_write(tmp / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+                write_safetensors(tmp / WEIGHTS_FILE, tensors)
             else:
                 _write_shards(tmp, tensors, max_shard_bytes)
         return Path(path)
@@ -885,7 +884,7 @@ def _write_shards(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes:
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        atomic_write(folder / fname, safetensors.numpy.save(shard, metadata={"format": "pt"}))
+        write_safetensors(folder / fname, shard)
         weight_map.update({name: fname for name in shard})
     total = sum(a.nbytes for a in tensors.values())
     write_json(folder / WEIGHTS_INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -31,7 +31,6 @@ from typing import Callable
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save
 
 VERSION = "1.0"
 F32_TOL = {"atol": 1e-6, "rtol": 1e-5}  # float32 results computed through a different summation order
@@ -866,6 +865,7 @@ Cases named `divergence_*` record where bitsandbytes or PEFT compute something e
 def write_vectors(out) -> list[Case]:
     """Write every case, manifest.json, check.py and README.md into the new folder ``out`` (atomically)."""
     from lora_ref.files.outputs import output_dir
+    from lora_ref.files.safetensors import write_safetensors
     from lora_ref.reference import check as check_module
 
     cases = build_cases()
@@ -878,8 +878,8 @@ def write_vectors(out) -> list[Case]:
     manifest = {"version": VERSION, "cases": [c.manifest_entry() for c in cases]}
     with output_dir(out) as tmp:
         for fname, tensors in sorted(files.items()):
-            # one metadata key: safetensors writes several in a random order
-            (tmp / fname).write_bytes(save(tensors, metadata={"lora_ref_vectors": VERSION}))
+            # one metadata key (the safetensors package writes several in a random order)
+            write_safetensors(tmp / fname, tensors, metadata={"lora_ref_vectors": VERSION})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         (tmp / "check.py").write_text(Path(check_module.__file__).read_text())
         (tmp / "README.md").write_text(README)

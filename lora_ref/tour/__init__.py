@@ -15,6 +15,7 @@ from lora_ref.tour.merging import section_merging
 from lora_ref.tour.nf4 import section_nf4
 from lora_ref.tour.pretraining import section_pretraining
 from lora_ref.tour.rank_study import section_rank_study
+from lora_ref.tour.real_llm import section_real_llm
 
 SECTIONS = [
     ("Pretraining the tutorial model", section_pretraining),
@@ -23,4 +24,5 @@ SECTIONS = [
     ("Memory: predicted and measured", section_memory),
     ("Merging: float and 4-bit bases", section_merging),
     ("NF4: agreement with bitsandbytes", section_nf4),
+    ("A real LLM: SmolLM2-135M-Instruct learns invented facts", section_real_llm),
 ]
