@@ -597,9 +597,11 @@ def qlora_depth_cases() -> list[Case]:
                       " alternate NF4 (blocksize 64, no double quantization) of W − B·A and a rank-4 SVD of W − Q, with "
                       "bitsandbytes' CPU rounding (PEFT's loop run on a CPU; the CUDA rounding PEFT's GPU-only "
                       "function uses is checked against its H100 outputs in tests/data/loftq). Outputs: dequant(Q_1) "
-                      "(bitsandbytes' CPU NF4 of W, exact values), B·A after one iteration, and ‖W − (Q_t + B_t·A_t)‖_F for t = 1, 2, 3 of a 3-iteration run. B·A (not A, B: "
-                      "an SVD fixes them only up to signs) and the errors depend on the SVD's float32 rounding.",
-                      {"seed": seed, "num_bits": 4, "reduced_rank": 4, "num_iter": 3, "blocksize": 64, "rounding": "cpu"},
+                      "(bitsandbytes' CPU NF4 of W, exact values), B·A after one iteration, and "
+                      "‖W − (Q_t + B_t·A_t)‖_F for t = 1, 2, 3 of a 3-iteration run. B·A (not A, B: an SVD fixes "
+                      "them only up to signs) and the errors depend on the SVD's float32 rounding.",
+                      {"seed": seed, "num_bits": 4, "reduced_rank": 4, "num_iter": 3, "blocksize": 64,
+                       "rounding": "cpu"},
                       {"W": W},
                       {"dequantized_iter1": _f32(one.dequantized), "BA_iter1": _f32(one.lora_B @ one.lora_A),
                        "errors": np.array(three.errors, np.float32)}))
@@ -690,8 +692,8 @@ def qlora_depth_cases() -> list[Case]:
                       "the outputs of its five deployments: requantize (PEFT: Q(dequant(W) + ΔW)), refit (the same "
                       "target, per-block MSE-fitted scales), float (dequant(W) + ΔW), original (W16 + ΔW, the weight "
                       "that was quantized), unmerged (dequant(W) and the adapter apart). errors = ‖y_t − y‖/‖y‖ with y "
-                      "the float64 x·(dequant(W) + ΔW)ᵀ, in the order above; requantized_packed: the codes of the "
-                      "re-quantized merge (exact).",
+                      "the float64 x·(dequant(W) + ΔW)ᵀ, in the order above. The codes of the re-quantized merge "
+                      "are the case qlora_merge_targets_codes.",
                       {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0, "rounding": "cpu",
                        "targets": ["requantize", "refit", "float", "original", "unmerged"]},
                       {**qstate(base), "W16": W16, "lora_A": A, "lora_B": B, "x": x},
@@ -700,7 +702,9 @@ def qlora_depth_cases() -> list[Case]:
     cases.append(Case("qlora_merge_targets_codes", "merge_4bit", "lora.safetensors", "exact",
                       "The packed NF4 codes and nested scale codes of qlora_merge_targets' re-quantized merge "
                       "(bitsandbytes' CPU rounding, as PEFT's merge of a bitsandbytes Linear4bit does on a CPU).",
-                      {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0, "strategy": "requantize", "rounding": "cpu"}, {**qstate(base), "lora_A": A, "lora_B": B},
+                      {"seed": seed, "r": 4, "lora_alpha": 8, "scaling": 2.0, "strategy": "requantize",
+                       "rounding": "cpu"},
+                      {**qstate(base), "lora_A": A, "lora_B": B},
                       {"packed": np.asarray(requant.weight.data, np.uint8).reshape(-1),
                        "absmax_codes": np.asarray(requant.quant_state.absmax, np.uint8)}))
 
