@@ -54,7 +54,7 @@ __all__ = [
     "LlamaConfig", "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "KVCache", "LlamaAttention",
     "LlamaMLP", "LlamaDecoderLayer", "LlamaModel", "Llama", "sample_next_token",
     "checkpoint_tensor_names", "read_safetensors", "load_checkpoint_tensors", "read_quantization_config",
-    "read_4bit_weight", "quantized_tensor_names", "copy_model_side_files",
+    "read_4bit_weight", "quantized_tensor_names", "copy_model_side_files", "save_4bit_pretrained",
 ]
 
 ROPE_TYPES = ("default", "llama3")
@@ -867,6 +867,52 @@ def _load_4bit_layers(model: "Llama", reader, *, impl: str, rounding: str) -> se
         raise ValueError(f"config.json in {reader.folder} has a 4-bit quantization_config, but no tensor has a "
                          "'.quant_state.bitsandbytes__nf4|fp4' companion")
     return consumed
+
+
+def save_4bit_pretrained(model: "Llama", path: str | os.PathLike) -> Path:
+    """Write a Llama whose linear layers are :class:`~lora_ref.modeling.linear4bit.Linear4bit` as a bitsandbytes
+    4-bit checkpoint folder, the one :meth:`Llama.from_pretrained` and transformers + bitsandbytes read:
+    ``config.json`` with the ``quantization_config`` transformers writes (compute dtype float32) and one
+    ``model.safetensors`` holding each 4-bit weight in bitsandbytes' state-dict format
+    (:func:`lora_ref.quant.serialize.state_to_tensors`: codes, scales, code tables, the state's JSON) and every
+    other parameter in float32 (a tied head stored once).
+
+    The 4-bit layers must share one quant type and double-quant setting (one ``quantization_config`` describes
+    them all). A model with parameters a Llama checkpoint does not hold (LoRA layers) is refused: merge them first.
+    ``lora-ref quantize`` writes the same format while streaming a float checkpoint tensor by tensor.
+    """
+    from lora_ref.modeling.linear4bit import Linear4bit
+    from lora_ref.quant.serialize import state_to_tensors, transformers_quantization_config
+
+    tensors, kinds, quantized = {}, set(), set()
+    for name, m in model.named_modules():
+        if isinstance(m, Linear4bit):
+            tensors.update(state_to_tensors(f"{name}.weight", m.weight.data, m.quant_state))
+            kinds.add((m.quant_type, m.double_quant))
+            quantized.add(f"{name}.weight")
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = np.asarray(m.bias.data, dtype=np.float32)
+    if len(kinds) != 1:
+        raise ValueError(f"a 4-bit checkpoint needs 4-bit layers of one kind, found {sorted(kinds) or 'none'}")
+    for pname, p in model.named_parameters():
+        if pname not in tensors and p.dtype != np.uint8:
+            tensors[pname] = np.ascontiguousarray(p.data, dtype=np.float32)
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    parts = tuple(f"{w}." for w in quantized)  # a 4-bit weight's scales, code tables and state
+    stored = quantized | {k for k in tensors if k not in quantized and not k.startswith(parts)}
+    expected = set(checkpoint_tensor_names(model.config))
+    if stored != expected:
+        diff = sorted(stored - expected) or sorted(expected - stored)
+        raise ValueError(f"cannot save as a 4-bit Llama checkpoint: the model's parameters differ from a Llama's "
+                         f"(first difference: {diff[0]!r}); merge or remove replaced layers first")
+    quant_type, double_quant = kinds.pop()
+    config = model.config.to_dict()
+    config["quantization_config"] = transformers_quantization_config(quant_type, double_quant, "float32")
+    with output_dir(path) as tmp:
+        write_json(tmp / CONFIG_FILE, config)
+        write_safetensors(tmp / WEIGHTS_FILE, dict(sorted(tensors.items())), {"format": "pt"})
+    return Path(path)
 
 
 def _write_shards(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
