@@ -324,16 +324,11 @@ def answer_loss(model, x: np.ndarray, y: np.ndarray):
 
 
 def answer_train_step(model, optimizer, x: np.ndarray, y: np.ndarray, max_grad_norm: float | None = 1.0) -> float:
-    """One optimizer step on :func:`answer_loss` (as :func:`lora_ref.training.loop.train_step`); returns the loss."""
-    from lora_ref.training.optim import clip_grad_norm
+    """One optimizer step on :func:`answer_loss`: :func:`lora_ref.training.loop.train_step` with that loss; returns
+    the loss."""
+    from lora_ref.training.loop import train_step
 
-    optimizer.zero_grad()
-    loss = answer_loss(model, x, y)
-    loss.backward()
-    if max_grad_norm is not None:
-        clip_grad_norm(optimizer.parameters(), max_grad_norm)
-    optimizer.step()
-    return float(loss.data)
+    return train_step(model, optimizer, x, y, max_grad_norm=max_grad_norm, loss_fn=answer_loss)
 
 
 # ================================================================================================================
