@@ -264,37 +264,6 @@ def merge_report(model: Module, *, inputs: dict | None = None, ids=None, origina
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _read_folder(folder: Path) -> tuple[dict, dict]:
-    from lora_ref.files.outputs import require_dir, require_file
-    from lora_ref.quant.serialize import read_safetensors_raw
-
-    folder = require_dir(folder, "base checkpoint folder")
-    cfg_path = require_file(folder / "config.json", "config.json of the base checkpoint")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"config.json is not valid JSON: {cfg_path}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"config.json does not hold a JSON object: {cfg_path}")
-    single = folder / "model.safetensors"
-    if single.is_file():
-        tensors, _ = read_safetensors_raw(single)
-        return config, tensors
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-    try:
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"corrupt index file (expected JSON with a weight_map): {index}") from None
-    tensors = {}
-    for f in files:
-        if not isinstance(f, str) or "/" in f or "\\" in f:
-            raise ValueError(f"index file {index} names a shard outside its folder: {f!r}")
-        tensors.update(read_safetensors_raw(folder / f)[0])
-    return config, tensors
-
-
 def is_4bit_checkpoint(folder) -> bool:
     """Whether ``folder/config.json`` declares a bitsandbytes 4-bit quantization."""
     try:
@@ -307,79 +276,27 @@ def is_4bit_checkpoint(folder) -> bool:
 
 def load_4bit_llama(folder) -> Module:
     """A lora_ref Llama from a bitsandbytes 4-bit checkpoint folder: its 4-bit weights as
-    :class:`~lora_ref.adapters.qlora.Linear4bit` with the stored codes and scales, everything else float32."""
-    from lora_ref.modeling.llama import Llama, LlamaConfig
-    from lora_ref.quant.serialize import quantized_weight_names, state_from_tensors
+    :class:`~lora_ref.adapters.qlora.Linear4bit` with the stored codes and scales, everything else float32.
 
-    config, tensors = _read_folder(Path(folder))
-    qcfg = config.pop("quantization_config", None)
-    if not isinstance(qcfg, dict):
+    :meth:`Llama.from_pretrained <lora_ref.modeling.llama.Llama.from_pretrained>` reads the folder; this name also
+    refuses a float checkpoint, which has no 4-bit merge question."""
+    from lora_ref.modeling.llama import Llama
+
+    model = Llama.from_pretrained(folder)
+    if model.quantization_config is None:
         raise ValueError(f"{folder} is not a 4-bit checkpoint (config.json has no quantization_config)")
-    model = Llama(LlamaConfig.from_dict(config))
-    names = quantized_weight_names(tensors)
-    floats = {}
-    marker_keys = set()
-    for name in names:
-        module = name[: -len(".weight")]
-        packed, state = state_from_tensors(tensors, name)
-        lin = model.get_submodule(module)
-        q = Linear4bit(np.zeros((1, 1), np.float32), blocksize=state.blocksize, quant_type=state.quant_type,
-                       double_quant=state.nested, rounding="cuda")
-        q.out_features, q.in_features = lin.out_features, lin.in_features
-        q.set_quantized(packed, state)
-        bias = getattr(lin, "bias", None)
-        if bias is not None:
-            q.bias = Parameter(np.asarray(tensors[f"{module}.bias"], dtype=np.float32), requires_grad=False)
-            marker_keys.add(f"{module}.bias")
-        model.set_submodule(module, q)
-        marker_keys.update(k for k in tensors if k == name or k.startswith(name + "."))
-    for k, v in tensors.items():
-        if k not in marker_keys:
-            floats[k] = np.asarray(v, dtype=np.float32)
-    params = dict(model.named_parameters())
-    for k, v in floats.items():
-        if k in params:
-            if params[k].shape != v.shape:
-                raise ValueError(f"tensor {k!r} has shape {v.shape}, the model expects {params[k].shape}")
-            params[k].data[...] = v
-        elif not (k == "lm_head.weight" and model.config.tie_word_embeddings) and not k.endswith("inv_freq"):
-            raise ValueError(f"checkpoint has unexpected tensor {k!r}")
-    missing = [k for k, p in params.items() if k not in floats and p.dtype != np.uint8
-               and not any(k.startswith(n[: -len('.weight')] + ".") for n in names)]
-    if missing:
-        raise ValueError(f"checkpoint lacks tensor {missing[0]!r}")
     return model
 
 
 def save_4bit_llama(model: Module, folder) -> Path:
     """Write a lora_ref Llama whose linear layers are :class:`Linear4bit` (no LoRA layers) as a bitsandbytes 4-bit
-    checkpoint folder transformers loads: ``config.json`` with ``quantization_config``, ``model.safetensors``."""
-    from lora_ref.files.outputs import output_dir, write_json
-    from lora_ref.quant.serialize import state_to_tensors, transformers_quantization_config, write_safetensors
+    checkpoint folder transformers loads: ``config.json`` with ``quantization_config``, ``model.safetensors``
+    (:func:`lora_ref.modeling.llama.save_4bit_pretrained`)."""
+    from lora_ref.modeling.llama import save_4bit_pretrained
 
     if any(True for _ in lora_layers(model)):
         raise ValueError("save_4bit_llama: the model still has LoRA layers; merge or unload them first")
-    tensors, kinds = {}, set()
-    for name, m in model.named_modules():
-        if isinstance(m, Linear4bit):
-            tensors.update(state_to_tensors(f"{name}.weight", m.weight.data, m.quant_state))
-            kinds.add((m.quant_type, m.double_quant))
-            if m.bias is not None:
-                tensors[f"{name}.bias"] = np.asarray(m.bias.data, dtype=np.float32)
-    if len(kinds) != 1:
-        raise ValueError(f"save_4bit_llama needs 4-bit layers of one kind, found {sorted(kinds) or 'none'}")
-    for pname, p in model.named_parameters():
-        if pname not in tensors and p.dtype != np.uint8:
-            tensors[pname] = np.ascontiguousarray(p.data, dtype=np.float32)
-    if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    quant_type, dq = kinds.pop()
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = transformers_quantization_config(quant_type, dq, "float32")
-    with output_dir(folder) as tmp:
-        write_json(tmp / "config.json", cfg)
-        write_safetensors(tmp / "model.safetensors", dict(sorted(tensors.items())), {"format": "pt"})
-    return Path(folder)
+    return save_4bit_pretrained(model, folder)
 
 
 def write_merge_report(base, adapter, report_file, *, out=None, original=None, seed: int = 0,

@@ -253,9 +253,12 @@ class Run:
                 f"{self.val_loss['pretrain']:.3f})")
 
 
-def _check_common(steps: int, lr: float, seed: int) -> None:
+def _check_common(steps: int, lr: float, seed: int, batch: int | None = None) -> None:
+    """``ValueError`` naming the first bad run setting (``batch`` checked only when given)."""
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if batch is not None and (not isinstance(batch, (int, np.integer)) or batch < 1):
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"learning rate must be a positive number, got {lr!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:

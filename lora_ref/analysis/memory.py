@@ -42,15 +42,19 @@ from dataclasses import dataclass
 
 from lora_ref.analysis import memory_profile
 from lora_ref.analysis.counts import ArchSpec, LoraPlan
+from lora_ref.quant.blockwise import (  # the 4-bit facts' one home; the table sizes are re-exported here
+    ALLOWED_BLOCKSIZES,
+    NESTED_BLOCKSIZE,
+    NESTED_CODE_TABLE_BYTES,  # noqa: F401
+    NF4_CODE_TABLE_BYTES,  # noqa: F401
+    QUANT_TYPES,
+    storage_bytes,
+)
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
 ATTENTION = ("sdpa", "eager")
 PROFILES = ("torch", "lora_ref")
-
-NF4_CODE_TABLE_BYTES = 16 * 4       # QuantState.code: 16 float32 values
-NESTED_CODE_TABLE_BYTES = 256 * 4   # state2.code: the 8-bit dynamic map, 256 float32 values
-NESTED_BLOCKSIZE = 256
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -75,9 +79,9 @@ class QuantConfig:
     nested_blocksize: int = NESTED_BLOCKSIZE
 
     def __post_init__(self):
-        if self.quant_type not in ("nf4", "fp4"):
+        if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if self.blocksize not in ALLOWED_BLOCKSIZES:
             raise ValueError(f"blocksize must be one of 32, 64, ..., 4096 (bitsandbytes), got {self.blocksize}")
 
 
@@ -85,24 +89,21 @@ def bits_per_quantized_param(q: QuantConfig) -> float:
     """Code bits plus the per-block constants, per parameter, without the per-tensor tables (QLoRA §3).
 
     4 + 32/blocksize (float32 absmax), or with double quantization 4 + 8/blocksize + 32/(blocksize·256):
-    4.5 and 4.126953125 at blocksize 64 (the paper rounds 0.126953125 to 0.127).
+    4.5 and 4.126953125 at blocksize 64 (the paper rounds 0.126953125 to 0.127). Counted by
+    :func:`lora_ref.quant.blockwise.storage_bytes` over one group of weights that shares a second-level scale
+    (``blocksize · nested_blocksize`` weights; one block without double quantization), leaving out what a tensor
+    stores once (the offset, the tables).
     """
-    if q.double_quant:
-        return 4 + 8 / q.blocksize + 32 / (q.blocksize * q.nested_blocksize)
-    return 4 + 32 / q.blocksize
+    n = q.blocksize * (q.nested_blocksize if q.double_quant else 1)
+    b = storage_bytes(n, q.blocksize, q.double_quant, q.nested_blocksize)
+    return 8 * (b["codes"] + b["scales"]) / n
 
 
 def nf4_tensor_bytes(n: int, q: QuantConfig) -> dict[str, int]:
-    """Exact bytes of one 4-bit tensor of ``n`` elements, as bitsandbytes stores it: codes, constants, tables."""
-    nblocks = -(-n // q.blocksize)
-    codes = (n + 1) // 2
-    if q.double_quant:
-        constants = nblocks * 1 + (-(-nblocks // q.nested_blocksize)) * 4 + 4  # uint8 absmax, absmax2, offset
-        tables = NF4_CODE_TABLE_BYTES + NESTED_CODE_TABLE_BYTES
-    else:
-        constants = nblocks * 4
-        tables = NF4_CODE_TABLE_BYTES
-    return {"codes": codes, "constants": constants, "tables": tables}
+    """Exact bytes of one 4-bit tensor of ``n`` elements, as bitsandbytes stores it: codes, constants, tables
+    (:func:`lora_ref.quant.blockwise.storage_bytes`; the constants are the scales and the offset)."""
+    b = storage_bytes(n, q.blocksize, q.double_quant, q.nested_blocksize)
+    return {"codes": b["codes"], "constants": b["scales"] + b["offset"], "tables": b["tables"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -324,16 +324,11 @@ def answer_loss(model, x: np.ndarray, y: np.ndarray):
 
 
 def answer_train_step(model, optimizer, x: np.ndarray, y: np.ndarray, max_grad_norm: float | None = 1.0) -> float:
-    """One optimizer step on :func:`answer_loss` (as :func:`lora_ref.training.loop.train_step`); returns the loss."""
-    from lora_ref.training.optim import clip_grad_norm
+    """One optimizer step on :func:`answer_loss`: :func:`lora_ref.training.loop.train_step` with that loss; returns
+    the loss."""
+    from lora_ref.training.loop import train_step
 
-    optimizer.zero_grad()
-    loss = answer_loss(model, x, y)
-    loss.backward()
-    if max_grad_norm is not None:
-        clip_grad_norm(optimizer.parameters(), max_grad_norm)
-    optimizer.step()
-    return float(loss.data)
+    return train_step(model, optimizer, x, y, max_grad_norm=max_grad_norm, loss_fn=answer_loss)
 
 
 # ================================================================================================================
@@ -587,16 +582,11 @@ class RealRun:
 
 
 def _check_run_args(method, steps, lr, batch, seed) -> None:
+    from lora_ref.analysis.experiments import _check_common
+
     if method not in ("lora", "qlora", "full"):
         raise ValueError(f"method must be 'lora', 'qlora' or 'full', got {method!r}")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"learning rate must be a positive number, got {lr!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_common(steps, lr, seed, batch=batch)
 
 
 def finetune(method: str, *, r: int = 16, alpha: float = 32.0, targets="all-linear", steps: int = 24,

@@ -36,25 +36,24 @@ def is_grad_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def no_grad() -> Iterator[None]:
+def _grad_mode(enabled: bool) -> Iterator[None]:
+    """Record the graph (or not) inside the block; the previous mode comes back after it, even on an error."""
+    prev = is_grad_enabled()
+    _state.enabled = enabled
+    try:
+        yield
+    finally:
+        _state.enabled = prev
+
+
+def no_grad() -> contextlib.AbstractContextManager[None]:
     """Context manager in which no graph is recorded (inference, parameter updates)."""
-    prev = is_grad_enabled()
-    _state.enabled = False
-    try:
-        yield
-    finally:
-        _state.enabled = prev
+    return _grad_mode(False)
 
 
-@contextlib.contextmanager
-def enable_grad() -> Iterator[None]:
+def enable_grad() -> contextlib.AbstractContextManager[None]:
     """Context manager that records the graph again inside a ``no_grad`` block."""
-    prev = is_grad_enabled()
-    _state.enabled = True
-    try:
-        yield
-    finally:
-        _state.enabled = prev
+    return _grad_mode(True)
 
 
 def _to_array(data) -> np.ndarray:

@@ -55,17 +55,12 @@ def add_arguments(p) -> None:
 
 def _open_base(folder):
     """(config dict, CheckpointReader) of an HF checkpoint folder; nothing but the headers is read yet."""
-    from lora_ref.files.outputs import require_dir, require_file
+    from lora_ref.files.outputs import read_json, require_dir
     from lora_ref.files.safetensors import CheckpointReader
 
     folder = require_dir(folder, "base checkpoint folder")
-    cfg_path = require_file(folder / "config.json", "config.json of the base checkpoint")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"config.json is not valid JSON: {cfg_path}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"config.json does not hold a JSON object: {cfg_path}")
+    cfg_path = folder / "config.json"
+    config = read_json(cfg_path, "config.json of the base checkpoint")
     if "quantization_config" in config:
         raise ValueError(f"{cfg_path} already has a quantization_config; quantize a floating-point checkpoint")
     return config, CheckpointReader(folder)

@@ -105,14 +105,6 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return obj
 
 
-def require_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """Return ``Path(path)`` or raise ``ValueError`` naming the missing path."""
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{what} not found: {p}")
-    return p
-
-
 def require_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     p = Path(path)
     if not p.is_dir():

@@ -86,23 +86,23 @@ def set_enabled(flag: bool) -> bool:
 
 
 @contextlib.contextmanager
-def readable() -> Iterator[None]:
+def _switched(flag: bool) -> Iterator[None]:
+    """The switch set to ``flag`` inside the block, and back to what it was after it, even on an error."""
+    prev = set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(prev)
+
+
+def readable() -> contextlib.AbstractContextManager[None]:
     """Run the block with the readable NumPy twins (the reference paths)."""
-    prev = set_enabled(False)
-    try:
-        yield
-    finally:
-        set_enabled(prev)
+    return _switched(False)
 
 
-@contextlib.contextmanager
-def fast_paths() -> Iterator[None]:
+def fast_paths() -> contextlib.AbstractContextManager[None]:
     """Run the block with the fast paths."""
-    prev = set_enabled(True)
-    try:
-        yield
-    finally:
-        set_enabled(prev)
+    return _switched(True)
 
 
 def applies(*arrays: np.ndarray) -> bool:

@@ -112,13 +112,7 @@ class Linear4bit(Module):
         self.weight_dtype = np.dtype(np.float32)
         self.quant_state: QuantState | None = None
         self.set_weight(w)
-        if bias is not None:
-            b = np.asarray(bias, dtype=np.float32)
-            if b.shape != (self.out_features,):
-                raise ValueError(f"bias has shape {b.shape}, expected ({self.out_features},)")
-            self.bias = Parameter(b.copy(), requires_grad=False)
-        else:
-            self.bias = None
+        self._set_bias(bias)
 
     @classmethod
     def from_linear(cls, linear: Module, **kwargs) -> "Linear4bit":
@@ -144,14 +138,18 @@ class Linear4bit(Module):
         layer.weight_dtype = np.dtype(np.float32)
         layer.quant_state = None
         layer.set_quantized(packed, state)
-        if bias is not None:
-            b = np.asarray(bias, dtype=np.float32)
-            if b.shape != (layer.out_features,):
-                raise ValueError(f"bias has shape {b.shape}, expected ({layer.out_features},)")
-            layer.bias = Parameter(b.copy(), requires_grad=False)
-        else:
-            layer.bias = None
+        layer._set_bias(bias)
         return layer
+
+    def _set_bias(self, bias) -> None:
+        """A frozen float32 copy of ``bias`` (out,), or no bias."""
+        if bias is None:
+            self.bias = None
+            return
+        b = np.asarray(bias, dtype=np.float32)
+        if b.shape != (self.out_features,):
+            raise ValueError(f"bias has shape {b.shape}, expected ({self.out_features},)")
+        self.bias = Parameter(b.copy(), requires_grad=False)
 
     def set_weight(self, w: np.ndarray) -> None:
         """Quantize float ``w`` (out, in) with this layer's settings and store it (PEFT's re-quantization)."""

@@ -54,7 +54,7 @@ __all__ = [
     "LlamaConfig", "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "KVCache", "LlamaAttention",
     "LlamaMLP", "LlamaDecoderLayer", "LlamaModel", "Llama", "sample_next_token",
     "checkpoint_tensor_names", "read_safetensors", "load_checkpoint_tensors", "read_quantization_config",
-    "read_4bit_weight", "quantized_tensor_names", "copy_model_side_files",
+    "read_4bit_weight", "quantized_tensor_names", "copy_model_side_files", "save_4bit_pretrained",
 ]
 
 ROPE_TYPES = ("default", "llama3")
@@ -663,21 +663,29 @@ class Llama(Module):
         """Names and shapes of a checkpoint (from its headers alone) against the parameters; ``ValueError`` naming
         the first missing, unexpected or wrongly shaped tensor. Also refuses a non-float tensor where a float
         parameter belongs (e.g. a 4-bit weight in a folder whose config.json lacks the quantization_config)."""
-        params = dict(self._unique_parameters())
-        names = set(reader.names())
         for name in reader.names():
             dt = reader.dtype(name)
             if name not in consumed and dt.kind != "f" and dt != np.dtype(ml_dtypes.bfloat16):
                 raise ValueError(f"tensor {name!r} in {reader.source(name)} has dtype {NP_TO_ST.get(dt, dt)}; only "
                                  f"F32, F16, BF16 and F64 are read (a quantized checkpoint without its "
                                  f"quantization_config?)")
-        ignorable = {k for k in names if k.endswith("rotary_emb.inv_freq")}
+        self._check_tensors(reader.names(), reader.shape, reader.source, reader.read, consumed)
+
+    def _check_tensors(self, names, shape, source, read, consumed=frozenset()) -> None:
+        """The one validation of a checkpoint's tensors against the parameters, for a file reader and a dict alike:
+        ``names`` the tensor names, ``shape(name)``, ``source(name)`` (the file, for messages) and ``read(name)``
+        (only for a tied head's stored copy). ``ValueError`` naming the first missing, unexpected or wrongly shaped
+        tensor; ``consumed`` tensors (a 4-bit layer's, already in place) are neither unexpected nor shape-checked."""
+        params = dict(self._unique_parameters())
+        names = set(names)
+        ignorable = {k for k in names if k.endswith("rotary_emb.inv_freq")}  # a buffer older versions saved
         ignorable |= set(consumed)
         if self.config.tie_word_embeddings and "lm_head.weight" not in params and "lm_head.weight" in names:
-            a, b = reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight") \
+            # a tied checkpoint may carry a copy of the head; transformers unties the two when they differ
+            a, b = read("lm_head.weight"), read("model.embed_tokens.weight") \
                 if "model.embed_tokens.weight" in names else None
             if b is None or a.shape != b.shape or not np.array_equal(a.astype(np.float32), b.astype(np.float32)):
-                raise ValueError(f"config ties lm_head to embed_tokens, but {reader.source('lm_head.weight')} holds a "
+                raise ValueError(f"config ties lm_head to embed_tokens, but {source('lm_head.weight')} holds a "
                                  "different lm_head.weight; set tie_word_embeddings to false in config.json to use it")
             ignorable.add("lm_head.weight")
         missing = [k for k in params if k not in names]
@@ -688,43 +696,22 @@ class Llama(Module):
         if unexpected:
             hint = " (a 4-bit checkpoint whose config.json has no quantization_config?)" \
                 if any(".quant_state.bitsandbytes__" in k for k in unexpected) else ""
-            raise ValueError(f"checkpoint has unexpected tensor {unexpected[0]!r} in {reader.source(unexpected[0])}"
+            raise ValueError(f"checkpoint has unexpected tensor {unexpected[0]!r} in {source(unexpected[0])}"
                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") + hint)
         for name, p in params.items():
             if name in consumed:
                 continue
-            shape = reader.shape(name)
-            if shape != p.shape:
-                raise ValueError(f"tensor {name!r} in {reader.source(name)} has shape {shape}, "
+            if shape(name) != p.shape:
+                raise ValueError(f"tensor {name!r} in {source(name)} has shape {shape(name)}, "
                                  f"the model expects {p.shape}")
 
     def load_checkpoint_tensors(self, tensors: dict[str, np.ndarray], sources: dict[str, str] | None = None) -> None:
         """Copy checkpoint tensors (transformers names) into the parameters, checking names and shapes."""
         sources = sources or {}
-        params = dict(self._unique_parameters())
-        ignorable = {k for k in tensors if k.endswith("rotary_emb.inv_freq")}  # a buffer older versions saved
-        if self.config.tie_word_embeddings and "lm_head.weight" not in params and "lm_head.weight" in tensors:
-            # a tied checkpoint may carry a copy of the head; transformers unties the two when they differ
-            if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
-                where = sources.get("lm_head.weight", "the checkpoint")
-                raise ValueError(f"config ties lm_head to embed_tokens, but {where} holds a different "
-                                 "lm_head.weight; set tie_word_embeddings to false in config.json to use it")
-            ignorable.add("lm_head.weight")
-        missing = [k for k in params if k not in tensors]
-        if missing:
-            raise ValueError(f"checkpoint lacks tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
-                                                                          if len(missing) > 1 else ""))
-        unexpected = sorted(k for k in tensors if k not in params and k not in ignorable)
-        if unexpected:
-            raise ValueError(f"checkpoint has unexpected tensor {unexpected[0]!r} in "
-                             f"{sources.get(unexpected[0], 'the checkpoint')}"
-                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-        for name, p in params.items():
-            a = tensors[name]
-            if a.shape != p.shape:
-                raise ValueError(f"tensor {name!r} in {sources.get(name, 'the checkpoint')} has shape {a.shape}, "
-                                 f"the model expects {p.shape}")
-            p.data[...] = a  # in place: a tied head keeps sharing the embedding's array
+        self._check_tensors(tensors, lambda k: tensors[k].shape, lambda k: sources.get(k, "the checkpoint"),
+                            tensors.__getitem__)
+        for name, p in self._unique_parameters():
+            p.data[...] = tensors[name]  # in place: a tied head keeps sharing the embedding's array
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
         """Write an HF checkpoint folder transformers' ``LlamaForCausalLM.from_pretrained`` loads: ``config.json``
@@ -867,6 +854,52 @@ def _load_4bit_layers(model: "Llama", reader, *, impl: str, rounding: str) -> se
         raise ValueError(f"config.json in {reader.folder} has a 4-bit quantization_config, but no tensor has a "
                          "'.quant_state.bitsandbytes__nf4|fp4' companion")
     return consumed
+
+
+def save_4bit_pretrained(model: "Llama", path: str | os.PathLike) -> Path:
+    """Write a Llama whose linear layers are :class:`~lora_ref.modeling.linear4bit.Linear4bit` as a bitsandbytes
+    4-bit checkpoint folder, the one :meth:`Llama.from_pretrained` and transformers + bitsandbytes read:
+    ``config.json`` with the ``quantization_config`` transformers writes (compute dtype float32) and one
+    ``model.safetensors`` holding each 4-bit weight in bitsandbytes' state-dict format
+    (:func:`lora_ref.quant.serialize.state_to_tensors`: codes, scales, code tables, the state's JSON) and every
+    other parameter in float32 (a tied head stored once).
+
+    The 4-bit layers must share one quant type and double-quant setting (one ``quantization_config`` describes
+    them all). A model with parameters a Llama checkpoint does not hold (LoRA layers) is refused: merge them first.
+    ``lora-ref quantize`` writes the same format while streaming a float checkpoint tensor by tensor.
+    """
+    from lora_ref.modeling.linear4bit import Linear4bit
+    from lora_ref.quant.serialize import state_to_tensors, transformers_quantization_config
+
+    tensors, kinds, quantized = {}, set(), set()
+    for name, m in model.named_modules():
+        if isinstance(m, Linear4bit):
+            tensors.update(state_to_tensors(f"{name}.weight", m.weight.data, m.quant_state))
+            kinds.add((m.quant_type, m.double_quant))
+            quantized.add(f"{name}.weight")
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = np.asarray(m.bias.data, dtype=np.float32)
+    if len(kinds) != 1:
+        raise ValueError(f"a 4-bit checkpoint needs 4-bit layers of one kind, found {sorted(kinds) or 'none'}")
+    for pname, p in model.named_parameters():
+        if pname not in tensors and p.dtype != np.uint8:
+            tensors[pname] = np.ascontiguousarray(p.data, dtype=np.float32)
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    parts = tuple(f"{w}." for w in quantized)  # a 4-bit weight's scales, code tables and state
+    stored = quantized | {k for k in tensors if k not in quantized and not k.startswith(parts)}
+    expected = set(checkpoint_tensor_names(model.config))
+    if stored != expected:
+        diff = sorted(stored - expected) or sorted(expected - stored)
+        raise ValueError(f"cannot save as a 4-bit Llama checkpoint: the model's parameters differ from a Llama's "
+                         f"(first difference: {diff[0]!r}); merge or remove replaced layers first")
+    quant_type, double_quant = kinds.pop()
+    config = model.config.to_dict()
+    config["quantization_config"] = transformers_quantization_config(quant_type, double_quant, "float32")
+    with output_dir(path) as tmp:
+        write_json(tmp / CONFIG_FILE, config)
+        write_safetensors(tmp / WEIGHTS_FILE, dict(sorted(tensors.items())), {"format": "pt"})
+    return Path(path)
 
 
 def _write_shards(folder: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:

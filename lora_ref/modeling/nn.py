@@ -45,6 +45,15 @@ def _filled(shape, dtype, value: float, rng) -> np.ndarray:
     return np.full(shape, value, dtype=dtype) if value else np.zeros(shape, dtype=dtype)
 
 
+def _normal(shape, dtype, std: float, rng) -> np.ndarray:
+    """W ~ N(0, std²) drawn from ``rng`` in ``dtype``; zeros (a placeholder under :func:`placeholders`) when ``rng``
+    is None, for weights that are loaded next."""
+    w = _filled(shape, dtype, 0.0, rng)
+    if rng is not None:
+        w[...] = rng.normal(0.0, std, size=w.shape)
+    return w
+
+
 class Parameter(Tensor):
     """A Tensor that a Module owns and an optimizer updates (``requires_grad=True`` unless frozen)."""
 
@@ -279,10 +288,7 @@ class Linear(Module):
                  rng: np.random.Generator | None = None, std: float = 0.02, dtype=np.float32):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        w = _filled((out_features, in_features), dtype, 0.0, rng)
-        if rng is not None:
-            w[...] = rng.normal(0.0, std, size=w.shape)
-        self.weight = Parameter(w)
+        self.weight = Parameter(_normal((out_features, in_features), dtype, std, rng))
         self.bias = Parameter(_filled((out_features,), dtype, 0.0, rng)) if bias else None
 
     def forward(self, x):
@@ -299,10 +305,7 @@ class Embedding(Module):
                  std: float = 0.02, dtype=np.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
-        w = _filled((num_embeddings, embedding_dim), dtype, 0.0, rng)
-        if rng is not None:
-            w[...] = rng.normal(0.0, std, size=w.shape)
-        self.weight = Parameter(w)
+        self.weight = Parameter(_normal((num_embeddings, embedding_dim), dtype, std, rng))
 
     def forward(self, ids):
         return ops.embedding(self.weight, ids)

@@ -20,6 +20,7 @@ from lora_ref.quant.blockwise import (
     dequantize_blockwise,
     quantize_4bit,
     quantize_blockwise,
+    storage_bytes,
 )
 from lora_ref.quant.nf4 import DYNAMIC_MAP, FP4_CODE, NF4_CODE, get_4bit_type
 
@@ -32,6 +33,7 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_blockwise",
     "bits_per_parameter",
+    "storage_bytes",
     "NF4_CODE",
     "FP4_CODE",
     "DYNAMIC_MAP",

@@ -72,6 +72,9 @@ __all__ = [
     "encode_8bit",
     "decode_8bit",
     "bits_per_parameter",
+    "storage_bytes",
+    "NF4_CODE_TABLE_BYTES",
+    "NESTED_CODE_TABLE_BYTES",
     "cpu_mean_f32",
 ]
 
@@ -79,6 +82,10 @@ ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Blocksizes bitsandbytes accepts for 4-bit and 8-bit blockwise quantization."""
 NESTED_BLOCKSIZE = 256
 """Blocksize of the second level of double quantization ([QLoRA] §3: "8-bit Floats with a blocksize of 256")."""
+NF4_CODE_TABLE_BYTES = nf4.NF4_CODE.nbytes
+"""Bytes of a 4-bit state's code table (``QuantState.code``: 16 float32 values; FP4's is the same size)."""
+NESTED_CODE_TABLE_BYTES = nf4.DYNAMIC_MAP.nbytes
+"""Bytes of the nested state's table with double quantization (``state2.code``: the 8-bit dynamic map, 256 float32)."""
 QUANT_TYPES = ("nf4", "fp4")
 ROUNDINGS = ("cuda", "cpu")
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -449,16 +456,35 @@ def dequantize_4bit(packed, state: QuantState, impl: str = "numpy") -> np.ndarra
     return out.astype(state.dtype).reshape(state.shape)
 
 
+def storage_bytes(n: int, blocksize: int, double_quant: bool,
+                  nested_blocksize: int = NESTED_BLOCKSIZE) -> dict[str, int]:
+    """Bytes bitsandbytes stores for one 4-bit tensor of ``n`` elements, by part — the one home of the bit accounting.
+
+    - ``codes``: ⌈n/2⌉ bytes, two 4-bit codes a byte;
+    - ``scales``: one float32 absmax per block of ``blocksize`` (⌈n/blocksize⌉ · 4 B), or with double quantization
+      one uint8 code per block plus one float32 second-level absmax per ``nested_blocksize`` blocks;
+    - ``offset``: with double quantization, the float32 mean subtracted from the scales (4 B, once per tensor);
+    - ``tables``: the 16-entry code table, and with double quantization the 256-entry dynamic map
+      (:data:`NF4_CODE_TABLE_BYTES`, :data:`NESTED_CODE_TABLE_BYTES`), stored with every tensor.
+
+    :func:`bits_per_parameter` (one tensor, exact) and :func:`lora_ref.analysis.memory.bits_per_quantized_param`
+    (the paper's per-parameter figure) are both read from it.
+    """
+    nblocks = -(-n // blocksize)
+    if double_quant:
+        scales = nblocks * 1 + (-(-nblocks // nested_blocksize)) * 4  # uint8 codes, float32 second-level absmax
+        return {"codes": (n + 1) // 2, "scales": scales, "offset": 4,
+                "tables": NF4_CODE_TABLE_BYTES + NESTED_CODE_TABLE_BYTES}
+    return {"codes": (n + 1) // 2, "scales": nblocks * 4, "offset": 0, "tables": NF4_CODE_TABLE_BYTES}
+
+
 def bits_per_parameter(state: QuantState) -> float:
     """Storage per quantized element: 4 bits + scales (+ nested scales and the offset), code tables excluded.
 
     Without double quantization 4 + 32/blocksize (4.5 at 64); with it 4 + 8/blocksize + (32·nblocks2 + 32)/n
-    (≈ 4.127 at 64, [QLoRA] §3).
+    (≈ 4.127 at 64, [QLoRA] §3). Counted by :func:`storage_bytes`.
     """
     n = state.numel
-    bits = 8.0 * ((n + 1) // 2)
-    if state.nested:
-        bits += 8.0 * np.asarray(state.absmax).size + 32.0 * np.asarray(state.state2.absmax).size + 32.0
-    else:
-        bits += 32.0 * np.asarray(state.absmax).size
-    return bits / n
+    nested = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
+    b = storage_bytes(n, state.blocksize, state.nested, nested)
+    return 8 * (b["codes"] + b["scales"] + b["offset"]) / n

@@ -25,7 +25,7 @@ import numpy as np
 from lora_ref.quant import nf4
 from lora_ref.quant.steps import decode_4bit
 
-__all__ = ["dequantize_weight", "matmul_4bit", "matmul_4bit_t", "check_weight"]
+__all__ = ["dequantize_weight", "matmul_4bit", "matmul_4bit_t", "check_weight", "check_activation"]
 
 
 def check_weight(packed: np.ndarray, state) -> np.ndarray:
@@ -47,7 +47,9 @@ def dequantize_weight(packed: np.ndarray, state) -> np.ndarray:
     return w.reshape(state.shape)                                   # (N, K)
 
 
-def _check(a, name: str, axis_len: int, shape) -> np.ndarray:
+def check_activation(a, name: str, axis_len: int, shape) -> np.ndarray:
+    """``a`` as a 2-D float32 array whose second axis is ``axis_len`` long (``shape``: the weight's, for the
+    message); ``ValueError`` otherwise. The fused kernels' check too."""
     a = np.asarray(a)
     if a.dtype != np.float32 or a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D float32 array, got {a.dtype} with shape {a.shape}")
@@ -62,7 +64,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     The readable twin of :func:`lora_ref.quant.kernels.matmul_4bit` (same result up to the order of additions).
     """
     w = dequantize_weight(packed, state)                            # (N, K)
-    x = _check(x, "x", w.shape[1], state.shape)                     # (M, K)
+    x = check_activation(x, "x", w.shape[1], state.shape)                     # (M, K)
     return np.matmul(x, w.T)                                        # (M, N)
 
 
@@ -72,5 +74,5 @@ def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     The readable twin of :func:`lora_ref.quant.kernels.matmul_4bit_t`.
     """
     w = dequantize_weight(packed, state)                            # (N, K)
-    dy = _check(dy, "dy", w.shape[0], state.shape)                  # (M, N)
+    dy = check_activation(dy, "dy", w.shape[0], state.shape)                  # (M, N)
     return np.matmul(dy, w)                                         # (M, K)

@@ -539,15 +539,6 @@ def _weight_operands(packed, state):
     return flat_packed, np.ascontiguousarray(absmax, np.float32), code, N, K
 
 
-def _check_activation(x, name: str, cols: int, weight_shape) -> np.ndarray:
-    x = np.asarray(x)
-    if x.dtype != np.float32 or x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D float32 array, got {x.dtype} with shape {x.shape}")
-    if x.shape[1] != cols:
-        raise ValueError(f"{name} has shape {x.shape} but the 4-bit weight has shape {tuple(weight_shape)}")
-    return np.ascontiguousarray(x)
-
-
 def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     """y = x · dequant(W)ᵀ without materialising W: QLoRA's frozen-weight forward ([QLoRA] Eq. 5).
 
@@ -564,7 +555,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     order of the float32 additions differs from the NumPy twin :func:`lora_ref.quant.dequant_matmul.matmul_4bit`.
     """
     flat_packed, absmax, code, N, K = _weight_operands(packed, state)
-    x = _check_activation(x, "x", K, state.shape)
+    x = np.ascontiguousarray(dequant_matmul.check_activation(x, "x", K, state.shape))
     y = np.empty((x.shape[0], N), np.float32)                      # (M, N)
     if x.shape[0] <= ROW_KERNEL_MAX_M:
         if HAS_AVX512 and K % state.blocksize == 0:
@@ -581,7 +572,7 @@ def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     Parameters: ``dy`` float32 (M, N); ``packed``, ``state`` a 4-bit weight W (N, K). Returns float32 (M, K).
     """
     flat_packed, absmax, code, N, K = _weight_operands(packed, state)
-    dy = _check_activation(dy, "dy", N, state.shape)
+    dy = np.ascontiguousarray(dequant_matmul.check_activation(dy, "dy", N, state.shape))
     dx = np.empty((dy.shape[0], K), np.float32)                    # (M, K)
     _tiled_kernel(dy, flat_packed, absmax, code, state.blocksize, N, K, True, dx)
     return dx

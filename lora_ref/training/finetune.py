@@ -129,14 +129,12 @@ def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weigh
     scored with :func:`~lora_ref.training.datasets.mean_nll` before the first and after the last step
     (``History.val_loss``, at ``val_steps`` 0 and ``steps``).
     """
-    import math
     import sys
-    import time
 
     from tqdm.auto import tqdm
 
     from lora_ref.training.datasets import batch_indices, collate, mean_nll
-    from lora_ref.training.loop import History, decay_groups, train_step
+    from lora_ref.training.loop import History, decay_groups, recorded_step
     from lora_ref.training.optim import AdamW, cosine_schedule
 
     if steps < 1 or batch < 1 or not lr > 0:
@@ -156,15 +154,8 @@ def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weigh
                 group["lr"] = lr * cosine_schedule(step, max_lr=1.0, total_steps=steps, warmup_steps=warmup,
                                                    min_lr=0.1)
             x, y = collate([data.examples[i] for i in next(sampler)], pad_id)  # (B, T) each
-            t0 = time.perf_counter()
-            loss = train_step(model, optimizer, x, y, max_grad_norm=max_grad_norm)
-            hist.seconds += time.perf_counter() - t0
-            if not math.isfinite(loss):
-                raise ValueError(f"training diverged: loss {loss} at step {step + 1} "
-                                 f"(lr {optimizer.param_groups[0]['lr']:.3g}); try a smaller --lr")
-            hist.steps = step + 1
-            hist.train_loss.append(loss)
-            hist.lr.append(optimizer.param_groups[0]["lr"])
+            loss = recorded_step(hist, step, model, optimizer, x, y, max_grad_norm=max_grad_norm,
+                                 hint="; try a smaller --lr")
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(1)
     finally:

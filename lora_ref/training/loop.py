@@ -38,7 +38,8 @@ def lm_loss(model, x: np.ndarray, y: np.ndarray) -> Tensor:
     return F.cross_entropy(logits.reshape(B * T, V), np.asarray(y).reshape(B * T))
 
 
-def train_step(model, optimizer, x: np.ndarray, y: np.ndarray, *, max_grad_norm: float | None = 1.0) -> float:
+def train_step(model, optimizer, x: np.ndarray, y: np.ndarray, *, max_grad_norm: float | None = 1.0,
+               loss_fn=lm_loss) -> float:
     """One step: forward, backward, clip the global gradient norm to ``max_grad_norm`` (None: no clipping), update.
 
     Parameters
@@ -47,16 +48,35 @@ def train_step(model, optimizer, x: np.ndarray, y: np.ndarray, *, max_grad_norm:
     optimizer : :class:`lora_ref.training.optim.AdamW` (or anything with ``zero_grad``, ``step``, ``parameters``) holding
         the parameters to train; its learning rate is whatever the caller set.
     x, y : int arrays (B, T): inputs and next-token targets.
+    loss_fn : ``loss_fn(model, x, y)`` → scalar Tensor; :func:`lm_loss` by default (the chapter-12 experiment passes
+        its answer-only loss, :func:`lora_ref.analysis.real_llm.answer_loss`).
 
     Returns the loss (nats per token) before the update, as a Python float.
     """
     optimizer.zero_grad()
-    loss = lm_loss(model, x, y)
+    loss = loss_fn(model, x, y)
     loss.backward()
     if max_grad_norm is not None:
         clip_grad_norm(optimizer.parameters(), max_grad_norm)
     optimizer.step()
     return float(loss.data)
+
+
+def recorded_step(hist: "History", step: int, model, optimizer, x: np.ndarray, y: np.ndarray, *,
+                  max_grad_norm: float | None, hint: str = "") -> float:
+    """Step ``step`` (0-based) of a training loop: :func:`train_step`, its time added to ``hist.seconds``, its loss
+    and learning rate appended to ``hist``. A loss that is not finite raises ``ValueError`` (``hint`` appended to the
+    message) before anything is recorded. Returns the loss."""
+    t0 = time.perf_counter()
+    loss = train_step(model, optimizer, x, y, max_grad_norm=max_grad_norm)
+    hist.seconds += time.perf_counter() - t0
+    if not math.isfinite(loss):
+        raise ValueError(f"training diverged: loss {loss} at step {step + 1} "
+                         f"(lr {optimizer.param_groups[0]['lr']:.3g}){hint}")
+    hist.steps = step + 1
+    hist.train_loss.append(loss)
+    hist.lr.append(optimizer.param_groups[0]["lr"])
+    return loss
 
 
 def evaluate(model, tokens: np.ndarray, batch: int, seq: int, max_batches: int | None = None) -> float:
@@ -198,15 +218,7 @@ def train(model, data, steps: int, lr: float, batch: int, seq: int, rng: np.rand
             for group, peak in zip(optimizer.param_groups, peaks):
                 group["lr"] = peak * factor
             x, y = sample_batch(data.train, batch, seq, rng)  # (B, T) each
-            t0 = time.perf_counter()
-            loss = train_step(model, optimizer, x, y, max_grad_norm=max_grad_norm)
-            hist.seconds += time.perf_counter() - t0
-            if not math.isfinite(loss):
-                raise ValueError(f"training diverged: loss {loss} at step {step + 1} "
-                                 f"(lr {optimizer.param_groups[0]['lr']:.3g})")
-            hist.steps = step + 1
-            hist.train_loss.append(loss)
-            hist.lr.append(optimizer.param_groups[0]["lr"])
+            loss = recorded_step(hist, step, model, optimizer, x, y, max_grad_norm=max_grad_norm)
             done = step + 1
             if done % eval_every == 0 or done == steps:
                 val = validate(done)

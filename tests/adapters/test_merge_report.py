@@ -13,9 +13,9 @@ from lora_ref.adapters.merge_report import NO_4BIT_QUESTION, merge_report
 from lora_ref.modeling.llama import Llama, LlamaConfig
 from lora_ref.quant import dequantize_4bit, quantize_4bit
 from lora_ref.quant.blockwise import unpack_nibbles
+from lora_ref.testing import tiny_llama_config
 
-TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = tiny_llama_config(num_hidden_layers=1)
 
 
 def qlora_llama(seed, b_scale, use_dora=False):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from lora_ref.analysis import experiments as ex
 from lora_ref.modeling.llama import Llama, LlamaConfig
+from lora_ref.testing import tiny_llama_config
 
 
 def orthonormal(n, k, rng):
@@ -181,8 +182,8 @@ def test_bad_input_raises_value_error():
 
 
 # ---------------------------------------------------------------------------------------------- runs (tiny model)
-TINY = dict(vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-5)
+TINY = tiny_llama_config(vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-5)
 
 
 @pytest.fixture()

@@ -12,9 +12,9 @@ from lora_ref.adapters.lora import LoraConfig, inject_lora
 from lora_ref.adapters.peft_files import save_adapter
 from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama, LlamaConfig
+from lora_ref.testing import tiny_llama_config
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = tiny_llama_config(hidden_size=32, intermediate_size=48)
 
 
 def our_base(path, seed=0, **kw):

@@ -12,9 +12,9 @@ from lora_ref.adapters.merge_report import capture_inputs, load_4bit_llama, merg
 from lora_ref.adapters.peft_files import load_adapter, save_adapter
 from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama, LlamaConfig
+from lora_ref.testing import tiny_llama_config
 
-TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = tiny_llama_config()
 
 
 @pytest.fixture

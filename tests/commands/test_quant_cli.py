@@ -19,9 +19,9 @@ import pytest
 from lora_ref.cli import main
 from lora_ref.quant import dequantize_4bit, quantize_4bit
 from lora_ref.quant import serialize as S
+from lora_ref.testing import tiny_llama_config
 
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+TINY = tiny_llama_config(vocab_size=96, max_position_embeddings=32, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")

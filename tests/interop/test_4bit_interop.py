@@ -30,11 +30,11 @@ from lora_ref.adapters.qlora import Linear4bit
 from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama
 from lora_ref.quant import serialize as S
+from lora_ref.testing import tiny_llama_config
 
 pytestmark = pytest.mark.interop
 
-TINY = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+TINY = tiny_llama_config(vocab_size=128, hidden_size=128, intermediate_size=256, tie_word_embeddings=False)
 IDS = np.array([[1, 5, 9, 33, 90, 7, 2, 64, 11, 0, 127, 3]])
 LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
           "mlp.up_proj", "mlp.down_proj")

@@ -12,6 +12,7 @@ from lora_ref.adapters.lora import LoraConfig, inject_lora, merge_and_unload
 from lora_ref.adapters.peft_files import load_adapter, save_adapter
 from lora_ref.autograd.tensor import no_grad
 from lora_ref.modeling.llama import Llama
+from lora_ref.testing import tiny_llama_config
 
 pytestmark = pytest.mark.interop
 
@@ -29,9 +30,8 @@ def base_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny_llama_untied")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-6, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(**tiny_llama_config(hidden_size=32, intermediate_size=48,
+                                                     tie_word_embeddings=False))
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 

@@ -14,6 +14,7 @@ import pytest
 
 from lora_ref.cli import main
 from lora_ref.modeling.tokenizer import load_tokenizer
+from lora_ref.testing import tiny_llama_config
 
 pytestmark = pytest.mark.interop
 
@@ -133,8 +134,7 @@ def test_eval_with_adapter_equals_peft(tmp_path, capsys):
     from lora_ref.adapters.peft_files import save_adapter
     from lora_ref.modeling.llama import Llama, LlamaConfig
 
-    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(**tiny_llama_config(vocab_size=256, hidden_size=32, intermediate_size=64))
     model = Llama(config, rng=np.random.default_rng(0))
     model.save_pretrained(tmp_path / "base")
     inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), rng=np.random.default_rng(1))

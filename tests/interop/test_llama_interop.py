@@ -21,14 +21,14 @@ from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 from lora_ref.modeling.llama import Llama, LlamaConfig, rope_inv_freq
+from lora_ref.testing import tiny_llama_config
 
 pytestmark = pytest.mark.interop
 torch.set_num_threads(1)
 
 TOL = 1e-4  # max abs logit difference, float32
 
-BASE = dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64)
+BASE = tiny_llama_config(vocab_size=50, hidden_size=32, intermediate_size=40, num_key_value_heads=None)
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 

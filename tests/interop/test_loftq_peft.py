@@ -13,6 +13,7 @@ from lora_ref.adapters.loftq import apply_loftq, loftq, save_loftq
 from lora_ref.adapters.lora import LoraConfig
 from lora_ref.autograd.tensor import no_grad
 from lora_ref.modeling.llama import Llama
+from lora_ref.testing import tiny_llama_config
 
 pytestmark = pytest.mark.interop
 
@@ -24,9 +25,7 @@ def base_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny_llama64")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-6)
+    cfg = transformers.LlamaConfig(**tiny_llama_config())
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 

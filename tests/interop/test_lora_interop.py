@@ -30,6 +30,7 @@ from lora_ref.adapters.peft_files import PEFT_CONFIG_DEFAULTS, load_adapter, sav
 from lora_ref.autograd import functional as F  # noqa: E402
 from lora_ref.autograd.tensor import no_grad  # noqa: E402
 from lora_ref.modeling.llama import Llama  # noqa: E402
+from lora_ref.testing import tiny_llama_config
 
 pytestmark = pytest.mark.interop
 torch.set_num_threads(1)
@@ -48,10 +49,7 @@ CONFIGS = {
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
-    base.update(kw)
-    return transformers.LlamaConfig(**base)
+    return transformers.LlamaConfig(**tiny_llama_config(**{"hidden_size": 32, "intermediate_size": 48, **kw}))
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from lora_ref.adapters.peft_files import save_adapter
 from lora_ref.autograd.tensor import no_grad
 from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama, LlamaConfig
+from lora_ref.testing import tiny_llama_config
 
 pytestmark = pytest.mark.interop
 
-TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = tiny_llama_config()
 
 
 def test_report_out_equals_peft_4bit_merge(tmp_path, capsys):

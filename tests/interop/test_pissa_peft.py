@@ -13,6 +13,7 @@ from lora_ref.adapters.peft_files import load_adapter
 from lora_ref.adapters.pissa import save_converted_adapter
 from lora_ref.autograd.tensor import no_grad
 from lora_ref.modeling.llama import Llama
+from lora_ref.testing import tiny_llama_config
 
 pytestmark = pytest.mark.interop
 
@@ -24,9 +25,7 @@ def base_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny_llama")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-6)
+    cfg = transformers.LlamaConfig(**tiny_llama_config(hidden_size=32, intermediate_size=48))
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 
@@ -118,9 +117,7 @@ def test_qpissa_equals_peft_recipe_and_its_conversion(tmp_path):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-6)
+    cfg = transformers.LlamaConfig(**tiny_llama_config())
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     kw = dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     pm = peft.get_peft_model(_hf(tmp_path / "base"), peft.LoraConfig(init_lora_weights="pissa", **kw))

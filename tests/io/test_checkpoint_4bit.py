@@ -20,10 +20,9 @@ from lora_ref.cli import main
 from lora_ref.modeling.llama import Llama, LlamaConfig
 from lora_ref.quant import serialize as S
 from lora_ref.quant.blockwise import quantize_4bit
+from lora_ref.testing import tiny_llama_config
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, attention_bias=True,
-            mlp_bias=True)
+TINY = tiny_llama_config(vocab_size=256, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
 LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
           "mlp.up_proj", "mlp.down_proj")
 IDS = np.array([[1, 5, 9, 33, 90, 7, 2, 64, 11, 0, 255, 3]])
@@ -295,3 +294,26 @@ def test_smollm2_quantized_generates(smollm2_dir, tmp_path):
     # dequantize-then-BLAS 4-bit layers do the float model's arithmetic: logits equal to float32 rounding
     deq_layers = Llama.from_pretrained(out, impl="numpy")
     np.testing.assert_allclose(np.asarray(deq_layers(ids)), np.asarray(ref_model(ids)), rtol=0, atol=1e-5)
+
+
+def test_save_4bit_pretrained_round_trip_and_refusals(q4, tmp_path):
+    """The library's 4-bit writer: a folder from_pretrained reads back to the same codes, scales and biases;
+    a model with parameters a Llama checkpoint lacks (a LoRA layer) or without 4-bit layers is refused."""
+    from lora_ref.adapters.lora import LoraConfig, inject_lora
+    from lora_ref.modeling.llama import save_4bit_pretrained
+
+    model = Llama.from_pretrained(q4)
+    save_4bit_pretrained(model, tmp_path / "again")
+    back = Llama.from_pretrained(tmp_path / "again")
+    assert back.quantization_config["bnb_4bit_use_double_quant"] is True
+    for name in linear_names():
+        a, b = model.get_submodule(name), back.get_submodule(name)
+        np.testing.assert_array_equal(a.weight.data, b.weight.data)
+        np.testing.assert_array_equal(a.dequantize(), b.dequantize())
+        np.testing.assert_array_equal(a.bias.data, b.bias.data)
+    inject_lora(model, LoraConfig(r=2, target_modules=["q_proj"]), rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="first difference: 'model.layers.0.self_attn.q_proj.base_layer"):
+        save_4bit_pretrained(model, tmp_path / "lora")
+    with pytest.raises(ValueError, match="4-bit layers of one kind, found none"):
+        save_4bit_pretrained(Llama(LlamaConfig(**TINY)), tmp_path / "float")
+    assert not (tmp_path / "lora").exists() and not (tmp_path / "float").exists()

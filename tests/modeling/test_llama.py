@@ -26,9 +26,9 @@ from lora_ref.modeling.llama import (
     sample_next_token,
 )
 from lora_ref.modeling.nn import Linear, Module
+from lora_ref.testing import tiny_llama_config
 
-TINY = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32)
+TINY = tiny_llama_config(vocab_size=40, hidden_size=16, intermediate_size=24, max_position_embeddings=32)
 
 
 def tiny(**kw) -> LlamaConfig:

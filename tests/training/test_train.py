@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from lora_ref.modeling.llama import Llama, LlamaConfig
+from lora_ref.testing import tiny_llama_config
 from lora_ref.training.data import Corpus, pretraining_corpus, sample_batch, unigram_bits_per_byte
 from lora_ref.training.loop import History, decay_groups, evaluate, lm_loss, train, train_step
 from lora_ref.training.optim import AdamW
 
-TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=32, rms_norm_eps=1e-5)
+TINY = tiny_llama_config(vocab_size=256, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         max_position_embeddings=32, rms_norm_eps=1e-5)
 
 
 def tiny_model(seed=0):
