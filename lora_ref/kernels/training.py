@@ -292,22 +292,6 @@ def _rotary_forward_kernel(x, cos, sin, out):
                 out[b, k, t, j + h] = x2 * cos[t, j + h] + x1 * sin[t, j + h]
 
 
-@njit(cache=True, parallel=True)
-def _rotary_backward_kernel(g, cos, sin, gx):
-    """gx = g·cos + Rᵀ(g·sin), Rᵀ[y1, y2] = [y2, −y1].  g, gx (B, H, T, E) (any strides); cos, sin (T, E)."""
-    B, H, T, E = g.shape
-    h = E // 2
-    for bh in prange(B * H):
-        b = bh // H
-        k = bh - b * H
-        for t in range(T):
-            for j in range(h):
-                g1 = g[b, k, t, j]
-                g2 = g[b, k, t, j + h]
-                gx[b, k, t, j] = g1 * cos[t, j] + g2 * sin[t, j + h]
-                gx[b, k, t, j + h] = g2 * cos[t, j + h] - g1 * sin[t, j]
-
-
 def _rotary_fits(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> bool:
     """The kernel takes x (B, H, T, E) with E even and cos, sin exactly (T, E)."""
     return (x.ndim == 4 and x.shape[-1] % 2 == 0 and np.shape(cos) == x.shape[-2:]
@@ -326,8 +310,12 @@ def rotary_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
 def rotary_backward(g, x, cos, sin, saved):
     """dL/dx = g·cos + Rᵀ(g·sin), written in the memory layout of ``x`` (e.g. the (B, T, H, E) projection)."""
     cos, sin = saved
+    # Rᵀ[y1, y2] = [y2, −y1], so g·cos + Rᵀ(g·sin) is the forward kernel with sin' = [−sin₂, −sin₁]:
+    # gx₁ = g₁·cos₁ − g₂·(−sin₂), gx₂ = g₂·cos₂ + g₁·(−sin₁) (negation is exact, so the bits are the same)
+    h = sin.shape[-1] // 2
+    back_sin = -np.concatenate([sin[:, h:], sin[:, :h]], axis=1)  # (T, E)
     gx = np.empty_like(x)  # order "K": strides like x
-    _rotary_backward_kernel(g, cos, sin, gx)
+    _rotary_forward_kernel(g, cos, back_sin, gx)
     return gx
 
 
