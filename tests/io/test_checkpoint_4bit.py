@@ -141,6 +141,54 @@ def test_generate_on_a_4bit_folder(q4, tmp_path, capsys):
     assert doc["token_ids"][-12:] == ref[0, -12:].tolist()
 
 
+@pytest.fixture
+def byte_q4(q4, tmp_path):
+    """The 4-bit folder as a byte-level model (without the placeholder tokenizer files the base fixture copies)."""
+    import shutil
+
+    folder = tmp_path / "nf4-bytes"
+    shutil.copytree(q4, folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / f).unlink()
+    return folder
+
+
+def test_eval_on_a_4bit_folder(byte_q4, tmp_path, capsys):
+    text = "def f(x):\n    return x * 2  # doubles\n"
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["eval", "--model", str(byte_q4), "--data", str(tmp_path / "t.txt"), "--seq", "16", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    ids = np.frombuffer(text.encode(), np.uint8).astype(np.int64)
+    model = dequantized_model(byte_q4)
+    nll, count = 0.0, 0
+    for start in range(0, ids.size, 16):  # consecutive windows of 16; a last one of >= 2 tokens counts
+        w = ids[start:start + 16]
+        if w.size < 2:
+            continue
+        z = np.asarray(model(w[None]).data, np.float64)[0, :-1]  # (T-1, V)
+        logp = z - z.max(axis=1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        nll -= logp[np.arange(w.size - 1), w[1:]].sum()
+        count += w.size - 1
+    assert doc["tokens"] == count and doc["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_qlora_finetune_command_on_a_4bit_folder(byte_q4, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    before = (byte_q4 / "model.safetensors").read_bytes()
+    out = tmp_path / "adapter"
+    assert main(["finetune", "--model", str(byte_q4), "--data", str(tmp_path / "t.txt"), "--method", "qlora",
+                 "--steps", "3", "--seq", "32", "--batch", "2", "--lr", "1e-2", "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["train_loss_last"] < doc["train_loss_first"]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert (byte_q4 / "model.safetensors").read_bytes() == before  # the base is only read
+    for method in ("lora", "full"):  # a 4-bit base trains only adapters
+        assert main(["finetune", "--model", str(byte_q4), "--data", str(tmp_path / "t.txt"), "--method", method,
+                     "--steps", "1", "--seq", "32"]) == 1
+        assert "already quantized to 4 bits" in capsys.readouterr().err
+
+
 def test_qlora_finetune_uses_the_4bit_base_as_it_is(q4, tmp_path):
     from lora_ref.adapters.peft_files import save_adapter
     from lora_ref.commands.finetune import finetune, prepare_model
