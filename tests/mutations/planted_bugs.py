@@ -145,12 +145,12 @@ def _dare_without_rescale(p: Patcher) -> None:
 
 def _nf4_threshold_one_code_off(p: Patcher) -> None:
     """NF4's top decision threshold taken one code too low: the midpoint of codes 13 and 14 decides 14 vs 15."""
-    from lora_ref.quant import blockwise
+    from lora_ref.quant import nf4  # the decision tables' one home, read by the NumPy steps and the kernels
 
-    for name in ("_CUDA_NF4_T", "_CPU_NF4_T"):
-        t = getattr(blockwise, name).copy()
+    for name in ("CUDA_NF4_T", "CPU_NF4_T"):
+        t = getattr(nf4, name).copy()
         t[14] = t[13]
-        p.setattr(blockwise, name, t)
+        p.setattr(nf4, name, t)
 
 
 def _absmax_block_off_by_one(p: Patcher) -> None:
