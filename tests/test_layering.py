@@ -111,6 +111,23 @@ def test_packages_import_only_downward():
     assert not bad, "\n".join(sorted(bad))
 
 
+def test_the_library_imports_no_old_module_path():
+    """Old paths (``lora_ref.llama``, ``from lora_ref import tensor`` …) resolve for users, but inside lora_ref
+    they would hide an import from the layering checks above."""
+    import lora_ref
+
+    old = {f"lora_ref.{k}" for k in lora_ref.MOVED}
+    bad = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                bad += [f"{name}: import {a.name}" for a in node.names if a.name in old]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                        if node.module in old or f"{node.module}.{a.name}" in old]
+    assert not bad, "\n".join(bad)
+
+
 def test_top_level_stays_small():
     top = sorted(p.name for p in ROOT.glob("*.py"))
     assert len(top) <= 8, top

@@ -3,7 +3,7 @@
 An adapter saved by PEFT's ``save_pretrained`` loads here with :func:`load_adapter` and gives PEFT's logits; one
 saved with :func:`save_adapter` loads in ``PeftModel.from_pretrained`` (tested live against peft 0.21.2).
 
-The format (peft ``utils/save_and_load.py``, verified; facts.md §4.6):
+The format (peft ``utils/save_and_load.py``, checked against PEFT 0.21.2 in tests/interop):
 
 - ``adapter_model.safetensors``: float32 tensors named ``base_model.model.<module>.lora_A.weight`` (R, in),
   ``….lora_B.weight`` (out, R), ``….lora_B.bias`` (out,) with ``lora_bias``, and ``….lora_magnitude_vector`` (out,)

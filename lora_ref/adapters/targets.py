@@ -2,8 +2,8 @@
 
 ``q_proj,v_proj`` adapts the modules whose names end in ``q_proj`` or ``v_proj`` (PEFT's list rule);
 ``q_proj=16,v_proj`` gives ``q_proj`` rank 16 and ``v_proj`` the ``--r`` rank; ``all-linear`` is every linear layer
-but the output head. ``lora-ref count`` reads it with :func:`lora_ref.counts.parse_targets`; ``lora-ref finetune``
-turns it into a :class:`lora_ref.lora.LoraConfig` with :func:`lora_config_targets` (per-target ranks become PEFT's
+but the output head. ``lora-ref count`` reads it with :func:`lora_ref.analysis.counts.parse_targets`; ``lora-ref finetune``
+turns it into a :class:`lora_ref.adapters.lora.LoraConfig` with :func:`lora_config_targets` (per-target ranks become PEFT's
 ``rank_pattern``, so the saved adapter carries them to PEFT).
 """
 
@@ -62,7 +62,7 @@ def parse(text: str) -> str | dict[str, int | None]:
 
 
 def lora_config_targets(text: str) -> tuple[str | list[str], dict[str, int]]:
-    """``(target_modules, rank_pattern)`` for :class:`lora_ref.lora.LoraConfig` from a ``--targets`` value."""
+    """``(target_modules, rank_pattern)`` for :class:`lora_ref.adapters.lora.LoraConfig` from a ``--targets`` value."""
     entries = parse(text)
     if entries == ALL_LINEAR:
         return ALL_LINEAR, {}

@@ -321,7 +321,7 @@ def load_config(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Presets: HF config.json contents (the keys that matter), with where each came from (facts.md §5).
+# Presets: HF config.json contents (the keys that matter), with where each came from (the model's config.json on the Hugging Face Hub, named per preset).
 # ---------------------------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict] = {
@@ -525,7 +525,7 @@ def lora_trainable(spec: ArchSpec, targets: str | list[str] | dict[str, int], r:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The LoRA paper's trainable-parameter counts (Hu et al. 2021, v2; facts.md §1.2)
+# The LoRA paper's trainable-parameter counts (Hu et al. 2021, arXiv 2106.09685 v2, Tables 2-4 and Appendix)
 # ---------------------------------------------------------------------------------------------------------------
 
 _LORA_PAPER_ROWS = (

@@ -595,7 +595,7 @@ def functional_rank(run: Run, fraction: float = 0.9, ks=None, *, eval_settings: 
 def subspace_basis(A) -> np.ndarray:
     """Orthonormal basis of the row space of ``lora_A`` (R, in): the rows of Vh from svd(A), (min(R, in), in).
 
-    Ordered by singular value, so the first i rows span the top-i directions (the paper's U^i; facts.md §1.4).
+    Ordered by singular value, so the first i rows span the top-i directions (the paper's U^i; Hu et al. 2021, §7.2).
     """
     _, _, Vh = np.linalg.svd(_matrix(A, "lora_A"), full_matrices=False)
     return Vh

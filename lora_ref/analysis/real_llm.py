@@ -434,7 +434,7 @@ def contains_answer(predictions, targets) -> float:
 @functools.lru_cache(maxsize=1)
 def general_text() -> str:
     """General English text for the forgetting measurement: the start of CPython's help pages
-    (:func:`lora_ref.data.pydoc_text`, which ships with every Python; no download), 6,000 characters."""
+    (:func:`lora_ref.training.data.pydoc_text`, which ships with every Python; no download), 6,000 characters."""
     from lora_ref.training.data import pydoc_text
 
     return pydoc_text()[:6000]

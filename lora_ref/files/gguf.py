@@ -22,7 +22,7 @@ in the llama.cpp repository); lora_ref does not teach it. What lora_ref does wri
    two halves of each head ``(x0, x_{d/2}), …``; ``convert_hf_to_gguf.py`` (``LlamaModel.permute``) therefore
    reorders the rows of q and k when it writes a GGUF. We apply the inverse.
 4. **config.json, generation_config.json, tokenizer.json, tokenizer_config.json** from the metadata, so the
-   folder loads in transformers and in :mod:`lora_ref.llama` like any HF checkpoint. The tokenizer is built with
+   folder loads in transformers and in :mod:`lora_ref.modeling.llama` like any HF checkpoint. The tokenizer is built with
    the ``tokenizers`` library the way transformers' own GGUF loader builds it
    (``transformers/integrations/gguf/gguf_tokenizer_mapping.py``), so token ids agree with
    ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``.

@@ -159,16 +159,20 @@ def _sum_row(a, i, n):
 
 
 # ================================================================================================ SwiGLU
+@njit(cache=True, inline="always")
+def _sigmoid32(x):
+    """σ(x) = 1 / (1 + e^−x) in float32, with the vectorizable exp32."""
+    return F32(1.0) / (F32(1.0) + exp32(-x))
+
+
 @njit(cache=True, parallel=True)
 def _swiglu_forward_kernel(a, u, out):
     """out = silu(a) ⊙ u = a·σ(a)·u.  a, u, out: float32 (N, F) C-contiguous."""
     N, Fd = a.shape
-    one = F32(1.0)
     for i in prange(N):
         for j in range(Fd):
             x = a[i, j]
-            s = one / (one + exp32(-x))
-            out[i, j] = (x * s) * u[i, j]
+            out[i, j] = (x * _sigmoid32(x)) * u[i, j]
 
 
 @njit(cache=True, parallel=True)
@@ -179,7 +183,7 @@ def _swiglu_backward_kernel(g, a, u, ga, gu):
     for i in prange(N):
         for j in range(Fd):
             x = a[i, j]
-            s = one / (one + exp32(-x))
+            s = _sigmoid32(x)
             gij = g[i, j]
             ga[i, j] = gij * u[i, j] * (s * (one + x * (one - s)))
             gu[i, j] = gij * (x * s)

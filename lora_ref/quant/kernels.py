@@ -63,6 +63,7 @@ F32 = np.float32
 U64 = np.uint64
 """Hot loops index with unsigned integers: Numba wraps a negative signed index (``a[-1]``), and that check stops
 LLVM from vectorizing the loop. An unsigned index cannot be negative, so the check disappears."""
+_NO_CODES = np.empty(0, np.uint8)  # NF4 in _encode_cuda_kernel: no sign bit, no magnitude table
 _NO_ORDER = np.empty(0, np.int32)
 _FP4_ORDER = np.asarray(nf4.FP4_SORTED_ORDER, np.int32)             # int32: a 32-bit table lookup vectorizes
 _CPU_MIN_ABSMAX = nf4.CPU_MIN_ABSMAX
@@ -116,31 +117,24 @@ def _count_below(s, thresholds, count):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _encode_cuda_nf4_kernel(flat, absmax, blocksize, thresholds, out):
-    """CUDA NF4: s = x · (1/absmax), code = #{t : s > t} over 15 thresholds. A zero block gives 1/0 = inf,
-    0 · inf = NaN, and NaN compares false: code 0."""
+def _encode_cuda_kernel(flat, absmax, blocksize, thresholds, magnitude_codes, out):
+    """CUDA rounding, s = x · (1/absmax). NF4 (``magnitude_codes`` empty): code = #{t : s > t} over 15
+    thresholds; a zero block gives 1/0 = inf, 0 · inf = NaN, and NaN compares false: code 0. FP4: sign bit 0b1000
+    if s < 0 (not for −0.0 or NaN), then the magnitude code of |s| from 7 thresholds."""
     n = flat.shape[0]
+    fp4 = magnitude_codes.shape[0] > 0
     for b in prange(absmax.shape[0]):
         prefer_wide_vectors()
         first, stop = _block_range(b, blocksize, n)
         inv = F32(1.0) / absmax[b]
-        for i in range(first, stop):
-            out[i] = _count_below(flat[i] * inv, thresholds, 15)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _encode_cuda_fp4_kernel(flat, absmax, blocksize, thresholds, magnitude_codes, out):
-    """CUDA FP4: sign bit 0b1000 if s < 0 (not for −0.0 or NaN), then the magnitude code of |s| from 7
-    thresholds."""
-    n = flat.shape[0]
-    for b in prange(absmax.shape[0]):
-        prefer_wide_vectors()
-        first, stop = _block_range(b, blocksize, n)
-        inv = F32(1.0) / absmax[b]
-        for i in range(first, stop):
-            s = flat[i] * inv
-            sign = np.uint8(8) if s < 0 else np.uint8(0)
-            out[i] = magnitude_codes[_count_below(abs(s), thresholds, 7)] | sign
+        if fp4:
+            for i in range(first, stop):
+                s = flat[i] * inv
+                sign = np.uint8(8) if s < 0 else np.uint8(0)
+                out[i] = magnitude_codes[_count_below(abs(s), thresholds, 7)] | sign
+        else:
+            for i in range(first, stop):
+                out[i] = _count_below(flat[i] * inv, thresholds, 15)
 
 
 @njit(cache=True, inline="always")
@@ -188,10 +182,10 @@ def encode_4bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type
     out = np.empty(flat.shape[0], np.uint8)
     if rounding == "cuda":
         if quant_type == "nf4":
-            _encode_cuda_nf4_kernel(flat, absmax, blocksize, nf4.CUDA_NF4_T, out)
+            _encode_cuda_kernel(flat, absmax, blocksize, nf4.CUDA_NF4_T, _NO_CODES, out)
         else:
-            _encode_cuda_fp4_kernel(flat, absmax, blocksize, nf4.CUDA_FP4_T,
-                                    np.asarray(nf4.CUDA_FP4_MAGNITUDE_CODES, np.uint8), out)
+            _encode_cuda_kernel(flat, absmax, blocksize, nf4.CUDA_FP4_T,
+                                np.asarray(nf4.CUDA_FP4_MAGNITUDE_CODES, np.uint8), out)
     elif quant_type == "nf4":
         _encode_cpu_kernel(flat, absmax, blocksize, nf4.CPU_NF4_T, _NO_ORDER, out)
     else:
@@ -439,6 +433,17 @@ def _dot_rows_gather(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w, 
 
 
 @njit(cache=True, inline="always")
+def _dot_decoded_row(x, w, K, r, y):
+    """y[m, r] = Σ_k x[m, k] · w[k] for every row m of x: the products with one decoded weight row w."""
+    for m in range(x.shape[0]):
+        xm = x[m]
+        acc = F32(0.0)
+        for k in range(U64(K)):
+            acc += xm[k] * w[k]
+        y[m, r] = acc
+
+
+@njit(cache=True, inline="always")
 def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w, y):
     """The same with the table in a register (``vpermps``, 16 bytes per step, table scaled per block), so the
     buffer holds the dequantized row and each dot product is one long vectorized sum. The buffer holds each
@@ -451,12 +456,7 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
         s = absmax[r * nb + b]
         for j in range(b * half, (b + 1) * half, 16):
             lut16_decode16(packed, byte0 + j, code, s, w, 2 * j)
-    for m in range(x.shape[0]):
-        xm = x[m]
-        acc = F32(0.0)
-        for k in range(U64(K)):
-            acc += xm[k] * w[k]
-        y[m, r] = acc
+    _dot_decoded_row(x, w, K, r, y)
 
 
 _dot_rows = _dot_rows_permute if HAS_AVX512 else _dot_rows_gather
@@ -489,12 +489,7 @@ def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
                 _dot_rows(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w, y)
             else:
                 _decode_run(packed, absmax, code, blocksize, r * K, w[:K])
-                for m in range(x.shape[0]):
-                    xm = x[m]
-                    acc = F32(0.0)
-                    for k in range(U64(K)):
-                        acc += xm[k] * w[k]
-                    y[m, r] = acc
+                _dot_decoded_row(x, w, K, r, y)
 
 
 _acc_tile = stack_tile_f32(MR, NR)

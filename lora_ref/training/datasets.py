@@ -3,7 +3,7 @@
 Every example is a token sequence ``ids`` (L,) with a boolean ``mask`` (L,): ``mask[t]`` says that token ``t`` is a
 training target, predicted by the model from ``ids[:t]``. The model reads ``x = ids[:-1]`` and is scored on
 ``y = ids[1:]`` where the mask is set; everywhere else the target is :data:`IGNORE_INDEX` (−100), which
-:func:`lora_ref.functional.cross_entropy` leaves out of the mean, as ``torch.nn.functional.cross_entropy`` does. So
+:func:`lora_ref.autograd.functional.cross_entropy` leaves out of the mean, as ``torch.nn.functional.cross_entropy`` does. So
 the loss of a batch is the mean negative log-likelihood over its *target tokens*, however the examples are padded.
 
 Three kinds of file (:func:`load_data`):
@@ -65,7 +65,7 @@ import numpy as np
 __all__ = ["DEFAULT_TEXT_SEQ", "IGNORE_INDEX", "Example", "TokenDataset", "batch_indices", "chat_example", "collate",
            "load_data", "mean_nll", "prompt_completion_example", "read_jsonl", "record_example", "text_examples"]
 
-#: Target value left out of the loss (:func:`lora_ref.functional.cross_entropy`'s and torch's default).
+#: Target value left out of the loss (:func:`lora_ref.autograd.functional.cross_entropy`'s and torch's default).
 IGNORE_INDEX = -100
 
 #: Window length for ``.txt`` data when ``seq`` is not given (``lora-ref eval``'s default window).
@@ -394,8 +394,8 @@ def mean_nll(model, data: TokenDataset | list[Example], batch: int = 8, pad_id: 
     counted once. For records, the loss on their target tokens (assistant turns, completions). Runs in eval mode
     (no dropout) without recording a graph; the model's training flag is restored.
     """
-    from lora_ref import functional as F
-    from lora_ref.tensor import no_grad
+    from lora_ref.autograd import functional as F
+    from lora_ref.autograd.tensor import no_grad
 
     examples = data.examples if isinstance(data, TokenDataset) else list(data)
     was_training = getattr(model, "training", True)

@@ -38,7 +38,8 @@ def _direct(layer, x, W16):
     B = layer.lora_B["default"].weight.data.astype(np.float64)
     s = layer.scaling["default"]
     ref = x64 @ (Wq + s * B @ A).T
-    T32 = (layer.base_layer.dequantize() + layer.get_delta_weight("default")).astype(np.float32)
+    A32, B32 = A.astype(np.float32), B.astype(np.float32)
+    T32 = (layer.base_layer.dequantize() + (B32 @ A32) * np.float32(s)).astype(np.float32)  # PEFT's order: (B·A)·s
     requant = dequantize_4bit(*quantize_4bit(T32, 64, "nf4", True, "cuda"))
     refit = dequantize_4bit(*Q.quantize_4bit_refit(T32, 64, "nf4", True))
     outs = {

@@ -1,4 +1,4 @@
-"""Parameter counts and the memory model against numbers published in the papers (LoRA, QLoRA) and in facts.md.
+"""Parameter counts and the memory model against numbers published in the papers (LoRA, QLoRA) and by transformers and PEFT.
 
 Every expected value here is written out by hand from a paper, a model card or arithmetic on the published
 dimensions; none is produced by lora_ref. Counts the papers print but their stated configurations do not give
@@ -59,7 +59,7 @@ def test_qlora_constants_per_parameter():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# every trainable-parameter count of the LoRA paper's tables (facts.md §1.2)
+# every trainable-parameter count of the LoRA paper's tables (Hu et al. 2021, arXiv 2106.09685 v2)
 # ---------------------------------------------------------------------------------------------------------------
 PAPER = [
     # (model, targets, r, exact count by hand: 2 · L̂ · d · r)
@@ -126,7 +126,7 @@ def test_gpt3_total_from_its_paper_dimensions():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# presets and configs (facts.md §5)
+# presets and configs (the models' config.json files; totals as transformers counts them)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,total", [
     ("llama-3-8b", 8_030_261_248), ("llama-3-70b", 70_553_706_496), ("mistral-7b", 7_241_732_096),

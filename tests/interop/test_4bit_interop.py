@@ -11,7 +11,7 @@
 
 The tiny Llama's linear layers have in_features 128 and 256, multiples of the blocksize 64: bitsandbytes 0.50.2's CPU
 ``dequantize_4bit`` is wrong for 2-D weights whose last dimension is not a multiple of the blocksize
-(tests/test_quant_interop.py), which would make the reference wrong, not lora_ref.
+(tests/interop/test_quant_interop.py), which would make the reference wrong, not lora_ref.
 
 transformers runs in train mode (dropout is 0 here, so it is deterministic): in an eval-mode forward without
 gradients, bitsandbytes 0.50.2 on an AVX512-BF16 CPU repacks each 4-bit weight and computes in bfloat16, after which

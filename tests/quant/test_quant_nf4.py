@@ -165,7 +165,7 @@ def test_dynamic_map_construction_with_fma_is_the_shipped_table():
 
 
 def test_dynamic_map_without_fma_moves_the_42_entries_torch_portable_build_moves():
-    # indices measured with ATEN_CPU_CAPABILITY=default (facts.md §3.4, Appendix A)
+    # indices measured with torch built for ATEN_CPU_CAPABILITY=default, where the map is computed without FMA
     expected = [18, 20, 23, 25, 28, 30, 34, 39, 41, 46, 51, 58, 72, 80, 83, 87, 89, 92, 102, 116, 117, 137, 138,
                 152, 162, 165, 167, 171, 174, 182, 196, 203, 208, 213, 215, 220, 224, 226, 229, 231, 234, 236]
     d = ulps(nf4.dynamic_map(fma=False), nf4.DYNAMIC_MAP)
