@@ -34,15 +34,18 @@ TINY_CORPUS = [
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def _train_tokenizer(vocab_size: int):
+def train_tiny_tokenizer(vocab_size: int = 400, texts=None, special_tokens=None):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts`` (default :data:`TINY_CORPUS` four times) with
+    ``special_tokens`` (default :data:`SPECIAL_TOKENS`): GPT-2's pre-tokenizer and decoder, as SmolLM2's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS if special_tokens is None else special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TINY_CORPUS * 4, trainer)
+    tok.train_from_iterator(TINY_CORPUS * 4 if texts is None else texts, trainer)
     return tok
 
 
@@ -58,7 +61,7 @@ def write_tiny_chat_model(folder: str | os.PathLike, *, rng: np.random.Generator
     from lora_ref.files.outputs import write_json
     from lora_ref.modeling.llama import Llama, LlamaConfig
 
-    tok = _train_tokenizer(vocab_size)
+    tok = train_tiny_tokenizer(vocab_size)
     n_vocab = tok.get_vocab_size(with_added_tokens=True)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     config = LlamaConfig(vocab_size=n_vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,

@@ -34,14 +34,9 @@ def _random_llama(vocab: int, max_pos: int = 64, seed: int = 0) -> Llama:
 @pytest.fixture(scope="module")
 def chat_folder(tmp_path_factory):
     """A model folder with a tiny trained byte-level BPE (vocabulary 300), a chat template and a random Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from lora_ref.testing.tiny_models import train_tiny_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["hello there, how are you today? fine thanks"] * 20, trainer=trainer)
+    tok = train_tiny_tokenizer(300, ["hello there, how are you today? fine thanks"] * 20, ["<unk>", "<s>", "</s>"])
     folder = tmp_path_factory.mktemp("chat") / "model"
     model = _random_llama(tok.get_vocab_size(), max_pos=96)
     model.save_pretrained(folder)

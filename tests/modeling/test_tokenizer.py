@@ -19,15 +19,10 @@ TEMPLATE = ("{% for m in messages %}{{ bos_token + m['role'] + '\n' + m['content
 @pytest.fixture(scope="module")
 def bpe_folder(tmp_path_factory):
     """A folder with a tiny byte-level BPE tokenizer.json (special tokens <s>, </s>) and a tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from lora_ref.testing.tiny_models import train_tiny_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 + ["héllo wörld ünïcode"] * 5,
-                            trainer=trainer)
+    texts = ["the quick brown fox jumps over the lazy dog"] * 20 + ["héllo wörld ünïcode"] * 5
+    tok = train_tiny_tokenizer(300, texts, ["<unk>", "<s>", "</s>"])
     folder = tmp_path_factory.mktemp("bpe")
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
