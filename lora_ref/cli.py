@@ -74,7 +74,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         mod.add_arguments(p)
         if name in THREADED and not any("--threads" in a.option_strings for a in p._actions):
             p.add_argument("--threads", type=int, default=None, metavar="N",
-                           help="threads for Numba's kernels and the BLAS (default: all CPUs)")
+                           help="threads for Numba's kernels and the BLAS (default: $LORA_REF_THREADS, else the CPUs "
+                                "idle when the command starts)")
     return parser
 
 
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     mod = _load(command)
     _interrupt_on_sigterm()
     try:
-        if command in THREADED and args.threads is not None:
-            _set_threads(args.threads)
+        if command in THREADED:  # --threads, else the CPUs idle now (lora_ref.threads.default_threads)
+            _set_threads(args.threads if args.threads is not None else _default_threads())
         return int(mod.run(args) or 0)
     except UsageError as e:
         if os.environ.get("LORA_REF_DEBUG"):
@@ -115,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"lora-ref {command}: interrupted; no partial output was kept\n")
         return 130
+
+
+def _default_threads() -> int:
+    import numba
+
+    from lora_ref.threads import default_threads
+
+    return min(default_threads(), numba.config.NUMBA_NUM_THREADS)
 
 
 def _set_threads(n: int) -> None:

@@ -35,9 +35,13 @@ process), before these defaults → after:
 - a training step of the tutorial model: quiet 0.54-0.68 s → 0.31-0.36 s; busy 0.79-0.80 s → 0.55-0.69 s;
 - greedy decoding of SmolLM2-135M: quiet 1.2 → 23 tokens/s; busy 0.6 → 18-23 tokens/s.
 
-A busy neighbour still costs about 2x: it takes part of a core from two threads that split every product
-evenly, so each product waits for the slower thread. With ``--threads 1`` one neighbour costs nothing (forward
-0.60 s quiet and busy, training step 0.41 / 0.43 s), at the price of the quiet machine's second core.
+A busy neighbour costs two threads far more than its share: it takes part of a core from two threads that split
+every product evenly, so each product waits for the slower thread (SmolLM2 forward 0.38 s quiet, 1.03 s beside one
+busy loop on 2 cores: 2.7x). One thread does not wait for anyone (0.60 s quiet and busy). So the compute commands
+start with :func:`default_threads`: the CPUs that are idle when the command starts (:func:`idle_cpus`, 0.1 s of
+``/proc/stat``), all of them on a quiet machine, one fewer per busy neighbour; ``--threads N`` or
+``LORA_REF_THREADS=N`` sets it by hand. The results do not depend on it: the kernels sum in a fixed number of
+chunks, and OpenBLAS gives each output element to one thread (``tests/test_threads.py`` checks the bits).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["DEFAULTS", "apply_defaults", "limited", "set_threads", "thread_info"]
+__all__ = ["DEFAULTS", "apply_defaults", "default_threads", "idle_cpus", "limited", "set_threads", "thread_info"]
 
 #: Environment variables :func:`apply_defaults` sets when they are unset.
 DEFAULTS: dict[str, str] = {
@@ -66,6 +70,52 @@ def apply_defaults() -> dict[str, str]:
             os.environ[key] = value
             changed[key] = value
     return changed
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from the first line of ``/proc/stat`` (Linux), or None where it is missing."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in (fields[1:9] + ["0"] * 8)[:8])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def idle_cpus(probe: float = 0.1, *, times=_cpu_times) -> int:
+    """How many of the CPUs this process may run on are idle, from ``/proc/stat`` read twice ``probe`` seconds apart
+    (this process sleeps in between, so it counts only the others): the CPUs available to us minus the busy ones,
+    rounded, at least 1. Without ``/proc/stat``: every available CPU."""
+    import time
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    first = times()
+    if first is None:
+        return available
+    time.sleep(probe)
+    second = times()
+    if second is None or second[1] <= first[1]:
+        return available
+    busy_cpus = (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or available)
+    return max(1, min(available, int(available - busy_cpus + 0.5)))
+
+
+def default_threads() -> int:
+    """The thread count a compute command starts with: ``$LORA_REF_THREADS`` if set, else :func:`idle_cpus`."""
+    env = os.environ.get("LORA_REF_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"LORA_REF_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"LORA_REF_THREADS must be a positive integer, got {env!r}")
+        return n
+    return idle_cpus()
 
 
 def set_threads(n: int | None) -> dict:

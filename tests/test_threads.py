@@ -61,3 +61,58 @@ def test_threads_flag_on_compute_commands(capsys):
     code = main(["eval", "--model", "x", "--data", "y", "--threads", str(numba.config.NUMBA_NUM_THREADS + 1)])
     err = capsys.readouterr().err
     assert code == 2 and "--threads must be at most" in err and err.count("\n") == 1
+
+
+def test_idle_cpus_counts_the_other_processes_busy_cpus(monkeypatch):
+    available = len(os.sched_getaffinity(0))
+    total = os.cpu_count()
+    samples = iter([(0, 0), (1000, 1000)])  # every CPU busy over the probe
+    assert threads.idle_cpus(0.0, times=lambda: next(samples)) == 1  # at least one thread
+    samples = iter([(0, 0), (0, 1000)])  # every CPU idle
+    assert threads.idle_cpus(0.0, times=lambda: next(samples)) == available
+    if total >= 2 and available == total:  # one CPU's worth busy out of `total`: one thread fewer
+        samples = iter([(0, 0), (1000 // total, 1000)])
+        assert threads.idle_cpus(0.0, times=lambda: next(samples)) == available - 1
+    assert threads.idle_cpus(0.0, times=lambda: None) == available  # no /proc/stat: every CPU
+    assert 1 <= threads.idle_cpus(0.01) <= available  # the real /proc/stat
+
+
+def test_default_threads_reads_the_environment_first(monkeypatch):
+    monkeypatch.setenv("LORA_REF_THREADS", "1")
+    assert threads.default_threads() == 1
+    for bad in ("0", "two"):
+        monkeypatch.setenv("LORA_REF_THREADS", bad)
+        with pytest.raises(ValueError, match="LORA_REF_THREADS must be a positive integer"):
+            threads.default_threads()
+
+
+def test_compute_commands_start_with_the_default_threads(monkeypatch, tmp_path, capsys):
+    seen = []
+    monkeypatch.setattr(threads, "set_threads", lambda n: seen.append(n) or {})
+    monkeypatch.setenv("LORA_REF_THREADS", "1")
+    main(["eval", "--model", str(tmp_path / "missing"), "--data", "y"])  # fails after the threads are set
+    capsys.readouterr()
+    assert seen == [1]
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Why a load-dependent default is safe: OpenBLAS gives each output element to one thread, and the kernels sum
+    in a fixed number of chunks, so one and two threads give the same bits."""
+    import numpy as np
+
+    from lora_ref.autograd import functional as F
+    from lora_ref.autograd.tensor import Tensor
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 576)).astype(np.float32)
+    b = rng.normal(size=(576, 1536)).astype(np.float32)
+    w = rng.normal(size=576).astype(np.float32)
+    out = []
+    for n in (1, 2):
+        with threads.limited(n):
+            x = Tensor(a, requires_grad=True)
+            y = F.rms_norm(x, Tensor(w), 1e-5)
+            (y.sum()).backward()
+            out.append((a @ b, y.data.copy(), x.grad.copy()))
+    for one, two in zip(*out):
+        assert np.array_equal(one, two)
