@@ -99,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     mod = _load(command)
     _interrupt_on_sigterm()
+    restore = None
     try:
         if command in THREADED:  # --threads, else the CPUs idle now (lora_ref.threads.default_threads)
+            restore = _thread_counts()
             _set_threads(args.threads if args.threads is not None else _default_threads())
         return int(mod.run(args) or 0)
     except UsageError as e:
@@ -116,6 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"lora-ref {command}: interrupted; no partial output was kept\n")
         return 130
+    finally:
+        if restore is not None:  # main() called in a process that goes on: leave its thread pools as they were
+            restore()
+
+
+def _thread_counts():
+    """A function that sets Numba's and the BLAS's thread counts back to what they are now."""
+    import numba
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    numba_threads = numba.get_num_threads()
+    blas = [d.get("num_threads") for d in threadpool_info() if d.get("user_api") == "blas"]
+
+    def restore():
+        numba.set_num_threads(numba_threads)
+        if blas and blas[0]:
+            threadpool_limits(limits=blas[0], user_api="blas")
+
+    return restore
 
 
 def _default_threads() -> int:

@@ -116,3 +116,11 @@ def test_results_do_not_depend_on_the_thread_count():
             out.append((a @ b, y.data.copy(), x.grad.copy()))
     for one, two in zip(*out):
         assert np.array_equal(one, two)
+
+
+def test_main_leaves_the_callers_thread_counts_as_they_were(tmp_path, capsys):
+    before = threads.thread_info()
+    main(["eval", "--model", str(tmp_path / "missing"), "--data", "y", "--threads", "1"])
+    capsys.readouterr()
+    after = threads.thread_info()
+    assert (after["numba_threads"], after["blas_threads"]) == (before["numba_threads"], before["blas_threads"])
