@@ -18,6 +18,17 @@ from lora_ref.testing import tiny_llama_config
 pytestmark = pytest.mark.interop
 
 
+def _assert_same_weights(ours, theirs):
+    """The two adapter folders hold the same tensors, bit for bit."""
+    import safetensors.numpy
+
+    mine = safetensors.numpy.load_file(ours / "adapter_model.safetensors")
+    peft_t = safetensors.numpy.load_file(theirs / "adapter_model.safetensors")
+    assert sorted(mine) == sorted(peft_t)
+    for k in peft_t:
+        np.testing.assert_array_equal(mine[k], peft_t[k])
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     import torch
@@ -40,7 +51,6 @@ def _hf(path):
 @pytest.mark.parametrize("init,rslora", [("pissa", False), ("olora", False), ("pissa", True)])
 def test_conversion_equals_peft(base_dir, tmp_path, init, rslora):
     import peft
-    import safetensors.numpy
     import torch
 
     torch.set_num_threads(1)
@@ -64,11 +74,7 @@ def test_conversion_equals_peft(base_dir, tmp_path, init, rslora):
     ours = load_adapter(Llama.from_pretrained(base_dir), tmp_path / "trained")
     assert ours.peft_config["default"].init_lora_weights == init
     save_converted_adapter(ours, tmp_path / "our_conv", tmp_path / "init")
-    theirs_t = safetensors.numpy.load_file(tmp_path / "peft_conv" / "adapter_model.safetensors")
-    ours_t = safetensors.numpy.load_file(tmp_path / "our_conv" / "adapter_model.safetensors")
-    assert sorted(theirs_t) == sorted(ours_t)
-    for k in theirs_t:
-        np.testing.assert_array_equal(ours_t[k], theirs_t[k])
+    _assert_same_weights(tmp_path / "our_conv", tmp_path / "peft_conv")
     c_theirs = json.loads((tmp_path / "peft_conv" / "adapter_config.json").read_text())
     c_ours = json.loads((tmp_path / "our_conv" / "adapter_config.json").read_text())
     for key in ("r", "lora_alpha", "init_lora_weights", "use_rslora", "rank_pattern", "alpha_pattern",
@@ -109,7 +115,6 @@ def test_qpissa_equals_peft_recipe_and_its_conversion(tmp_path):
     model stays in train mode (dropout 0)."""
     import bitsandbytes.functional as BF
     import peft
-    import safetensors.numpy
     import torch
     import transformers
 
@@ -155,8 +160,4 @@ def test_qpissa_equals_peft_recipe_and_its_conversion(tmp_path):
             getattr(layer, part)["default"].weight.data[...] = state[f"base_model.model.{n}.{part}.default.weight"]
     qm.save_pretrained(tmp_path / "peft_conv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     save_converted_adapter(ours, tmp_path / "our_conv", tmp_path / "init")
-    theirs = safetensors.numpy.load_file(tmp_path / "peft_conv" / "adapter_model.safetensors")
-    mine = safetensors.numpy.load_file(tmp_path / "our_conv" / "adapter_model.safetensors")
-    assert sorted(theirs) == sorted(mine)
-    for k in theirs:
-        np.testing.assert_array_equal(mine[k], theirs[k])
+    _assert_same_weights(tmp_path / "our_conv", tmp_path / "peft_conv")

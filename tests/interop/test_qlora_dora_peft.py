@@ -9,6 +9,7 @@ forward makes bitsandbytes 0.50.2 repack the 4-bit weight, after which PEFT's me
 
 import numpy as np
 import pytest
+from bnb_net import bnb_net
 
 from lora_ref.adapters import qlora as Q
 from lora_ref.autograd.tensor import Tensor
@@ -19,7 +20,6 @@ IN, OUT, R, ALPHA = 128, 64, 4, 8
 
 
 def _build(seed=0, bias=True):
-    import bitsandbytes as bnb
     import peft
     import torch
 
@@ -29,21 +29,7 @@ def _build(seed=0, bias=True):
     W = rng.normal(0, 0.05, (OUT, IN)).astype(np.float32)
     b = rng.normal(0, 0.1, OUT).astype(np.float32) if bias else None
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = bnb.nn.Linear4bit(IN, OUT, bias=bias, compute_dtype=torch.float32, compress_statistics=True,
-                                          quant_type="nf4")
-            self.proj.weight = bnb.nn.Params4bit(torch.from_numpy(W.copy()), requires_grad=False,
-                                                 compress_statistics=True, quant_type="nf4", blocksize=64)
-            if bias:
-                self.proj.bias = torch.nn.Parameter(torch.from_numpy(b.copy()), requires_grad=False)
-
-        def forward(self, x):
-            return self.proj(x)
-
-    net = Net().to("cpu")
-    net.is_loaded_in_4bit = True
+    net = bnb_net(W, b)
     pm = peft.get_peft_model(net, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"],
                                                   init_lora_weights=False, use_dora=True))
     pm.train()

@@ -8,6 +8,7 @@ forward, after which PEFT's merge dequantizes garbage (facts §3.7); train mode 
 
 import numpy as np
 import pytest
+from bnb_net import bnb_net
 
 from lora_ref.adapters import qlora as Q
 from lora_ref.quant import dequantize_4bit
@@ -19,7 +20,6 @@ IN, OUT, R, ALPHA = 128, 96, 4, 16
 
 @pytest.fixture
 def pair():
-    import bitsandbytes as bnb
     import peft
     import torch
 
@@ -29,20 +29,7 @@ def pair():
     W = rng.normal(0, 0.05, (OUT, IN)).astype(np.float32)
     b = rng.normal(0, 0.1, OUT).astype(np.float32)
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = bnb.nn.Linear4bit(IN, OUT, bias=True, compute_dtype=torch.float32, compress_statistics=True,
-                                          quant_type="nf4")
-            self.proj.weight = bnb.nn.Params4bit(torch.from_numpy(W.copy()), requires_grad=False,
-                                                 compress_statistics=True, quant_type="nf4", blocksize=64)
-            self.proj.bias = torch.nn.Parameter(torch.from_numpy(b.copy()), requires_grad=False)
-
-        def forward(self, x):
-            return self.proj(x)
-
-    net = Net().to("cpu")  # quantizes the weight
-    net.is_loaded_in_4bit = True  # what transformers sets; PEFT then wraps the layer in its bnb Linear4bit
+    net = bnb_net(W, b)
     assert net.proj.weight.bnb_quantized
     pm = peft.get_peft_model(net, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"],
                                                   init_lora_weights=False, lora_bias=True))
