@@ -13,6 +13,11 @@ PYTEST_ARGS ?=
 # bitsandbytes on CPU: odd last dimensions otherwise trigger torch.compile.
 export TORCHDYNAMO_DISABLE := 1
 
+# QUICK=1 (make book QUICK=1, make tour QUICK=1): every chapter's small configuration (lora_ref/quick.py).
+ifdef QUICK
+export LORA_REF_QUICK := $(QUICK)
+endif
+
 .PHONY: venv test tour book lab bench bench-readme clean-book
 
 $(STAMP): pyproject.toml

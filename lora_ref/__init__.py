@@ -3,6 +3,7 @@
 The package is laid out in the book's chapter order, each package importing only those above it in this list
 (``tests/test_layering.py`` holds the rule):
 
+    quick       QUICK=1: the small configuration every chapter offers (``lora_ref/quick.py``)
     files       safetensors, HF checkpoint folders, atomic outputs, the artifact cache
     kernels     compiled Numba kernels on arrays, and the switch that turns them on      (chapter 6)
     autograd    Tensor, primitives, fused composites, numerical gradient checks          (chapter 1)
@@ -10,6 +11,7 @@ The package is laid out in the book's chapter order, each package importing only
     quant       NF4/FP4 codes, blockwise quantization, bitsandbytes' format               (chapter 5)
     adapters    LoRA layers and configs, QLoRA over 4-bit bases, PEFT files              (chapters 3, 7)
     merging     combining adapters: TIES, DARE, SVD, concatenation                       (chapter 8)
+    serving     many adapters in one batch (BGMV), continuous batching, the HTTP server     (chapter 13)
     training    corpora, AdamW, the training loop, the tutorial model
     analysis    counts, the memory model, cached experiments                             (chapters 4, 9-11)
     reference   reference vectors, their checker, a torch twin of the model
