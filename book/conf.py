@@ -58,6 +58,7 @@ language = "en"
 extensions = [
     "myst_nb",
     "sphinxcontrib.bibtex",
+    "sphinx_design",  # {dropdown} boxes for the bit-exact detail a first reading can skip
     "lora_ref_book",
 ]
 
