@@ -39,7 +39,7 @@ from lora_ref.autograd import functional as F
 from lora_ref.autograd.tensor import Tensor, no_grad
 from lora_ref.files.outputs import require_dir
 from lora_ref.modeling.llama import KVCache, Llama, rope_cos_sin
-from lora_ref.serving.bgmv import StackedLora, bgmv
+from lora_ref.serving.bgmv import IMPLS, StackedLora, bgmv_unchecked
 
 __all__ = ["AdapterSet", "BatchDecoder", "PROJECTIONS", "read_peft_lora", "write_random_adapter"]
 
@@ -128,7 +128,7 @@ class AdapterSet:
         """The adapters of ``layer`` packed for :func:`bgmv`, and each adapter's slot in the pack (an adapter that
         does not target the layer has none: its rows use index −1 there)."""
         if self._stacks is None:
-            stacks = {}
+            stacks, shared = {}, {}
             module = dict(self.model.named_modules())
             for lname in self._layers:
                 m = module[lname]
@@ -137,6 +137,8 @@ class AdapterSet:
                     if lname in layers:
                         slots[aname] = len(items)
                         items.append(layers[lname])
+                # layers with the same slots share one dict, so a decoder maps its rows to slots once per step
+                slots = shared.setdefault(tuple(slots.items()), slots)
                 stacks[lname] = (StackedLora(items, m.in_features, m.out_features), slots)
             self._stacks = stacks
         return self._stacks[layer]
@@ -236,6 +238,8 @@ class BatchDecoder:
             raise ValueError("BatchDecoder needs an AdapterSet made for the same model")
         if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
         self.model, self.adapters, self.max_batch, self.impl = model, adapters, int(max_batch), impl
         self.config = model.config
         self._rows: dict[int, _Row] = {}
@@ -304,14 +308,14 @@ class BatchDecoder:
         return self._forward(tok.astype(np.int64), [self._rows[r] for r in rows], [1] * len(rows))
 
     # ------------------------------------------------------------------------------------------- the model
-    def _index(self, layer: str, rows: list[_Row], counts: list[int]) -> tuple[StackedLora, np.ndarray]:
-        stack, slots = self.adapters.stacked(layer)
-        per_row = [slots.get(r.adapter, -1) for r in rows]
-        return stack, np.repeat(np.asarray(per_row, dtype=np.int64), counts)
-
-    def _linear(self, name: str, x: np.ndarray, rows, counts) -> np.ndarray:
-        stack, idx = self._index(name, rows, counts)
-        return bgmv(x, self._modules[name], stack, idx, impl=self.impl)
+    def _linear(self, name: str, x: np.ndarray, rows, counts, seen: dict) -> np.ndarray:
+        """bgmv of layer ``name`` on the step's tokens: each token's row → that row's adapter slot in this layer."""
+        stack, slots = self.adapters.stacked(name)
+        idx = seen.get(id(slots))
+        if idx is None:  # computed once per step for each distinct slot map (usually one or two)
+            per_row = np.asarray([slots.get(r.adapter, -1) for r in rows], dtype=np.int64)
+            idx = seen[id(slots)] = np.repeat(per_row, counts)
+        return bgmv_unchecked(np.ascontiguousarray(x, dtype=np.float32), self._modules[name], stack, idx, self.impl)
 
     def _forward(self, ids: np.ndarray, rows: list[_Row], counts: list[int]) -> np.ndarray:
         """ids (N,) = the new tokens of every row one after the other (``counts[j]`` of row j) → logits of each
@@ -322,15 +326,16 @@ class BatchDecoder:
         positions = np.concatenate([np.arange(r.cache.length, r.cache.length + c) for r, c in zip(rows, counts)])
         cos, sin = rope_cos_sin(self.model.model.inv_freq, positions)  # (N, Dh): each token at its own position
         scale = Dh ** -0.5
+        seen: dict = {}
         with no_grad():
             x = self.model.model.embed_tokens.weight.data[ids]  # (N, D)
             for prefix, block in self._blocks:
                 attn = block.self_attn
                 h = F.rms_norm(x, block.input_layernorm.weight.data, block.input_layernorm.eps).data  # (N, D)
                 N = h.shape[0]
-                q = self._linear(prefix + "self_attn.q_proj", h, rows, counts).reshape(N, H, Dh)
-                k = self._linear(prefix + "self_attn.k_proj", h, rows, counts).reshape(N, K, Dh)
-                v = self._linear(prefix + "self_attn.v_proj", h, rows, counts).reshape(N, K, Dh)
+                q = self._linear(prefix + "self_attn.q_proj", h, rows, counts, seen).reshape(N, H, Dh)
+                k = self._linear(prefix + "self_attn.k_proj", h, rows, counts, seen).reshape(N, K, Dh)
+                v = self._linear(prefix + "self_attn.v_proj", h, rows, counts, seen).reshape(N, K, Dh)
                 # (1, heads, N, Dh): the batch's tokens along "time", so cos/sin (N, Dh) rotate each by its position
                 q = F.rotary(q.transpose(1, 0, 2)[None], cos, sin).data
                 k = F.rotary(k.transpose(1, 0, 2)[None], cos, sin).data
@@ -341,13 +346,13 @@ class BatchDecoder:
                     kk, vv = r.cache.update(attn.layer_idx, Tensor(k[:, :, a:b]), Tensor(v[:, :, a:b]))
                     o = F.scaled_dot_product_attention(Tensor(q[:, :, a:b]), kk, vv, causal=True, scale=scale).data
                     y[a:b] = o[0].transpose(1, 0, 2).reshape(b - a, H * Dh)
-                x = x + self._linear(prefix + "self_attn.o_proj", y, rows, counts)
+                x = x + self._linear(prefix + "self_attn.o_proj", y, rows, counts, seen)
                 h = F.rms_norm(x, block.post_attention_layernorm.weight.data,
                                block.post_attention_layernorm.eps).data
-                g = self._linear(prefix + "mlp.gate_proj", h, rows, counts)
-                u = self._linear(prefix + "mlp.up_proj", h, rows, counts)
-                x = x + self._linear(prefix + "mlp.down_proj", F.swiglu(g, u).data, rows, counts)
+                g = self._linear(prefix + "mlp.gate_proj", h, rows, counts, seen)
+                u = self._linear(prefix + "mlp.up_proj", h, rows, counts, seen)
+                x = x + self._linear(prefix + "mlp.down_proj", F.swiglu(g, u).data, rows, counts, seen)
             norm = self.model.model.norm
             last = x[starts[1:] - 1]  # (len(rows), D): the last new token of each row
             h = F.rms_norm(last, norm.weight.data, norm.eps).data
-            return self._linear("lm_head", h, rows, [1] * len(rows))
+            return self._linear("lm_head", h, rows, [1] * len(rows), {})
