@@ -14,7 +14,8 @@ for all rows) is shared. The low-rank part costs r·(in + out) multiply-adds per
 percent of the base's in·out. Punica calls the row-by-row kernel *BGMV* (batched gather matrix-vector: each row
 gathers its adapter's matrices) and the version for runs of rows that share an adapter *SGMV* (segmented gather);
 vLLM splits it into a *shrink* kernel (x·Aᵀ, in → r) and an *expand* kernel (· Bᵀ, r → out, added into y); see
-``vllm/lora/ops/triton_ops/lora_shrink_op.py`` and ``lora_expand_op.py``. Both are here:
+``vllm/lora/ops/triton_ops/lora_shrink_op.py`` and ``lora_expand_op.py`` (GPU), and the plain PyTorch versions
+``bgmv_shrink`` / ``bgmv_expand`` in ``vllm/lora/ops/torch_ops/lora_ops.py``. Both twins are here:
 
 - :func:`bgmv_reference` — the readable twin: group the rows by adapter and run, per group, exactly the products of
   an unmerged :class:`lora_ref.adapters.lora.LoraLinear` (``x·Aᵀ``, then ``·Bᵀ``, then ``× s``, then added).
