@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,8 @@ class AdapterSet:
     the scaling s = α/r (α/√r with rsLoRA). Adapters of different ranks and different targets coexist; each layer
     keeps its adapters packed in one :class:`StackedLora`, rebuilt when an adapter is loaded or unloaded (hot
     swap: rows running with other adapters are not disturbed; an adapter a row is using cannot be unloaded).
+    Loading, unloading and a decoder's step may run in different threads: a lock guards the set, and each decode
+    step reads one consistent snapshot of the packed layers (:meth:`snapshot`).
 
     Supported: plain LoRA on the linear layers of the blocks and on ``lm_head``. Refused with a ``ValueError``
     naming the feature: DoRA, ``lora_bias``, ``modules_to_save``, trained base biases (``bias`` other than
@@ -79,6 +82,7 @@ class AdapterSet:
         self.configs: dict[str, LoraConfig] = {}
         self._stacks: dict[str, tuple[StackedLora, dict[str, int]]] | None = None  # layer -> (packed, name -> slot)
         self._in_use: dict[str, int] = {}
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------- load / unload
     def load(self, name: str, folder: str | os.PathLike) -> None:
@@ -89,20 +93,26 @@ class AdapterSet:
             raise ValueError(f"adapter name must be a non-empty string without surrounding spaces, got {name!r}")
         if name in self._adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
-        layers = read_peft_lora(self.model, folder)
-        self._adapters[name] = layers
-        self.configs[name] = read_adapter_config(folder)
-        self._stacks = None
+        layers = read_peft_lora(self.model, folder)  # the slow part (files), outside the lock
+        config = read_adapter_config(folder)
+        with self._lock:
+            if name in self._adapters:
+                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+            self._adapters[name] = layers
+            self.configs[name] = config
+            self._stacks = None
 
     def unload(self, name: str) -> None:
         """Forget adapter ``name``; ``ValueError`` if it is not loaded or a row of a decoder still uses it."""
-        if name not in self._adapters:
-            raise ValueError(f"no adapter named {name!r} is loaded (loaded: {self.names()})")
-        if self._in_use.get(name, 0):
-            raise ValueError(f"adapter {name!r} is in use by {self._in_use[name]} running row(s); free them first")
-        del self._adapters[name]
-        del self.configs[name]
-        self._stacks = None
+        with self._lock:
+            if name not in self._adapters:
+                raise ValueError(f"no adapter named {name!r} is loaded (loaded: {self.names()})")
+            if self._in_use.get(name, 0):
+                raise ValueError(f"adapter {name!r} is in use by {self._in_use[name]} running row(s); free them "
+                                 "first")
+            del self._adapters[name]
+            del self.configs[name]
+            self._stacks = None
 
     def names(self) -> list[str]:
         """The loaded adapters' names, in load order."""
@@ -119,29 +129,43 @@ class AdapterSet:
 
     # ------------------------------------------------------------------------------------------- for decoders
     def _acquire(self, name: str) -> None:
-        self._in_use[name] = self._in_use.get(name, 0) + 1
+        """Mark ``name`` used by one more row; ``ValueError`` if it is not loaded (checked under the lock, so an
+        unload cannot slip in between)."""
+        with self._lock:
+            if name not in self._adapters:
+                raise ValueError(f"no adapter named {name!r} is loaded (loaded: {self.names()})")
+            self._in_use[name] = self._in_use.get(name, 0) + 1
 
     def _release(self, name: str) -> None:
-        self._in_use[name] -= 1
+        with self._lock:
+            self._in_use[name] -= 1
 
     def stacked(self, layer: str) -> tuple[StackedLora, dict[str, int]]:
         """The adapters of ``layer`` packed for :func:`bgmv`, and each adapter's slot in the pack (an adapter that
         does not target the layer has none: its rows use index −1 there)."""
-        if self._stacks is None:
-            stacks, shared = {}, {}
-            module = dict(self.model.named_modules())
-            for lname in self._layers:
-                m = module[lname]
-                slots, items = {}, []
-                for aname, layers in self._adapters.items():
-                    if lname in layers:
-                        slots[aname] = len(items)
-                        items.append(layers[lname])
-                # layers with the same slots share one dict, so a decoder maps its rows to slots once per step
-                slots = shared.setdefault(tuple(slots.items()), slots)
-                stacks[lname] = (StackedLora(items, m.in_features, m.out_features), slots)
-            self._stacks = stacks
-        return self._stacks[layer]
+        return self.snapshot()[layer]
+
+    def snapshot(self) -> dict[str, tuple[StackedLora, dict[str, int]]]:
+        """{layer: (packed adapters, adapter name → slot)} for every linear layer, as of now; rebuilt after a load
+        or unload. A decode step uses one snapshot throughout, whatever another thread loads meanwhile."""
+        with self._lock:
+            return self._stacks if self._stacks is not None else self._build()
+
+    def _build(self) -> dict[str, tuple[StackedLora, dict[str, int]]]:
+        stacks, shared = {}, {}
+        module = dict(self.model.named_modules())
+        for lname in self._layers:
+            m = module[lname]
+            slots, items = {}, []
+            for aname, layers in self._adapters.items():
+                if lname in layers:
+                    slots[aname] = len(items)
+                    items.append(layers[lname])
+            # layers with the same slots share one dict, so a decoder maps its rows to slots once per step
+            slots = shared.setdefault(tuple(slots.items()), slots)
+            stacks[lname] = (StackedLora(items, m.in_features, m.out_features), slots)
+        self._stacks = stacks
+        return stacks
 
 
 def read_peft_lora(model: Llama, folder: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
@@ -276,15 +300,22 @@ class BatchDecoder:
             raise ValueError(f"row {row} is in use; free it first")
         if adapter is not None and adapter not in self.adapters:
             raise ValueError(f"no adapter named {adapter!r} is loaded (loaded: {self.adapters.names()})")
-        ids = self.model.check_ids(np.asarray(token_ids, dtype=np.int64)[None, :]
-                                   if np.asarray(token_ids).ndim == 1 else token_ids)
+        arr = np.asarray(token_ids)
+        if arr.size == 0:
+            raise ValueError("token_ids must not be empty")
+        ids = self.model.check_ids(arr[None, :] if arr.ndim == 1 else arr)
         if ids.shape[0] != 1:
             raise ValueError(f"token_ids must be one sequence, got shape {ids.shape}")
-        r = _Row(adapter, KVCache(self.config.num_hidden_layers))
-        logits = self._forward(ids[0], [r], [ids.shape[1]])
-        self._rows[row] = r
         if adapter is not None:
-            self.adapters._acquire(adapter)
+            self.adapters._acquire(adapter)  # held from here on: nobody can unload it under the row
+        r = _Row(adapter, KVCache(self.config.num_hidden_layers))
+        try:
+            logits = self._forward(ids[0], [r], [ids.shape[1]])
+        except BaseException:
+            if adapter is not None:
+                self.adapters._release(adapter)
+            raise
+        self._rows[row] = r
         return logits[0]
 
     def decode(self, rows, tokens) -> np.ndarray:
@@ -309,9 +340,10 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------------------------------- the model
     def _linear(self, name: str, x: np.ndarray, rows, counts, seen: dict) -> np.ndarray:
-        """bgmv of layer ``name`` on the step's tokens: each token's row → that row's adapter slot in this layer."""
-        stack, slots = self.adapters.stacked(name)
-        idx = seen.get(id(slots))
+        """bgmv of layer ``name`` on the step's tokens: each token's row → that row's adapter slot in this layer.
+        ``seen`` holds the step's snapshot of the packed layers and the index arrays already made."""
+        stack, slots = seen["snapshot"][name]
+        idx = seen.get(id(slots))  # the snapshot keeps every slot map alive, so ids are not reused in a step
         if idx is None:  # computed once per step for each distinct slot map (usually one or two)
             per_row = np.asarray([slots.get(r.adapter, -1) for r in rows], dtype=np.int64)
             idx = seen[id(slots)] = np.repeat(per_row, counts)
@@ -326,7 +358,8 @@ class BatchDecoder:
         positions = np.concatenate([np.arange(r.cache.length, r.cache.length + c) for r, c in zip(rows, counts)])
         cos, sin = rope_cos_sin(self.model.model.inv_freq, positions)  # (N, Dh): each token at its own position
         scale = Dh ** -0.5
-        seen: dict = {}
+        snapshot = self.adapters.snapshot()  # one consistent set of adapters for the whole step
+        seen: dict = {"snapshot": snapshot}
         with no_grad():
             x = self.model.model.embed_tokens.weight.data[ids]  # (N, D)
             for prefix, block in self._blocks:
@@ -355,4 +388,4 @@ class BatchDecoder:
             norm = self.model.model.norm
             last = x[starts[1:] - 1]  # (len(rows), D): the last new token of each row
             h = F.rms_norm(last, norm.weight.data, norm.eps).data
-            return self._linear("lm_head", h, rows, [1] * len(rows), {})
+            return self._linear("lm_head", h, rows, [1] * len(rows), {"snapshot": snapshot})
