@@ -254,7 +254,8 @@ class BatchDecoder:
 
     ``prefill(row, ids, adapter)`` runs a prompt into a free row and returns the logits of its last position;
     ``decode(rows, tokens)`` feeds one token to each of the given rows (of any lengths, any adapters) as one batch
-    and returns their next-token logits; ``free(row)`` ends a row. Model and adapters are only read.
+    and returns their next-token logits; ``free(row)`` ends a row. Model and adapters are only read. One thread
+    drives a decoder (a server's engine loop); the :class:`AdapterSet` may change from other threads meanwhile.
     """
 
     def __init__(self, model: Llama, adapters: AdapterSet, *, max_batch: int, impl: str = "auto"):
