@@ -191,7 +191,7 @@ class Engine:
         self._commands: collections.deque = collections.deque()
         self._folders: dict[str, Path] = {}  # registered adapters
         self._stopping = False
-        self._counts = {"completed": 0, "cancelled": 0, "errors": 0, "evictions": 0, "loads": 0}
+        self._counts = {"completed": 0, "cancelled": 0, "errors": 0, "evictions": 0, "loads": 0, "peak_running": 0}
         self._running_count = 0
         self._resident: list[str] = []
 
@@ -344,6 +344,7 @@ class Engine:
     def _publish(self) -> None:
         with self._cv:
             self._running_count = len(self._running)
+            self._counts["peak_running"] = max(self._counts["peak_running"], self._running_count)
             self._resident = list(self.adapters.names())
             self._cv.notify_all()
 
