@@ -84,9 +84,7 @@ def run(args) -> int:
     from lora_ref.commands.loading import load_model, model_folder
     from lora_ref.errors import UsageError
     from lora_ref.modeling.generate import stop_token_ids
-    from lora_ref.serving.batch import AdapterSet, BatchDecoder
-    from lora_ref.serving.engine import Engine
-    from lora_ref.serving.server import build_app, run_server
+    from lora_ref.serving.server import create, run_server
     from lora_ref.threads import default_threads
 
     if args.max_batch < 1:
@@ -112,19 +110,15 @@ def run(args) -> int:
         import numba
 
         threads = min(default_threads(), numba.config.NUMBA_NUM_THREADS)
-    adapter_set = AdapterSet(model)
-    engine = Engine(BatchDecoder(model, adapter_set, max_batch=args.max_batch), adapter_set, tok,
-                    stop_ids=stop_token_ids(folder, tok), context=model.config.max_position_embeddings,
-                    max_batch=args.max_batch, max_adapters=args.max_adapters,
-                    rng=np.random.default_rng(args.seed), threads=threads).start()
+    engine, app = create(model, tok, stop_ids=stop_token_ids(folder, tok), served_name=served,
+                         max_batch=args.max_batch, max_adapters=args.max_adapters,
+                         rng=np.random.default_rng(args.seed), threads=threads, root=str(folder))
     try:
         for name, path in adapters:  # each is read and checked now; beyond --max-adapters the oldest are evicted
             try:
                 engine.load_adapter(name, path).result()
             except ValueError as e:
                 raise ValueError(f"--adapter {name}: {e}") from None
-        app = build_app(engine, tok, served_name=served, context=model.config.max_position_embeddings,
-                        vocab_size=model.config.vocab_size, root=str(folder))
 
         def ready(port: int) -> None:
             names = ", ".join(n for n, _ in adapters)

@@ -43,7 +43,7 @@ from aiohttp import web
 
 from lora_ref.serving.engine import Engine, Event, SamplingParams
 
-__all__ = ["ApiError", "BackgroundServer", "build_app", "run_server"]
+__all__ = ["ApiError", "BackgroundServer", "build_app", "create", "run_server"]
 
 _ENGINE = web.AppKey("engine", Engine)
 _INFO = web.AppKey("info", dict)
@@ -433,6 +433,23 @@ def build_app(engine: Engine, tokenizer, *, served_name: str, context: int, voca
         web.get("/stats", stats),
     ])
     return app
+
+
+def create(model, tokenizer, *, stop_ids, served_name: str, max_batch: int, max_adapters: int, rng,
+           threads: int | None = None, root: str = "") -> tuple[Engine, web.Application]:
+    """A started :class:`Engine` over a :class:`~lora_ref.serving.batch.BatchDecoder` for ``model`` (a plain base
+    Llama) and the application serving it. Load adapters with ``engine.load_adapter(name, folder).result()``;
+    ``engine.close()`` when done."""
+    from lora_ref.serving.batch import AdapterSet, BatchDecoder
+
+    adapters = AdapterSet(model)
+    context = model.config.max_position_embeddings
+    engine = Engine(BatchDecoder(model, adapters, max_batch=max_batch), adapters, tokenizer, stop_ids=stop_ids,
+                    context=context, max_batch=max_batch, max_adapters=max_adapters, rng=rng,
+                    threads=threads).start()
+    app = build_app(engine, tokenizer, served_name=served_name, context=context,
+                    vocab_size=model.config.vocab_size, root=root)
+    return engine, app
 
 
 async def _start(app: web.Application, host: str, port: int, shutdown_timeout: float):
