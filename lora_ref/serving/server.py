@@ -538,5 +538,5 @@ class BackgroundServer:
     def __enter__(self):
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *_exc):
         self.stop()
