@@ -7,6 +7,9 @@ Rows (``ratio = ours_s / baseline_s``; lower is better):
   PyTorch (:mod:`lora_ref.reference.torch_model`), run eagerly on the CPU from a copy of our initial weights, on the same batch
   (the losses of both sides are compared before timing); ``qlora_step`` vs ``lora_step``; the memory rows.
 - group ``kernels`` (:func:`lora_ref.bench.quant.kernel_rows`): sgemm and the NF4 kernels.
+- group ``serving`` (:func:`lora_ref.bench.serving.serving_rows`): seconds per generated token on SmolLM2-135M-Instruct
+  (fetched on first use) — four adapters mixed in one batch against one adapter, the batch against one request at
+  a time, and one request's unmerged adapter against the merged model.
 
 Numba, the BLAS and torch are pinned to the same thread count (``--threads``) before any row runs.
 """
@@ -21,6 +24,7 @@ examples:
   lora-ref bench                      # every row
   lora-ref bench train                # training step vs PyTorch, QLoRA vs LoRA step, peak memory
   lora-ref bench kernels --quick      # the kernel rows, fewer repeats
+  lora-ref bench serving              # mixed-adapter batches on SmolLM2-135M-Instruct (fetched on first use)
   lora-ref bench all --json > bench.json
 
 Each row times our code and a baseline doing the same work, alternately in the same run (medians of several
@@ -29,7 +33,7 @@ ratio = our time / baseline time. --quick cuts repeats, never shapes. With --jso
 document {"machine": {...}, "results": [{"name", "ours_s", "baseline", "baseline_s", "ratio", "params"}], "notes": [...]};
 progress goes to stderr. Timings vary with the machine's load; the ratios are the figure to read."""
 
-GROUPS = ("train", "kernels", "all")
+GROUPS = ("train", "kernels", "serving", "all")
 
 
 def add_arguments(p) -> None:
@@ -92,6 +96,11 @@ def run(args) -> int:
         else:
             _log("kernel rows (sgemm, NF4 dequantize / GEMV / quantize)")
             results.extend(kernel_rows(args.quick, threads["threads"]))
+    if args.which in ("serving", "all"):
+        from lora_ref.bench.serving import serving_rows
+
+        _log("serving rows: mixed-adapter batches, batched vs one at a time, unmerged vs merged (SmolLM2-135M)")
+        results.extend(serving_rows(args.quick))
     doc = {"machine": machine(), "results": results, "notes": notes}
     if args.json:
         print(json.dumps(doc, indent=2))

@@ -22,18 +22,26 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 
 from lora_ref.adapters.lora import LoraConfig, LoraLinear, find_targets
-from lora_ref.adapters.peft_files import PREFIX, WEIGHTS_NAME, _read_weights, read_adapter_config
+from lora_ref.adapters.peft_files import (
+    PREFIX,
+    WEIGHTS_NAME,
+    _read_weights,
+    peft_config_dict,
+    read_adapter_config,
+    write_adapter_folder,
+)
 from lora_ref.autograd import functional as F
 from lora_ref.autograd.tensor import Tensor, no_grad
 from lora_ref.files.outputs import require_dir
 from lora_ref.modeling.llama import KVCache, Llama, rope_cos_sin
 from lora_ref.serving.bgmv import StackedLora, bgmv
 
-__all__ = ["AdapterSet", "BatchDecoder", "PROJECTIONS"]
+__all__ = ["AdapterSet", "BatchDecoder", "PROJECTIONS", "read_peft_lora", "write_random_adapter"]
 
 #: The linear layers of one decoder block, by their path inside ``model.layers.N``.
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -184,6 +192,28 @@ def read_peft_lora(model: Llama, folder: str | os.PathLike) -> dict[str, tuple[n
         raise ValueError(f"{wfile} holds tensors this LoRA config does not produce: {unexpected[:5]}"
                          f"{' …' if len(unexpected) > 5 else ''}")
     return out
+
+
+def write_random_adapter(model: Llama, folder: str | os.PathLike, *, rng: np.random.Generator, r: int = 8,
+                         lora_alpha: float = 16, target_modules="all-linear", b_std: float = 0.01) -> Path:
+    """Write a PEFT LoRA adapter folder for ``model`` with random factors, as a stand-in for a trained adapter in
+    tests, benchmarks and the chapter (the cost of serving depends on shapes, not on what the adapter learned).
+
+    A ~ U(±1/√in) (PEFT's Kaiming-uniform init), B ~ N(0, ``b_std``²) (nonzero, unlike a fresh adapter, so the
+    adapter changes the output). ``model`` is only read. The config lists the targeted module names, as PEFT saves
+    ``"all-linear"``.
+    """
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules)
+    targets = find_targets(model, config)
+    tensors = {}
+    for t in targets:
+        m = model.get_submodule(t)
+        rank, _ = config.rank_and_alpha(t)
+        bound = 1.0 / math.sqrt(m.in_features)
+        tensors[f"{PREFIX}{t}.lora_A.weight"] = rng.uniform(-bound, bound, (rank, m.in_features)).astype(np.float32)
+        tensors[f"{PREFIX}{t}.lora_B.weight"] = rng.normal(0.0, b_std, (m.out_features, rank)).astype(np.float32)
+    config.target_modules = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    return write_adapter_folder(folder, tensors, peft_config_dict(model, config))
 
 
 class _Row:

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from lora_ref.adapters.lora import LoraConfig, inject_lora, merge_and_unload
+from lora_ref.adapters.lora import LoraConfig, inject_lora, lora_layers, merge_and_unload
 from lora_ref.adapters.peft_files import load_adapter, save_adapter
 from lora_ref.adapters.qlora import quantize_model
 from lora_ref.autograd.tensor import no_grad
@@ -199,6 +199,22 @@ def test_hot_swap_while_rows_run(base, folders):
     assert aset.names() == ["a", "b"]
     with pytest.raises(ValueError, match="no adapter named 'c'"):
         dec.prefill(1, [1, 2], "c")
+
+
+def test_adapter_set_holds_each_layers_factors_and_scaling_as_lora_ref_loads_them(base, folders):
+    aset = adapter_set(base, folders)
+    for name in ("a", "b", "c"):
+        model = with_adapter(base, folders, name)
+        lora = dict(lora_layers(model))  # lora_ref's own reading, adapter "default"
+        held = aset.layers_of(name)
+        assert sorted(held) == sorted(lora)
+        for layer, (A, B, s) in held.items():
+            assert np.array_equal(A, lora[layer].lora_A["default"].weight.data)
+            assert np.array_equal(B, lora[layer].lora_B["default"].weight.data)
+            assert s == lora[layer].scaling["default"]
+    assert aset.layers_of("b")["model.layers.0.self_attn.q_proj"][2] == 4 / np.sqrt(8)  # rsLoRA: α/√r
+    with pytest.raises(ValueError, match="no adapter named"):
+        aset.layers_of("zz")
 
 
 def test_free_row_is_reusable_and_lengths_are_tracked(base, folders):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lora_ref.modeling.linear4bit import Linear4bit
 from lora_ref.modeling.nn import Linear
-from lora_ref.serving.bgmv import StackedLora, bgmv, bgmv_kernel, bgmv_reference
+from lora_ref.serving.bgmv import StackedLora, bgmv, bgmv_kernel
 
 
 def make_adapters(rng, d_in, d_out, ranks):
