@@ -23,10 +23,10 @@ N = 10
 def served(smollm2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-real")
     model = Llama.from_pretrained(smollm2_dir)
-    folders = {"x": write_random_adapter(model, root / "x", rng=np.random.default_rng(0), r=8, target_modules=["q_proj", "v_proj"],
-                                         b_std=0.2),
-               "y": write_random_adapter(model, root / "y", rng=np.random.default_rng(0), r=16, b_std=0.1)}  # strong enough to change
-                                                                                          # the answer
+    # strong enough that each adapter changes the greedy answer (checked below)
+    folders = {"x": write_random_adapter(model, root / "x", rng=np.random.default_rng(0), r=8,
+                                         target_modules=["q_proj", "v_proj"], b_std=0.2),
+               "y": write_random_adapter(model, root / "y", rng=np.random.default_rng(0), r=16, b_std=0.1)}
     tok = load_tokenizer(smollm2_dir)
     engine, app = create(model, tok, stop_ids=stop_token_ids(smollm2_dir, tok), served_name="smollm2",
                          max_batch=4, max_adapters=2, rng=np.random.default_rng(0), threads=1)
