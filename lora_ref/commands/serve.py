@@ -79,13 +79,7 @@ def run(args) -> int:
     import math
     import sys
 
-    import numpy as np
-
-    from lora_ref.commands.loading import load_model, model_folder
     from lora_ref.errors import UsageError
-    from lora_ref.modeling.generate import stop_token_ids
-    from lora_ref.serving.server import create, run_server
-    from lora_ref.threads import default_threads
 
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
@@ -101,6 +95,36 @@ def run(args) -> int:
     if not served.strip():
         raise UsageError("--served-name must not be empty")
     adapters = parse_adapters(args.adapter, served)
+
+    import signal
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    try:  # SIGTERM while starting: stop as well, exit 0 (a server's normal end; run_server handles it afterwards)
+        signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        return _serve(args, served, adapters)
+    except _Terminated:
+        sys.stderr.write("lora-ref serve: stopped before serving\n")
+        return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived before the server listened."""
+
+
+def _serve(args, served: str, adapters: list[tuple[str, str]]) -> int:
+    import sys
+
+    import numpy as np
+
+    from lora_ref.commands.loading import load_model, model_folder
+    from lora_ref.modeling.generate import stop_token_ids
+    from lora_ref.serving.server import create, run_server
+    from lora_ref.threads import default_threads
 
     folder = model_folder(args.model)
     model, tok = load_model(folder, None, command="serve")

@@ -157,22 +157,27 @@ class Engine:
     :class:`~lora_ref.serving.batch.AdapterSet`); ``tokenizer`` decodes the generated tokens (``decode(ids)``);
     ``stop_ids`` are the end-of-sequence ids (:func:`lora_ref.modeling.generate.stop_token_ids`); ``context`` is
     the model's ``max_position_embeddings``. ``max_batch`` rows run at once (at most the decoder's); at most
-    ``max_adapters`` adapters are resident. ``rng`` draws the seeds of requests that give none. ``threads`` sets
-    Numba's and the BLAS's thread counts in the compute thread (``None``: as they are); a decode step of a single
-    row runs on one thread (:func:`lora_ref.threads.limited`), as ``lora-ref generate`` does.
+    ``max_adapters`` adapters are resident. Between two decode steps, waiting requests are prefilled until about
+    ``prefill_budget`` prompt tokens have run (at least one request). ``rng`` draws the seeds of requests that
+    give none. ``threads`` sets Numba's and the BLAS's thread counts in the compute thread (``None``: as they
+    are); a decode step of a single row runs on one thread (:func:`lora_ref.threads.limited`), as
+    ``lora-ref generate`` does.
 
     Adapters already in ``adapters`` when the engine starts are resident but not registered (no folder to reload
     them from): :meth:`register_adapter` each one, or load them with :meth:`load_adapter`.
     """
 
     def __init__(self, decoder, adapters, tokenizer, *, stop_ids=(), context: int, max_batch: int,
-                 max_adapters: int, rng: np.random.Generator, threads: int | None = None):
+                 max_adapters: int, rng: np.random.Generator, threads: int | None = None,
+                 prefill_budget: int = 512):
         if not _is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not _is_int(max_adapters) or max_adapters < 1:
             raise ValueError(f"max_adapters must be an integer >= 1, got {max_adapters!r}")
         if not _is_int(context) or context < 2:
             raise ValueError(f"context must be an integer >= 2, got {context!r}")
+        if not _is_int(prefill_budget) or prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
         if not isinstance(rng, np.random.Generator):
             raise ValueError("rng must be a np.random.Generator")
         self.decoder = decoder
@@ -183,6 +188,7 @@ class Engine:
         self.max_batch = int(max_batch)
         self.max_adapters = int(max_adapters)
         self.threads = threads
+        self.prefill_budget = int(prefill_budget)
         self._rng = rng
         self._ids = itertools.count(1)
 
@@ -443,21 +449,33 @@ class Engine:
 
     # scheduling
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, in arrival order (a request whose adapter cannot be made
-        resident yet stays waiting, and later ones may pass it)."""
+        """Prefill waiting requests into free rows, in arrival order, until about ``prefill_budget`` prompt tokens
+        have run (at least one request), so the running rows get their next decode step soon even when many
+        requests arrive at once. A request whose adapter cannot be made resident yet stays waiting, and later ones
+        may pass it."""
         with self._cv:
             waiting = list(self._waiting)
+        spent = 0
         for req in waiting:
-            if not self._free_rows:
+            if not self._free_rows or spent >= self.prefill_budget:
                 return
+            with self._cv:
+                if self._stopping:
+                    return
+            if req.cancelled:
+                continue  # reaped at the next iteration
             ok = self._ensure_resident(req)
             if ok is False:
                 continue
             with self._cv:
                 self._waiting.remove(req)
+                if ok:  # counted as running from the moment it leaves the queue (wait_idle must not see a gap)
+                    self._running_count += 1
             if ok is None:
                 continue
             self._prefill(req)
+            spent += len(req.prompt_ids)
+            self._publish()
 
     def _prefill(self, req: Request) -> None:
         req.row = self._free_rows.pop()

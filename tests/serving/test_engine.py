@@ -75,11 +75,11 @@ class ScriptedDecoder:
         del self.rows[row]
 
 
-def make_engine(script, *, max_batch=4, max_adapters=2):
+def make_engine(script, *, max_batch=4, max_adapters=2, prefill_budget=512):
     adapters = ScriptedAdapters()
     dec = ScriptedDecoder(adapters, script, max_batch)
     eng = Engine(dec, adapters, ByteTokenizer(), stop_ids=(EOS,), context=64, max_batch=max_batch,
-                 max_adapters=max_adapters, rng=np.random.default_rng(0))
+                 max_adapters=max_adapters, rng=np.random.default_rng(0), prefill_budget=prefill_budget)
     return eng, dec, adapters
 
 
@@ -135,6 +135,15 @@ def test_rows_join_leave_and_stop_by_their_own_rules():
     assert dec.steps[0] == [0, 1, 2] and max(len(s) for s in dec.steps) == 3
     assert eng.stats()["peak_running"] == 3 and eng.stats()["completed"] == 5
     assert dec.rows == {}  # every row freed
+
+
+def test_prefill_budget_lets_running_rows_step_between_prefills():
+    """With a budget of 3 prompt tokens, each 3-token prompt is prefilled in its own iteration, followed by a decode
+    step of the rows running so far: the batch grows by one row per step instead of stalling behind all prefills."""
+    eng, dec, _ = make_engine({"p1a": "x" * 9, "p2a": "y" * 9, "p3a": "z" * 9}, max_batch=3, prefill_budget=3)
+    sinks = run_all(eng, [(p, None, SamplingParams(max_tokens=20)) for p in ("p1a", "p2a", "p3a")])
+    assert [s.text for s in sinks] == ["x" * 9, "y" * 9, "z" * 9]
+    assert dec.steps[:3] == [[0], [0, 1], [0, 1, 2]]
 
 
 def test_stop_string_is_held_back_until_it_cannot_start_a_stop():
