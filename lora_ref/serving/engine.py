@@ -285,10 +285,6 @@ class Engine:
                     "max_adapters": self.max_adapters, "adapters_resident": list(self._resident),
                     "adapters_registered": list(self._folders), **self._counts}
 
-    def idle(self) -> bool:
-        with self._cv:
-            return self._running_count == 0 and not self._waiting
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no request runs or waits (or ``timeout`` seconds pass); True if idle."""
         deadline = None if timeout is None else time.monotonic() + timeout
