@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from lora_ref.autograd import functional as F
 from lora_ref.autograd.tensor import Tensor, no_grad
 from lora_ref.files.outputs import require_dir
 from lora_ref.modeling.llama import KVCache, Llama, rope_cos_sin
-from lora_ref.serving.bgmv import StackedLora, bgmv
+from lora_ref.serving.bgmv import IMPLS, StackedLora, bgmv_unchecked
 
 __all__ = ["AdapterSet", "BatchDecoder", "PROJECTIONS", "read_peft_lora", "write_random_adapter"]
 
@@ -61,6 +62,8 @@ class AdapterSet:
     the scaling s = α/r (α/√r with rsLoRA). Adapters of different ranks and different targets coexist; each layer
     keeps its adapters packed in one :class:`StackedLora`, rebuilt when an adapter is loaded or unloaded (hot
     swap: rows running with other adapters are not disturbed; an adapter a row is using cannot be unloaded).
+    Loading, unloading and a decoder's step may run in different threads: a lock guards the set, and each decode
+    step reads one consistent snapshot of the packed layers (:meth:`snapshot`).
 
     Supported: plain LoRA on the linear layers of the blocks and on ``lm_head``. Refused with a ``ValueError``
     naming the feature: DoRA, ``lora_bias``, ``modules_to_save``, trained base biases (``bias`` other than
@@ -79,6 +82,7 @@ class AdapterSet:
         self.configs: dict[str, LoraConfig] = {}
         self._stacks: dict[str, tuple[StackedLora, dict[str, int]]] | None = None  # layer -> (packed, name -> slot)
         self._in_use: dict[str, int] = {}
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------- load / unload
     def load(self, name: str, folder: str | os.PathLike) -> None:
@@ -89,20 +93,26 @@ class AdapterSet:
             raise ValueError(f"adapter name must be a non-empty string without surrounding spaces, got {name!r}")
         if name in self._adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
-        layers = read_peft_lora(self.model, folder)
-        self._adapters[name] = layers
-        self.configs[name] = read_adapter_config(folder)
-        self._stacks = None
+        layers = read_peft_lora(self.model, folder)  # the slow part (files), outside the lock
+        config = read_adapter_config(folder)
+        with self._lock:
+            if name in self._adapters:
+                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+            self._adapters[name] = layers
+            self.configs[name] = config
+            self._stacks = None
 
     def unload(self, name: str) -> None:
         """Forget adapter ``name``; ``ValueError`` if it is not loaded or a row of a decoder still uses it."""
-        if name not in self._adapters:
-            raise ValueError(f"no adapter named {name!r} is loaded (loaded: {self.names()})")
-        if self._in_use.get(name, 0):
-            raise ValueError(f"adapter {name!r} is in use by {self._in_use[name]} running row(s); free them first")
-        del self._adapters[name]
-        del self.configs[name]
-        self._stacks = None
+        with self._lock:
+            if name not in self._adapters:
+                raise ValueError(f"no adapter named {name!r} is loaded (loaded: {self.names()})")
+            if self._in_use.get(name, 0):
+                raise ValueError(f"adapter {name!r} is in use by {self._in_use[name]} running row(s); free them "
+                                 "first")
+            del self._adapters[name]
+            del self.configs[name]
+            self._stacks = None
 
     def names(self) -> list[str]:
         """The loaded adapters' names, in load order."""
@@ -119,27 +129,43 @@ class AdapterSet:
 
     # ------------------------------------------------------------------------------------------- for decoders
     def _acquire(self, name: str) -> None:
-        self._in_use[name] = self._in_use.get(name, 0) + 1
+        """Mark ``name`` used by one more row; ``ValueError`` if it is not loaded (checked under the lock, so an
+        unload cannot slip in between)."""
+        with self._lock:
+            if name not in self._adapters:
+                raise ValueError(f"no adapter named {name!r} is loaded (loaded: {self.names()})")
+            self._in_use[name] = self._in_use.get(name, 0) + 1
 
     def _release(self, name: str) -> None:
-        self._in_use[name] -= 1
+        with self._lock:
+            self._in_use[name] -= 1
 
     def stacked(self, layer: str) -> tuple[StackedLora, dict[str, int]]:
         """The adapters of ``layer`` packed for :func:`bgmv`, and each adapter's slot in the pack (an adapter that
         does not target the layer has none: its rows use index −1 there)."""
-        if self._stacks is None:
-            stacks = {}
-            module = dict(self.model.named_modules())
-            for lname in self._layers:
-                m = module[lname]
-                slots, items = {}, []
-                for aname, layers in self._adapters.items():
-                    if lname in layers:
-                        slots[aname] = len(items)
-                        items.append(layers[lname])
-                stacks[lname] = (StackedLora(items, m.in_features, m.out_features), slots)
-            self._stacks = stacks
-        return self._stacks[layer]
+        return self.snapshot()[layer]
+
+    def snapshot(self) -> dict[str, tuple[StackedLora, dict[str, int]]]:
+        """{layer: (packed adapters, adapter name → slot)} for every linear layer, as of now; rebuilt after a load
+        or unload. A decode step uses one snapshot throughout, whatever another thread loads meanwhile."""
+        with self._lock:
+            return self._stacks if self._stacks is not None else self._build()
+
+    def _build(self) -> dict[str, tuple[StackedLora, dict[str, int]]]:
+        stacks, shared = {}, {}
+        module = dict(self.model.named_modules())
+        for lname in self._layers:
+            m = module[lname]
+            slots, items = {}, []
+            for aname, layers in self._adapters.items():
+                if lname in layers:
+                    slots[aname] = len(items)
+                    items.append(layers[lname])
+            # layers with the same slots share one dict, so a decoder maps its rows to slots once per step
+            slots = shared.setdefault(tuple(slots.items()), slots)
+            stacks[lname] = (StackedLora(items, m.in_features, m.out_features), slots)
+        self._stacks = stacks
+        return stacks
 
 
 def read_peft_lora(model: Llama, folder: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
@@ -228,7 +254,8 @@ class BatchDecoder:
 
     ``prefill(row, ids, adapter)`` runs a prompt into a free row and returns the logits of its last position;
     ``decode(rows, tokens)`` feeds one token to each of the given rows (of any lengths, any adapters) as one batch
-    and returns their next-token logits; ``free(row)`` ends a row. Model and adapters are only read.
+    and returns their next-token logits; ``free(row)`` ends a row. Model and adapters are only read. One thread
+    drives a decoder (a server's engine loop); the :class:`AdapterSet` may change from other threads meanwhile.
     """
 
     def __init__(self, model: Llama, adapters: AdapterSet, *, max_batch: int, impl: str = "auto"):
@@ -236,6 +263,8 @@ class BatchDecoder:
             raise ValueError("BatchDecoder needs an AdapterSet made for the same model")
         if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
         self.model, self.adapters, self.max_batch, self.impl = model, adapters, int(max_batch), impl
         self.config = model.config
         self._rows: dict[int, _Row] = {}
@@ -272,15 +301,22 @@ class BatchDecoder:
             raise ValueError(f"row {row} is in use; free it first")
         if adapter is not None and adapter not in self.adapters:
             raise ValueError(f"no adapter named {adapter!r} is loaded (loaded: {self.adapters.names()})")
-        ids = self.model.check_ids(np.asarray(token_ids, dtype=np.int64)[None, :]
-                                   if np.asarray(token_ids).ndim == 1 else token_ids)
+        arr = np.asarray(token_ids)
+        if arr.size == 0:
+            raise ValueError("token_ids must not be empty")
+        ids = self.model.check_ids(arr[None, :] if arr.ndim == 1 else arr)
         if ids.shape[0] != 1:
             raise ValueError(f"token_ids must be one sequence, got shape {ids.shape}")
-        r = _Row(adapter, KVCache(self.config.num_hidden_layers))
-        logits = self._forward(ids[0], [r], [ids.shape[1]])
-        self._rows[row] = r
         if adapter is not None:
-            self.adapters._acquire(adapter)
+            self.adapters._acquire(adapter)  # held from here on: nobody can unload it under the row
+        r = _Row(adapter, KVCache(self.config.num_hidden_layers))
+        try:
+            logits = self._forward(ids[0], [r], [ids.shape[1]])
+        except BaseException:
+            if adapter is not None:
+                self.adapters._release(adapter)
+            raise
+        self._rows[row] = r
         return logits[0]
 
     def decode(self, rows, tokens) -> np.ndarray:
@@ -304,14 +340,15 @@ class BatchDecoder:
         return self._forward(tok.astype(np.int64), [self._rows[r] for r in rows], [1] * len(rows))
 
     # ------------------------------------------------------------------------------------------- the model
-    def _index(self, layer: str, rows: list[_Row], counts: list[int]) -> tuple[StackedLora, np.ndarray]:
-        stack, slots = self.adapters.stacked(layer)
-        per_row = [slots.get(r.adapter, -1) for r in rows]
-        return stack, np.repeat(np.asarray(per_row, dtype=np.int64), counts)
-
-    def _linear(self, name: str, x: np.ndarray, rows, counts) -> np.ndarray:
-        stack, idx = self._index(name, rows, counts)
-        return bgmv(x, self._modules[name], stack, idx, impl=self.impl)
+    def _linear(self, name: str, x: np.ndarray, rows, counts, seen: dict) -> np.ndarray:
+        """bgmv of layer ``name`` on the step's tokens: each token's row → that row's adapter slot in this layer.
+        ``seen`` holds the step's snapshot of the packed layers and the index arrays already made."""
+        stack, slots = seen["snapshot"][name]
+        idx = seen.get(id(slots))  # the snapshot keeps every slot map alive, so ids are not reused in a step
+        if idx is None:  # computed once per step for each distinct slot map (usually one or two)
+            per_row = np.asarray([slots.get(r.adapter, -1) for r in rows], dtype=np.int64)
+            idx = seen[id(slots)] = np.repeat(per_row, counts)
+        return bgmv_unchecked(np.ascontiguousarray(x, dtype=np.float32), self._modules[name], stack, idx, self.impl)
 
     def _forward(self, ids: np.ndarray, rows: list[_Row], counts: list[int]) -> np.ndarray:
         """ids (N,) = the new tokens of every row one after the other (``counts[j]`` of row j) → logits of each
@@ -322,15 +359,17 @@ class BatchDecoder:
         positions = np.concatenate([np.arange(r.cache.length, r.cache.length + c) for r, c in zip(rows, counts)])
         cos, sin = rope_cos_sin(self.model.model.inv_freq, positions)  # (N, Dh): each token at its own position
         scale = Dh ** -0.5
+        snapshot = self.adapters.snapshot()  # one consistent set of adapters for the whole step
+        seen: dict = {"snapshot": snapshot}
         with no_grad():
             x = self.model.model.embed_tokens.weight.data[ids]  # (N, D)
             for prefix, block in self._blocks:
                 attn = block.self_attn
                 h = F.rms_norm(x, block.input_layernorm.weight.data, block.input_layernorm.eps).data  # (N, D)
                 N = h.shape[0]
-                q = self._linear(prefix + "self_attn.q_proj", h, rows, counts).reshape(N, H, Dh)
-                k = self._linear(prefix + "self_attn.k_proj", h, rows, counts).reshape(N, K, Dh)
-                v = self._linear(prefix + "self_attn.v_proj", h, rows, counts).reshape(N, K, Dh)
+                q = self._linear(prefix + "self_attn.q_proj", h, rows, counts, seen).reshape(N, H, Dh)
+                k = self._linear(prefix + "self_attn.k_proj", h, rows, counts, seen).reshape(N, K, Dh)
+                v = self._linear(prefix + "self_attn.v_proj", h, rows, counts, seen).reshape(N, K, Dh)
                 # (1, heads, N, Dh): the batch's tokens along "time", so cos/sin (N, Dh) rotate each by its position
                 q = F.rotary(q.transpose(1, 0, 2)[None], cos, sin).data
                 k = F.rotary(k.transpose(1, 0, 2)[None], cos, sin).data
@@ -341,13 +380,13 @@ class BatchDecoder:
                     kk, vv = r.cache.update(attn.layer_idx, Tensor(k[:, :, a:b]), Tensor(v[:, :, a:b]))
                     o = F.scaled_dot_product_attention(Tensor(q[:, :, a:b]), kk, vv, causal=True, scale=scale).data
                     y[a:b] = o[0].transpose(1, 0, 2).reshape(b - a, H * Dh)
-                x = x + self._linear(prefix + "self_attn.o_proj", y, rows, counts)
+                x = x + self._linear(prefix + "self_attn.o_proj", y, rows, counts, seen)
                 h = F.rms_norm(x, block.post_attention_layernorm.weight.data,
                                block.post_attention_layernorm.eps).data
-                g = self._linear(prefix + "mlp.gate_proj", h, rows, counts)
-                u = self._linear(prefix + "mlp.up_proj", h, rows, counts)
-                x = x + self._linear(prefix + "mlp.down_proj", F.swiglu(g, u).data, rows, counts)
+                g = self._linear(prefix + "mlp.gate_proj", h, rows, counts, seen)
+                u = self._linear(prefix + "mlp.up_proj", h, rows, counts, seen)
+                x = x + self._linear(prefix + "mlp.down_proj", F.swiglu(g, u).data, rows, counts, seen)
             norm = self.model.model.norm
             last = x[starts[1:] - 1]  # (len(rows), D): the last new token of each row
             h = F.rms_norm(last, norm.weight.data, norm.eps).data
-            return self._linear("lm_head", h, rows, [1] * len(rows))
+            return self._linear("lm_head", h, rows, [1] * len(rows), {"snapshot": snapshot})

@@ -14,13 +14,16 @@ for all rows) is shared. The low-rank part costs r·(in + out) multiply-adds per
 percent of the base's in·out. Punica calls the row-by-row kernel *BGMV* (batched gather matrix-vector: each row
 gathers its adapter's matrices) and the version for runs of rows that share an adapter *SGMV* (segmented gather);
 vLLM splits it into a *shrink* kernel (x·Aᵀ, in → r) and an *expand* kernel (· Bᵀ, r → out, added into y); see
-``vllm/lora/ops/triton_ops/lora_shrink_op.py`` and ``lora_expand_op.py``. Both are here:
+``vllm/lora/ops/triton_ops/lora_shrink_op.py`` and ``lora_expand_op.py`` (GPU), and the plain PyTorch versions
+``bgmv_shrink`` / ``bgmv_expand`` in ``vllm/lora/ops/torch_ops/lora_ops.py``. Both twins are here:
 
 - :func:`bgmv_reference` — the readable twin: group the rows by adapter and run, per group, exactly the products of
   an unmerged :class:`lora_ref.adapters.lora.LoraLinear` (``x·Aᵀ``, then ``·Bᵀ``, then ``× s``, then added).
-- :func:`bgmv_kernel` — Numba: the shrink and expand per row, reading the adapters from one stacked, rank-padded
-  array (:class:`StackedLora`, vLLM's ``lora_a_stacked`` / ``lora_b_stacked`` layout). Rows are independent, so a
-  row's result does not depend on which other rows share the batch.
+- :func:`bgmv_kernel` — the shrink and expand per row, reading the adapters from one stacked, rank-padded array
+  (:class:`StackedLora`, vLLM's ``lora_a_stacked`` / ``lora_b_stacked`` layout): the Numba kernel
+  :mod:`lora_ref.kernels.lora_batch` (whose own readable twin, row by row in NumPy, is
+  :mod:`lora_ref.kernels.lora_batch_reference`). Rows are independent, so a row's result does not depend on which
+  other rows share the batch.
 
 :func:`bgmv` is the entry point; it adds the base product (float weight by BLAS, or a 4-bit
 :class:`lora_ref.modeling.linear4bit.Linear4bit` by its own kernel) and then the adapters by either twin.
@@ -30,12 +33,12 @@ Taught in ``notebooks/13_serving.ipynb``.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from lora_ref.kernels import lora_batch
 from lora_ref.modeling.linear4bit import Linear4bit, linear_4bit
 from lora_ref.modeling.nn import Linear
 
-__all__ = ["bgmv", "bgmv_reference", "bgmv_kernel", "StackedLora", "base_product", "IMPLS"]
+__all__ = ["bgmv", "bgmv_reference", "bgmv_kernel", "bgmv_unchecked", "StackedLora", "base_product", "IMPLS"]
 
 IMPLS = ("auto", "numba", "numpy")
 
@@ -133,37 +136,6 @@ def bgmv_reference(y: np.ndarray, x: np.ndarray, adapters, index: np.ndarray) ->
     return y
 
 
-@njit(cache=True)
-def _bgmv_rows(y, x, a_stacked, bt_stacked, scale, rank, index):
-    """Row by row: xa = x_i A_aᵀ (shrink, r dot products of length in), then y_i += s · xa Bᵀ (expand, out-long
-    rows of Bᵀ accumulated); the padding beyond rank r_a is skipped. A row's arithmetic never involves another
-    row, so its result does not depend on the batch it is in."""
-    n, d_in = x.shape
-    d_out = y.shape[1]
-    r_max = a_stacked.shape[1]
-    xa = np.empty(r_max, np.float32)
-    delta = np.empty(d_out, np.float32)
-    for i in range(n):
-        a = index[i]
-        if a < 0:
-            continue
-        r = rank[a]
-        for j in range(r):  # shrink
-            acc = np.float32(0.0)
-            for k in range(d_in):
-                acc += x[i, k] * a_stacked[a, j, k]
-            xa[j] = acc
-        delta[:] = 0.0
-        for j in range(r):  # expand
-            c = xa[j]
-            for o in range(d_out):
-                delta[o] += c * bt_stacked[a, j, o]
-        s = scale[a]
-        for o in range(d_out):
-            y[i, o] += delta[o] * s
-    return y
-
-
 def bgmv_kernel(y: np.ndarray, x: np.ndarray, adapters, index: np.ndarray) -> np.ndarray:
     """The Numba twin of :func:`bgmv_reference` (same arguments, adds into ``y`` and returns it); ``adapters`` is
     packed into a :class:`StackedLora` first unless it already is one."""
@@ -171,7 +143,20 @@ def bgmv_kernel(y: np.ndarray, x: np.ndarray, adapters, index: np.ndarray) -> np
         adapters = StackedLora(adapters, x.shape[1], y.shape[1])
     if len(adapters) == 0:
         return y
-    return _bgmv_rows(y, x, adapters.a, adapters.bt, adapters.scale, adapters.rank, index)
+    return lora_batch.pick("bgmv", impl="numba").bgmv_add(y, x, adapters.a, adapters.bt, adapters.scale,
+                                                           adapters.rank, index)
+
+
+def bgmv_unchecked(x: np.ndarray, weight, stacked: StackedLora, index: np.ndarray, impl: str) -> np.ndarray:
+    """:func:`bgmv` without its checks, for a caller that built ``x`` (float32, C order), ``stacked`` and ``index``
+    (int64) itself: the decoder's inner loop, where the checks would cost more than the low-rank terms."""
+    y = base_product(x, weight)
+    if len(stacked) == 0 or index.max() < 0:
+        return y
+    if impl == "numpy":
+        return bgmv_reference(y, x, stacked, index)
+    return lora_batch.pick("bgmv", y, x, impl=impl).bgmv_add(y, x, stacked.a, stacked.bt, stacked.scale,
+                                                              stacked.rank, index)
 
 
 def bgmv(x, weight, adapters, index, *, out: np.ndarray | None = None, impl: str = "auto") -> np.ndarray:

@@ -217,6 +217,35 @@ def test_adapter_set_holds_each_layers_factors_and_scaling_as_lora_ref_loads_the
         aset.layers_of("zz")
 
 
+def test_loads_and_unloads_in_another_thread_do_not_disturb_a_running_batch(base, folders):
+    """A server loads adapters from its request handlers while the engine decodes: each step reads one snapshot of
+    the adapters, so rows on other adapters go on exactly as alone."""
+    import threading
+
+    aset = adapter_set(base, folders, ("a", "b"))
+    want, _ = run_batch(BatchDecoder(base, aset, max_batch=2), {0: PROMPTS[0], 1: PROMPTS[1]}, steps=20)
+    stop, errors, swaps = threading.Event(), [], [0]
+
+    def churn():
+        try:
+            while not stop.is_set():
+                aset.load("c", folders["c"])
+                aset.unload("c")
+                swaps[0] += 1
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        got, _ = run_batch(BatchDecoder(base, aset, max_batch=2), {0: PROMPTS[0], 1: PROMPTS[1]}, steps=20)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors and swaps[0] > 0
+    assert got == want
+
+
 def test_free_row_is_reusable_and_lengths_are_tracked(base, folders):
     dec = BatchDecoder(base, adapter_set(base, folders, ("a",)), max_batch=2)
     dec.prefill(1, [1, 2, 3], "a")
@@ -299,6 +328,8 @@ def test_decoder_bad_input(base, folders):
         dec.prefill(0, [1], "zz")
     with pytest.raises(ValueError, match="out of range"):
         dec.prefill(0, [V], None)
+    with pytest.raises(ValueError, match="must be integers"):
+        dec.prefill(0, [1.5, 2.0], None)
     with pytest.raises(ValueError, match="empty"):
         dec.prefill(0, [], None)
     with pytest.raises(ValueError, match="too long"):

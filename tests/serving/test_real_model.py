@@ -1,11 +1,14 @@
 """BatchDecoder on SmolLM2-135M-Instruct (the session's real model): a mixed batch of two adapters of different
 ranks and targets and the bare base gives each row the greedy tokens it gets alone, and lora_ref's own generation
-with that adapter applied unmerged. Tolerances as in test_batch.py (relative 1e-5 of the logits' scale)."""
+with that adapter applied unmerged, and the merged model's. Tolerances as in test_batch.py (relative 1e-5 of the
+logits' scale; 1e-4 against the merged model, whose weights are rounded once more)."""
+
+import copy
 
 import numpy as np
 import pytest
 
-from lora_ref.adapters.lora import unload
+from lora_ref.adapters.lora import merge_and_unload, unload
 from lora_ref.adapters.peft_files import load_adapter
 from lora_ref.modeling.generate import generate
 from lora_ref.modeling.llama import Llama
@@ -59,3 +62,10 @@ def test_mixed_batch_on_smollm2(smollm2, tmp_path):
             assert alone_toks[0] == generate(model, ids, NEW)
         finally:
             unload(model)
+        if ad == "y":  # and the merged model: W + s·B·A rounded to float32 once per weight
+            merged = merge_and_unload(load_adapter(copy.deepcopy(model), folders[ad]))
+            assert generate(merged, ids, NEW) == alone_toks[0]
+            merged_first = BatchDecoder(merged, AdapterSet(merged), max_batch=1).prefill(0, ids, None)
+            np.testing.assert_allclose(merged_first, alone_logits[0][0], rtol=0,
+                                       atol=1e-4 * float(np.abs(alone_logits[0][0]).max()))
+            del merged
