@@ -147,6 +147,10 @@ def test_models_lists_base_and_adapters(tiny):
         assert [m["id"] for m in data] == [SERVED, "a", "c"]
         assert data[1]["parent"] == SERVED and data[0]["max_model_len"] == 8192
         assert [m.id for m in openai_client(server.url).models.list()] == [SERVED, "a", "c"]
+        import urllib.request
+
+        with urllib.request.urlopen(server.url + "/health") as r:
+            assert (r.status, r.read()) == (200, b"ok")
 
 
 def test_load_and_unload_while_serving(tiny, refs):
