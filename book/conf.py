@@ -112,6 +112,9 @@ html_theme = "sphinx_book_theme"
 html_title = "lora_ref: LoRA, QLoRA and merging from first principles"
 html_static_path = ["_static"]
 html_css_files = ["lora_ref.css"]
+# The theme's light/dark switch starts in "auto" (the reader's system setting). Left unset, a first visit (empty
+# localStorage) logs "Got invalid theme mode" as a console error, which the browser pass (browser_check.py) rejects.
+html_context = {"default_mode": "auto"}
 html_last_updated_fmt = None
 html_show_sourcelink = False
 html_copy_source = True
