@@ -14,8 +14,9 @@
    chapters take their small configurations (lora_ref/quick.py). The seconds each notebook took are printed at
    the end (from myst-nb's execution data).
 3. Scan the built HTML, CSS and JS for remote assets (a `src=`, `<link href=`, `@import` or `url(`
-   that points at `http(s)://` or `//`), and the pages for Markdown tables printed as text (a cell output
-   not parsed as MyST), and fail listing them.
+   that points at `http(s)://` or `//`), the pages for Markdown tables printed as text (a cell output
+   not parsed as MyST), and the chapters for cells tagged `raises-exception` that ran without an error (an
+   exercise's self-check must fail on the empty answer), and fail listing them.
 4. Open every built page from disk (`file://`) in headless Chromium (book/browser_check.py) and fail on a
    JavaScript error, an image that does not load, math left unrendered or any remote request; keep one PNG
    screenshot per chapter in `book/_build/screens/`.
@@ -262,6 +263,31 @@ def scan_unrendered_tables(out: Path, root: Path = ROOT) -> list[str]:
     return found
 
 
+# A code cell of a built page, up to the next cell: myst-nb writes its tags as classes ("tag_raises-exception").
+CELL_START = re.compile(r'<div class="cell(?: [^"]*)?"')
+TRACEBACK = 'class="output traceback'
+
+
+def scan_unfailed_self_checks(out: Path, root: Path = ROOT) -> list[str]:
+    """Chapter cells tagged ``raises-exception`` that ran without an error, as 'file: cell k'.
+
+    In a chapter that tag marks an exercise's self-check, which must fail while the answer cell is empty (the
+    solutions notebooks run the same check untagged, where the build requires it to pass). A tagged cell that ran
+    clean means the self-check does not check anything.
+    """
+    found = []
+    for path in sorted((out / "notebooks").glob("[0-9][0-9]_*.html")):
+        text = path.read_text(errors="replace")
+        starts = [m.start() for m in CELL_START.finditer(text)] + [len(text)]
+        for k, (a, b) in enumerate(zip(starts, starts[1:])):
+            cell = text[a:b]
+            head = cell[: cell.index(">")]
+            if "tag_raises-exception" in head and TRACEBACK not in cell:
+                found.append(f"{path.relative_to(root)}: code cell {k + 1} is tagged raises-exception but ran "
+                             "without an error")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=BOOK / "_build" / "html", help="HTML output folder")
@@ -296,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     remote = scan_remote_assets(out)
     tables = scan_unrendered_tables(out)
+    unfailed = scan_unfailed_self_checks(out)
     scan_seconds = time.perf_counter() - start
     if remote:
         log(f"error: the built book loads {len(remote)} remote asset(s):")
@@ -305,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {len(tables)} Markdown table(s) reached the pages as text, not as tables:")
         for item in tables:
             print(f"    {item}")
-    if remote or tables:
+    if unfailed:
+        log(f"error: {len(unfailed)} exercise self-check(s) pass on the empty answer (they must fail until the "
+            "learner answers):")
+        for item in unfailed:
+            print(f"    {item}")
+    if remote or tables or unfailed:
         return 1
 
     start = time.perf_counter()
