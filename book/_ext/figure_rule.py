@@ -67,10 +67,15 @@ def problems(fig) -> list[str]:
 
 
 def describe(fig) -> str:
+    """``figure N ('its title')``, or, untitled, the labels of its first axes, so the reader can find it."""
     title = _text(fig.get_suptitle) or next((t for ax in fig.get_axes() if (t := ax.get_title().strip())), "")
     number = getattr(fig, "number", None)
-    return f"figure {number}" + (f" ({title!r})" if title else "") if number is not None else \
-        "a figure" + (f" ({title!r})" if title else "")
+    name = "a figure" if number is None else f"figure {number}"
+    if title:
+        return f"{name} ({title!r})"
+    labels = [f"{a}={v!r}" for ax in fig.get_axes()[:1] for a, v in
+              (("xlabel", ax.get_xlabel()), ("ylabel", ax.get_ylabel())) if v]
+    return f"{name} (untitled{', first axes ' + ', '.join(labels) if labels else ''})"
 
 
 def check_new_figures() -> None:
