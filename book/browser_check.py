@@ -44,19 +44,22 @@ REMOTE_URL = re.compile(r"^(?!file:|data:|blob:|about:)[a-z][a-z0-9+.-]*:", re.I
 # Built folders that hold assets, not pages (MathJax's own folder, the copied sources, myst-nb's logs).
 NOT_PAGES = {"_static", "_sources", "_images", "reports", "_downloads"}
 VIEWPORT = {"width": 1280, "height": 900}
-PAGE_TIMEOUT_MS = 60_000
+PAGE_TIMEOUT_MS = 60_000  # loading a page
+WAIT_MS = 30_000  # MathJax's typesetting, then the images, after the page loaded
 
 # Runs in the page after it loaded: wait for MathJax (when the page has it) and for every image, then report the
 # images that failed, the raw TeX left in the text and MathJax's error boxes.
 INSPECT_JS = r"""
-async () => {
+async (waitMs) => {
+  const late = () => new Promise(done => setTimeout(() => done("late"), waitMs));
+  let mathLate = false;
   if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
-    await MathJax.startup.promise;
+    mathLate = (await Promise.race([MathJax.startup.promise.then(() => "done"), late()])) === "late";
   }
   const images = Array.from(document.images);
-  for (const img of images) { img.loading = "eager"; }
-  await Promise.all(images.map(img => img.complete ? null :
-    new Promise(done => { img.addEventListener("load", done); img.addEventListener("error", done); })));
+  for (const img of images) { img.loading = "eager"; }  // a lazy image below the fold would never load
+  await Promise.race([late(), Promise.all(images.map(img => img.complete ? null :
+    new Promise(done => { img.addEventListener("load", done); img.addEventListener("error", done); })))]);
   const broken = images.filter(img => img.naturalWidth === 0).map(img => img.getAttribute("src") || "(no src)");
 
   const skip = new Set(["PRE", "CODE", "SCRIPT", "STYLE", "TEXTAREA", "NOSCRIPT", "MJX-CONTAINER", "SAMP", "KBD"]);
@@ -80,6 +83,7 @@ async () => {
   }
   const mathErrors = Array.from(document.querySelectorAll("mjx-merror"))
     .map(el => (el.getAttribute("data-mjx-error") || el.textContent || "").slice(0, 80));
+  if (mathLate) mathErrors.push(`MathJax had not finished typesetting after ${waitMs / 1000} s`);
   return {broken, raw, mathErrors};
 }
 """
@@ -223,7 +227,7 @@ def _check_one(context, path: Path, name: str, screens: Path | None, root: Path)
     page.route(REMOTE_URL, lambda route: route.abort())  # recorded by on_request; never leaves the machine
     try:
         page.goto(path.resolve().as_uri(), wait_until="load", timeout=PAGE_TIMEOUT_MS)
-        found = page.evaluate(INSPECT_JS)
+        found = page.evaluate(INSPECT_JS, WAIT_MS)
         report.broken_images += found["broken"]
         report.raw_math += found["raw"] + [f"MathJax error: {e}" for e in found["mathErrors"]]
         shot = screenshot_name(path, root) if screens is not None else None

@@ -68,6 +68,8 @@ PAGES = {
     "raw_inline_math.html": """<html><body><p>The rank \\(r\\) stays raw without MathJax.</p></body></html>""",
     "remote_image.html": """<html><body><img src="https://example.com/logo.png" alt="remote"></body></html>""",
     "remote_script.html": """<html><body><script src="http://cdn.example.com/lib.js"></script></body></html>""",
+    "math_never_done.html": """<html><head><script>window.MathJax = {startup: {promise: new Promise(() => {})}};
+        </script></head><body><p>Typesetting never finishes.</p></body></html>""",
 }
 
 
@@ -81,7 +83,9 @@ def reports(tmp_path_factory) -> dict:
         (site / name).write_text(text)
     (chapters / "01_first.html").write_text(PAGES["clean.html"].replace("figure.png", "../figure.png"))
     screens = site.parent / "screens"
-    found = browser_check.check_pages(browser_check.pages_of(site), root=site, screens=screens)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(browser_check, "WAIT_MS", 2000)  # the stand-in typesets in 300 ms
+        found = browser_check.check_pages(browser_check.pages_of(site), root=site, screens=screens)
     return {"reports": {r.page: r for r in found}, "screens": screens}
 
 
@@ -139,6 +143,11 @@ def test_raw_display_math_flagged(reports):
 def test_raw_inline_math_flagged(reports):
     r = reports["reports"]["raw_inline_math.html"]
     assert len(r.raw_math) == 1 and "\\(r\\)" in r.raw_math[0], r.raw_math
+
+
+def test_math_that_never_finishes_flagged(reports):
+    r = reports["reports"]["math_never_done.html"]
+    assert r.raw_math == ["MathJax error: MathJax had not finished typesetting after 2 s"], r.raw_math
 
 
 def test_remote_image_flagged_and_blocked(reports):
