@@ -8,8 +8,8 @@ description is stored next to the files as ``key.json`` so a cache folder explai
 The cache root is ``$LORA_REF_CACHE`` if set, else ``~/.cache/lora_ref``. Artifacts are written into a temporary
 sibling folder and renamed into place only when complete, so an interrupted build leaves nothing that looks finished;
 two processes building the same artifact at once both succeed and one result is kept. Only safetensors and JSON
-files are written (no pickle). A build that starts and ends is logged for the book's builds
-(:func:`lora_ref.files.progress.log`: only when ``$LORA_REF_PROGRESS_LOG`` is set).
+files are written (no pickle). A build reports when it starts and ends (:func:`lora_ref.files.progress.log`: a
+status line in a Jupyter notebook, a line in ``$LORA_REF_PROGRESS_LOG`` when set; nothing otherwise).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def get_or_build(kind: str, description: dict, build: Callable[[Path], None]) ->
     try:
         build(tmp)
         progress.log(f"cache: built {kind}/{final.name} in {time.monotonic() - started:.0f} s")
+        progress.end_status()
         (tmp / KEY_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
         if lookup(kind, description) is not None:  # another process finished the same artifact meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
@@ -99,6 +100,7 @@ def get_or_build(kind: str, description: dict, build: Callable[[Path], None]) ->
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
+        progress.end_status()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final

@@ -53,11 +53,22 @@ def test_bar_interrupted_says_where(logfile):
     assert len(lines(logfile)) == 2
 
 
-def test_disabled_bar_logs_nothing(logfile, capsys):
-    with progress.bar(3, "quiet", enabled=False) as bar:
+def test_bar_without_tqdm_still_logs(logfile, capsys):
+    """progress=False hides the bar (chapters keep their pages clean) but the build's log still hears the run."""
+    with progress.bar(3, "quiet run", enabled=False) as bar:
         bar.update(3)
-    assert lines(logfile) == []
+    got = lines(logfile)
+    assert got[0] == "quiet run: started (3 steps)" and got[-1].startswith("quiet run: done in ")
     assert capsys.readouterr().err == ""
+
+
+def test_no_variable_no_kernel_nothing_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with progress.bar(2, "silent", enabled=False) as bar:
+        bar.update(2)
+    assert list(tmp_path.iterdir()) == []
+    assert capsys.readouterr() == ("", "")
 
 
 def test_get_or_build_logs_builds_not_hits(logfile, tmp_path, monkeypatch):
@@ -72,3 +83,26 @@ def test_get_or_build_logs_builds_not_hits(logfile, tmp_path, monkeypatch):
     assert got[1].startswith(f"cache: built toy-run/{folder.name} in ")
     cache.get_or_build("toy-run", {"a": 1}, build)
     assert len(lines(logfile)) == 2, "a cache hit builds and logs nothing"
+
+
+def test_notebook_status_line(tmp_path, monkeypatch):
+    """In a Jupyter kernel a cached build shows one status line, updated in place, ending on what was built; a
+    training run with its bar off reports on that line too; a cache hit shows nothing."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.setenv("LORA_REF_CACHE", str(tmp_path / "cache"))
+    build = ("from lora_ref.files import cache, progress\n"
+             "def build(folder):\n"
+             "    with progress.bar(3, 'toy run', enabled=False) as bar:\n"
+             "        for _ in range(3):\n"
+             "            bar.update(1)\n"
+             "    (folder / 'x.json').write_text('{}')\n"
+             "folder = cache.get_or_build('toy-run', {'a': 1}, build)")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(build), nbformat.v4.new_code_cell(build)])
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    first, second = ([o for o in c.outputs] for c in nb.cells)
+    assert [o.output_type for o in first] == ["display_data"], first
+    assert first[0].data["text/plain"].startswith("cache: built toy-run/")  # the final state of the line
+    assert second == [], "a cache hit shows nothing"
