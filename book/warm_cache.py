@@ -86,7 +86,8 @@ def run_chapters(paths: list[Path], *, timeout: int = CELL_TIMEOUT, bar_file=Non
                     try:
                         client.execute_cell(cell, index)
                     except CellExecutionError:
-                        error = f"cell {index}: {_first_error(cell)}"
+                        first = next((l for l in cell.source.splitlines() if l.strip()), "")[:60]
+                        error = f"cell {index} ({first!r}): {_first_error(cell)}"
                         break
                     finally:
                         bar.update(1)
