@@ -196,6 +196,13 @@ def run_sphinx(out: Path) -> tuple[int, float]:
     return code, time.perf_counter() - start
 
 
+def quick_mode() -> bool:
+    """Whether the chapters run their small configurations (``QUICK=1``, i.e. ``$LORA_REF_QUICK``)."""
+    from lora_ref.quick import quick
+
+    return quick()
+
+
 def report_execution_times(out: Path) -> float:
     """Print each notebook's execution time (myst-nb's record, written by book/_ext); return their sum."""
     path = out.parent / "doctrees" / "execution.json"
@@ -204,7 +211,7 @@ def report_execution_times(out: Path) -> float:
         return 0.0
     times = json.loads(path.read_text())
     total = sum(t["seconds"] or 0.0 for t in times.values())
-    mode = "QUICK" if os.environ.get("LORA_REF_QUICK", "").strip().lower() in {"1", "true", "yes", "on"} else "full"
+    mode = "QUICK" if quick_mode() else "full"
     log(f"notebook execution times ({mode} configuration), {total:.0f} s in all:")
     for docname, t in times.items():
         seconds = "?" if t["seconds"] is None else f"{t['seconds']:7.1f} s"
@@ -300,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         log("error: notebooks/ holds no chapter (NN_name.ipynb); nothing to build")
         return 1
     log(f"{len(chapters)} chapters: " + ", ".join(p.stem for p in chapters))
-    quick = os.environ.get("LORA_REF_QUICK", "").strip().lower() in {"1", "true", "yes", "on"}
-    log("QUICK mode: every chapter's small configuration (LORA_REF_QUICK)" if quick
+    log("QUICK mode: every chapter's small configuration (LORA_REF_QUICK)" if quick_mode()
         else "full configuration (QUICK=1 builds the chapters' small configurations)")
     try:
         chromium = browser_check.ensure_chromium(log)
