@@ -18,7 +18,7 @@ ifdef QUICK
 export LORA_REF_QUICK := $(QUICK)
 endif
 
-.PHONY: venv test tour book lab bench bench-readme clean-book
+.PHONY: venv test tour book warm-cache lab bench bench-readme clean-book
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,8 +37,14 @@ tour: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/lora-ref bench $(ARGS)
 
+# The book: executes every chapter, builds book/_build/html, then checks every page in headless Chromium
+# (installs Debian's chromium when missing and run as root). QUICK=1: the chapters' small configurations.
 book: $(STAMP)
 	$(BIN)/python book/build.py
+
+# Every cached run the chapters use (runs the chapters, with a progress bar); QUICK=1: the small configurations.
+warm-cache: $(STAMP)
+	$(BIN)/python book/warm_cache.py $(ARGS)
 
 clean-book:
 	rm -rf book/_build

@@ -8,7 +8,12 @@ The chapters are the notebooks in `notebooks/`, executed at every build (myst-nb
 Nothing here may load from the network when the book is viewed: MathJax comes from the local copy
 that `build.py` unpacks into `_static/mathjax/`, the theme gets no launch, analytics, repository or
 version-switcher options, and widget outputs never pull their CDN scripts. `build.py` scans the
-built HTML, CSS and JS and fails on any remote asset.
+built HTML, CSS and JS and fails on any remote asset, then opens every page in headless Chromium
+(`browser_check.py`).
+
+Figures: every matplotlib figure a chapter draws has a title (a suptitle or an axes title) and every visible axes
+labelled x and y axes (diagrams turn their axes off and need only the title). `build.py` starts the notebook
+kernels with this rule installed (`_ext/figure_rule.py`), so a figure that breaks it fails its cell and the build.
 """
 
 from __future__ import annotations
@@ -112,6 +117,9 @@ html_theme = "sphinx_book_theme"
 html_title = "lora_ref: LoRA, QLoRA and merging from first principles"
 html_static_path = ["_static"]
 html_css_files = ["lora_ref.css"]
+# The theme's light/dark switch starts in "auto" (the reader's system setting). Left unset, a first visit (empty
+# localStorage) logs "Got invalid theme mode" as a console error, which the browser pass (browser_check.py) rejects.
+html_context = {"default_mode": "auto"}
 html_last_updated_fmt = None
 html_show_sourcelink = False
 html_copy_source = True

@@ -1,4 +1,7 @@
-"""Sphinx extension for the lora_ref book: the `chapter-index` directive.
+"""Sphinx extension for the lora_ref book: the `chapter-index` directive, and each notebook's execution time.
+
+At the end of a build, :func:`write_execution_times` writes what myst-nb recorded about executing each notebook
+(seconds, success) to ``<doctrees>/execution.json``; `book/build.py` prints it as a table.
 
 The directive's content is one line per chapter, ``stem | modules | what the chapter shows``,
 for example::
@@ -13,6 +16,7 @@ so `make book` (warnings are errors) keeps the index complete.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from docutils import nodes
@@ -100,6 +104,20 @@ class ChapterIndex(SphinxDirective):
         return row
 
 
+EXECUTION_FILE = "execution.json"
+
+
+def write_execution_times(app, exception) -> None:
+    """``{docname: {"seconds": runtime, "succeeded": bool}}`` of every notebook executed in this build."""
+    found = {}
+    for docname, data in sorted(getattr(app.env, "nb_metadata", {}).items()):
+        run = data.get("exec_data")
+        if run:
+            found[docname] = {"seconds": run.get("runtime"), "succeeded": bool(run.get("succeeded"))}
+    (Path(app.doctreedir) / EXECUTION_FILE).write_text(json.dumps(found, indent=1) + "\n")
+
+
 def setup(app):
     app.add_directive("chapter-index", ChapterIndex)
+    app.connect("build-finished", write_execution_times)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -46,7 +46,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -687,9 +686,9 @@ def finetune(method: str, *, r: int = 16, alpha: float = 32.0, targets="all-line
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from lora_ref.files.progress import bar
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, dynamic_ncols=True, leave=False)
+    return bar(total, desc, enabled)
 
 
 def merged_answers(run: RealRun) -> dict:

@@ -1,1 +1,1 @@
-"""Files: the one safetensors reader and writer, HF checkpoint folders, outputs written atomically, the artifact cache, GGUF import and known pretrained models by name. Imports nothing else from lora_ref."""
+"""Files: the one safetensors reader and writer, HF checkpoint folders, outputs written atomically, the artifact cache (and the progress log of the runs that fill it), GGUF import and known pretrained models by name. Imports nothing else from lora_ref."""

@@ -8,7 +8,8 @@ description is stored next to the files as ``key.json`` so a cache folder explai
 The cache root is ``$LORA_REF_CACHE`` if set, else ``~/.cache/lora_ref``. Artifacts are written into a temporary
 sibling folder and renamed into place only when complete, so an interrupted build leaves nothing that looks finished;
 two processes building the same artifact at once both succeed and one result is kept. Only safetensors and JSON
-files are written (no pickle).
+files are written (no pickle). A build reports when it starts and ends (:func:`lora_ref.files.progress.log`: a
+status line in a Jupyter notebook, a line in ``$LORA_REF_PROGRESS_LOG`` when set; nothing otherwise).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
+
+from lora_ref.files import progress
 
 KEY_FILE = "key.json"
 
@@ -75,8 +79,12 @@ def get_or_build(kind: str, description: dict, build: Callable[[Path], None]) ->
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    started = time.monotonic()
+    progress.log(f"cache: building {kind}/{final.name} (not in the cache yet)")
     try:
         build(tmp)
+        progress.log(f"cache: built {kind}/{final.name} in {time.monotonic() - started:.0f} s")
+        progress.end_status()
         (tmp / KEY_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
         if lookup(kind, description) is not None:  # another process finished the same artifact meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
@@ -92,6 +100,7 @@ def get_or_build(kind: str, description: dict, build: Callable[[Path], None]) ->
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
+        progress.end_status()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
@@ -102,8 +111,6 @@ ABANDONED_AFTER_S = 24 * 3600
 
 def _remove_abandoned(final: Path) -> None:
     """Delete temporary folders of this artifact left by a build that was killed (untouched for a day)."""
-    import time
-
     for tmp in final.parent.glob(f".{final.name}.tmp-*"):
         try:
             if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:

@@ -129,10 +129,7 @@ def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weigh
     scored with :func:`~lora_ref.training.datasets.mean_nll` before the first and after the last step
     (``History.val_loss``, at ``val_steps`` 0 and ``steps``).
     """
-    import sys
-
-    from tqdm.auto import tqdm
-
+    from lora_ref.files.progress import bar as progress_bar
     from lora_ref.training.datasets import batch_indices, collate, mean_nll
     from lora_ref.training.loop import History, decay_groups, recorded_step
     from lora_ref.training.optim import AdamW, cosine_schedule
@@ -147,7 +144,7 @@ def train_examples(model, data, steps: int, lr: float, batch: int, rng, *, weigh
         hist.val_loss.append(mean_nll(model, eval_data, batch, pad_id))
     sampler = batch_indices(len(data), batch, rng)
     model.train()
-    bar = tqdm(total=steps, desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(steps, desc, progress)
     try:
         for step in range(steps):
             for group in optimizer.param_groups:

@@ -17,7 +17,6 @@ progress bar on stderr, periodic validation loss and optional HF-format checkpoi
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from lora_ref.autograd import functional as F
 from lora_ref.autograd.tensor import Tensor, no_grad
 from lora_ref.files.outputs import check_out_dir, write_json
+from lora_ref.files.progress import bar as progress_bar
 from lora_ref.training.data import eval_batches, sample_batch
 from lora_ref.training.optim import AdamW, clip_grad_norm, cosine_schedule
 
@@ -178,10 +178,9 @@ def train(model, data, steps: int, lr: float, batch: int, seq: int, rng: np.rand
     checkpoint_dir, checkpoint_every : if given, an HF checkpoint (``model.save_pretrained``) plus
         ``trainer_state.json`` is written to ``checkpoint_dir/checkpoint-<step>`` every ``checkpoint_every`` steps
         and after the last step. ``checkpoint_dir`` must be missing or empty.
-    progress : show a tqdm bar on stderr.
+    progress : show a tqdm bar on stderr (and log the run's progress for the book's builds:
+        :mod:`lora_ref.files.progress`).
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"train needs an explicit rng (np.random.Generator), got {type(rng).__name__}")
     if steps < 1 or batch < 1 or seq < 1:
@@ -211,7 +210,7 @@ def train(model, data, steps: int, lr: float, batch: int, seq: int, rng: np.rand
 
     model.train()
     val = validate(0)
-    bar = tqdm(total=steps, desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(steps, desc, progress)
     try:
         for step in range(steps):
             factor = cosine_schedule(step, max_lr=1.0, total_steps=steps, warmup_steps=warmup, min_lr=min_lr / lr)
