@@ -43,6 +43,9 @@ from lora_ref.kernels.jit import HAS_AVX512, lut16_decode16, prefer_wide_vectors
 __all__ = ["layer_step", "head_step", "decode_step", "weight_list", "readonly", "PICK", "pick"]
 
 F32 = np.float32
+U64 = np.uint64
+"""Inner loops index with unsigned integers: Numba wraps a negative signed index, and that check stops LLVM from
+vectorizing the loop (measured: a float32 GEMV over SmolLM2's head at 4.6 GB/s with signed, 7.3 with unsigned)."""
 FAST = {"reassoc", "contract"}
 """Fast-math flags: reorder float32 sums (vectorized reductions) and fuse multiply-adds, nothing else."""
 ROWS_PER_CHUNK = 16
@@ -81,7 +84,7 @@ def _rms_norm(x, w, eps, out):
     """out = x · (1/√(mean(x²) + ε)) ⊙ w over one vector."""
     n = x.shape[0]
     s = F32(0.0)
-    for i in range(n):
+    for i in range(U64(n)):
         s += x[i] * x[i]
     r = F32(1.0) / np.sqrt(s / F32(n) + eps)
     for i in range(n):
@@ -101,7 +104,7 @@ def _split_pairs(x, out):
 def _dot_f32(w, r, x):
     """Σ_k w[r, k] · x[k]: one row of a float32 matrix against x."""
     acc = F32(0.0)
-    for k in range(w.shape[1]):
+    for k in range(U64(w.shape[1])):
         acc += w[r, k] * x[k]
     return acc
 
@@ -176,7 +179,7 @@ def _dot_4bit(w, r, x, xs, buf):
         _decode_row_any(w, r, buf)
         v = x
     acc = F32(0.0)
-    for k in range(w.k):
+    for k in range(U64(w.k)):
         acc += buf[k] * v[k]
     return acc
 
@@ -252,7 +255,7 @@ def _attend_head(qkv, hq, G, NQ, NK, Dh, ck, cv, pos, cos, sin, scale, out):
     m = F32(-np.inf)
     for s in range(S):
         d = F32(0.0)
-        for i in range(Dh):
+        for i in range(U64(Dh)):
             d += q[i] * ck[kv, s, i]
         d *= scale
         p[s] = d
@@ -262,12 +265,12 @@ def _attend_head(qkv, hq, G, NQ, NK, Dh, ck, cv, pos, cos, sin, scale, out):
         e = np.exp(p[s] - m)
         p[s] = e
         total += e
-    for i in range(Dh):
-        out[o + i] = F32(0.0)
+    dst = out[o:o + Dh]
+    dst[:] = F32(0.0)
     for s in range(S):
         ws = p[s] / total
-        for i in range(Dh):
-            out[o + i] += ws * cv[kv, s, i]
+        for i in range(U64(Dh)):
+            dst[i] += ws * cv[kv, s, i]
 
 
 @njit(cache=True, inline="always")
