@@ -82,10 +82,10 @@ def read_bandwidth(threads: int = 1, nbytes: int = BANDWIDTH_BYTES, passes: int 
 def decode_bytes(decoder, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS) -> dict:
     """Bytes one decode step reads, by part, for a ``Decoder``: the weights as stored
     (:meth:`lora_ref.modeling.decode.Decoder.weight_bytes`) and the keys and values it attends over, averaged over
-    the timed steps (step i of ``new_tokens - 1`` attends over ``prompt_tokens + i + 1`` positions); ``total``."""
+    the timed steps (the first new token comes from the prefill; step j = 0 … ``new_tokens`` − 2 feeds position
+    ``prompt_tokens + j`` and attends over ``prompt_tokens + j + 1`` positions); ``total``."""
     parts = dict(decoder.weight_bytes())
-    steps = range(1, new_tokens)                       # the first token comes from the prefill
-    positions = [prompt_tokens + i + 1 for i in steps]
+    positions = [prompt_tokens + j + 1 for j in range(new_tokens - 1)]
     parts["kv_cache"] = int(round(statistics.fmean(decoder.kv_bytes(p) for p in positions))) if positions else 0
     parts["total"] = sum(parts.values())
     return parts
@@ -115,7 +115,7 @@ def decode_bytes_from_config(config: dict, *, weight_bits: str = "fp32", prompt_
     norms = 4 * D * (2 * L + 1)
     head = 4 * V * D
     embedding_row = 0 if config.get("tie_word_embeddings", True) else 4 * D
-    positions = [prompt_tokens + i + 1 for i in range(1, new_tokens)]
+    positions = [prompt_tokens + j + 1 for j in range(new_tokens - 1)]
     kv = round(statistics.fmean(2 * L * K * p * Dh * 4 for p in positions)) if positions else 0
     return L * per_layer + norms + head + embedding_row + int(kv)
 
@@ -223,14 +223,25 @@ def _timed(runs: dict, repeats: int, warmup: int) -> dict:
 
 
 def _threads_info() -> dict:
-    from lora_ref.bench.training import _threads
+    """The thread counts in force on both sides: Numba's, the BLAS's and torch's (when installed)."""
+    from lora_ref.threads import thread_info
 
-    return _threads()
+    info = {k: v for k, v in thread_info().items() if k in ("numba_threads", "blas_threads")}
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
 
 
-def decode_rows(quick: bool = False, threads: int | None = None, *, log=None) -> list[dict]:
-    """The four decode rows (see the module docstring), measured with ``threads`` threads on every side (default
-    all CPUs; the caller's pinning when None is passed by ``lora-ref bench``)."""
+def decode_rows(quick: bool = False, threads: int | None = None, *, log=None, prompt_tokens: int = PROMPT_TOKENS,
+                new_tokens: int = NEW_TOKENS, bandwidth_bytes: int = BANDWIDTH_BYTES) -> list[dict]:
+    """The four decode rows (see the module docstring). ``threads`` is the thread count the caller pinned on every
+    side (``lora-ref bench --threads``; default all CPUs), used for the bandwidth measurement; ``log`` a callable
+    taking progress lines. The token counts and the bandwidth array's size are the documented ones unless given
+    (the tests run a short version)."""
     from lora_ref.adapters.qlora import quantize_model
     from lora_ref.bench.report import GOALS
     from lora_ref.files.models import fetch
@@ -242,7 +253,7 @@ def decode_rows(quick: bool = False, threads: int | None = None, *, log=None) ->
     n_threads = threads or os.cpu_count() or 1
     folder = fetch(MODEL, progress=False)
     tok = load_tokenizer(folder)
-    ids = prompt_ids(tok)
+    ids = prompt_ids(tok, prompt_tokens)
     fp32 = Llama.from_pretrained(folder)
     nf4 = quantize_model(Llama.from_pretrained(folder), blocksize=64, double_quant=True, quant_type="nf4")
     try:
@@ -252,25 +263,25 @@ def decode_rows(quick: bool = False, threads: int | None = None, *, log=None) ->
         hf, hf_note = None, f"transformers rows not measured: {e}"
         log(hf_note)
 
-    tokens = {"fp32": _ours(fp32, ids, NEW_TOKENS)[0], "nf4": _ours(nf4, ids, NEW_TOKENS)[0]}
+    tokens = {"fp32": _ours(fp32, ids, new_tokens)[0], "nf4": _ours(nf4, ids, new_tokens)[0]}
     if hf is not None:
         log("checking that ours and transformers choose the same tokens (float32, then our NF4 weights)")
-        _check_same("real_decode_fp32", tokens["fp32"], _theirs(hf, ids, NEW_TOKENS)[0])
+        _check_same("real_decode_fp32", tokens["fp32"], _theirs(hf, ids, new_tokens)[0])
         hf_nf4 = _transformers_model(folder, _dequantized_state(nf4))
-        _check_same("real_decode_nf4", tokens["nf4"], _theirs(hf_nf4, ids, NEW_TOKENS)[0])
+        _check_same("real_decode_nf4", tokens["nf4"], _theirs(hf_nf4, ids, new_tokens)[0])
         del hf_nf4
 
-    log("read bandwidth: np.sum over 512 MiB")
-    bandwidth = read_bandwidth(n_threads)
-    runs = {"fp32": lambda: _ours(fp32, ids, NEW_TOKENS)[1], "nf4": lambda: _ours(nf4, ids, NEW_TOKENS)[1]}
+    log(f"read bandwidth: np.sum over {bandwidth_bytes / 2**20:.0f} MiB")
+    bandwidth = read_bandwidth(n_threads, bandwidth_bytes)
+    runs = {"fp32": lambda: _ours(fp32, ids, new_tokens)[1], "nf4": lambda: _ours(nf4, ids, new_tokens)[1]}
     if hf is not None:
-        runs["transformers"] = lambda: _theirs(hf, ids, NEW_TOKENS)[1]
+        runs["transformers"] = lambda: _theirs(hf, ids, new_tokens)[1]
     reps = _reps(quick)
     log(f"timing {', '.join(runs)} alternately ({reps['repeats']} rounds after {reps['warmup']} warm-up)")
     best = _timed(runs, **reps)
-    bandwidth = max(bandwidth, read_bandwidth(n_threads))      # once before and once after the timed runs
+    bandwidth = max(bandwidth, read_bandwidth(n_threads, bandwidth_bytes))      # once before and once after the timed runs
 
-    common = dict(model=MODEL, prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, greedy=True,
+    common = dict(model=MODEL, prompt_tokens=prompt_tokens, new_tokens=new_tokens, greedy=True,
                   statistic="min over runs of the median step time; prefill excluded", **reps, **_threads_info())
     if hf is not None:
         import torch
@@ -284,15 +295,16 @@ def decode_rows(quick: bool = False, threads: int | None = None, *, log=None) ->
         extra = dict(quantization={"quant_type": "nf4", "blocksize": 64, "double_quant": True, "head": "float32"}) \
             if kind == "nf4" else {}
         if hf is not None:
-            r = row(name, best[kind], baseline, best["transformers"], tokens_checked=NEW_TOKENS, **extra, **common)
+            r = row(name, best[kind], baseline, best["transformers"], tokens_checked=new_tokens, **extra, **common)
         else:
             r = {"name": name, "ours_s": best[kind], "baseline": baseline, "baseline_s": None, "ratio": None,
                  "params": dict(skipped=hf_note, **extra, **common)}
         rows.append(r)
-        nbytes = decode_bytes(Decoder(decoder_model, PROMPT_TOKENS + NEW_TOKENS))
+        nbytes = decode_bytes(Decoder(decoder_model, prompt_tokens + new_tokens), prompt_tokens, new_tokens)
         rows.append(row(f"{name}_roofline", best[kind], "roofline", nbytes["total"] / bandwidth,
                         bytes_per_token=nbytes, read_bandwidth_bytes_per_s=bandwidth,
-                        bandwidth_measure=f"best of 5 np.sum passes over 512 MiB on {n_threads} threads, twice",
+                        bandwidth_measure=f"best of 5 np.sum passes over {bandwidth_bytes / 2**20:.0f} MiB on "
+                                          f"{n_threads} threads, before and after the timed runs",
                         **extra, **common))
     for r in rows:
         goal = GOALS.get(r["name"])
