@@ -102,18 +102,28 @@ def _split_pairs(x, out):
 
 @njit(cache=True, inline="always", fastmath=FAST)
 def _dot_f32(w, r, x):
-    """Σ_k w[r, k] · x[k]: one row of a float32 matrix against x."""
-    acc = F32(0.0)
-    for k in range(U64(w.shape[1])):
-        acc += w[r, k] * x[k]
-    return acc
+    """Σ_k w[r, k] · x[k]: one row of a float32 matrix against x, in four interleaved sums (each a vector
+    register wide), so consecutive multiply-adds do not wait for each other."""
+    prefer_wide_vectors()
+    row = w[r]
+    K = U64(row.shape[0])
+    K4 = K - K % U64(4)
+    a0 = a1 = a2 = a3 = F32(0.0)
+    for k in range(U64(0), K4, U64(4)):
+        a0 += row[k] * x[k]
+        a1 += row[k + U64(1)] * x[k + U64(1)]
+        a2 += row[k + U64(2)] * x[k + U64(2)]
+        a3 += row[k + U64(3)] * x[k + U64(3)]
+    for k in range(K4, K):
+        a0 += row[k] * x[k]
+    return (a0 + a1) + (a2 + a3)
 
 
 @njit(cache=True, inline="always")
 def _scale(w, blk):
     """The float32 scale of block ``blk`` of a 4-bit weight (double-quantized scales decoded in bitsandbytes' order)."""
     if w.nested:
-        return w.code2[w.qabsmax[blk]] * w.absmax2[blk // w.blocksize2] + w.offset
+        return w.code2[w.qabsmax[blk]] * w.absmax2[blk // w.blocksize2] + F32(w.offset)
     return w.absmax[blk]
 
 
@@ -172,6 +182,7 @@ def _decode_row_any(w, r, buf):
 def _dot_4bit(w, r, x, xs, buf):
     """Σ_k W[r, k] · x[k] for a 4-bit W: decode the row into ``buf`` (L1), then one vectorized sum. ``xs`` is x in
     the aligned decoder's order."""
+    prefer_wide_vectors()
     if _aligned(w):
         _decode_row_aligned(w, r, buf)
         v = xs
