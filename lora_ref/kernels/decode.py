@@ -202,11 +202,13 @@ def _dot(w, r, x, xs, buf):
     return _dot_f32(w, r, x)
 
 
-@overload(_dot)
 def _dot_typed(w, r, x, xs, buf):
     if isinstance(w, types.BaseTuple):
         return lambda w, r, x, xs, buf: _dot_4bit(w, r, x, xs, buf)
     return lambda w, r, x, xs, buf: _dot_f32(w, r, x)
+
+
+overload(_dot)(_dot_typed)  # the compiled _dot: chosen by the weight's Numba type
 
 
 def _prepare(x, xs):
@@ -217,7 +219,6 @@ def _prepare(x, xs):
         xs[:] = x
 
 
-@overload(_prepare)
 def _prepare_typed(x, xs):
     if SPLIT_ORDER:
         def impl(x, xs):
@@ -233,16 +234,21 @@ def _prepare_typed(x, xs):
     return copy
 
 
+overload(_prepare)(_prepare_typed)
+
+
 def _rows(w):
     """Output rows of W (float32 matrix or :class:`Weight4bit`)."""
     return w.n if isinstance(w, Weight4bit) else w.shape[0]
 
 
-@overload(_rows)
 def _rows_typed(w):
     if isinstance(w, types.BaseTuple):
         return lambda w: w.n
     return lambda w: w.shape[0]
+
+
+overload(_rows)(_rows_typed)
 
 
 @njit(cache=True, inline="always")
