@@ -26,9 +26,10 @@ examples:
   lora-ref bench decode               # decoding SmolLM2-135M: vs transformers and vs the memory roofline
   lora-ref bench all --json > bench.json
 
-Each row times our code and a baseline doing the same work, alternately in the same run (medians of several
-repeats after warm-up), with equal thread counts (--threads, default: all CPUs) on both sides, and prints
-ratio = our time / baseline time. --quick cuts repeats, never shapes. With --json, stdout is exactly one JSON
+Each row times our code and a baseline doing the same work, alternately in the same run (after warm-up: medians
+of several repeats for the training rows, the fastest of several rounds for the kernel and decode rows), with
+equal thread counts (--threads, default: all CPUs) on both sides, and prints ratio = our time / baseline time.
+--quick cuts repeats or rounds, never shapes or token counts. With --json, stdout is exactly one JSON
 document {"machine": {...}, "results": [{"name", "ours_s", "baseline", "baseline_s", "ratio", "params"}], "notes": [...]};
 progress goes to stderr. Timings vary with the machine's load; the ratios are the figure to read."""
 

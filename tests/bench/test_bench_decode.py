@@ -97,3 +97,16 @@ def test_decode_rows_shape_and_same_tokens(smollm2_dir, monkeypatch):
         assert plain[name]["ratio"] is None and plain[name]["met"] is None
         assert "No module named 'torch'" in plain[name]["params"]["skipped"]
     assert plain["real_decode_fp32_roofline"]["ratio"] > 0
+
+
+def test_report_table_has_the_decode_goals_and_unmeasured_rows():
+    from lora_ref.bench.report import table
+
+    doc = {"machine": {}, "results": [
+        {"name": "real_decode_fp32", "ours_s": 0.03, "baseline": "transformers", "baseline_s": None, "ratio": None,
+         "params": {"skipped": "transformers rows not measured: No module named 'torch'"}},
+        {"name": "real_decode_nf4_roofline", "ours_s": 0.02, "baseline": "roofline", "baseline_s": 0.01,
+         "ratio": 2.0, "params": {}}]}
+    t = table(doc)
+    assert "| `real_decode_fp32` | 30.00 ms | transformers | not measured | | <= 0.67 | |" in t
+    assert "| `real_decode_nf4_roofline` | 20.00 ms | roofline | 10.00 ms | 2.000 | <= 2.0 | yes |" in t
