@@ -102,7 +102,7 @@ def _threading_layer() -> str | None:
 def _repeats(quick: bool) -> dict:
     """Rounds of :func:`lora_ref.bench.timing.time_pair_min`: the same batches in both modes, fewer rounds when
     quick (a median of 3 single calls against a median of 11 gave nf4_gemv_4096 ratios from 0.66 to 2.68)."""
-    return {"rounds": 5, "warmup": 2} if quick else {"rounds": 15, "warmup": 2}
+    return {"rounds": 9, "warmup": 2} if quick else {"rounds": 25, "warmup": 2}
 
 
 def sgemm_row(quick: bool, threads: dict) -> dict:
@@ -150,12 +150,44 @@ def gemv_row(quick: bool, threads: dict) -> dict:
     w32 = dequantize_weight(packed, state)                          # (N, K) the same weights in float32
     x = rng.standard_normal((1, 4096), dtype=np.float32)            # (1, K)
     x1 = x[0]
-    ours, base = time_pair_min(lambda: kernels.matmul_4bit(x, packed, state), lambda: np.dot(w32, x1),
-                           **_repeats(quick))
+    # Copies of each side's weight, used in turn, so that every call reads its weight from memory: a 64 MiB
+    # float32 matrix fits the last-level cache of some CPUs (300 MiB here) and then runs 3-4x faster in some
+    # rounds than in others, depending on the neighbours' use of that cache; that, not the repeat count, made the
+    # quick and full ratios disagree (0.07 to 0.34 on one machine within minutes).
+    spill = 2 * _last_level_cache_bytes()
+    ours_w = [packed.copy() for _ in range(max(1, -(-spill // packed.nbytes)))]
+    base_w = [w32.copy() for _ in range(max(1, -(-spill // w32.nbytes)))]
+    turn = {"ours": 0, "base": 0}
+
+    def ours_call():
+        turn["ours"] += 1
+        return kernels.matmul_4bit(x, ours_w[turn["ours"] % len(ours_w)], state)
+
+    def base_call():
+        turn["base"] += 1
+        return np.dot(base_w[turn["base"] % len(base_w)], x1)
+
+    ours, base = time_pair_min(ours_call, base_call, **_repeats(quick))
     return row("nf4_gemv_4096", ours, "openblas_sgemv", base, weight="(4096, 4096)", x="(1, 4096)",
                quant_type="nf4", blocksize=64, dtype="float32 activations and output",
                weight_bytes_ours=int(packed.nbytes + state.absmax.nbytes), weight_bytes_baseline=int(w32.nbytes),
+               weight_copies={"ours": len(ours_w), "baseline": len(base_w)},
                **threads, numba_threading_layer=_threading_layer())
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache of cpu0 in bytes (Linux sysfs), or 64 MiB where it cannot be read."""
+    import pathlib
+
+    sizes = []
+    for f in pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except ValueError:
+            continue
+    return max(sizes, default=64 * 2**20)
 
 
 def quantize_row(quick: bool, threads: dict) -> dict:
