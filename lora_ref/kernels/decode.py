@@ -120,51 +120,36 @@ def _dot_f32(w, r, x):
 
 
 @njit(cache=True, inline="always")
+def _decode_block_permute(w, byte0, half, s, buf, out0):
+    """The ``half`` bytes of one block (from ``byte0``) scaled by s into buf[out0:], 16 codes per vpermps, each
+    group of 32 elements as 16 even then 16 odd ones."""
+    for j in range(0, half, 16):
+        lut16_decode16(w.packed, byte0 + j, w.code, s, buf, out0 + 2 * j)
+
+
+@njit(cache=True, inline="always")
+def _decode_block_table(w, byte0, half, s, buf, out0):
+    """The same in element order, through the block's scaled 16-entry table."""
+    table = np.empty(16, np.float32)
+    for c in range(16):
+        table[c] = w.code[c] * s
+    for j in range(half):
+        byte = np.int64(w.packed[byte0 + j])
+        buf[out0 + 2 * j] = table[byte >> 4]
+        buf[out0 + 2 * j + 1] = table[byte & 15]
+
+
+_decode_block = _decode_block_permute if HAS_AVX512 else _decode_block_table
+SPLIT_ORDER = HAS_AVX512
+"""Whether aligned 4-bit rows are decoded in split order (so their input vector is reordered to match)."""
+
+
+@njit(cache=True, inline="always")
 def _scale(w, blk):
     """The float32 scale of block ``blk`` of a 4-bit weight (double-quantized scales decoded in bitsandbytes' order)."""
     if w.nested:
         return w.code2[w.qabsmax[blk]] * w.absmax2[blk // w.blocksize2] + F32(w.offset)
     return w.absmax[blk]
-
-
-@njit(cache=True, inline="always")
-def _aligned(w):
-    """Whether every row starts on a block boundary and blocks hold whole groups of 32 (the fast decoders' case)."""
-    return w.k % w.blocksize == 0 and w.blocksize % 32 == 0
-
-
-@njit(cache=True, inline="always")
-def _decode_row_permute(w, r, buf):
-    """Row r of an aligned 4-bit weight into buf, 16 codes per vpermps, each group of 32 in split order."""
-    nb = w.k // w.blocksize
-    half = w.blocksize // 2
-    byte0 = r * (w.k // 2)
-    for b in range(nb):
-        s = _scale(w, r * nb + b)
-        for j in range(b * half, (b + 1) * half, 16):
-            lut16_decode16(w.packed, byte0 + j, w.code, s, buf, 2 * j)
-
-
-@njit(cache=True, inline="always")
-def _decode_row_table(w, r, buf):
-    """Row r of an aligned 4-bit weight into buf in element order, through each block's scaled 16-entry table."""
-    nb = w.k // w.blocksize
-    half = w.blocksize // 2
-    byte0 = r * (w.k // 2)
-    table = np.empty(16, np.float32)
-    for b in range(nb):
-        s = _scale(w, r * nb + b)
-        for c in range(16):
-            table[c] = w.code[c] * s
-        for j in range(b * half, (b + 1) * half):
-            byte = np.int64(w.packed[byte0 + j])
-            buf[2 * j] = table[byte >> 4]
-            buf[2 * j + 1] = table[byte & 15]
-
-
-_decode_row_aligned = _decode_row_permute if HAS_AVX512 else _decode_row_table
-SPLIT_ORDER = HAS_AVX512
-"""Whether aligned 4-bit rows are decoded in split order (so their input vector is reordered to match)."""
 
 
 @njit(cache=True, inline="always")
@@ -178,37 +163,65 @@ def _decode_row_any(w, r, buf):
         buf[p] = w.code[c] * _scale(w, i // w.blocksize)
 
 
-@njit(cache=True, inline="always", fastmath=FAST)
-def _dot_4bit(w, r, x, xs, buf):
-    """Σ_k W[r, k] · x[k] for a 4-bit W: decode the row into ``buf`` (L1), then one vectorized sum. ``xs`` is x in
-    the aligned decoder's order."""
+@njit(cache=True, fastmath=FAST)
+def _dot_rows_f32(w, r0, r1, x, dst):
+    """dst[i] = row r0 + i of a float32 W dotted with x."""
+    for r in range(r0, r1):
+        dst[r - r0] = _dot_f32(w, r, x)
+
+
+@njit(cache=True, fastmath=FAST)
+def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
+    """dst[i] = row r0 + i of a 4-bit W dotted with x: each row decoded into ``buf`` (L1), then one vectorized
+    sum. Rows on block boundaries take the block decoder (with ``xs``, x in its order), with the per-weight
+    constants computed once and the nested scales' index advanced without a division per block; others decode
+    element by element."""
     prefer_wide_vectors()
-    if _aligned(w):
-        _decode_row_aligned(w, r, buf)
-        v = xs
-    else:
-        _decode_row_any(w, r, buf)
-        v = x
-    acc = F32(0.0)
-    for k in range(U64(w.k)):
-        acc += buf[k] * v[k]
-    return acc
+    K, bs = w.k, w.blocksize
+    aligned = K % bs == 0 and bs % 32 == 0
+    nb, half, kbytes, bs2 = K // bs, bs // 2, K // 2, w.blocksize2
+    offset = F32(w.offset)
+    for r in range(r0, r1):
+        if aligned:
+            blk = r * nb
+            j2 = blk // bs2                                            # the nested block of this row's first block
+            rem = blk - j2 * bs2
+            for b in range(nb):
+                if w.nested:
+                    s = w.code2[w.qabsmax[blk + b]] * w.absmax2[j2] + offset
+                    rem += 1
+                    if rem == bs2:
+                        rem = 0
+                        j2 += 1
+                else:
+                    s = w.absmax[blk + b]
+                _decode_block(w, r * kbytes + b * half, half, s, buf, b * bs)
+            v = xs
+        else:
+            _decode_row_any(w, r, buf)
+            v = x
+        acc = F32(0.0)
+        for k in range(U64(K)):
+            acc += buf[k] * v[k]
+        dst[r - r0] = acc
 
 
-def _dot(w, r, x, xs, buf):
-    """Row r of W (float32 matrix or :class:`Weight4bit`) dotted with x; the compiled versions are chosen by type."""
+def _dot_rows(w, r0, r1, x, xs, buf, dst):
+    """dst[i] = row r0 + i of W (float32 matrix or :class:`Weight4bit`) dotted with x, rows r0 … r1 − 1: one call
+    per chunk of rows. The compiled version is chosen by the weight's Numba type."""
     if isinstance(w, Weight4bit):
-        return _dot_4bit(w, r, x, xs, buf)
-    return _dot_f32(w, r, x)
+        _dot_rows_4bit(w, r0, r1, x, xs, buf, dst)
+    else:
+        _dot_rows_f32(w, r0, r1, x, dst)
 
 
-def _dot_typed(w, r, x, xs, buf):
+def _dot_rows_typed(w, r0, r1, x, xs, buf, dst):
     if isinstance(w, types.BaseTuple):
-        return lambda w, r, x, xs, buf: _dot_4bit(w, r, x, xs, buf)
-    return lambda w, r, x, xs, buf: _dot_f32(w, r, x)
+        return lambda w, r0, r1, x, xs, buf, dst: _dot_rows_4bit(w, r0, r1, x, xs, buf, dst)
+    return lambda w, r0, r1, x, xs, buf, dst: _dot_rows_f32(w, r0, r1, x, dst)
 
 
-overload(_dot)(_dot_typed)  # the compiled _dot: chosen by the weight's Numba type
+overload(_dot_rows)(_dot_rows_typed)
 
 
 def _prepare(x, xs):
@@ -316,22 +329,28 @@ def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, sc
     NQ, NK, F = _rows(wq), _rows(wk), _rows(wg)
     Dh = ck.shape[2]
     K_max = max(D, NQ, F)
+    R = ROWS_PER_CHUNK
     h = np.empty(D, np.float32)
     hs = np.empty(D, np.float32)
     _rms_norm(x, n1, eps, h)
     _prepare(h, hs)
-    N = NQ + 2 * NK
-    qkv = np.empty(N, np.float32)
-    for c in prange(_chunks(N)):                                   # q, k and v rows
+    qkv = np.empty(NQ + 2 * NK, np.float32)
+    cq, ckv = _chunks(NQ), _chunks(NK)
+    for c in prange(cq + 2 * ckv):                                 # q, k and v rows
         prefer_wide_vectors()
         buf = np.empty(K_max, np.float32)
-        for r in range(c * ROWS_PER_CHUNK, min(N, (c + 1) * ROWS_PER_CHUNK)):
-            if r < NQ:
-                qkv[r] = _dot(wq, r, h, hs, buf)
-            elif r < NQ + NK:
-                qkv[r] = _dot(wk, r - NQ, h, hs, buf)
-            else:
-                qkv[r] = _dot(wv, r - NQ - NK, h, hs, buf)
+        if c < cq:
+            r0 = c * R
+            r1 = min(NQ, r0 + R)
+            _dot_rows(wq, r0, r1, h, hs, buf, qkv[r0:r1])
+        elif c < cq + ckv:
+            r0 = (c - cq) * R
+            r1 = min(NK, r0 + R)
+            _dot_rows(wk, r0, r1, h, hs, buf, qkv[NQ + r0:NQ + r1])
+        else:
+            r0 = (c - cq - ckv) * R
+            r1 = min(NK, r0 + R)
+            _dot_rows(wv, r0, r1, h, hs, buf, qkv[NQ + NK + r0:NQ + NK + r1])
     _store_kv(qkv, NQ, NK, Dh, ck, cv, pos, cos, sin)
     attn = np.empty(NQ, np.float32)
     H = NQ // Dh
@@ -343,25 +362,37 @@ def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, sc
     for c in prange(_chunks(D)):                                   # o rows, + residual
         prefer_wide_vectors()
         buf = np.empty(K_max, np.float32)
-        for r in range(c * ROWS_PER_CHUNK, min(D, (c + 1) * ROWS_PER_CHUNK)):
-            x[r] += _dot(wo, r, attn, attn_s, buf)
+        part = np.empty(R, np.float32)
+        r0 = c * R
+        r1 = min(D, r0 + R)
+        _dot_rows(wo, r0, r1, attn, attn_s, buf, part)
+        for i in range(r1 - r0):
+            x[r0 + i] += part[i]
     _rms_norm(x, n2, eps, h)
     _prepare(h, hs)
     act = np.empty(F, np.float32)
     for c in prange(_chunks(F)):                                   # gate and up rows: silu(g) · u
         prefer_wide_vectors()
         buf = np.empty(K_max, np.float32)
-        for r in range(c * ROWS_PER_CHUNK, min(F, (c + 1) * ROWS_PER_CHUNK)):
-            g = _dot(wg, r, h, hs, buf)
-            u = _dot(wu, r, h, hs, buf)
-            act[r] = g / (F32(1.0) + np.exp(-g)) * u
+        g = np.empty(R, np.float32)
+        u = np.empty(R, np.float32)
+        r0 = c * R
+        r1 = min(F, r0 + R)
+        _dot_rows(wg, r0, r1, h, hs, buf, g)
+        _dot_rows(wu, r0, r1, h, hs, buf, u)
+        for i in range(r1 - r0):
+            act[r0 + i] = g[i] / (F32(1.0) + np.exp(-g[i])) * u[i]
     act_s = np.empty(F, np.float32)
     _prepare(act, act_s)
     for c in prange(_chunks(D)):                                   # down rows, + residual
         prefer_wide_vectors()
         buf = np.empty(K_max, np.float32)
-        for r in range(c * ROWS_PER_CHUNK, min(D, (c + 1) * ROWS_PER_CHUNK)):
-            x[r] += _dot(wd, r, act, act_s, buf)
+        part = np.empty(R, np.float32)
+        r0 = c * R
+        r1 = min(D, r0 + R)
+        _dot_rows(wd, r0, r1, act, act_s, buf, part)
+        for i in range(r1 - r0):
+            x[r0 + i] += part[i]
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
@@ -373,11 +404,13 @@ def _head(x, norm, eps, w, out):
     _rms_norm(x, norm, eps, h)
     _prepare(h, hs)
     V = _rows(w)
+    R = ROWS_PER_CHUNK
     for c in prange(_chunks(V)):
         prefer_wide_vectors()
         buf = np.empty(D, np.float32)
-        for r in range(c * ROWS_PER_CHUNK, min(V, (c + 1) * ROWS_PER_CHUNK)):
-            out[r] = _dot(w, r, h, hs, buf)
+        r0 = c * R
+        r1 = min(V, r0 + R)
+        _dot_rows(w, r0, r1, h, hs, buf, out[r0:r1])
 
 
 @njit(cache=True)
