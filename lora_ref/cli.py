@@ -32,11 +32,13 @@ COMMANDS: dict[str, str] = {
     "models": "list the known model names, whether each is cached, and where",
     "chat": "chat with a model in the terminal (multi-turn; Ctrl-D or /exit ends)",
     "eval": "a model's next-token loss and perplexity on a text file",
+    "serve": "serve a model and its LoRA adapters over HTTP (OpenAI's API shape, continuous batching)",
+    "loadtest": "send concurrent requests to a running server; report throughput, latency and errors",
 }
 
 # commands that compute: each gets ``--threads N`` (lora_ref.threads.set_threads) before it runs; ``bench`` has
 # its own --threads, which also pins torch
-THREADED = ("tour", "quantize", "finetune", "merge", "generate", "chat", "eval")
+THREADED = ("tour", "quantize", "finetune", "merge", "generate", "chat", "eval", "serve")
 
 
 from lora_ref.errors import UsageError  # noqa: E402  (one class, also under ``python -m lora_ref.cli``)

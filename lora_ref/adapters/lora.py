@@ -50,7 +50,7 @@ __all__ = [
     "LoraConfig", "LoraLinear", "DoraMagnitude", "inject_lora", "merge_and_unload", "unload", "trainable_count",
     "lora_layers", "set_adapter", "disable_adapters", "delete_adapter", "as_bfloat16", "round_to_dtype",
     "matches_target", "find_targets", "DEFAULT_TARGET_MODULES", "register_lora_layer", "lora_layer_type",
-    "delta_weight", "merged_weight", "dora_weight_norm", "dora_merged_weight",
+    "delta_weight", "merged_weight", "dora_weight_norm", "dora_merged_weight", "svd_lowrank",
 ]
 
 #: PEFT's per-architecture default for ``target_modules=None`` (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
@@ -58,6 +58,34 @@ __all__ = [
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
+_PISSA_NITER = "pissa_niter_"
+
+
+def _pissa_niter(init) -> int | None:
+    """N for PEFT's fast PiSSA ``"pissa_niter_N"`` (randomized SVD with N subspace iterations), else None."""
+    if isinstance(init, str) and init.startswith(_PISSA_NITER) and init[len(_PISSA_NITER):].isdigit():
+        return int(init[len(_PISSA_NITER):])
+    return None
+
+
+def svd_lowrank(W: np.ndarray, q: int, niter: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
+                                                                                        np.ndarray]:
+    """A rank-``q`` SVD ``(U (out, q), S (q,), V (in, q))`` of ``W`` by randomized subspace iteration.
+
+    Halko, Martinsson & Tropp 2011 ("Finding structure with randomness", Algorithm 4.4), as ``torch.svd_lowrank``
+    computes it (``torch/_lowrank.py``): Q = orth(W·G) for a Gaussian G (in, q), then ``niter`` times
+    Q = orth(W·orth(Wᵀ·Q)); finally the exact SVD of the small Qᵀ·W. No oversampling (PEFT asks for q = r), so the
+    result approaches the top-q singular triplets as ``niter`` grows, fastest when σ_q ≫ σ_{q+1}. ``rng`` draws G
+    (torch draws it from its global generator: the two never agree bit for bit, only in the subspace they find).
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError("svd_lowrank draws a random test matrix: pass rng (np.random.Generator)")
+    W = np.asarray(W, dtype=np.float32)
+    Q, _ = np.linalg.qr(W @ rng.standard_normal((W.shape[1], q)).astype(np.float32))  # (out, q)
+    for _ in range(int(niter)):
+        Q, _ = np.linalg.qr(W @ np.linalg.qr(W.T @ Q)[0])
+    U, S, Vh = np.linalg.svd(Q.T @ W, full_matrices=False)  # (q, in): small
+    return (Q @ U).astype(np.float32), S.astype(np.float32), Vh.T.astype(np.float32)
 _BIAS = ("none", "all", "lora_only")
 
 
@@ -86,6 +114,8 @@ class LoraConfig:
         True: A ~ U(±1/√in) (Kaiming-uniform, a=√5), B = 0. "gaussian": A ~ N(0, (1/r)²), B = 0. False: A and B both
         nonzero (torch.nn.Linear's default init, U(±1/√fan_in)); the adapter is not a no-op, which tests need.
         "pissa": A, B from the top-r SVD of W and the base replaced by the residual (Meng et al. 2024).
+        "pissa_niter_N" (PEFT's fast PiSSA): the same from a randomized SVD with N subspace iterations
+        (:func:`svd_lowrank`; needs ``rng``).
         "olora": A, B from the QR decomposition of W (B = Q_r, A = R_r), the base W − s·B·A (Büyükakyüz 2024).
     use_dora : bool
         Weight-decomposed LoRA: a trainable magnitude per output row.
@@ -139,8 +169,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in _INITS or (isinstance(self.init_lora_weights, int)
-                                                    and not isinstance(self.init_lora_weights, bool)):
+        if (self.init_lora_weights not in _INITS and _pissa_niter(self.init_lora_weights) is None) or (
+                isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)):
             raise ValueError(f"LoraConfig: init_lora_weights must be one of {_INITS}, got {self.init_lora_weights!r}")
         if self.bias not in _BIAS:
             raise ValueError(f"LoraConfig: bias must be one of {_BIAS}, got {self.bias!r}")
@@ -403,6 +433,11 @@ class LoraLinear(Module):
             return
         if init_lora_weights == "pissa":
             self.pissa_init(adapter_name)
+        elif _pissa_niter(init_lora_weights) is not None:
+            if not isinstance(rng, np.random.Generator):
+                raise ValueError(f"init_lora_weights={init_lora_weights!r} draws a random test matrix: "
+                                 "pass rng=np.random.Generator")
+            self.pissa_init(adapter_name, niter=_pissa_niter(init_lora_weights), rng=rng)
         elif init_lora_weights == "olora":
             self.olora_init(adapter_name)
         else:
@@ -435,15 +470,20 @@ class LoraLinear(Module):
         else:
             B.data[...] = 0.0
 
-    def pissa_init(self, adapter_name: str) -> None:
+    def pissa_init(self, adapter_name: str, niter: int | None = None, rng: np.random.Generator | None = None) -> None:
         """PiSSA (Meng et al. 2024): A, B from the top-R singular triplets of W; the base keeps the residual.
 
         With W = U·diag(S)·Vh and S_r' = S_r / s: A = diag(√S_r')·Vh_r (R, in), B = U_r·diag(√S_r') (out, R),
-        and W ← W − s·B·A, so the layer's output is unchanged at init.
+        and W ← W − s·B·A, so the layer's output is unchanged at init. With ``niter`` (PEFT's ``"pissa_niter_N"``)
+        the triplets come from :func:`svd_lowrank` with that many subspace iterations and ``rng``'s test matrix.
         """
         s, r = self.scaling[adapter_name], self.r[adapter_name]
         W = self.base_weight()  # (out, in) float32
-        U, S, Vh = np.linalg.svd(W, full_matrices=False)
+        if niter is None:
+            U, S, Vh = np.linalg.svd(W, full_matrices=False)
+        else:
+            U, S, V = svd_lowrank(W, r, niter, rng)
+            Vh = V.T
         Sr = S[:r] / np.float32(s)
         A = np.sqrt(Sr)[:, None] * Vh[:r]  # (R, in)
         B = U[:, :r] * np.sqrt(Sr)[None, :]  # (out, R)

@@ -21,10 +21,11 @@ What this module holds:
 - :class:`LoraLinear4bit` and :func:`inject_qlora` — LoRA around a :class:`Linear4bit`.
 - Merging into a 4-bit base, three ways (:func:`merge_4bit`): ``"float"`` keeps a float32 merged layer,
   dequant(W) + ΔW, exact up to float32 rounding but 8× the storage; ``"requantize"`` is what PEFT does
-  (``Linear4bit.merge``: dequantize, add, quantize again with the same settings), whose error is the NF4 error
-  of the merged weight; ``"refit"`` (ours) quantizes the same merged weight with each block's scale chosen to
-  minimise that block's squared error (:func:`quantize_4bit_refit`) — the same bitsandbytes format, so the
-  result loads wherever a ``"requantize"`` merge does. :func:`merge_4bit_like_peft` reproduces PEFT 0.21.2's
+  (``Linear4bit.merge``: dequantize, add, quantize again with the same settings), which for a small adapter
+  snaps back to the very codes it started from and so erases the adapter (see :func:`merge_4bit`); ``"refit"``
+  (ours) quantizes the same merged weight with each block's scale chosen to minimise that block's squared error
+  (:func:`quantize_4bit_refit`) — the same bitsandbytes format, so the result loads wherever a ``"requantize"``
+  merge does. :func:`merge_4bit_like_peft` reproduces PEFT 0.21.2's
   4-bit merge including its bias bug (``lora_B.bias`` added without × scaling, peft issue #3741).
 
 Taught in ``notebooks/07_qlora.ipynb`` (training, memory, where the quantization error goes) and
@@ -104,8 +105,8 @@ class LoraLinear4bit(LoraLinear):
     """:class:`lora_ref.adapters.lora.LoraLinear` around a :class:`Linear4bit` (PEFT's ``lora.bnb.Linear4bit``).
 
     The forward pass is the LoRA forward with the 4-bit base. Merging uses the dequantized weight and writes back by
-    re-quantizing it with the layer's settings, as PEFT does (``merge`` / ``unmerge`` lose the NF4 error each time;
-    see :func:`merge_4bit` for the alternatives): :meth:`LoraLinear.base_weight` and ``set_base_weight`` already do
+    re-quantizing it with the layer's settings, as PEFT does (``merge`` / ``unmerge`` round to the NF4 grid each time,
+    which erases a small adapter; see :func:`merge_4bit` and its alternatives): :meth:`LoraLinear.base_weight` and ``set_base_weight`` already do
     that for any base layer with ``dequantize`` / ``set_weight``. The class is registered for :class:`Linear4bit`
     with :func:`lora_ref.adapters.lora.register_lora_layer`, so :func:`lora_ref.adapters.lora.inject_lora` and
     :func:`lora_ref.adapters.peft_files.load_adapter` wrap 4-bit layers in it; the generic LoRA code never imports
@@ -182,7 +183,12 @@ def merge_4bit(layer: LoraLinear, strategy: str = "requantize", adapter_names=No
         ``"float"`` — a float32 :class:`lora_ref.modeling.nn.Linear` with W' = dequant(W) + ΔW: the unmerged model's
         function up to float32 rounding, at 32 bits per weight.
         ``"requantize"`` — PEFT: a :class:`Linear4bit` with W' = Q(dequant(W) + ΔW), same blocksize, quant_type and
-        double quantization. The error is the NF4 error of the merged weight, about as large as ΔW often is.
+        double quantization. dequant(W) already lies on the NF4 grid, so while ΔW is small against the grid
+        spacing (block scale × gap between neighbouring NF4 levels), dequant(W) + ΔW is still nearest to the level
+        it came from: re-quantization gives back the same codes, only the block scales move (with ΔW at each
+        block's largest weight), and the adapter is erased — the error is about the adapter's own effect and grows
+        with ‖ΔW‖. Only once ΔW spans the spacing do codes change and the error level off at about the NF4 error of
+        quantizing a weight afresh (chapter 8 of the book measures both regimes).
         ``"refit"`` — the same target quantized by :func:`quantize_4bit_refit` (per-block MSE-optimal scales,
         codes chosen against the scales actually stored): same format and size as ``"requantize"``, less error.
     adapter_names : adapters to merge (default: the active ones).

@@ -14,7 +14,7 @@ LoRA on a linear layer W (out, in) adds ``lora_A`` (R, in) and ``lora_B`` (out, 
 Targets are named like PEFT's ``target_modules``: the module's own name (``q_proj``, ``c_attn``, ``query``,
 ``attention.output.dense``; a suffix on whole name components) or one of the Llama-style *roles* ``q_proj``, ``k_proj``,
 ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj`` that every family maps onto its own modules; or
-``"all-linear"``, which is every linear layer except the output head (PEFT, facts §4.7).
+``"all-linear"``, which is every linear layer except the output head (PEFT's ``_maybe_include_all_linear_layers`` in ``peft/tuners/tuners_utils.py``).
 
 GPT-2's fused ``c_attn``
 ------------------------

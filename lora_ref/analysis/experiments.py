@@ -17,8 +17,9 @@ model and the weight updates ΔW of the block matrices.
   ("energy rank"; Biderman et al. 2024 §4.6 measure it on full fine-tunes and find it high);
 - :func:`random_like` — a Gaussian matrix of the same shape and Frobenius norm (the no-structure baseline);
 - :func:`truncate`, :func:`functional_rank` — the smallest k whose rank-k truncation of *every* ΔW recovers 90% of
-  the fine-tuning loss gain ("functional rank"). Energy rank and functional rank are the two meanings of "low rank"
-  (research.md §0.1): the first is about the matrix, the second about what the model needs;
+  the fine-tuning loss gain ("functional rank", a name this book gives it). Energy rank and functional rank are two
+  meanings of "low rank" that can disagree (``notebooks/09_intrinsic_rank.ipynb``): the first is about the matrix,
+  the second about what the model needs;
 - :func:`subspace_similarity` — the LoRA paper's normalized subspace similarity φ(A₁, A₂, i, j) (Hu et al. 2021,
   §7.2 Eq. 4, App. G), on the rows of Vh of svd(lora_A);
 - :func:`amplification_factor` — ‖ΔW‖_F / ‖UᵀWVᵀ‖_F with U, V the top-r singular vectors of ΔW (LoRA §7.3, H.4);
@@ -53,12 +54,13 @@ from lora_ref.adapters.lora import LoraConfig, find_targets, inject_lora, lora_l
 from lora_ref.files import cache
 from lora_ref.files.outputs import write_json
 from lora_ref.modeling.llama import Llama
+from lora_ref.quick import pick
 from lora_ref.training.data import Corpus, finetuning_corpus, pretraining_corpus
 from lora_ref.training.loop import History, evaluate, train
 
 __all__ = [
     "Run", "full_finetune", "lora_finetune", "qlora_finetune", "base_losses", "model_fingerprint",
-    "adapted_matrix_names", "FINETUNE", "EVAL", "BOOK",
+    "adapted_matrix_names", "FINETUNE", "EVAL", "BOOK", "BOOK_QUICK", "EVAL_QUICK", "book_settings",
     "spectrum", "energy_fraction", "energy_rank", "energy_rank_of_spectrum", "random_like", "truncate",
     "FunctionalRank", "truncation_loss", "functional_rank",
     "subspace_basis", "subspace_similarity", "subspace_similarity_grid", "random_subspace_similarity",
@@ -80,6 +82,18 @@ EVAL: dict = {"batch": 32, "seq": 128, "max_batches": 8}
 #: The settings the book's chapters (09, 10, 11) and the full ``lora-ref tour`` share, so each run is made once:
 #: steps per run, the peak learning rates of full fine-tuning and of LoRA, and LoRA's α.
 BOOK: dict = {"steps": 100, "lr_full": 1e-3, "lr_lora": 1e-2, "alpha": 16.0}
+
+#: QUICK mode (``LORA_REF_QUICK=1``, :mod:`lora_ref.quick`): the chapters' small configuration. A fifth of the steps,
+#: the same rates and α, so every comparison of the full configuration still runs, on a model that has learned less.
+BOOK_QUICK: dict = {"steps": 20, "lr_full": 1e-3, "lr_lora": 1e-2, "alpha": 16.0}
+
+#: QUICK mode's evaluation: two batches of each validation split instead of eight (a noisier, 4× cheaper loss).
+EVAL_QUICK: dict = {"batch": 32, "seq": 128, "max_batches": 2}
+
+
+def book_settings() -> dict:
+    """The chapters' settings: :data:`BOOK` plus ``"eval"`` (:data:`EVAL`), or their QUICK-mode versions."""
+    return {**pick(BOOK, BOOK_QUICK), "eval": dict(pick(EVAL, EVAL_QUICK))}
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
@@ -135,6 +149,18 @@ def adapted_matrix_names(model) -> list[str]:
 # evaluation
 # ================================================================================================================
 
+def _evaluation(evaluation: dict | None) -> dict:
+    """``evaluation`` checked (``batch``, ``seq``, ``max_batches``: positive integers), or :data:`EVAL` for None."""
+    if evaluation is None:
+        return EVAL
+    if not isinstance(evaluation, dict) or set(evaluation) != set(EVAL):
+        raise ValueError(f"evaluation must be a dict with keys {sorted(EVAL)}, got {evaluation!r}")
+    for k, v in evaluation.items():
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"evaluation[{k!r}] must be a positive integer, got {v!r}")
+    return {k: int(evaluation[k]) for k in EVAL}
+
+
 def _eval_both(model, eval_settings: dict) -> dict[str, float]:
     ft, pt = _corpora()
     e = eval_settings
@@ -142,19 +168,20 @@ def _eval_both(model, eval_settings: dict) -> dict[str, float]:
             "pretrain": evaluate(model, pt.val, e["batch"], e["seq"], e["max_batches"])}
 
 
-def base_losses(base=None) -> dict[str, float]:
+def base_losses(base=None, *, evaluation: dict | None = None) -> dict[str, float]:
     """Validation losses (nats/byte) of ``base`` (default: the tutorial base) on both corpora, cached.
 
-    Returns ``{"finetune": ..., "pretrain": ...}`` measured as :data:`EVAL` says.
+    Returns ``{"finetune": ..., "pretrain": ...}`` measured as ``evaluation`` (default :data:`EVAL`) says.
     """
     base = _default_base(base)
+    ev = _evaluation(evaluation)
     ft, pt = _corpora()
     desc = {"what": "base validation losses", "base": model_fingerprint(base), "finetune_corpus": _corpus_id(ft),
-            "pretrain_corpus": _corpus_id(pt), "eval": EVAL, "version": EXPERIMENTS_VERSION,
+            "pretrain_corpus": _corpus_id(pt), "eval": ev, "version": EXPERIMENTS_VERSION,
             "lora_ref": lora_ref.__version__}
 
     def build(folder: Path) -> None:
-        write_json(folder / RUN_FILE, _eval_both(base, EVAL))
+        write_json(folder / RUN_FILE, _eval_both(base, ev))
 
     folder = cache.get_or_build("base-eval", desc, build)
     return json.loads((folder / RUN_FILE).read_text())
@@ -267,7 +294,7 @@ def _check_common(steps: int, lr: float, seed: int, batch: int | None = None) ->
 
 def _train_and_store(kind: str, desc: dict, base: Llama, prepare, save, progress: bool) -> Run:
     """Look the run up in the cache; if missing, ``prepare(init_rng)`` a model, train it, ``save`` it, evaluate."""
-    base_val = base_losses(base)
+    base_val = base_losses(base, evaluation=desc["eval"])
     r = FINETUNE
 
     def build(folder: Path) -> None:
@@ -280,7 +307,7 @@ def _train_and_store(kind: str, desc: dict, base: Llama, prepare, save, progress
                      weight_decay=r["weight_decay"], betas=tuple(r["betas"]), max_grad_norm=r["max_grad_norm"],
                      eval_every=max(1, steps // r["eval_points"]), eval_batches=r["eval_batches"],
                      progress=progress, desc=f"{kind} fine-tune")
-        val = _eval_both(model, EVAL)
+        val = _eval_both(model, desc["eval"])
         save(model, folder)
         write_json(folder / RUN_FILE, {"kind": kind, "history": hist.to_dict(), "val_loss": val,
                                        "trainable": model.num_parameters(trainable_only=True),
@@ -293,16 +320,17 @@ def _train_and_store(kind: str, desc: dict, base: Llama, prepare, save, progress
                folder=folder, base=base)
 
 
-def _description(what: str, base: Llama, steps: int, lr: float, seed: int, **extra) -> dict:
+def _description(what: str, base: Llama, steps: int, lr: float, seed: int, evaluation: dict | None = None,
+                 **extra) -> dict:
     ft, pt = _corpora()
     return {"what": what, "base": model_fingerprint(base), "finetune_corpus": _corpus_id(ft),
-            "pretrain_corpus": _corpus_id(pt), "recipe": FINETUNE, "eval": EVAL, "steps": int(steps),
+            "pretrain_corpus": _corpus_id(pt), "recipe": FINETUNE, "eval": _evaluation(evaluation), "steps": int(steps),
             "lr": float(lr), "seed": int(seed), **extra, "version": EXPERIMENTS_VERSION,
             "lora_ref": lora_ref.__version__}
 
 
 def full_finetune(base=None, steps: int = 200, lr: float = 1e-3, *, trainable: str = "all-linear", seed: int = 0,
-                  progress: bool = True) -> Run:
+                  evaluation: dict | None = None, progress: bool = True) -> Run:
     """Full fine-tuning of ``base`` on the fine-tuning corpus (cached); returns the :class:`Run`.
 
     Parameters
@@ -313,12 +341,13 @@ def full_finetune(base=None, steps: int = 200, lr: float = 1e-3, *, trainable: s
         the run's ΔW is the whole fine-tune and compares one to one with LoRA's; ``"all"`` trains every parameter
         (embeddings, head and norms too).
     seed : drives the batches.
+    evaluation : how the final losses are measured (default :data:`EVAL`; QUICK mode: :data:`EVAL_QUICK`).
     """
     base = _default_base(base)
     _check_common(steps, lr, seed)
     if trainable not in ("all-linear", "all"):
         raise ValueError(f"trainable must be 'all-linear' or 'all', got {trainable!r}")
-    desc = _description("full fine-tune", base, steps, lr, seed, trainable=trainable)
+    desc = _description("full fine-tune", base, steps, lr, seed, evaluation, trainable=trainable)
 
     def prepare(init_rng):
         model = copy.deepcopy(base)
@@ -354,7 +383,8 @@ def _lora_config(r, alpha, targets, use_rslora) -> tuple[LoraConfig, dict]:
 
 
 def lora_finetune(base=None, r: int = 8, alpha: float = 16.0, targets="all-linear", use_rslora: bool = False,
-                  lr: float = 3e-3, steps: int = 200, seed: int = 0, *, progress: bool = True) -> Run:
+                  lr: float = 3e-3, steps: int = 200, seed: int = 0, *, evaluation: dict | None = None,
+                  progress: bool = True) -> Run:
     """LoRA fine-tuning of ``base`` on the fine-tuning corpus (cached); returns the :class:`Run`.
 
     Parameters
@@ -365,11 +395,12 @@ def lora_finetune(base=None, r: int = 8, alpha: float = 16.0, targets="all-linea
     targets : ``"all-linear"`` or a list of module names (``["q_proj", "v_proj"]``), PEFT's ``target_modules``.
     lr, steps : peak learning rate and optimizer steps (recipe: :data:`FINETUNE`).
     seed : drives the initialization of A (PEFT's Kaiming-uniform; B = 0) and the batches.
+    evaluation : how the final losses are measured (default :data:`EVAL`; QUICK mode: :data:`EVAL_QUICK`).
     """
     base = _default_base(base)
     _check_common(steps, lr, seed)
     cfg, lora_desc = _lora_config(r, alpha, targets, use_rslora)
-    desc = _description("LoRA fine-tune", base, steps, lr, seed, lora=lora_desc)
+    desc = _description("LoRA fine-tune", base, steps, lr, seed, evaluation, lora=lora_desc)
 
     def prepare(init_rng):
         return inject_lora(copy.deepcopy(base), cfg, rng=init_rng)
@@ -379,7 +410,8 @@ def lora_finetune(base=None, r: int = 8, alpha: float = 16.0, targets="all-linea
 
 def qlora_finetune(base=None, r: int = 8, alpha: float = 16.0, targets="all-linear", use_rslora: bool = False,
                    lr: float = 3e-3, steps: int = 200, seed: int = 0, *, blocksize: int = 64,
-                   double_quant: bool = True, quant_type: str = "nf4", progress: bool = True) -> Run:
+                   double_quant: bool = True, quant_type: str = "nf4", evaluation: dict | None = None,
+                   progress: bool = True) -> Run:
     """QLoRA: :func:`lora_finetune` on a copy of ``base`` whose block matrices are frozen 4-bit
     (:func:`lora_ref.adapters.qlora.quantize_model`: NF4, blocksize 64, double quantization by default; the embeddings and
     ``lm_head`` stay float). Cached; returns the :class:`Run`. Its ``val_loss`` is that of the 4-bit model with the
@@ -391,7 +423,7 @@ def qlora_finetune(base=None, r: int = 8, alpha: float = 16.0, targets="all-line
     _check_common(steps, lr, seed)
     cfg, lora_desc = _lora_config(r, alpha, targets, use_rslora)
     quant = {"blocksize": int(blocksize), "double_quant": bool(double_quant), "quant_type": str(quant_type)}
-    desc = _description("QLoRA fine-tune", base, steps, lr, seed, lora=lora_desc, quantization=quant)
+    desc = _description("QLoRA fine-tune", base, steps, lr, seed, evaluation, lora=lora_desc, quantization=quant)
 
     def prepare(init_rng):
         model = quantize_model(copy.deepcopy(base), **quant)

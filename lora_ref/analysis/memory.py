@@ -25,7 +25,8 @@ dequant buffer      —                                      QLoRA: the largest 
 Inference: weights (+ unmerged adapters), the KV cache 2·L·B·T·K·Dh·s, one block's working activations and the
 last position's logits.
 
-NF4 storage (QLoRA §3, bitsandbytes ``QuantState``; facts §2.3, §3.5): per quantized tensor of n elements,
+NF4 storage (QLoRA §3, bitsandbytes ``QuantState`` and ``quantize_4bit`` in
+``bitsandbytes/functional.py``): per quantized tensor of n elements,
 ⌈n/2⌉ bytes of packed codes; ⌈n/64⌉ float32 absmax (0.5 bit per parameter), or with double quantization
 ⌈n/64⌉ uint8 codes + ⌈n/64/256⌉ float32 second-level absmax + a float32 offset (8/64 + 32/(64·256) = 0.127 bit);
 plus the tables every tensor carries: the 16-entry 4-bit code (64 B) and, with double quantization, the 256-entry

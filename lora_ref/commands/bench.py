@@ -9,6 +9,9 @@ Rows (``ratio = ours_s / baseline_s``; lower is better):
 - group ``kernels`` (:func:`lora_ref.bench.quant.kernel_rows`): sgemm and the NF4 kernels.
 - group ``decode`` (:func:`lora_ref.bench.decode.decode_rows`): greedy decoding of SmolLM2-135M-Instruct, float32
   and NF4, against transformers' ``generate`` and against the memory roofline.
+- group ``serving`` (:func:`lora_ref.bench.serving.serving_rows`): seconds per generated token on SmolLM2-135M-Instruct
+  (fetched on first use) — four adapters mixed in one batch against one adapter, the batch against one request at
+  a time, and one request's unmerged adapter against the merged model.
 
 Numba, the BLAS and torch are pinned to the same thread count (``--threads``) before any row runs.
 """
@@ -24,6 +27,7 @@ examples:
   lora-ref bench train                # training step vs PyTorch, QLoRA vs LoRA step, peak memory
   lora-ref bench kernels --quick      # the kernel rows, fewer repeats
   lora-ref bench decode               # decoding SmolLM2-135M: vs transformers and vs the memory roofline
+  lora-ref bench serving              # mixed-adapter batches on SmolLM2-135M-Instruct (fetched on first use)
   lora-ref bench all --json > bench.json
 
 Each row times our code and a baseline doing the same work, alternately in the same run (after warm-up: medians
@@ -33,7 +37,7 @@ equal thread counts (--threads, default: all CPUs) on both sides, and prints rat
 document {"machine": {...}, "results": [{"name", "ours_s", "baseline", "baseline_s", "ratio", "params"}], "notes": [...]};
 progress goes to stderr. Timings vary with the machine's load; the ratios are the figure to read."""
 
-GROUPS = ("train", "kernels", "decode", "all")
+GROUPS = ("train", "kernels", "decode", "serving", "all")
 
 
 def add_arguments(p) -> None:
@@ -103,6 +107,11 @@ def run(args) -> int:
         rows = decode_rows(args.quick, threads["threads"], log=_log)
         notes.extend(r["params"]["skipped"] for r in rows if r["ratio"] is None)
         results.extend(rows)
+    if args.which in ("serving", "all"):
+        from lora_ref.bench.serving import serving_rows
+
+        _log("serving rows: mixed-adapter batches, batched vs one at a time, unmerged vs merged (SmolLM2-135M)")
+        results.extend(serving_rows(args.quick))
     doc = {"machine": machine(), "results": results, "notes": notes}
     if args.json:
         print(json.dumps(doc, indent=2))

@@ -5,5 +5,7 @@
 - :mod:`lora_ref.kernels.reference` — the readable twins of the two modules below.
 - :mod:`lora_ref.kernels.training` — the fused kernels of the training step and their chooser ``pick``.
 - :mod:`lora_ref.kernels.matmul` — the tiled float32 GEMM and its chooser.
+- :mod:`lora_ref.kernels.lora_batch` — the low-rank terms of a mixed-adapter batch (BGMV, chapter 13), its chooser
+  and its twin :mod:`lora_ref.kernels.lora_batch_reference`.
 - :mod:`lora_ref.kernels.jit` — Numba intrinsics the kernels build on (stack tiles, wide vectors, a register table).
 """

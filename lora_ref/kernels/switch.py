@@ -12,6 +12,7 @@ kernel module                       readable twins                         opera
 :mod:`lora_ref.kernels.matmul`      :mod:`lora_ref.kernels.reference`      matmul (the tiled float32 GEMM)
 :mod:`lora_ref.quant.kernels`       :mod:`lora_ref.quant.steps`,           the blockwise 4-bit / 8-bit steps,
                                     :mod:`lora_ref.quant.dequant_matmul`   the 4-bit matmuls
+:mod:`lora_ref.kernels.lora_batch`  ``kernels.lora_batch_reference``       a mixed-adapter LoRA batch (BGMV)
 ==================================  =====================================  =====================================
 
 - Twins take and return arrays (or update arrays in place); they never build graph nodes. A forward twin returns

@@ -282,3 +282,29 @@ def test_runner_bad_input(tiny_base):
         ex.lora_finetune(tiny_base, targets="q_proj", steps=1)
     with pytest.raises(ValueError, match="base must be"):
         ex.full_finetune("not a model", steps=1)
+
+
+def test_evaluation_setting_is_part_of_the_run_and_its_key(tiny_base):
+    light = {"batch": 8, "seq": 64, "max_batches": 1}
+    run = ex.lora_finetune(tiny_base, r=2, lr=1e-2, steps=2, evaluation=light, progress=False)
+    default = ex.lora_finetune(tiny_base, r=2, lr=1e-2, steps=2, progress=False)
+    assert run.folder != default.folder and run.settings["eval"] == light and default.settings["eval"] == ex.EVAL
+    # the base's losses are measured the same way as the run's, so gain and forgetting compare like with like
+    assert run.base_val_loss == ex.base_losses(tiny_base, evaluation=light)
+    assert default.base_val_loss == ex.base_losses(tiny_base)
+    assert run.base_val_loss != default.base_val_loss  # one batch of windows against two
+    with pytest.raises(ValueError, match="evaluation"):
+        ex.full_finetune(tiny_base, steps=1, evaluation={"batch": 8, "seq": 64})
+    with pytest.raises(ValueError, match="max_batches"):
+        ex.base_losses(tiny_base, evaluation={"batch": 8, "seq": 64, "max_batches": 0})
+
+
+def test_book_settings_follow_quick_mode(monkeypatch):
+    monkeypatch.delenv("LORA_REF_QUICK", raising=False)
+    assert ex.book_settings() == {**ex.BOOK, "eval": ex.EVAL}
+    monkeypatch.setenv("LORA_REF_QUICK", "1")
+    quick = ex.book_settings()
+    assert quick == {**ex.BOOK_QUICK, "eval": ex.EVAL_QUICK}
+    # QUICK changes the amount of work, not the recipe: same rates and α, fewer steps, fewer evaluation batches
+    assert quick["steps"] < ex.BOOK["steps"] and quick["eval"]["max_batches"] < ex.EVAL["max_batches"]
+    assert all(quick[k] == ex.BOOK[k] for k in ("lr_full", "lr_lora", "alpha"))

@@ -3,7 +3,7 @@ PEFT's 4-bit merge (dequantize, add, re-quantize) equals ``merge_4bit_like_peft`
 and the LoRA forward on the 4-bit base equals PEFT's.
 
 The forward runs in train mode: on CPUs with AVX512-BF16, bitsandbytes 0.50.2 repacks a 4-bit weight in an eval-mode
-forward, after which PEFT's merge dequantizes garbage (facts §3.7); train mode avoids that path.
+forward, after which PEFT's merge dequantizes garbage; train mode avoids that path.
 """
 
 import numpy as np

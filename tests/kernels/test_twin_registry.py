@@ -17,7 +17,7 @@ from lora_ref.kernels import switch
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL_MODULES = ("lora_ref.kernels.training", "lora_ref.kernels.matmul", "lora_ref.quant.kernels",
-                  "lora_ref.kernels.decode")
+                  "lora_ref.kernels.decode", "lora_ref.kernels.lora_batch")
 for _m in KERNEL_MODULES:
     importlib.import_module(_m)
 
@@ -29,6 +29,7 @@ NOT_TWINS = {
     "lora_ref.kernels.matmul": {"MR", "NR", "KC", "matmul_reference", "pack_a", "micro_kernel", "pick", "PICK"},
     "lora_ref.quant.kernels": {"pair_table", "decode_4bit_into", "AUTO_DEQUANTIZE_ROWS", "pick", "PICK"},
     "lora_ref.kernels.decode": {"weight_list", "readonly", "pick", "PICK"},
+    "lora_ref.kernels.lora_batch": {"pick", "PICK"},
 }
 # operation -> the tests that hold its two twins equal (module under tests/kernels, test function names)
 TWIN_TESTS = {
@@ -60,6 +61,9 @@ TWIN_TESTS = {
                                                "test_layer_step_at_position_zero_attends_to_itself_only"]),
         "head_step": ("test_decode_kernels", ["test_head_step_twins"]),
         "decode_step": ("test_decode_kernels", ["test_decode_step_twins"]),
+    },
+    "lora_ref.kernels.lora_batch": {
+        "bgmv": ("test_lora_batch", ["test_bgmv_add_twins"]),
     },
 }
 

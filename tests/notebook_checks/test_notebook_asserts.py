@@ -70,10 +70,13 @@ def _always_holds(compare: ast.Compare) -> bool:
         if not ok:
             # equality of floats after different rounding: compare Eq sides with a relative tolerance too
             if len(compare.ops) == 1 and isinstance(compare.ops[0], ast.Eq):
-                a, b = (eval(compile(ast.Expression(s), "<side>", "eval"), env)
-                        for s in (compare.left, compare.comparators[0]))
-                if math.isclose(a, b, rel_tol=1e-12):
-                    continue
+                try:
+                    a, b = (eval(compile(ast.Expression(s), "<side>", "eval"), env)
+                            for s in (compare.left, compare.comparators[0]))
+                    if math.isclose(a, b, rel_tol=1e-12):
+                        continue
+                except TypeError:  # an exercise's empty answer (`x = None`) compared with a number
+                    return False
             return False
     return True
 
@@ -135,6 +138,7 @@ def test_the_scan_flags_assertions_that_cannot_fail(cells):
     ["n = 3\nn = f(n)\nassert n == 3"],
     ["x = 2\nfor x in range(3):\n    pass\nassert x * 2 == 4"],
     ["ratio = 0.5\nassert abs(measured / ratio - 1) < 0.1"],
+    ["answer = None  # your answer", "assert answer == 42"],
 ])
 def test_the_scan_leaves_real_assertions_alone(cells):
     assert trivial_asserts(cells) == []

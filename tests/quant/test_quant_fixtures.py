@@ -67,7 +67,7 @@ def fixture_state(meta, t) -> QuantState:
                       state2=state2)
 
 
-def test_fixture_covers_what_the_issue_asks():
+def test_fixture_covers_both_types_every_dtype_and_edge_cases():
     manifest = FILES["cuda"][0]
     assert {c["quant_type"] for c in manifest} == {"nf4", "fp4"}
     assert {c["dtype"] for c in manifest} == set(DTYPES)

@@ -1,4 +1,4 @@
-"""The reference cases of issue 17 (qlora_depth_cases) hold what their descriptions say, checked from their own
+"""The QLoRA-depth reference cases (qlora_depth_cases) hold what their descriptions say, checked from their own
 tensors with formulas written out here (not with the code that made them)."""
 
 import numpy as np
