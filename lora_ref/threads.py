@@ -158,6 +158,11 @@ def limited(n: int | None):
     The decode loop of :mod:`lora_ref.modeling.generate` runs its one-token steps under ``limited(1)``: a step is
     ~200 matrix-vector products and ~250 small kernels on one row each, too small for a second thread to pay
     for its wake-up (measured on 2 cores, SmolLM2-135M: 16-22 tokens/s on one thread against 6-11 on two).
+    Re-measured with the compiled decoder (:class:`lora_ref.modeling.decode.Decoder`, five parallel loops per
+    layer), alternating in one process on 2 cores shared with other work (load average ~7): float32 76-82 ms per
+    token on one thread against 75-105 on two, NF4 47-70 against 59-81. A second thread halves the rows each
+    thread reads, but every loop then waits for the slower thread, and on a busy machine that is often one the
+    scheduler has parked; one thread stays the default.
     Numba's setting is per calling thread and restored on exit, as is the BLAS limit (``threadpoolctl``).
     """
     if n is None:

@@ -7,6 +7,8 @@ Rows (``ratio = ours_s / baseline_s``; lower is better):
   PyTorch (:mod:`lora_ref.reference.torch_model`), run eagerly on the CPU from a copy of our initial weights, on the same batch
   (the losses of both sides are compared before timing); ``qlora_step`` vs ``lora_step``; the memory rows.
 - group ``kernels`` (:func:`lora_ref.bench.quant.kernel_rows`): sgemm and the NF4 kernels.
+- group ``decode`` (:func:`lora_ref.bench.decode.decode_rows`): greedy decoding of SmolLM2-135M-Instruct, float32
+  and NF4, against transformers' ``generate`` and against the memory roofline.
 - group ``serving`` (:func:`lora_ref.bench.serving.serving_rows`): seconds per generated token on SmolLM2-135M-Instruct
   (fetched on first use) — four adapters mixed in one batch against one adapter, the batch against one request at
   a time, and one request's unmerged adapter against the merged model.
@@ -24,16 +26,18 @@ examples:
   lora-ref bench                      # every row
   lora-ref bench train                # training step vs PyTorch, QLoRA vs LoRA step, peak memory
   lora-ref bench kernels --quick      # the kernel rows, fewer repeats
+  lora-ref bench decode               # decoding SmolLM2-135M: vs transformers and vs the memory roofline
   lora-ref bench serving              # mixed-adapter batches on SmolLM2-135M-Instruct (fetched on first use)
   lora-ref bench all --json > bench.json
 
-Each row times our code and a baseline doing the same work, alternately in the same run (medians of several
-repeats after warm-up), with equal thread counts (--threads, default: all CPUs) on both sides, and prints
-ratio = our time / baseline time. --quick cuts repeats, never shapes. With --json, stdout is exactly one JSON
+Each row times our code and a baseline doing the same work, alternately in the same run (after warm-up: medians
+of several repeats for the training rows, the fastest of several rounds for the kernel and decode rows), with
+equal thread counts (--threads, default: all CPUs) on both sides, and prints ratio = our time / baseline time.
+--quick cuts repeats or rounds, never shapes or token counts. With --json, stdout is exactly one JSON
 document {"machine": {...}, "results": [{"name", "ours_s", "baseline", "baseline_s", "ratio", "params"}], "notes": [...]};
 progress goes to stderr. Timings vary with the machine's load; the ratios are the figure to read."""
 
-GROUPS = ("train", "kernels", "serving", "all")
+GROUPS = ("train", "kernels", "decode", "serving", "all")
 
 
 def add_arguments(p) -> None:
@@ -96,6 +100,13 @@ def run(args) -> int:
         else:
             _log("kernel rows (sgemm, NF4 dequantize / GEMV / quantize)")
             results.extend(kernel_rows(args.quick, threads["threads"]))
+    if args.which in ("decode", "all"):
+        from lora_ref.bench.decode import decode_rows
+
+        _log("decode rows: SmolLM2-135M-Instruct greedy decoding, float32 and NF4, vs transformers and the roofline")
+        rows = decode_rows(args.quick, threads["threads"], log=_log)
+        notes.extend(r["params"]["skipped"] for r in rows if r["ratio"] is None)
+        results.extend(rows)
     if args.which in ("serving", "all"):
         from lora_ref.bench.serving import serving_rows
 
@@ -107,9 +118,12 @@ def run(args) -> int:
         return 0
     print(f"machine: {doc['machine'].get('cpu', '?')}, {doc['machine'].get('cpus', '?')} CPUs; "
           f"threads on both sides: {threads.get('threads')}")
-    print(f"{'name':<16} {'ours (ms)':>11}  {'baseline':<18} {'baseline (ms)':>13}  {'ratio':>7}")
+    print(f"{'name':<26} {'ours (ms)':>11}  {'baseline':<18} {'baseline (ms)':>13}  {'ratio':>7}")
     for r in results:
-        print(f"{r['name']:<16} {r['ours_s'] * 1e3:>11.2f}  {r['baseline']:<18} {r['baseline_s'] * 1e3:>13.2f}  "
+        if r["ratio"] is None:  # the baseline could not run; the notes say why
+            print(f"{r['name']:<26} {r['ours_s'] * 1e3:>11.2f}  {r['baseline']:<18} {'-':>13}  {'-':>7}")
+            continue
+        print(f"{r['name']:<26} {r['ours_s'] * 1e3:>11.2f}  {r['baseline']:<18} {r['baseline_s'] * 1e3:>13.2f}  "
               f"{r['ratio']:>7.3f}")
     for n in notes:
         print(f"note: {n}")

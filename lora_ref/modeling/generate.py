@@ -93,7 +93,10 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, temperature: floa
     training flag is restored when the generator finishes or is closed.
 
     The prompt runs with the threads in force; the one-token steps with ``decode_threads`` threads in Numba and
-    the BLAS (default 1, see :func:`lora_ref.threads.limited`; ``None`` leaves the setting alone).
+    the BLAS (default 1, see :func:`lora_ref.threads.limited`; ``None`` leaves the setting alone). A model the
+    compiled decoder covers (:func:`lora_ref.modeling.decode.unsupported` is None: float32 or 4-bit projections
+    without LoRA) takes its one-token steps through :class:`lora_ref.modeling.decode.Decoder`, one compiled call
+    per token; any other model runs the module graph with a :class:`KVCache`. Both give the same tokens.
     """
     if decode_threads is not None and (not _is_int(decode_threads) or decode_threads < 1):
         raise ValueError(f"decode_threads must be a positive integer or None, got {decode_threads!r}")
@@ -115,11 +118,15 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, temperature: floa
 
 
 def _generate(model, ids, max_new_tokens, temperature, top_k, rng, stops, decode_threads) -> Iterator[int]:
+    from lora_ref.modeling.decode import unsupported
     from lora_ref.threads import limited
 
     was_training = model.training
     model.eval()
     try:
+        if max_new_tokens > 0 and unsupported(model) is None:
+            yield from _generate_compiled(model, ids, max_new_tokens, temperature, top_k, rng, stops, decode_threads)
+            return
         cache = KVCache(model.config.num_hidden_layers)
         step = ids  # (1, T): the whole prompt first, then one token at a time
         for i in range(max_new_tokens):
@@ -132,6 +139,23 @@ def _generate(model, ids, max_new_tokens, temperature, top_k, rng, stops, decode
             step = np.array([[token]], dtype=np.int64)
     finally:
         model.train(was_training)
+
+
+def _generate_compiled(model, ids, max_new_tokens, temperature, top_k, rng, stops, decode_threads) -> Iterator[int]:
+    """The same loop with :class:`lora_ref.modeling.decode.Decoder`'s one-token steps (one compiled call each)."""
+    from lora_ref.modeling.decode import Decoder
+    from lora_ref.threads import limited
+
+    decoder = Decoder(model, ids.shape[1] + max_new_tokens)
+    logits = decoder.prefill(ids[0])  # (V,), with the threads in force
+    for i in range(max_new_tokens):
+        token = int(sample_next_token(logits[None, :], temperature=temperature, top_k=top_k, rng=rng)[0])
+        if token in stops:
+            return
+        yield token
+        if i + 1 < max_new_tokens:
+            with limited(decode_threads):
+                logits = decoder.step(token)  # (V,)
 
 
 def generate(model, prompt_ids, max_new_tokens: int, **kwargs) -> list[int]:

@@ -17,7 +17,7 @@ from lora_ref.kernels import switch
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL_MODULES = ("lora_ref.kernels.training", "lora_ref.kernels.matmul", "lora_ref.quant.kernels",
-                  "lora_ref.kernels.lora_batch")
+                  "lora_ref.kernels.decode", "lora_ref.kernels.lora_batch")
 for _m in KERNEL_MODULES:
     importlib.import_module(_m)
 
@@ -28,6 +28,7 @@ NOT_TWINS = {
     "lora_ref.kernels.training": {"exp32", "pick", "PICK"},  # exp32: a scalar building block, tested against np.exp
     "lora_ref.kernels.matmul": {"MR", "NR", "KC", "matmul_reference", "pack_a", "micro_kernel", "pick", "PICK"},
     "lora_ref.quant.kernels": {"pair_table", "decode_4bit_into", "AUTO_DEQUANTIZE_ROWS", "pick", "PICK"},
+    "lora_ref.kernels.decode": {"weight_list", "readonly", "pick", "PICK"},
     "lora_ref.kernels.lora_batch": {"pick", "PICK"},
 }
 # operation -> the tests that hold its two twins equal (module under tests/kernels, test function names)
@@ -54,6 +55,12 @@ TWIN_TESTS = {
         "decode_8bit": ("test_kernels", ["test_encode_and_decode_8bit"]),
         "matmul_4bit": ("test_kernels", ["test_matmul_4bit_equals_dequantize_then_matmul",
                                          "test_matmul_4bit_t_equals_dequantize_then_matmul"]),
+    },
+    "lora_ref.kernels.decode": {
+        "layer_step": ("test_decode_kernels", ["test_layer_step_twins",
+                                               "test_layer_step_at_position_zero_attends_to_itself_only"]),
+        "head_step": ("test_decode_kernels", ["test_head_step_twins"]),
+        "decode_step": ("test_decode_kernels", ["test_decode_step_twins"]),
     },
     "lora_ref.kernels.lora_batch": {
         "bgmv": ("test_lora_batch", ["test_bgmv_add_twins"]),

@@ -1,0 +1,468 @@
+"""Compiled one-token decode: every layer of a Llama and its head for one position, in one call per token.
+
+Decoding one token reads every weight matrix once and multiplies it by one vector (a GEMV): two flops per weight
+read, far below what the cores can do, so the step is bound by memory bandwidth. Everything else is overhead to
+remove: Python dispatch between ~250 small operations per token, temporary arrays, and extra passes over data.
+
+- :func:`layer_step` runs one decoder layer as the readable twin (:mod:`lora_ref.kernels.decode_reference`) says,
+  in five parallel loops over output rows: q, k and v rows together; attention over the cached positions (one
+  query head per iteration, RoPE applied to the new query and key and the new key/value written into the
+  preallocated cache); the o rows with the residual add; gate and up rows together, each pair giving one
+  silu(g)·u; the down rows with the residual add. No temporary is larger than one row.
+- :func:`decode_step` runs *all* layers and the head in one compiled call, with the layers' weights held in
+  Numba typed lists (:func:`weight_list`), so a token costs one Python call however deep the model is.
+- Weights are float32 matrices or 4-bit ones (:class:`~lora_ref.kernels.decode_reference.Weight4bit`). A 4-bit row
+  is decoded into an L1-resident buffer and dotted with the input in the same pass over the row (the fused NF4
+  GEMV): on AVX-512 CPUs 16 codes per instruction through a table held in a register
+  (:func:`lora_ref.kernels.jit.lut16_decode16`, which writes each group of 32 elements as 16 even then 16 odd
+  ones, so the input vector is reordered once per product instead), elsewhere through the block's scaled
+  16-entry table; double-quantized scales are decoded inline (one 8-bit lookup per block of 64 weights), so the
+  bytes read are the bytes stored.
+- :func:`head_step` (final RMSNorm + logits) reads the head once per token, parallel over vocabulary rows; for a
+  tied head that is the embedding matrix, read once.
+
+Sums are float32 and only their order differs from the twin (``fastmath`` is limited to reassociation and
+contraction, so infinities and NaNs keep their meaning). ``tests/kernels/test_decode_kernels.py`` holds the two
+equal, also with ``NUMBA_DISABLE_JIT=1``. Measured by ``lora-ref bench decode`` (rows ``real_decode_fp32``,
+``real_decode_nf4`` and their roofline rows); the decode loop that calls these is
+:class:`lora_ref.modeling.decode.Decoder`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from numba import config, njit, prange, types
+from numba.extending import overload
+
+from lora_ref.kernels import decode_reference, switch
+from lora_ref.kernels.decode_reference import Weight4bit
+from lora_ref.kernels.jit import HAS_AVX512, lut16_decode16, prefer_wide_vectors
+
+__all__ = ["layer_step", "head_step", "decode_step", "weight_list", "readonly", "PICK", "pick"]
+
+F32 = np.float32
+U64 = np.uint64
+"""Inner loops index with unsigned integers: Numba wraps a negative signed index, and that check stops LLVM from
+vectorizing the loop (measured: a float32 GEMV over SmolLM2's head at 4.6 GB/s with signed, 7.3 with unsigned)."""
+FAST = {"reassoc", "contract"}
+"""Fast-math flags: reorder float32 sums (vectorized reductions) and fuse multiply-adds, nothing else."""
+ROWS_PER_CHUNK = 16
+"""Output rows per parallel work item (each item decodes a 4-bit row into its own buffer)."""
+
+
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a`` (no copy): every weight is passed as one array type, so each kernel compiles once
+    whether the weights were loaded from a file (read-only) or computed (writable)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def weight_list(items):
+    """A Numba typed list of ``items`` (all float32 matrices, or all :class:`Weight4bit`): one argument that
+    Numba types in constant time, however many layers it holds. A plain list without the JIT."""
+    items = list(items)
+    if config.DISABLE_JIT:
+        return items
+    from numba.typed import List
+
+    out = List()
+    for w in items:
+        out.append(w)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _rms_norm(x, w, eps, out):
+    """out = x · (1/√(mean(x²) + ε)) ⊙ w over one vector."""
+    n = x.shape[0]
+    s = F32(0.0)
+    for i in range(U64(n)):
+        s += x[i] * x[i]
+    r = F32(1.0) / np.sqrt(s / F32(n) + eps)
+    for i in range(n):
+        out[i] = (x[i] * r) * w[i]
+
+
+@njit(cache=True, inline="always")
+def _split_pairs(x, out):
+    """out = x with each group of 32 elements as its 16 even then 16 odd ones (the order lut16_decode16 writes)."""
+    for g in range(x.shape[0] // 32):
+        for j in range(16):
+            out[32 * g + j] = x[32 * g + 2 * j]
+            out[32 * g + 16 + j] = x[32 * g + 2 * j + 1]
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _dot_f32(w, r, x):
+    """Σ_k w[r, k] · x[k]: one row of a float32 matrix against x, in four interleaved sums (each a vector
+    register wide), so consecutive multiply-adds do not wait for each other."""
+    prefer_wide_vectors()
+    row = w[r]
+    K = U64(row.shape[0])
+    K4 = K - K % U64(4)
+    a0 = a1 = a2 = a3 = F32(0.0)
+    for k in range(U64(0), K4, U64(4)):
+        a0 += row[k] * x[k]
+        a1 += row[k + U64(1)] * x[k + U64(1)]
+        a2 += row[k + U64(2)] * x[k + U64(2)]
+        a3 += row[k + U64(3)] * x[k + U64(3)]
+    for k in range(K4, K):
+        a0 += row[k] * x[k]
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(cache=True, inline="always")
+def _decode_block_permute(w, byte0, half, s, buf, out0):
+    """The ``half`` bytes of one block (from ``byte0``) scaled by s into buf[out0:], 16 codes per vpermps, each
+    group of 32 elements as 16 even then 16 odd ones."""
+    for j in range(0, half, 16):
+        lut16_decode16(w.packed, byte0 + j, w.code, s, buf, out0 + 2 * j)
+
+
+@njit(cache=True, inline="always")
+def _decode_block_table(w, byte0, half, s, buf, out0):
+    """The same in element order, through the block's scaled 16-entry table."""
+    table = np.empty(16, np.float32)
+    for c in range(16):
+        table[c] = w.code[c] * s
+    for j in range(half):
+        byte = np.int64(w.packed[byte0 + j])
+        buf[out0 + 2 * j] = table[byte >> 4]
+        buf[out0 + 2 * j + 1] = table[byte & 15]
+
+
+_decode_block = _decode_block_permute if HAS_AVX512 else _decode_block_table
+SPLIT_ORDER = HAS_AVX512
+"""Whether aligned 4-bit rows are decoded in split order (so their input vector is reordered to match)."""
+
+
+@njit(cache=True, inline="always")
+def _scale(w, blk):
+    """The float32 scale of block ``blk`` of a 4-bit weight (double-quantized scales decoded in bitsandbytes' order)."""
+    if w.nested:
+        return w.code2[w.qabsmax[blk]] * w.absmax2[blk // w.blocksize2] + F32(w.offset)
+    return w.absmax[blk]
+
+
+@njit(cache=True, inline="always")
+def _decode_row_any(w, r, buf):
+    """Row r of any 4-bit weight into buf in element order, element by element (odd sizes, partial blocks)."""
+    start = r * w.k
+    for p in range(w.k):
+        i = start + p
+        byte = np.int64(w.packed[i >> 1])
+        c = (byte >> 4) if (i & 1) == 0 else (byte & 15)
+        buf[p] = w.code[c] * _scale(w, i // w.blocksize)
+
+
+@njit(cache=True, fastmath=FAST)
+def _dot_rows_f32(w, r0, r1, x, dst):
+    """dst[i] = row r0 + i of a float32 W dotted with x."""
+    for r in range(r0, r1):
+        dst[r - r0] = _dot_f32(w, r, x)
+
+
+@njit(cache=True, fastmath=FAST)
+def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
+    """dst[i] = row r0 + i of a 4-bit W dotted with x: each row decoded into ``buf`` (L1), then one vectorized
+    sum. Rows on block boundaries take the block decoder (with ``xs``, x in its order), with the per-weight
+    constants computed once and the nested scales' index advanced without a division per block; others decode
+    element by element."""
+    prefer_wide_vectors()
+    K, bs = w.k, w.blocksize
+    aligned = K % bs == 0 and bs % 32 == 0
+    nb, half, kbytes, bs2 = K // bs, bs // 2, K // 2, w.blocksize2
+    offset = F32(w.offset)
+    for r in range(r0, r1):
+        if aligned:
+            blk = r * nb
+            j2 = blk // bs2                                            # the nested block of this row's first block
+            rem = blk - j2 * bs2
+            for b in range(nb):
+                if w.nested:
+                    s = w.code2[w.qabsmax[blk + b]] * w.absmax2[j2] + offset
+                    rem += 1
+                    if rem == bs2:
+                        rem = 0
+                        j2 += 1
+                else:
+                    s = w.absmax[blk + b]
+                _decode_block(w, r * kbytes + b * half, half, s, buf, b * bs)
+            v = xs
+        else:
+            _decode_row_any(w, r, buf)
+            v = x
+        acc = F32(0.0)
+        for k in range(U64(K)):
+            acc += buf[k] * v[k]
+        dst[r - r0] = acc
+
+
+def _dot_rows(w, r0, r1, x, xs, buf, dst):
+    """dst[i] = row r0 + i of W (float32 matrix or :class:`Weight4bit`) dotted with x, rows r0 … r1 − 1: one call
+    per chunk of rows. The compiled version is chosen by the weight's Numba type."""
+    if isinstance(w, Weight4bit):
+        _dot_rows_4bit(w, r0, r1, x, xs, buf, dst)
+    else:
+        _dot_rows_f32(w, r0, r1, x, dst)
+
+
+def _dot_rows_typed(w, r0, r1, x, xs, buf, dst):
+    if isinstance(w, types.BaseTuple):
+        return lambda w, r0, r1, x, xs, buf, dst: _dot_rows_4bit(w, r0, r1, x, xs, buf, dst)
+    return lambda w, r0, r1, x, xs, buf, dst: _dot_rows_f32(w, r0, r1, x, dst)
+
+
+overload(_dot_rows)(_dot_rows_typed)
+
+
+def _prepare(x, xs):
+    """xs = x in the aligned 4-bit decoder's order (a copy when that order is element order)."""
+    if SPLIT_ORDER and x.shape[0] % 32 == 0:
+        _split_pairs(x, xs)
+    else:
+        xs[:] = x
+
+
+def _prepare_typed(x, xs):
+    if SPLIT_ORDER:
+        def impl(x, xs):
+            if x.shape[0] % 32 == 0:
+                _split_pairs(x, xs)
+            else:
+                xs[:] = x
+        return impl
+
+    def copy(x, xs):
+        for i in range(x.shape[0]):
+            xs[i] = x[i]
+    return copy
+
+
+overload(_prepare)(_prepare_typed)
+
+
+def _rows(w):
+    """Output rows of W (float32 matrix or :class:`Weight4bit`)."""
+    return w.n if isinstance(w, Weight4bit) else w.shape[0]
+
+
+def _rows_typed(w):
+    if isinstance(w, types.BaseTuple):
+        return lambda w: w.n
+    return lambda w: w.shape[0]
+
+
+overload(_rows)(_rows_typed)
+
+
+@njit(cache=True, inline="always")
+def _chunks(n):
+    return (n + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
+
+
+@njit(cache=True, inline="always", fastmath=FAST)
+def _attend_head(qkv, hq, G, NQ, NK, Dh, ck, cv, pos, cos, sin, scale, out):
+    """Query head hq at position pos: rotate it, softmax(q · K_{0..pos} · scale) V_{0..pos} into out[hq·Dh:]."""
+    half = Dh // 2
+    kv = hq // G
+    q = np.empty(Dh, np.float32)
+    o = hq * Dh
+    for i in range(half):
+        a, b = qkv[o + i], qkv[o + half + i]
+        q[i] = a * cos[i] - b * sin[i]
+        q[half + i] = b * cos[half + i] + a * sin[half + i]
+    S = pos + 1
+    p = np.empty(S, np.float32)
+    m = F32(-np.inf)
+    for s in range(S):
+        d = F32(0.0)
+        for i in range(U64(Dh)):
+            d += q[i] * ck[kv, s, i]
+        d *= scale
+        p[s] = d
+        m = max(m, d)
+    total = F32(0.0)
+    for s in range(S):
+        e = np.exp(p[s] - m)
+        p[s] = e
+        total += e
+    dst = out[o:o + Dh]
+    dst[:] = F32(0.0)
+    for s in range(S):
+        ws = p[s] / total
+        for i in range(U64(Dh)):
+            dst[i] += ws * cv[kv, s, i]
+
+
+@njit(cache=True, inline="always")
+def _store_kv(qkv, NQ, NK, Dh, ck, cv, pos, cos, sin):
+    """Rotate the new keys and write them and the new values at position pos of the layer's cache."""
+    half = Dh // 2
+    for h in range(NK // Dh):
+        o = NQ + h * Dh
+        for i in range(half):
+            a, b = qkv[o + i], qkv[o + half + i]
+            ck[h, pos, i] = a * cos[i] - b * sin[i]
+            ck[h, pos, half + i] = b * cos[half + i] + a * sin[half + i]
+        for i in range(Dh):
+            cv[h, pos, i] = qkv[NQ + NK + h * Dh + i]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one layer, all layers, the head
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, scale):
+    """One decoder layer in five parallel loops (see the module docstring); x, ck, cv updated in place."""
+    D = x.shape[0]
+    NQ, NK, F = _rows(wq), _rows(wk), _rows(wg)
+    Dh = ck.shape[2]
+    K_max = max(D, NQ, F)
+    R = ROWS_PER_CHUNK
+    h = np.empty(D, np.float32)
+    hs = np.empty(D, np.float32)
+    _rms_norm(x, n1, eps, h)
+    _prepare(h, hs)
+    qkv = np.empty(NQ + 2 * NK, np.float32)
+    cq, ckv = _chunks(NQ), _chunks(NK)
+    for c in prange(cq + 2 * ckv):                                 # q, k and v rows
+        prefer_wide_vectors()
+        buf = np.empty(K_max, np.float32)
+        if c < cq:
+            r0 = c * R
+            r1 = min(NQ, r0 + R)
+            _dot_rows(wq, r0, r1, h, hs, buf, qkv[r0:r1])
+        elif c < cq + ckv:
+            r0 = (c - cq) * R
+            r1 = min(NK, r0 + R)
+            _dot_rows(wk, r0, r1, h, hs, buf, qkv[NQ + r0:NQ + r1])
+        else:
+            r0 = (c - cq - ckv) * R
+            r1 = min(NK, r0 + R)
+            _dot_rows(wv, r0, r1, h, hs, buf, qkv[NQ + NK + r0:NQ + NK + r1])
+    _store_kv(qkv, NQ, NK, Dh, ck, cv, pos, cos, sin)
+    attn = np.empty(NQ, np.float32)
+    H = NQ // Dh
+    G = H // (NK // Dh)
+    for hq in prange(H):                                           # one query head per iteration
+        _attend_head(qkv, hq, G, NQ, NK, Dh, ck, cv, pos, cos, sin, scale, attn)
+    attn_s = np.empty(NQ, np.float32)
+    _prepare(attn, attn_s)
+    for c in prange(_chunks(D)):                                   # o rows, + residual
+        prefer_wide_vectors()
+        buf = np.empty(K_max, np.float32)
+        part = np.empty(R, np.float32)
+        r0 = c * R
+        r1 = min(D, r0 + R)
+        _dot_rows(wo, r0, r1, attn, attn_s, buf, part)
+        for i in range(r1 - r0):
+            x[r0 + i] += part[i]
+    _rms_norm(x, n2, eps, h)
+    _prepare(h, hs)
+    act = np.empty(F, np.float32)
+    for c in prange(_chunks(F)):                                   # gate and up rows: silu(g) · u
+        prefer_wide_vectors()
+        buf = np.empty(K_max, np.float32)
+        g = np.empty(R, np.float32)
+        u = np.empty(R, np.float32)
+        r0 = c * R
+        r1 = min(F, r0 + R)
+        _dot_rows(wg, r0, r1, h, hs, buf, g)
+        _dot_rows(wu, r0, r1, h, hs, buf, u)
+        for i in range(r1 - r0):
+            act[r0 + i] = g[i] / (F32(1.0) + np.exp(-g[i])) * u[i]
+    act_s = np.empty(F, np.float32)
+    _prepare(act, act_s)
+    for c in prange(_chunks(D)):                                   # down rows, + residual
+        prefer_wide_vectors()
+        buf = np.empty(K_max, np.float32)
+        part = np.empty(R, np.float32)
+        r0 = c * R
+        r1 = min(D, r0 + R)
+        _dot_rows(wd, r0, r1, act, act_s, buf, part)
+        for i in range(r1 - r0):
+            x[r0 + i] += part[i]
+
+
+@njit(cache=True, parallel=True, fastmath=FAST)
+def _head(x, norm, eps, w, out):
+    """out = W · RMSNorm(x), parallel over the V rows of the head."""
+    D = x.shape[0]
+    h = np.empty(D, np.float32)
+    hs = np.empty(D, np.float32)
+    _rms_norm(x, norm, eps, h)
+    _prepare(h, hs)
+    V = _rows(w)
+    R = ROWS_PER_CHUNK
+    for c in prange(_chunks(V)):
+        prefer_wide_vectors()
+        buf = np.empty(D, np.float32)
+        r0 = c * R
+        r1 = min(V, r0 + R)
+        _dot_rows(w, r0, r1, h, hs, buf, out[r0:r1])
+
+
+@njit(cache=True)
+def _all_layers(x, norms, weights, cache_k, cache_v, pos, cos, sin, eps, scale, final_norm, head, out):
+    """Every layer, then the head: one compiled call per token (``weights`` holds 7 per layer, in order)."""
+    for layer in range(norms.shape[0]):
+        i = 7 * layer
+        _layer(x, norms[layer, 0], norms[layer, 1], weights[i], weights[i + 1], weights[i + 2], weights[i + 3],
+               weights[i + 4], weights[i + 5], weights[i + 6], cache_k[layer], cache_v[layer], pos, cos, sin,
+               eps, scale)
+    _head(x, final_norm, eps, head, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the twins (same names and signatures as lora_ref.kernels.decode_reference)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def layer_step(x, norms, weights, cache_k, cache_v, pos, cos, sin, eps, scale) -> None:
+    """One decoder layer for the token at position ``pos``, in place (see the twin for the arguments)."""
+    _check_kind(weights)
+    _layer(x, norms[0], norms[1], *weights, cache_k, cache_v, int(pos), cos, sin, F32(eps), F32(scale))
+
+
+def head_step(x, norm, eps, weight, out) -> None:
+    """``out`` (V,) = W · RMSNorm(x): the logits of one position (see the twin)."""
+    _head(x, norm, F32(eps), weight, out)
+
+
+def _check_kind(weights) -> None:
+    kinds = {isinstance(w, Weight4bit) for w in weights}
+    if len(weights) != 7 or len(kinds) != 1:
+        raise ValueError("a decode layer takes seven weights (q, k, v, o, gate, up, down), all float32 matrices or "
+                         "all 4-bit")
+
+
+def decode_step(x, norms, weights, cache_k, cache_v, pos, cos, sin, eps, scale, final_norm, head, out) -> None:
+    """Every layer (:func:`layer_step` with ``norms[l]``, ``weights[7l:7l + 7]``, ``cache_k[l]``, ``cache_v[l]``)
+    and then :func:`head_step` into ``out``: one token, one compiled call. ``weights`` from :func:`weight_list`."""
+    _all_layers(x, norms, weights, cache_k, cache_v, int(pos), cos, sin, F32(eps), F32(scale), final_norm, head, out)
+
+
+def _float32_row(x, *args) -> bool:
+    """The "auto" rule: the fast-path switch is on and the activations are float32."""
+    return switch.applies(x)
+
+
+PICK = switch.Twins(sys.modules[__name__], {
+    "layer_step": switch.Operation(("layer_step",), decode_reference, _float32_row),
+    "head_step": switch.Operation(("head_step",), decode_reference, _float32_row),
+    "decode_step": switch.Operation(("decode_step",), decode_reference, _float32_row),
+})
+pick = PICK.pick
+"""``pick(operation, x, impl=...)``: this module or :mod:`lora_ref.kernels.decode_reference` for "layer_step",
+"head_step" or "decode_step" (see :class:`lora_ref.kernels.switch.Twins`)."""
