@@ -29,6 +29,22 @@ def time_pair(ours: Callable[[], object], baseline: Callable[[], object], *, rep
     return statistics.median(t_ours), statistics.median(t_base)
 
 
+def time_rotating(fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2) -> dict[str, float]:
+    """Median wall-clock seconds of each of ``fns``, run in turn after ``warmup`` calls each: :func:`time_pair` for
+    more than two, the order rotated by one each repeat so that no function always runs first."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def row(name: str, ours_s: float, baseline: str, baseline_s: float, **params) -> dict:
     """One result row of ``lora-ref bench --json``; ratio = our time / baseline time (lower is better)."""
     return {"name": name, "ours_s": ours_s, "baseline": baseline, "baseline_s": baseline_s,
