@@ -62,8 +62,12 @@ def require_torch() -> None:
         raise ImportError(f"{', '.join(missing)} not installed (pip install 'lora_ref[interop]')")
 
 
-def _reps(quick: bool) -> dict:
-    return {"repeats": 3, "warmup": 1} if quick else {"repeats": 7, "warmup": 1}
+def _reps(quick: bool, timing: dict | None = None) -> dict:
+    """Rounds of :func:`lora_ref.bench.timing.time_pair` (each times both sides twice, in both orders); the steps
+    that compare the two sides before timing have already run each side (warm-up). ``timing`` overrides (tests)."""
+    if timing is not None:
+        return dict(timing)
+    return {"repeats": 1, "warmup": 0} if quick else {"repeats": 3, "warmup": 1}
 
 
 def _folder(model_dir=None):
@@ -151,8 +155,12 @@ def _threads() -> dict:
     return threads()
 
 
-def real_lora_rows(quick: bool = False, model_dir=None, *, batch: int = BATCH, seq: int = SEQ) -> list[dict]:
-    """``real_lora_step`` vs ``torch_peft`` and ``real_qlora_step`` vs ``real_lora_step`` (module docstring)."""
+def real_lora_rows(quick: bool = False, model_dir=None, *, batch: int = BATCH, seq: int = SEQ,
+                   timing: dict | None = None) -> list[dict]:
+    """``real_lora_step`` vs ``torch_peft`` and ``real_qlora_step`` vs ``real_lora_step`` (module docstring).
+
+    ``model_dir``: a model folder or known name (default :data:`MODEL`); ``batch``, ``seq`` and ``timing``
+    (``{"repeats", "warmup"}``) change the work and the repeats, for tests; the bench uses the defaults."""
     require_torch()
     import torch
 
@@ -168,7 +176,7 @@ def real_lora_rows(quick: bool = False, model_dir=None, *, batch: int = BATCH, s
         if abs(a - b) > 1e-3 * abs(b):
             raise ValueError(f"real_lora_step: step {i + 1} loss {a:.6f} differs from PEFT's {b:.6f}: "
                              "the two sides would not do the same work")
-    reps = _reps(quick)
+    reps = _reps(quick, timing)
     ours_s, base_s = time_pair(lambda: train_step(model, opt, x, y), lambda: _torch_step(pm, topt, tx, ty), **reps)
     import peft
     import transformers
@@ -180,7 +188,7 @@ def real_lora_rows(quick: bool = False, model_dir=None, *, batch: int = BATCH, s
                torch=f"torch {torch.__version__}, transformers {transformers.__version__} (sdpa), "
                      f"peft {peft.__version__}, eager", tokens_per_s_ours=x.size / ours_s,
                tokens_per_s_torch=x.size / base_s, **reps, **_threads())
-    del pm, topt
+    pm = topt = None  # free the torch model before building the 4-bit one
     qmodel, qopt = _ours_lora(folder, quantized=True)
     qlosses = [train_step(qmodel, qopt, x, y) for _ in range(2)]
     q_s, l_s = time_pair(lambda: train_step(qmodel, qopt, x, y), lambda: train_step(model, opt, x, y), **reps)
@@ -189,8 +197,8 @@ def real_lora_rows(quick: bool = False, model_dir=None, *, batch: int = BATCH, s
     return [lora, qlora]
 
 
-def real_prefill_row(quick: bool = False, model_dir=None, *, seq: int = PREFILL) -> dict:
-    """``real_prefill`` vs ``torch`` (module docstring)."""
+def real_prefill_row(quick: bool = False, model_dir=None, *, seq: int = PREFILL, timing: dict | None = None) -> dict:
+    """``real_prefill`` vs ``torch`` (module docstring); the keywords as in :func:`real_lora_rows`."""
     require_torch()
     import torch
     import transformers
@@ -224,7 +232,7 @@ def real_prefill_row(quick: bool = False, model_dir=None, *, seq: int = PREFILL)
         if not diffs[a] < 1e-2:
             raise ValueError(f"real_prefill: logits differ from transformers ({a}) by {diffs[a]:.3g}: "
                              "the two sides would not do the same work")
-    reps = _reps(quick)
+    reps = _reps(quick, timing)
     times = time_rotating({"ours": ours, **{a: torch_fn(m) for a, m in theirs.items()}}, **reps)
     best = min(theirs, key=lambda a: times[a])
     return row("real_prefill", times["ours"], "torch", times[best], model=MODEL, batch=1, seq=seq,
@@ -253,8 +261,9 @@ def busy_process():
         proc.wait()
 
 
-def contention_row(quick: bool = False) -> dict:
-    """``contention`` vs ``quiet`` (module docstring): the tutorial training step beside one busy loop ÷ quiet."""
+def contention_row(quick: bool = False, *, timing: dict | None = None) -> dict:
+    """``contention`` vs ``quiet`` (module docstring): the tutorial training step beside one busy loop ÷ quiet.
+    Each round times a busy and a quiet step in both orders, as :func:`lora_ref.bench.timing.time_pair`."""
     from lora_ref.bench.training import _setup
     from lora_ref.modeling.llama import Llama
     from lora_ref.threads import default_threads, set_threads, thread_info
@@ -266,7 +275,7 @@ def contention_row(quick: bool = False) -> dict:
     opt = AdamW(decay_groups(model, r["weight_decay"]), lr=r["lr"], betas=tuple(r["betas"]))
     before = thread_info()
     chosen = {"busy": [], "quiet": []}
-    reps = _reps(quick)
+    reps = _reps(quick, timing)
     try:
         with busy_process() as set_busy:
             def timed(busy: bool):
@@ -282,8 +291,8 @@ def contention_row(quick: bool = False) -> dict:
                 timed(False)
                 timed(True)
             t_busy, t_quiet = [], []
-            for i in range(reps["repeats"]):
-                for busy in ((True, False) if i % 2 == 0 else (False, True)):
+            for _ in range(reps["repeats"]):
+                for busy in (True, False, False, True):
                     (t_busy if busy else t_quiet).append(timed(busy))
     finally:
         set_threads(before["numba_threads"])
