@@ -50,7 +50,13 @@ def test_batch_is_text_of_the_corpus(smollm2_dir):
     x, y = real.batch_tokens(smollm2_dir, 2, 8)
     assert x.shape == y.shape == (2, 8) and x.dtype == np.int64
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # targets are the next tokens
-    np.testing.assert_array_equal(x[1, 0], y[0, -1])  # consecutive windows
+    import transformers
+
+    from lora_ref.training.data import pydoc_text
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)  # windows of 9 tokens from the text's start
+    start = tok(pydoc_text()[:2000], add_special_tokens=False)["input_ids"][:18]
+    np.testing.assert_array_equal(np.concatenate([x, y[:, -1:]], axis=1).ravel(), start)
 
 
 def test_real_lora_rows_same_work(smollm2_dir):
@@ -65,12 +71,16 @@ def test_real_lora_rows_same_work(smollm2_dir):
     (ours0, peft0), (ours1, peft1) = p["losses"]
     x, y = real.batch_tokens(smollm2_dir, 1, 12)
     base = _hf_loss(smollm2_dir, x, y)  # lora_B starts at zero: the first step's loss is the base model's
-    assert ours0 == pytest.approx(base, rel=1e-5) and peft0 == pytest.approx(base, rel=1e-5)
+    assert peft0 == pytest.approx(base, rel=1e-5)  # PEFT adds B·A·x = 0 to the same torch model
+    assert ours0 == pytest.approx(base, rel=1e-4)  # our Llama: transformers' logits to ~1e-4 in float32
     assert ours1 == pytest.approx(peft1, rel=1e-4)  # the same update on both sides
     assert ours1 < ours0  # and it lowered the loss on this batch
     q = qlora["params"]["losses"]
     assert q["lora"] == [ours0, ours1]
-    assert q["qlora"][0] == pytest.approx(ours0, rel=0.05)  # the NF4 base: near, not equal
+    # the NF4 base (of weights that were Q4_1 already) costs loss: +0.39 nats on these 12 tokens when written;
+    # a broken 4-bit base lands near ln V = 10.8 or beyond
+    assert ours0 < q["qlora"][0] < ours0 + 1.0
+    assert q["qlora"][1] < q["qlora"][0]  # the QLoRA step trains too
 
 
 def test_real_prefill_row_same_logits(smollm2_dir):
