@@ -5,5 +5,6 @@
 - :mod:`lora_ref.kernels.reference` — the readable twins of the two modules below.
 - :mod:`lora_ref.kernels.training` — the fused kernels of the training step and their chooser ``pick``.
 - :mod:`lora_ref.kernels.matmul` — the tiled float32 GEMM and its chooser.
+- :mod:`lora_ref.kernels.blas` — large BLAS products shared out in chunks between threads (twin: ``np.matmul``).
 - :mod:`lora_ref.kernels.jit` — Numba intrinsics the kernels build on (stack tiles, wide vectors, a register table).
 """
