@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_ref.kernels import blas, switch
 from lora_ref.quant import nf4
 from lora_ref.quant.steps import decode_4bit
 
@@ -65,7 +66,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     """
     w = dequantize_weight(packed, state)                            # (N, K)
     x = check_activation(x, "x", w.shape[1], state.shape)                     # (M, K)
-    return np.matmul(x, w.T)                                        # (M, N)
+    return _matmul()(x, w.T)                                        # (M, N)
 
 
 def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
@@ -75,4 +76,10 @@ def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     """
     w = dequantize_weight(packed, state)                            # (N, K)
     dy = check_activation(dy, "dy", w.shape[0], state.shape)                  # (M, N)
-    return np.matmul(dy, w)                                         # (M, K)
+    return _matmul()(dy, w)                                         # (M, K)
+
+
+def _matmul():
+    """``np.matmul``, shared out in chunks between threads when the fast paths are on
+    (:func:`lora_ref.kernels.blas.matmul`: the same bits, steadier on a busy machine)."""
+    return blas.matmul if switch.enabled() else np.matmul
