@@ -12,6 +12,8 @@ its inputs, builds one node and asks the chooser ``kernels.pick`` once which twi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lora_ref.autograd import ops
@@ -228,17 +230,27 @@ def lora_add(base_out, x, lora_A, lora_B, scaling: float) -> Tensor:
     xd, ad, bd = x.data, A.data, B.data
     out = base_out.data
     x2 = xd.reshape(-1, xd.shape[-1])  # (N, in)
+    s = out.dtype.type(scaling)
+    # s a power of two (α/r = 2 by default): multiplying by it is exact, so s may scale the small (N, R) and (out, R)
+    # arrays instead of the (N, out) ones, with the same bits (short of subnormal numbers) and one pass less over
+    # (N, out) forward and one backward
+    exact = math.frexp(float(scaling))[0] == 0.5
     with one_blas_thread():  # rank-R products: a second BLAS thread costs more than it saves
         xa = x2 @ ad.T  # (N, R)
-        delta = xa @ bd.T  # (N, out)
-    delta *= delta.dtype.type(scaling)
+        delta = ((xa * s) if exact else xa) @ bd.T  # (N, out)
+    if not exact:
+        delta *= s
     out += delta.reshape(out.shape)  # (…, out), in place
 
     def backward(g):
-        gs = g.reshape(-1, g.shape[-1]) * g.dtype.type(scaling)  # (N, out)
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gs = g2 if exact else g2 * s  # s·g, or s applied to the products below when that is exact
         with one_blas_thread():
             gb = (gs.T @ xa) if B.requires_grad else None  # (out, R)
             gxa = gs @ bd  # (N, R)
+            if exact:
+                gb = gb * s if gb is not None else None
+                gxa *= s
             ga = (gxa.T @ x2) if A.requires_grad else None  # (R, in)
             gx = (gxa @ ad).reshape(xd.shape) if x.requires_grad else None  # (…, in)
         return g, gx, ga, gb
