@@ -19,6 +19,7 @@ import numpy as np
 from lora_ref.autograd import ops
 from lora_ref.autograd.ops import linear, silu  # noqa: F401  (re-exported: F.linear, F.silu)
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import blas, switch
 from lora_ref.kernels import training as kernels
 from lora_ref.kernels.reference import causal_mask, rotate_half  # noqa: F401  (re-exported: F.causal_mask, …)
 from lora_ref.kernels.reference import log_sum_exp as _logsumexp
@@ -172,26 +173,31 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     sc = dt.type(1.0 / np.sqrt(E) if scale is None else scale)
     qd = q.data.reshape(B, K, G * T, E)  # the G query heads of a group stacked along time: (B, K, G·T, E)
     kd, vd = k.data, v.data
-    with one_blas_thread():  # B·K products of (G·T, E) · (E, S): too small to split between BLAS threads
-        scores = np.matmul(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
+    # B·K products of (G·T, E) · (E, S), each too small to split between BLAS threads: with the fast paths on,
+    # whole products and row chunks of them go to the threads in turn (lora_ref.kernels.blas; same bits)
+    bmm = blas.batched_matmul if switch.enabled() else _one_thread_matmul
+    scores = bmm(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
     impl = kernels.pick("attention_softmax", scores, T)  # the kernel scales, masks and normalises in place
     p = impl.attention_softmax(scores, sc, T, causal)  # (B, K, G·T, S)
     del scores  # the readable twin's masked copy replaces it
-    with one_blas_thread():
-        out = np.matmul(p, vd).reshape(B, H, T, E)
+    out = bmm(p, vd).reshape(B, H, T, E)
 
     def backward(g):
         g4 = g.reshape(B, K, G * T, E)
-        with one_blas_thread():
-            gv = np.matmul(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
-            dp = np.matmul(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
+        gv = bmm(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
+        dp = bmm(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
         ds = impl.attention_softmax_backward(dp, p, sc, T, causal)  # the kernel turns dp into dS in place
-        with one_blas_thread():
-            gq = np.matmul(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
-            gk = np.matmul(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
+        gq = bmm(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
+        gk = bmm(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
         return gq, gk, gv
 
     return Tensor._make(out, (q, k, v), backward)
+
+
+def _one_thread_matmul(a, b):
+    """``np.matmul`` on one BLAS thread (attention's products with the fast paths off)."""
+    with one_blas_thread():
+        return np.matmul(a, b)
 
 
 def rotary(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:

@@ -15,7 +15,8 @@ never nest, and every output element is computed by one call over the whole K di
 BLAS's (what ``--threads`` / :func:`lora_ref.threads.set_threads` set); small products (below ``MIN_WORK``
 multiply-adds) run as one call on one thread, where waking a second thread costs more than it saves.
 
-The readable twin is ``np.matmul`` itself (:func:`matmul_reference`).
+:func:`batched_matmul` does the same for stacks of products (attention's per-head products). The readable twin is
+``np.matmul`` itself (:func:`matmul_reference`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
-__all__ = ["matmul", "matmul_reference", "MIN_WORK", "CHUNKS_PER_THREAD", "blas_threads"]
+__all__ = ["matmul", "batched_matmul", "matmul_reference", "MIN_WORK", "CHUNKS_PER_THREAD", "blas_threads"]
 
 MIN_WORK = 1 << 22  # multiply-adds (~0.1-0.2 ms on one core) below which a product runs on one thread
 CHUNKS_PER_THREAD = 2
@@ -77,23 +78,52 @@ def matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarr
     by_rows = M >= N
     length = M if by_rows else N
     step = max(MIN_CHUNK, -(-length // (n * CHUNKS_PER_THREAD)))
-    starts = iter(range(0, length, step))
+    if by_rows:
+        tasks = [(a[s:s + step], b, out[s:s + step]) for s in range(0, length, step)]
+    else:
+        tasks = [(a, b[:, s:s + step], out[:, s:s + step]) for s in range(0, length, step)]
+    _run(tasks, n)
+    return out
+
+
+def batched_matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """``np.matmul(a, b)`` for stacks of matrices with the same leading shape, (…, M, K) · (…, K, N) → (…, M, N):
+    the L = prod(…) products (attention's one per batch row and key/value head) and their rows shared out in
+    chunks as in :func:`matmul`, each chunk on one BLAS thread; the same bits as ``np.matmul``."""
+    if a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"batched_matmul needs (..., M, K) and (..., K, N) with the same leading shape, got "
+                         f"{a.shape} and {b.shape}")
+    lead, (M, K), N = a.shape[:-2], a.shape[-2:], b.shape[-1]
+    n = blas_threads() if threads is None else int(threads)
+    L = int(np.prod(lead))
+    if n <= 1 or L * M * N * K < MIN_WORK:
+        with one_blas_thread():
+            return np.matmul(a, b)
+    a3, b3 = a.reshape((L, M, K)), b.reshape((L, K, N))  # views for the usual layouts; copies otherwise
+    out = np.empty((L, M, N), dtype=np.result_type(a, b))
+    per = max(1, -(-n * CHUNKS_PER_THREAD // L))  # row chunks per matrix, so that there are enough chunks
+    step = max(MIN_CHUNK, -(-M // per))
+    tasks = [(a3[i, s:s + step], b3[i], out[i, s:s + step]) for i in range(L) for s in range(0, M, step)]
+    _run(tasks, n)
+    return out.reshape(lead + (M, N))
+
+
+def _run(tasks: list, n: int) -> None:
+    """Run ``np.matmul(a, b, out=o)`` for every (a, b, o) of ``tasks``: the caller and ``n − 1`` pool threads each
+    take the next task when done with their last, every BLAS call on one thread."""
+    it = iter(tasks)
     lock = threading.Lock()
 
     def work() -> None:
         while True:
             with lock:
-                s = next(starts, None)
-            if s is None:
+                t = next(it, None)
+            if t is None:
                 return
-            if by_rows:
-                np.matmul(a[s:s + step], b, out=out[s:s + step])
-            else:
-                np.matmul(a, b[:, s:s + step], out=out[:, s:s + step])
+            np.matmul(t[0], t[1], out=t[2])
 
     with one_blas_thread():
-        futures = [_workers(n - 1).submit(work) for _ in range(n - 1)]
+        futures = [_workers(n - 1).submit(work) for _ in range(min(n - 1, len(tasks) - 1))]
         work()
         for f in futures:
             f.result()
-    return out

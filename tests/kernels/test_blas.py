@@ -79,3 +79,15 @@ def test_linear_uses_it_only_with_fast_paths(monkeypatch):
         slow = ops.linear(x, w).data
     assert not calls
     np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("lead,M,K,N", [((2, 3), 96, 64, 80), ((1, 3), 300, 64, 128), ((5,), 40, 8, 40)])
+def test_batched_matmul_equals_numpy_bits(threads, lead, M, K, N):
+    rng = np.random.default_rng(M)
+    a = _arr(rng, lead + (M, K))
+    bt = _arr(rng, lead + (N, K))
+    b = bt.swapaxes(-1, -2)  # strided, as kᵀ in attention
+    np.testing.assert_array_equal(blas.batched_matmul(a, b, threads=threads), np.matmul(a, b))
+    with pytest.raises(ValueError, match="same leading shape"):
+        blas.batched_matmul(a, np.ones(lead[:-1] + (lead[-1] + 1, K, N), np.float32), threads=threads)
