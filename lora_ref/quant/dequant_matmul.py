@@ -41,16 +41,19 @@ def check_weight(packed: np.ndarray, state) -> np.ndarray:
     return flat
 
 
+FAST_STEPS: dict = {}
+"""The Numba twins of the steps this module uses, registered by :mod:`lora_ref.quant.kernels` when it is imported
+(it imports this module, so this one cannot import it); empty until then, and the readable steps run."""
+
+
 def dequantize_weight(packed: np.ndarray, state) -> np.ndarray:
     """float32 (N, K): the 4-bit weight W as float32 products code[c] · absmax (scales dequantized first).
 
     With the fast paths on, the decoding step runs as its Numba twin (the two agree bit for bit, see
     :func:`lora_ref.quant.kernels.pick`): a QLoRA step dequantizes every 4-bit weight twice (forward and input
     gradient), and the NumPy step took a third of a SmolLM2 QLoRA step."""
-    from lora_ref.quant import kernels  # imported here: the kernel module imports this one
-
     flat = check_weight(packed, state)
-    decode = kernels.pick("decode_4bit").decode_4bit if switch.enabled() else decode_4bit
+    decode = FAST_STEPS.get("decode_4bit", decode_4bit) if switch.enabled() else decode_4bit
     w = decode(flat, state.block_absmax("auto" if switch.enabled() else "numpy"), nf4.kernel_lut(state.quant_type),
                state.blocksize, state.numel)
     return w.reshape(state.shape)                                   # (N, K)
