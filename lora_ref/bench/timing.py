@@ -16,9 +16,9 @@ def time_pair(ours: Callable[[], object], baseline: Callable[[], object], *, rep
     Alternating the two means that a slow phase of the machine (another process, a frequency change) costs both
     sides alike, so their ratio is steadier than either time. Each of the ``repeats`` rounds runs the pair in both
     orders (ours, baseline, baseline, ours): whichever runs right after the other pays for the caches and memory the
-    other left behind, and with plain alternation an odd number of repeats puts one side first more often — with
-    ``--quick``'s 3 repeats, ours ran first in 2 of 3 (part of why ``train_step`` read 2.17 quick against 1.49 in
-    the full run). So each side gets ``2 · repeats`` samples, half of them first in their round.
+    other left behind, and with plain alternation an odd number of repeats puts one side first more often (with
+    ``--quick``'s former 3 repeats, ours ran first in 2 of 3). So each side gets ``2 · repeats`` samples, half of
+    them first in their round, whatever ``repeats`` is.
     """
     for _ in range(warmup):
         ours()
