@@ -12,14 +12,18 @@ its inputs, builds one node and asks the chooser ``kernels.pick`` once which twi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lora_ref.autograd import ops
 from lora_ref.autograd.ops import linear, silu  # noqa: F401  (re-exported: F.linear, F.silu)
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import blas, switch
 from lora_ref.kernels import training as kernels
 from lora_ref.kernels.reference import causal_mask, rotate_half  # noqa: F401  (re-exported: F.causal_mask, …)
 from lora_ref.kernels.reference import log_sum_exp as _logsumexp
+from lora_ref.threads import one_blas_thread
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "rms_norm", "linear", "silu", "dropout", "logsumexp", "swiglu",
            "causal_mask", "scaled_dot_product_attention", "rotate_half", "rotary", "lora_add"]
@@ -169,22 +173,31 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     sc = dt.type(1.0 / np.sqrt(E) if scale is None else scale)
     qd = q.data.reshape(B, K, G * T, E)  # the G query heads of a group stacked along time: (B, K, G·T, E)
     kd, vd = k.data, v.data
-    scores = np.matmul(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
+    # B·K products of (G·T, E) · (E, S), each too small to split between BLAS threads: with the fast paths on,
+    # whole products and row chunks of them go to the threads in turn (lora_ref.kernels.blas; same bits)
+    bmm = blas.batched_matmul if switch.enabled() else _one_thread_matmul
+    scores = bmm(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
     impl = kernels.pick("attention_softmax", scores, T)  # the kernel scales, masks and normalises in place
     p = impl.attention_softmax(scores, sc, T, causal)  # (B, K, G·T, S)
     del scores  # the readable twin's masked copy replaces it
-    out = np.matmul(p, vd).reshape(B, H, T, E)
+    out = bmm(p, vd).reshape(B, H, T, E)
 
     def backward(g):
         g4 = g.reshape(B, K, G * T, E)
-        gv = np.matmul(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
-        dp = np.matmul(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
+        gv = bmm(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
+        dp = bmm(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
         ds = impl.attention_softmax_backward(dp, p, sc, T, causal)  # the kernel turns dp into dS in place
-        gq = np.matmul(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
-        gk = np.matmul(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
+        gq = bmm(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
+        gk = bmm(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
         return gq, gk, gv
 
     return Tensor._make(out, (q, k, v), backward)
+
+
+def _one_thread_matmul(a, b):
+    """``np.matmul`` on one BLAS thread (attention's products with the fast paths off)."""
+    with one_blas_thread():
+        return np.matmul(a, b)
 
 
 def rotary(x, cos: np.ndarray, sin: np.ndarray) -> Tensor:
@@ -223,17 +236,29 @@ def lora_add(base_out, x, lora_A, lora_B, scaling: float) -> Tensor:
     xd, ad, bd = x.data, A.data, B.data
     out = base_out.data
     x2 = xd.reshape(-1, xd.shape[-1])  # (N, in)
-    xa = x2 @ ad.T  # (N, R)
-    delta = xa @ bd.T  # (N, out)
-    delta *= delta.dtype.type(scaling)
+    s = out.dtype.type(scaling)
+    # s a power of two (α/r = 2 by default): multiplying by it is exact, so s may scale the small (N, R) and (out, R)
+    # arrays instead of the (N, out) ones, with the same bits (short of subnormal numbers) and one pass less over
+    # (N, out) forward and one backward
+    exact = math.frexp(float(scaling))[0] == 0.5
+    with one_blas_thread():  # rank-R products: a second BLAS thread costs more than it saves
+        xa = x2 @ ad.T  # (N, R)
+        delta = ((xa * s) if exact else xa) @ bd.T  # (N, out)
+    if not exact:
+        delta *= s
     out += delta.reshape(out.shape)  # (…, out), in place
 
     def backward(g):
-        gs = g.reshape(-1, g.shape[-1]) * g.dtype.type(scaling)  # (N, out)
-        gb = (gs.T @ xa) if B.requires_grad else None  # (out, R)
-        gxa = gs @ bd  # (N, R)
-        ga = (gxa.T @ x2) if A.requires_grad else None  # (R, in)
-        gx = (gxa @ ad).reshape(xd.shape) if x.requires_grad else None  # (…, in)
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gs = g2 if exact else g2 * s  # s·g, or s applied to the products below when that is exact
+        with one_blas_thread():
+            gb = (gs.T @ xa) if B.requires_grad else None  # (out, R)
+            gxa = gs @ bd  # (N, R)
+            if exact:
+                gb = gb * s if gb is not None else None
+                gxa *= s
+            ga = (gxa.T @ x2) if A.requires_grad else None  # (R, in)
+            gx = (gxa @ ad).reshape(xd.shape) if x.requires_grad else None  # (…, in)
         return g, gx, ga, gb
 
     return Tensor._make(out, (base_out, x, A, B), backward)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import blas, switch
 from lora_ref.kernels import training as kernels
 from lora_ref.kernels.reference import sigmoid as _sigmoid
 
@@ -180,6 +181,12 @@ def matmul(a, b) -> Tensor:
     return Tensor._make(out, (a, b), backward)
 
 
+def _matmul():
+    """The 2-D product of :func:`linear`: shared out in chunks between threads (:func:`lora_ref.kernels.blas.matmul`,
+    the same bits) when the fast paths are on, else ``np.matmul``."""
+    return blas.matmul if switch.enabled() else np.matmul
+
+
 def linear(x, weight, bias=None) -> Tensor:
     """y = x @ Wᵀ (+ b) with W of shape (out, in), as in ``torch.nn.functional.linear``.
 
@@ -190,7 +197,8 @@ def linear(x, weight, bias=None) -> Tensor:
     xd, wd = x.data, weight.data
     lead = xd.shape[:-1]
     x2 = xd.reshape(-1, xd.shape[-1])  # (N, in): one 2-D GEMM (NumPy runs a stacked matmul slice by slice)
-    out = (x2 @ wd.T).reshape(lead + (wd.shape[0],))  # (…, out)
+    mm = _matmul()
+    out = mm(x2, wd.T).reshape(lead + (wd.shape[0],))  # (…, out)
     parents: tuple[Tensor, ...] = (x, weight)
     if bias is not None:
         bias = _t(bias, x)
@@ -199,8 +207,8 @@ def linear(x, weight, bias=None) -> Tensor:
 
     def backward(g):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gx = (g2 @ wd).reshape(xd.shape) if x.requires_grad else None  # (…, in)
-        gw = (g2.T @ x2) if weight.requires_grad else None  # (out, in)
+        gx = mm(g2, wd).reshape(xd.shape) if x.requires_grad else None  # (…, in)
+        gw = mm(g2.T, x2) if weight.requires_grad else None  # (out, in)
         if bias is None:
             return gx, gw
         return gx, gw, (g2.sum(axis=0) if bias.requires_grad else None)

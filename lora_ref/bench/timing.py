@@ -14,15 +14,18 @@ def time_pair(ours: Callable[[], object], baseline: Callable[[], object], *, rep
     """Median wall-clock seconds of ``ours()`` and ``baseline()``, run alternately after ``warmup`` calls each.
 
     Alternating the two means that a slow phase of the machine (another process, a frequency change) costs both
-    sides alike, so their ratio is steadier than either time.
+    sides alike, so their ratio is steadier than either time. Each of the ``repeats`` rounds runs the pair in both
+    orders (ours, baseline, baseline, ours): whichever runs right after the other pays for the caches and memory the
+    other left behind, and with plain alternation an odd number of repeats puts one side first more often (with
+    ``--quick``'s former 3 repeats, ours ran first in 2 of 3). So each side gets ``2 · repeats`` samples, half of
+    them first in their round, whatever ``repeats`` is.
     """
     for _ in range(warmup):
         ours()
         baseline()
     t_ours, t_base = [], []
-    for i in range(repeats):
-        pair = ((ours, t_ours), (baseline, t_base)) if i % 2 == 0 else ((baseline, t_base), (ours, t_ours))
-        for fn, acc in pair:
+    for _ in range(repeats):
+        for fn, acc in ((ours, t_ours), (baseline, t_base), (baseline, t_base), (ours, t_ours)):
             t0 = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t0)
@@ -60,10 +63,32 @@ def time_pair_min(ours: Callable[[], object], baseline: Callable[[], object], *,
     return best[0], best[1]
 
 
+def time_rotating(fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2) -> dict[str, float]:
+    """Median wall-clock seconds of each of ``fns``, run in turn after ``warmup`` calls each: :func:`time_pair` for
+    more than two, the order rotated by one each repeat so that no function always runs first."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def row(name: str, ours_s: float, baseline: str, baseline_s: float, **params) -> dict:
-    """One result row of ``lora-ref bench --json``; ratio = our time / baseline time (lower is better)."""
-    return {"name": name, "ours_s": ours_s, "baseline": baseline, "baseline_s": baseline_s,
-            "ratio": ours_s / baseline_s if baseline_s > 0 else float("inf"), "params": params}
+    """One result row of ``lora-ref bench --json``; ratio = our time / baseline time (lower is better); ``goal`` the
+    ratio it should reach (:data:`lora_ref.bench.report.GOALS`; None for rows without one, e.g. memory) and ``met``
+    whether it did (None without a goal)."""
+    from lora_ref.bench.report import GOALS
+
+    ratio = ours_s / baseline_s if baseline_s > 0 else float("inf")
+    goal = GOALS.get(name)
+    return {"name": name, "ours_s": ours_s, "baseline": baseline, "baseline_s": baseline_s, "ratio": ratio,
+            "goal": goal, "met": None if goal is None else bool(ratio <= goal), "params": params}
 
 
 def machine() -> dict:

@@ -84,7 +84,8 @@ def _model(kind: str, cfg):
 
 
 def _reps(quick: bool) -> dict:
-    return {"repeats": 3, "warmup": 1} if quick else {"repeats": 9, "warmup": 2}
+    """Rounds of :func:`lora_ref.bench.timing.time_pair` (each times both sides twice, in both orders)."""
+    return {"repeats": 2, "warmup": 1} if quick else {"repeats": 5, "warmup": 2}
 
 
 def train_step_row(quick: bool = False) -> dict:

@@ -7,5 +7,6 @@
 - :mod:`lora_ref.kernels.matmul` — the tiled float32 GEMM and its chooser.
 - :mod:`lora_ref.kernels.lora_batch` — the low-rank terms of a mixed-adapter batch (BGMV, chapter 13), its chooser
   and its twin :mod:`lora_ref.kernels.lora_batch_reference`.
+- :mod:`lora_ref.kernels.blas` — large BLAS products shared out in chunks between threads (twin: ``np.matmul``).
 - :mod:`lora_ref.kernels.jit` — Numba intrinsics the kernels build on (stack tiles, wide vectors, a register table).
 """

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_ref.kernels import blas, switch
 from lora_ref.quant import nf4
 from lora_ref.quant.steps import decode_4bit
 
@@ -40,10 +41,21 @@ def check_weight(packed: np.ndarray, state) -> np.ndarray:
     return flat
 
 
+FAST_STEPS: dict = {}
+"""The Numba twins of the steps this module uses, registered by :mod:`lora_ref.quant.kernels` when it is imported
+(it imports this module, so this one cannot import it); empty until then, and the readable steps run."""
+
+
 def dequantize_weight(packed: np.ndarray, state) -> np.ndarray:
-    """float32 (N, K): the 4-bit weight W as float32 products code[c] · absmax (scales dequantized first)."""
+    """float32 (N, K): the 4-bit weight W as float32 products code[c] · absmax (scales dequantized first).
+
+    With the fast paths on, the decoding step runs as its Numba twin (the two agree bit for bit, see
+    :func:`lora_ref.quant.kernels.pick`): a QLoRA step dequantizes every 4-bit weight twice (forward and input
+    gradient), and the NumPy step took a third of a SmolLM2 QLoRA step."""
     flat = check_weight(packed, state)
-    w = decode_4bit(flat, state.block_absmax(), nf4.kernel_lut(state.quant_type), state.blocksize, state.numel)
+    decode = FAST_STEPS.get("decode_4bit", decode_4bit) if switch.enabled() else decode_4bit
+    w = decode(flat, state.block_absmax("auto" if switch.enabled() else "numpy"), nf4.kernel_lut(state.quant_type),
+               state.blocksize, state.numel)
     return w.reshape(state.shape)                                   # (N, K)
 
 
@@ -65,7 +77,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     """
     w = dequantize_weight(packed, state)                            # (N, K)
     x = check_activation(x, "x", w.shape[1], state.shape)                     # (M, K)
-    return np.matmul(x, w.T)                                        # (M, N)
+    return _matmul()(x, w.T)                                        # (M, N)
 
 
 def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
@@ -75,4 +87,10 @@ def matmul_4bit_t(dy: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     """
     w = dequantize_weight(packed, state)                            # (N, K)
     dy = check_activation(dy, "dy", w.shape[0], state.shape)                  # (M, N)
-    return np.matmul(dy, w)                                         # (M, K)
+    return _matmul()(dy, w)                                         # (M, K)
+
+
+def _matmul():
+    """``np.matmul``, shared out in chunks between threads when the fast paths are on
+    (:func:`lora_ref.kernels.blas.matmul`: the same bits, steadier on a busy machine)."""
+    return blas.matmul if switch.enabled() else np.matmul

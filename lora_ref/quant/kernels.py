@@ -600,6 +600,7 @@ PICK = switch.Twins(sys.modules[__name__], {
     "matmul_4bit": switch.Operation(("matmul_4bit", "matmul_4bit_t"), dequant_matmul, _few_rows),
 })
 pick = PICK.pick
+dequant_matmul.FAST_STEPS["decode_4bit"] = decode_4bit  # its dequantize-then-matmul path decodes with this twin
 """``pick(operation, *args, impl)``: this module or the readable one (:mod:`lora_ref.quant.steps`,
 :mod:`lora_ref.quant.dequant_matmul`) whose function runs ``operation`` — a step ("absmax_blocks", "encode_4bit",
 …, "decode_8bit") or "matmul_4bit" (its functions ``matmul_4bit`` and ``matmul_4bit_t``, rule "auto" by the rows of

@@ -66,10 +66,15 @@ def test_bench_train_json():
     assert set(doc) == {"machine", "results", "notes"}
     assert "python" in doc["machine"]
     rows = {r["name"]: r for r in doc["results"]}
-    assert list(rows) == ["train_step", "qlora_step", "memory_full", "memory_lora", "memory_qlora"]
+    assert list(rows) == ["train_step", "qlora_step", "memory_full", "memory_lora", "memory_qlora", "contention"]
     for r in rows.values():
-        assert set(r) == {"name", "ours_s", "baseline", "baseline_s", "ratio", "params"}
+        assert set(r) == {"name", "ours_s", "baseline", "baseline_s", "ratio", "goal", "met", "params"}
         assert r["ours_s"] > 0 and r["baseline_s"] > 0 and r["ratio"] == pytest.approx(r["ours_s"] / r["baseline_s"])
+        assert r["met"] is (None if r["goal"] is None else r["ratio"] <= r["goal"])
+    assert rows["train_step"]["goal"] == 1.0 and rows["memory_full"]["goal"] is None
+    c = rows["contention"]
+    assert c["baseline"] == "quiet" and c["goal"] == 2.0
+    assert len(c["params"]["threads_busy"]) == len(c["params"]["threads_quiet"]) >= 2 * c["params"]["repeats"]
     r = rows["train_step"]
     assert r["baseline"] == "torch"
     p = r["params"]

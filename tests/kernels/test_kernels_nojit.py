@@ -26,3 +26,14 @@ def test_kernel_tests_pass_without_jit():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="this process already runs without JIT")
+def test_chunked_matmul_tests_pass_without_jit():
+    """lora_ref.kernels.blas has no compiled code; with the JIT off (and so the fast paths off by default) it must
+    still equal np.matmul, and Linear must still pick it only when the fast paths are switched on."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_blas.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
