@@ -18,7 +18,8 @@ def test_serving_rows_on_a_tiny_model(tmp_path):
                                                           ("serve_vs_sequential", "one_request_at_a_time"),
                                                           ("unmerged_overhead", "merged")]
     for r in rows:
-        assert set(r) == {"name", "ours_s", "baseline", "baseline_s", "ratio", "params"}
+        assert set(r) == {"name", "ours_s", "baseline", "baseline_s", "ratio", "goal", "met", "params"}
+        assert r["goal"] == GOALS[r["name"]] and r["met"] == (r["ratio"] <= r["goal"])
         assert r["ours_s"] > 0 and r["baseline_s"] > 0 and r["ratio"] == pytest.approx(r["ours_s"] / r["baseline_s"])
         assert r["params"]["unit"] == "seconds per generated token" and r["params"]["through"].startswith("BatchDecoder")
     assert [r["params"]["batch"] for r in rows] == [4, 4, 1]
