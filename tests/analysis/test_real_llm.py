@@ -338,3 +338,19 @@ def test_tour_section_on_a_tiny_model(tiny_folder, cache_dir, tmp_path):
     quick = TourContext(out=tmp_path, quick=True, progress=False)
     section_real_llm(quick, folder=tmp_path / "no-model-here")  # skipped: touches no model
     assert quick.summary == ["real LLM: skipped in --quick"]
+
+
+def test_tour_section_takes_the_chapters_quick_task(tiny_folder, cache_dir, tmp_path, monkeypatch):
+    """With LORA_REF_QUICK=1 the section's task and batch are the chapter's quick ones (4 facts, 4 records a step)."""
+    from lora_ref.tour.context import TourContext
+    from lora_ref.tour.real_llm import section_real_llm
+
+    monkeypatch.setenv("LORA_REF_QUICK", "1")
+    kwargs = dict(method="lora", r=8, alpha=16.0, targets="all-linear", lr=1e-2)
+    ctx = TourContext(out=tmp_path, quick=False, progress=False)
+    section_real_llm(ctx, run_kwargs=kwargs, steps=40, folder=tiny_folder)
+    run = R.finetune(**kwargs, steps=40, n_facts=4, batch=4, folder=tiny_folder, progress=False)
+    assert len(list(cache_dir.glob("real-llm-lora/*"))) == 1  # the section made exactly this run
+    assert "on 4 invented facts" in ctx.summary[0] and "steps of 4 chat records" in "\n".join(ctx.markdown)
+    base = R.base_report(4, folder=tiny_folder)
+    assert f"exact match {base.accuracy['trained']:.0%} → {run.accuracy['trained']:.0%}" in ctx.summary[0]
