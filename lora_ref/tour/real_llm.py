@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from lora_ref.analysis.real_llm import (
-    ATTRIBUTES,
-    CHAPTER_STEPS,
     GENERAL_QUESTIONS,
     MODEL_NAME,
     TOUR_RUN,
     answers_about,
     base_report,
+    chapter_settings,
     exact_match,
     finetune,
     invent_facts,
@@ -20,20 +19,26 @@ from lora_ref.analysis.real_llm import (
 )
 
 
-def section_real_llm(ctx, *, run_kwargs: dict | None = None, n_facts: int = len(ATTRIBUTES),
-                     steps: int = CHAPTER_STEPS, folder=None) -> None:
+def section_real_llm(ctx, *, run_kwargs: dict | None = None, n_facts: int | None = None,
+                     steps: int | None = None, folder=None) -> None:
     """``lora-ref tour``: SmolLM2-135M-Instruct before and after a LoRA fine-tune on invented facts, merged.
 
     Not part of ``--quick``: the quick tour is the smoke test of the tutorial model, and this section needs the
     real model (a 98 MB download and an import on first use) and a fine-tune of a 135M-parameter model. With its run
-    cached (the book's chapter 12 makes the same run) it takes well under 3 minutes on 2 cores.
+    cached (the book's chapter 12 makes the same run) it takes well under 3 minutes on 2 cores. The task and the
+    run's length are the chapter's (:func:`~lora_ref.analysis.real_llm.chapter_settings`), so with
+    ``LORA_REF_QUICK=1`` (``make tour QUICK=1``) it shows the chapter's quick run; ``n_facts`` and ``steps``
+    override them.
     """
     if ctx.quick:
         ctx.text("Not part of the quick tour: this section fine-tunes a real 135M-parameter model (run `lora-ref "
                  "tour` without `--quick`, or read chapter 12 of the book).")
         ctx.summarize("real LLM: skipped in --quick")
         return
-    kwargs = dict(TOUR_RUN if run_kwargs is None else run_kwargs)
+    setting = chapter_settings()
+    n_facts = setting["n_facts"] if n_facts is None else n_facts
+    steps = setting["steps"] if steps is None else steps
+    kwargs = {"batch": setting["batch"], **(TOUR_RUN if run_kwargs is None else run_kwargs)}
     ctx.log(f"{MODEL_NAME}: the base's answers and a {kwargs.get('method', 'lora')} fine-tune on invented facts "
             f"({steps} steps; cached)")
     base = base_report(n_facts, folder=folder)

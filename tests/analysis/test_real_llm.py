@@ -259,6 +259,40 @@ def test_finetune_rejects_bad_settings(tiny_folder, cache_dir):
     assert not any(cache_dir.glob("real-llm-lora/*"))  # nothing was written for the refused runs
 
 
+def test_quick_mode_measures_on_fewer_tokens(tiny_folder, monkeypatch):
+    """QUICK mode's general-text loss is the mean next-token loss of the first 2 windows of 128 tokens."""
+    model, tok = R.load_base(tiny_folder)
+    monkeypatch.delenv("LORA_REF_QUICK", raising=False)
+    full = R.general_loss(model, tok)
+    monkeypatch.setenv("LORA_REF_QUICK", "1")
+    quick = R.general_loss(model, tok)
+    ids = np.asarray(tok.encode(R.general_text()), dtype=np.int64)[:2 * 128 + 1]
+    by_hand = float(lm_loss(model, ids[:-1].reshape(2, 128), ids[1:].reshape(2, 128)).data)  # 256 targets
+    assert quick == pytest.approx(by_hand, rel=1e-5)
+    assert quick != full
+
+
+def test_quick_chapter_runs_are_small_and_cached_apart(tiny_folder, cache_dir, monkeypatch):
+    """With LORA_REF_QUICK=1 the chapter's five runs are 6 steps of 4 records on 4 facts, measured the quick way;
+    without it, the chapter asks for 24 steps of 8 records on 24 facts, measured as before (the same cache keys)."""
+    monkeypatch.setenv("LORA_REF_QUICK", "1")
+    runs = R.chapter_runs(folder=tiny_folder, progress=False)
+    assert list(runs) == [label for label, _ in R.CHAPTER_RUNS]
+    for run in runs.values():
+        assert len(run.train_loss) == 6 and run.settings["batch"] == 4
+        assert len(run.place.facts) == 4 and len(run.answers["trained"]) == len(run.answers["paraphrase"]) == 4
+        assert run.settings["eval"]["general_windows"] == 2
+    assert len({run.folder for run in runs.values()}) == 5
+
+    monkeypatch.delenv("LORA_REF_QUICK")
+    calls = []
+    monkeypatch.setattr(R, "finetune", lambda **kw: calls.append(kw))
+    R.chapter_runs(folder=tiny_folder, progress=False)
+    assert len(calls) == 5 and all((kw["steps"], kw["n_facts"], kw["batch"]) == (24, 24, 8) for kw in calls)
+    assert R.eval_settings() == {"max_new_tokens": 8, "general_new_tokens": 16, "general_seq": 128,
+                                 "general_windows": 8}
+
+
 def test_model_dir_resolves_the_known_name(monkeypatch, tmp_path):
     from lora_ref.files import models
 
@@ -304,3 +338,19 @@ def test_tour_section_on_a_tiny_model(tiny_folder, cache_dir, tmp_path):
     quick = TourContext(out=tmp_path, quick=True, progress=False)
     section_real_llm(quick, folder=tmp_path / "no-model-here")  # skipped: touches no model
     assert quick.summary == ["real LLM: skipped in --quick"]
+
+
+def test_tour_section_takes_the_chapters_quick_task(tiny_folder, cache_dir, tmp_path, monkeypatch):
+    """With LORA_REF_QUICK=1 the section's task and batch are the chapter's quick ones (4 facts, 4 records a step)."""
+    from lora_ref.tour.context import TourContext
+    from lora_ref.tour.real_llm import section_real_llm
+
+    monkeypatch.setenv("LORA_REF_QUICK", "1")
+    kwargs = dict(method="lora", r=8, alpha=16.0, targets="all-linear", lr=1e-2)
+    ctx = TourContext(out=tmp_path, quick=False, progress=False)
+    section_real_llm(ctx, run_kwargs=kwargs, steps=40, folder=tiny_folder)
+    run = R.finetune(**kwargs, steps=40, n_facts=4, batch=4, folder=tiny_folder, progress=False)
+    assert len(list(cache_dir.glob("real-llm-lora/*"))) == 1  # the section made exactly this run
+    assert "on 4 invented facts" in ctx.summary[0] and "steps of 4 chat records" in "\n".join(ctx.markdown)
+    base = R.base_report(4, folder=tiny_folder)
+    assert f"exact match {base.accuracy['trained']:.0%} → {run.accuracy['trained']:.0%}" in ctx.summary[0]
