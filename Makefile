@@ -57,4 +57,4 @@ lab: $(STAMP)
 bench-readme: $(STAMP)
 	@mkdir -p runs
 	$(BIN)/lora-ref bench --json > runs/bench.json
-	$(BIN)/python -m lora_ref.bench_report runs/bench.json README.md
+	$(BIN)/python -m lora_ref.bench.report runs/bench.json README.md

@@ -1,5 +1,9 @@
 """The README's performance table is written from a bench JSON document, between its markers only."""
 
+import importlib.util
+import re
+from pathlib import Path
+
 import pytest
 
 from lora_ref.bench.report import END, START, table, update
@@ -31,3 +35,15 @@ def test_update_replaces_only_the_marked_section(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="bench:start"):
         update(readme, DOC)
+
+
+def test_makefile_runs_modules_by_their_current_paths():
+    """`python -m` needs a module's own path: an old path kept by lora_ref's alias finder imports, but runpy cannot
+    run it (`make bench-readme` once failed that way)."""
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    modules = re.findall(r"-m (lora_ref[\w.]*)", makefile)
+    assert modules, "the Makefile runs no lora_ref module with -m"
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin, name
+        assert Path(spec.origin).with_suffix("").as_posix().endswith(name.replace(".", "/")), (name, spec.origin)
