@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,36 +208,14 @@ def init_run(init: str, *, r: int = 16, targets="all-linear", num_iter: int = 1,
             "study_version": QLORA_INIT_VERSION}
 
     def build(out: Path) -> None:
-        from lora_ref.training.loop import decay_groups
-        from lora_ref.training.optim import AdamW, cosine_schedule
-
         full, tok = R.load_base(folder)
         base = truncated(full, layers)
         init_rng, data_rng = np.random.default_rng(seed).spawn(2)
         model, errors = prepare(base, init, r=r, targets=tkey, num_iter=num_iter, rng=init_rng)
         start_general, start_facts = R.general_loss(model, tok), _facts_loss(model, tok, place)
         examples = [R.encode_example(tok, f.question, f.answer) for f in place.facts]
-        opt = AdamW(decay_groups(model, 0.0), lr=lr, betas=tuple(R.RECIPE["betas"]), weight_decay=0.0)
-        losses, seconds = [], 0.0
-        bar = R._bar(steps, f"{init} on {R.MODEL_NAME}", progress)
-        model.train()
-        try:
-            for step, (x, y) in enumerate(R.fact_batches(examples, batch, steps, tok.eos_token_id, data_rng)):
-                factor = cosine_schedule(step, max_lr=1.0, total_steps=steps,
-                                         warmup_steps=min(R.RECIPE["warmup_steps"], steps - 1),
-                                         min_lr=R.RECIPE["min_lr_fraction"])
-                for g in opt.param_groups:
-                    g["lr"] = lr * factor
-                t0 = time.perf_counter()
-                loss = R.answer_train_step(model, opt, x, y, max_grad_norm=R.RECIPE["max_grad_norm"])
-                seconds += time.perf_counter() - t0
-                if not math.isfinite(loss):
-                    raise ValueError(f"training diverged: loss {loss} at step {step + 1}")
-                losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                bar.update(1)
-        finally:
-            bar.close()
+        losses, seconds = R.train_facts(model, tok, examples, lr=lr, batch=batch, steps=steps, rng=data_rng,
+                                        desc=f"{init} on {R.MODEL_NAME}", progress=progress)
         write_json(out / "result.json", {
             "errors": errors, "general_loss_start": start_general, "general_loss_after": R.general_loss(model, tok),
             "facts_loss_start": start_facts, "facts_loss_after": _facts_loss(model, tok, place),

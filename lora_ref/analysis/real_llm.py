@@ -635,9 +635,6 @@ def finetune(method: str, *, r: int = 16, alpha: float = 32.0, targets="all-line
     desc = {"what": "real LLM fine-tune", **settings, **_common_description(folder, place)}
 
     def build(out: Path) -> None:
-        from lora_ref.training.loop import decay_groups
-        from lora_ref.training.optim import AdamW, cosine_schedule
-
         base, tok = load_base(folder)
         init_rng, data_rng = np.random.default_rng(settings["seed"]).spawn(2)
         model = copy.deepcopy(base)
@@ -658,28 +655,8 @@ def finetune(method: str, *, r: int = 16, alpha: float = 32.0, targets="all-line
             start_general = general_loss(model, tok)  # the NF4 base, before the adapter learns anything
             inject_qlora(model, cfg, rng=init_rng)
         examples = [encode_example(tok, f.question, f.answer) for f in place.facts]
-        opt = AdamW(decay_groups(model, 0.0), lr=lr, betas=tuple(RECIPE["betas"]), weight_decay=0.0)
-        losses, seconds = [], 0.0
-        batches = fact_batches(examples, batch, steps, tok.eos_token_id, data_rng)
-        bar = _bar(steps, f"{method} on {MODEL_NAME}", progress)
-        model.train()
-        try:
-            for step, (x, y) in enumerate(batches):
-                factor = cosine_schedule(step, max_lr=1.0, total_steps=steps,
-                                         warmup_steps=min(RECIPE["warmup_steps"], steps - 1),
-                                         min_lr=RECIPE["min_lr_fraction"])
-                for g in opt.param_groups:
-                    g["lr"] = lr * factor
-                t0 = time.perf_counter()
-                loss = answer_train_step(model, opt, x, y, max_grad_norm=RECIPE["max_grad_norm"])
-                seconds += time.perf_counter() - t0
-                if not math.isfinite(loss):
-                    raise ValueError(f"training diverged: loss {loss} at step {step + 1} (lr {lr * factor:.3g})")
-                losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                bar.update(1)
-        finally:
-            bar.close()
+        losses, seconds = train_facts(model, tok, examples, lr=lr, batch=batch, steps=steps, rng=data_rng,
+                                      desc=f"{method} on {MODEL_NAME}", progress=progress)
         result = _measure(model, tok, place)
         result.update({"train_loss": losses, "seconds": seconds,
                        "trainable": model.num_parameters(trainable_only=True),
@@ -699,6 +676,38 @@ def finetune(method: str, *, r: int = 16, alpha: float = 32.0, targets="all-line
                    general_loss=rec["general_loss"], start_general_loss=start, display=rec["display"],
                    train_loss=rec["train_loss"], trainable=int(rec["trainable"]), seconds=float(rec["seconds"]),
                    folder=found, model_folder=None if folder is None else str(folder))
+
+
+def train_facts(model, tok, examples, *, lr: float, batch: int, steps: int, rng: np.random.Generator, desc: str,
+                progress: bool = True) -> tuple[list[float], float]:
+    """Train ``model``'s trainable parameters on answer-only examples: AdamW (no weight decay), the recipe's cosine
+    schedule and gradient clipping, ``steps`` batches drawn with ``rng``. Returns (the loss of every step, seconds
+    spent in the steps). Shared by the chapter's runs and the QLoRA initialization study."""
+    from lora_ref.training.loop import decay_groups
+    from lora_ref.training.optim import AdamW, cosine_schedule
+
+    opt = AdamW(decay_groups(model, 0.0), lr=lr, betas=tuple(RECIPE["betas"]), weight_decay=0.0)
+    losses, seconds = [], 0.0
+    bar = _bar(steps, desc, progress)
+    model.train()
+    try:
+        for step, (x, y) in enumerate(fact_batches(examples, batch, steps, tok.eos_token_id, rng)):
+            factor = cosine_schedule(step, max_lr=1.0, total_steps=steps,
+                                     warmup_steps=min(RECIPE["warmup_steps"], steps - 1),
+                                     min_lr=RECIPE["min_lr_fraction"])
+            for g in opt.param_groups:
+                g["lr"] = lr * factor
+            t0 = time.perf_counter()
+            loss = answer_train_step(model, opt, x, y, max_grad_norm=RECIPE["max_grad_norm"])
+            seconds += time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise ValueError(f"training diverged: loss {loss} at step {step + 1} (lr {lr * factor:.3g})")
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    return losses, seconds
 
 
 def _bar(total: int, desc: str, enabled: bool):
