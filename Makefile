@@ -18,7 +18,7 @@ ifdef QUICK
 export LORA_REF_QUICK := $(QUICK)
 endif
 
-.PHONY: venv test tour book warm-cache lab bench bench-readme clean-book
+.PHONY: venv test tour book warm-cache lab bench bench-readme bench-compare clean-book
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,3 +58,10 @@ bench-readme: $(STAMP)
 	@mkdir -p runs
 	$(BIN)/lora-ref bench --json > runs/bench.json
 	$(BIN)/python -m lora_ref.bench.report runs/bench.json README.md
+
+# A --quick run compared row by row with the full run of bench-readme (runs/bench.json): exits 1 and names the rows
+# whose ratios differ by more than 10 %.
+bench-compare: $(STAMP)
+	@mkdir -p runs
+	$(BIN)/lora-ref bench --quick --json > runs/bench-quick.json
+	$(BIN)/python -m lora_ref.bench.report --compare runs/bench-quick.json runs/bench.json

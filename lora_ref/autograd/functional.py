@@ -152,6 +152,13 @@ def swiglu(gate, up) -> Tensor:
     return Tensor._make(out, (gate, up), backward)
 
 
+ATTENTION_BLOCK = 64
+"""Query positions per block of causal attention, at least (:func:`_query_blocks`); with the fast paths on and
+``causal``, attention over T >= 2 · ATTENTION_BLOCK new positions runs block by block and skips the masked keys."""
+
+MAX_ATTENTION_BLOCKS = 8
+
+
 def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | None = None) -> Tensor:
     """Attention softmax(q kᵀ · scale + mask) v with grouped-query heads, as one node.
 
@@ -162,6 +169,18 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     Backward, with P the attention probabilities and dO the output gradient:
     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ⊙ (dP − Σ_s dP ⊙ P),  dQ = dS K · scale,  dK = dSᵀ Q · scale
     (summed over the query heads of a group for dK and dV).
+
+    **Causal blocks.** Query t sees only the first t + S − T + 1 keys, so for a block of queries [t0, t1) every
+    key past t1 + S − T is masked for all of them: its scores, probabilities and products are never needed. With
+    the fast paths on, causal attention over enough positions (:func:`_query_blocks`) runs block by block, each
+    block against only the keys its last query sees, forward and backward; the probabilities kept for backward
+    are the blocks on and below the diagonal (for n blocks, (n + 1) / 2n of the full T × S matrix), never the full
+    matrix. With n = 8 blocks this computes 56 % of the scores, softmax and products of the full version. Each
+    block is the same computation as the full one restricted to the keys it sees (the masked keys contribute
+    exact zeros there), so the results agree to float32 rounding (the products' summation may be grouped
+    differently by the BLAS); ``tests/kernels/test_fast_paths.py`` holds the two equal. FlashAttention (Dao et al.
+    2022) goes further and keeps no probabilities at all, recomputing each block in backward from the rows'
+    log-sum-exp; on a CPU, where the extra product costs more than the memory it saves, we keep the blocks.
     """
     q, k, v = ops._t(q), ops._t(k), ops._t(v)
     B, H, T, E = q.shape
@@ -171,27 +190,65 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     G = H // K
     dt = q.dtype
     sc = dt.type(1.0 / np.sqrt(E) if scale is None else scale)
-    qd = q.data.reshape(B, K, G * T, E)  # the G query heads of a group stacked along time: (B, K, G·T, E)
     kd, vd = k.data, v.data
     # B·K products of (G·T, E) · (E, S), each too small to split between BLAS threads: with the fast paths on,
     # whole products and row chunks of them go to the threads in turn (lora_ref.kernels.blas; same bits)
-    bmm = blas.batched_matmul if switch.enabled() else _one_thread_matmul
-    scores = bmm(qd, kd.swapaxes(-1, -2))  # (B, K, G·T, S)
-    impl = kernels.pick("attention_softmax", scores, T)  # the kernel scales, masks and normalises in place
-    p = impl.attention_softmax(scores, sc, T, causal)  # (B, K, G·T, S)
-    del scores  # the readable twin's masked copy replaces it
-    out = bmm(p, vd).reshape(B, H, T, E)
+    fast = switch.enabled()
+    bmm = blas.batched_matmul if fast else _one_thread_matmul
+    blocks = _query_blocks(T, S) if (fast and causal) else [(0, T)]
+    q5 = q.data.reshape(B, K, G, T, E)  # the G query heads of a group: (B, K, G, T, E)
+    out = np.empty((B, K, G, T, E), dtype=np.result_type(q.data, vd))
+    saved = []  # per block: (t0, t1, keys seen, the block's queries (B, K, G·tb, E), its probabilities)
+    impl = None
+    for t0, t1 in blocks:
+        tb, Sb = t1 - t0, S - T + t1  # the block's queries and the keys its last query sees
+        qb = q5[:, :, :, t0:t1].reshape(B, K, G * tb, E)  # G heads stacked along time (a copy unless one block)
+        scores = bmm(qb, kd[:, :, :Sb].swapaxes(-1, -2))  # (B, K, G·tb, Sb)
+        impl = impl or kernels.pick("attention_softmax", scores, tb)
+        p = impl.attention_softmax(scores, sc, tb, causal)  # the kernel scales, masks and normalises in place
+        del scores  # the readable twin's masked copy replaces it
+        out[:, :, :, t0:t1] = bmm(p, vd[:, :, :Sb]).reshape(B, K, G, tb, E)
+        saved.append((t0, t1, Sb, qb, p))
 
     def backward(g):
-        g4 = g.reshape(B, K, G * T, E)
-        gv = bmm(p.swapaxes(-1, -2), g4) if v.requires_grad else None  # (B, K, S, E)
-        dp = bmm(g4, vd.swapaxes(-1, -2))  # (B, K, G·T, S)
-        ds = impl.attention_softmax_backward(dp, p, sc, T, causal)  # the kernel turns dp into dS in place
-        gq = bmm(ds, kd).reshape(B, H, T, E) if q.requires_grad else None
-        gk = bmm(ds.swapaxes(-1, -2), qd) if k.requires_grad else None
-        return gq, gk, gv
+        g5 = g.reshape(B, K, G, T, E)
+        gq = np.empty((B, K, G, T, E), dtype=g.dtype) if q.requires_grad else None
+        gk = gv = None
+        for t0, t1, Sb, qb, p in reversed(saved):  # the last block sees every key: its dK, dV start the sums
+            tb = t1 - t0
+            gb = g5[:, :, :, t0:t1].reshape(B, K, G * tb, E)
+            if v.requires_grad:  # dV = Pᵀ dO over the keys this block sees; earlier blocks add to the first keys
+                gv = _accumulate(gv, bmm(p.swapaxes(-1, -2), gb))
+            dp = bmm(gb, vd[:, :, :Sb].swapaxes(-1, -2))  # (B, K, G·tb, Sb)
+            ds = impl.attention_softmax_backward(dp, p, sc, tb, causal)  # the kernel turns dp into dS in place
+            if gq is not None:
+                gq[:, :, :, t0:t1] = bmm(ds, kd[:, :, :Sb]).reshape(B, K, G, tb, E)
+            if k.requires_grad:
+                gk = _accumulate(gk, bmm(ds.swapaxes(-1, -2), qb))
+        return (gq.reshape(B, H, T, E) if gq is not None else None), gk, gv
 
-    return Tensor._make(out, (q, k, v), backward)
+    return Tensor._make(out.reshape(B, H, T, E), (q, k, v), backward)
+
+
+def _query_blocks(T: int, S: int) -> list[tuple[int, int]]:
+    """Blocks [t0, t1) of the T query positions for causal attention: one block below 2 · ATTENTION_BLOCK
+    positions; else up to MAX_ATTENTION_BLOCKS blocks of about equal size (at least ATTENTION_BLOCK positions),
+    inner edges on multiples of 16 (the softmax kernel's vector width). More blocks skip more masked keys but
+    make smaller products."""
+    n = min(MAX_ATTENTION_BLOCKS, T // ATTENTION_BLOCK)
+    if n < 2:
+        return [(0, T)]
+    edges = [0] + [min(T, (i * T // n + 8) // 16 * 16) for i in range(1, n)] + [T]  # nearest multiple of 16
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def _accumulate(acc: np.ndarray | None, part: np.ndarray) -> np.ndarray:
+    """acc[:, :, :n] += part, part (B, K, n, E) one block's dK or dV over the n keys it sees; the first part (the
+    last block's, over every key) becomes the sum."""
+    if acc is None:
+        return part
+    acc[:, :, :part.shape[2]] += part
+    return acc
 
 
 def _one_thread_matmul(a, b):

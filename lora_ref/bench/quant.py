@@ -99,10 +99,15 @@ def _threading_layer() -> str | None:
         return None
 
 
+SETTLE = 0.25
+"""Seconds idled before each timed batch: longer than OpenBLAS's idle threads poll after a call (about 0.1 s),
+so neither side's batch shares the cores with the other side's spinning pool (see ``time_pair_min``)."""
+
+
 def _repeats(quick: bool) -> dict:
     """Rounds of :func:`lora_ref.bench.timing.time_pair_min`: the same batches in both modes, fewer rounds when
     quick (a median of 3 single calls against a median of 11 gave nf4_gemv_4096 ratios from 0.66 to 2.68)."""
-    return {"rounds": 9, "warmup": 2} if quick else {"rounds": 25, "warmup": 2}
+    return {"rounds": 9, "warmup": 2, "settle": SETTLE} if quick else {"rounds": 25, "warmup": 2, "settle": SETTLE}
 
 
 def sgemm_row(quick: bool, threads: dict) -> dict:
@@ -115,7 +120,7 @@ def sgemm_row(quick: bool, threads: dict) -> dict:
     ours, base = time_pair_min(lambda: matmul(a, b), lambda: np.matmul(a, b), **_repeats(quick))
     return row("sgemm_1024", ours, "openblas", base, shape="(1024, 1024) @ (1024, 1024)", dtype="float32",
                gflops_ours=2 * 1024 ** 3 / ours / 1e9, gflops_baseline=2 * 1024 ** 3 / base / 1e9,
-               **threads, numba_threading_layer=_threading_layer())
+               **threads, timing=_repeats(quick), numba_threading_layer=_threading_layer())
 
 
 def dequantize_row(quick: bool, threads: dict) -> dict:
@@ -135,7 +140,8 @@ def dequantize_row(quick: bool, threads: dict) -> dict:
                            lambda: np.copyto(dst, src), **_repeats(quick))
     return row("nf4_dequantize", ours, "memcpy", base, elements=n, blocksize=bs, dtype="float32 output",
                output="preallocated on both sides", gbps_written_ours=4 * n / ours / 1e9,
-               gbps_copied_baseline=4 * n / base / 1e9, **threads, numba_threading_layer=_threading_layer())
+               gbps_copied_baseline=4 * n / base / 1e9, **threads, timing=_repeats(quick),
+               numba_threading_layer=_threading_layer())
 
 
 def gemv_row(quick: bool, threads: dict) -> dict:
@@ -172,7 +178,7 @@ def gemv_row(quick: bool, threads: dict) -> dict:
                quant_type="nf4", blocksize=64, dtype="float32 activations and output",
                weight_bytes_ours=int(packed.nbytes + state.absmax.nbytes), weight_bytes_baseline=int(w32.nbytes),
                weight_copies={"ours": len(ours_w), "baseline": len(base_w)},
-               **threads, numba_threading_layer=_threading_layer())
+               **threads, timing=_repeats(quick), numba_threading_layer=_threading_layer())
 
 
 def _last_level_cache_bytes() -> int:
@@ -208,7 +214,7 @@ def quantize_row(quick: bool, threads: dict) -> dict:
     return row("nf4_quantize", ours, "bitsandbytes_cpu", base, shape="(4096, 4096)", dtype="float32",
                quant_type="nf4", blocksize=64, double_quant=False, rounding="cpu",
                bitsandbytes=bitsandbytes.__version__, torch=torch.__version__, **threads,
-               numba_threading_layer=_threading_layer())
+               timing=_repeats(quick), numba_threading_layer=_threading_layer())
 
 
 def kernel_rows(quick: bool, threads: int | None = None) -> list[dict]:

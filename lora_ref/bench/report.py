@@ -6,6 +6,12 @@
 The table goes between the lines ``<!-- bench:start -->`` and ``<!-- bench:end -->``: the machine, then one row
 per benchmark with both times, the ratio (our time / baseline time, lower is better) and the goal. Nothing in it is
 typed by hand; ``make bench-readme`` runs both steps.
+
+    python -m lora_ref.bench.report --compare quick.json full.json
+
+compares a ``--quick`` run with a full one row by row: the quick ratio against the full ratio, and whether they
+agree within :data:`AGREE` (10 %). A row whose ratios disagree is named, and the command exits 1: the quick run
+cannot stand in for the full one there.
 """
 
 from __future__ import annotations
@@ -65,9 +71,46 @@ def update(readme: Path, doc: dict) -> None:
     readme.write_text(f"{head}{START}\n{table(doc)}\n{END}{tail}")
 
 
+AGREE = 0.10
+"""Relative difference of a quick and a full ratio (|quick / full − 1|) within which the two agree."""
+
+
+def compare(quick: dict, full: dict, tolerance: float = AGREE) -> tuple[list[dict], list[str]]:
+    """Row-by-row agreement of a ``--quick`` document and a full one: a list of ``{name, quick, full, rel, agree}``
+    (rows with a ratio on both sides, in the full run's order) and the names of rows present in only one."""
+    q = {r["name"]: r for r in quick["results"]}
+    f = {r["name"]: r for r in full["results"]}
+    rows = []
+    for name, fr in f.items():
+        qr = q.get(name)
+        if qr is None or fr.get("ratio") is None or qr.get("ratio") is None:
+            continue
+        rel = abs(qr["ratio"] / fr["ratio"] - 1)
+        rows.append({"name": name, "quick": qr["ratio"], "full": fr["ratio"], "rel": rel, "agree": rel <= tolerance})
+    missing = sorted(set(q) ^ set(f))
+    return rows, missing
+
+
+def _compare_main(quick_path: str, full_path: str) -> int:
+    rows, missing = compare(json.loads(Path(quick_path).read_text()), json.loads(Path(full_path).read_text()))
+    print("| row | quick | full | difference | within 10 % |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| `{r['name']}` | {r['quick']:.3f} | {r['full']:.3f} | {100 * r['rel']:.1f} % | "
+              f"{'yes' if r['agree'] else 'no'} |")
+    bad = [r["name"] for r in rows if not r["agree"]]
+    for name in missing:
+        print(f"{name}: in only one of the two runs")
+    if bad:
+        print(f"--quick cannot stand in for the full run for: {', '.join(bad)}")
+    return 1 if bad or missing else 0
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "--compare":
+        return _compare_main(argv[1], argv[2])
     if len(argv) != 2:
-        sys.stderr.write("usage: python -m lora_ref.bench.report BENCH.json README.md\n")
+        sys.stderr.write("usage: python -m lora_ref.bench.report BENCH.json README.md\n"
+                         "       python -m lora_ref.bench.report --compare QUICK.json FULL.json\n")
         return 2
     update(Path(argv[1]), json.loads(Path(argv[0]).read_text()))
     return 0

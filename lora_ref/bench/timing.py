@@ -33,7 +33,7 @@ def time_pair(ours: Callable[[], object], baseline: Callable[[], object], *, rep
 
 
 def time_pair_min(ours: Callable[[], object], baseline: Callable[[], object], *, rounds: int = 15, warmup: int = 2,
-                  min_seconds: float = 0.05) -> tuple[float, float]:
+                  min_seconds: float = 0.05, settle: float = 0.0) -> tuple[float, float]:
     """Seconds per call of ``ours()`` and ``baseline()``: the minimum over ``rounds`` alternating rounds, each round
     timing a batch of calls that lasts at least ``min_seconds``.
 
@@ -42,6 +42,11 @@ def time_pair_min(ours: Callable[[], object], baseline: Callable[[], object], *,
     and warm the caches and also measure one call of each side, which fixes each side's batch (the same in a quick
     and a full run); another process can only add time to a batch, so the fastest batch is the repeatable figure,
     and more rounds only make it likelier that one round ran undisturbed.
+
+    ``settle``: seconds of idling before each batch, so that the thread pool the other side's batch left spinning
+    has gone to sleep. OpenBLAS's idle threads keep polling for new work for 2^28 cycles (about 0.1 s) after a
+    call (``OPENBLAS_THREAD_TIMEOUT``, ``driver/others/blas_server.c``); a Numba kernel started inside that window
+    shares its cores with them: the NF4 GEMV's batch right after a batch of OpenBLAS GEMVs ran at half speed.
     """
     fns = (ours, baseline)
     batch = []
@@ -56,6 +61,8 @@ def time_pair_min(ours: Callable[[], object], baseline: Callable[[], object], *,
     for i in range(rounds):
         for j in ((0, 1) if i % 2 == 0 else (1, 0)):
             fn, n = fns[j], batch[j]
+            if settle:
+                time.sleep(settle)
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()

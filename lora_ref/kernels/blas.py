@@ -88,8 +88,10 @@ def matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarr
 
 def batched_matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarray:
     """``np.matmul(a, b)`` for stacks of matrices with the same leading shape, (…, M, K) · (…, K, N) → (…, M, N):
-    the L = prod(…) products (attention's one per batch row and key/value head) and their rows shared out in
-    chunks as in :func:`matmul`, each chunk on one BLAS thread; the same bits as ``np.matmul``."""
+    the L = prod(…) products (attention's one per batch row and key/value head) shared out in chunks as in
+    :func:`matmul`: runs of whole products when there are at least as many products as chunks (one ``np.matmul`` over
+    a stack per chunk: a tutorial-model batch has 64 small products per call, and one Python task each cost more
+    than the products), else row chunks of each; each chunk on one BLAS thread; the same bits as ``np.matmul``."""
     if a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"batched_matmul needs (..., M, K) and (..., K, N) with the same leading shape, got "
                          f"{a.shape} and {b.shape}")
@@ -101,9 +103,13 @@ def batched_matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> 
             return np.matmul(a, b)
     a3, b3 = a.reshape((L, M, K)), b.reshape((L, K, N))  # views for the usual layouts; copies otherwise
     out = np.empty((L, M, N), dtype=np.result_type(a, b))
-    per = max(1, -(-n * CHUNKS_PER_THREAD // L))  # row chunks per matrix, so that there are enough chunks
-    step = max(MIN_CHUNK, -(-M // per))
-    tasks = [(a3[i, s:s + step], b3[i], out[i, s:s + step]) for i in range(L) for s in range(0, M, step)]
+    chunks = n * CHUNKS_PER_THREAD
+    if L >= chunks:  # enough products: each chunk a run of whole products (one np.matmul over a stack of them)
+        edges = [L * i // chunks for i in range(chunks + 1)]
+        tasks = [(a3[i:j], b3[i:j], out[i:j]) for i, j in zip(edges, edges[1:])]
+    else:  # few products: row chunks of each
+        step = max(MIN_CHUNK, -(-M // -(-chunks // L)))
+        tasks = [(a3[i, s:s + step], b3[i], out[i, s:s + step]) for i in range(L) for s in range(0, M, step)]
     _run(tasks, n)
     return out.reshape(lead + (M, N))
 

@@ -452,10 +452,17 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
     nb = K // blocksize
     half = blocksize // 2                                          # bytes per block, a multiple of 16
     byte0 = r * (K // 2)
-    for b in range(nb):
-        s = absmax[r * nb + b]
-        for j in range(b * half, (b + 1) * half, 16):
+    if half == 32:  # blocksize 64 (QLoRA's): the block's two 16-byte steps written out, no inner loop
+        for b in range(nb):
+            s = absmax[r * nb + b]
+            j = b * 32
             lut16_decode16(packed, byte0 + j, code, s, w, 2 * j)
+            lut16_decode16(packed, byte0 + j + 16, code, s, w, 2 * j + 32)
+    else:
+        for b in range(nb):
+            s = absmax[r * nb + b]
+            for j in range(b * half, (b + 1) * half, 16):
+                lut16_decode16(packed, byte0 + j, code, s, w, 2 * j)
     _dot_decoded_row(x, w, K, r, y)
 
 

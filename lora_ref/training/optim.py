@@ -23,6 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from lora_ref.kernels import training as kernels
+from lora_ref.threads import one_blas_thread
 
 
 class AdamW:
@@ -116,12 +117,19 @@ class AdamW:
 
 
 def global_grad_norm(params: Iterable) -> float:
-    """√(Σ_p ‖∇p‖²) over every parameter with a gradient (float64 accumulation)."""
+    """√(Σ_p ‖∇p‖²) over every parameter with a gradient (each ‖∇p‖² a BLAS dot product, summed in float64).
+
+    The dot products run on one BLAS thread: OpenBLAS splits a long dot product between its threads, whose partial
+    sums then make the result depend on the thread count, and the woken threads keep polling for work for about
+    0.1 s afterwards, on the cores the next step's Numba kernels need (see :func:`lora_ref.threads.one_blas_thread`
+    and ``lora_ref.bench.timing.time_pair_min``).
+    """
     total = 0.0
-    for p in params:
-        if p.grad is not None:
-            g = p.grad.reshape(-1)
-            total += float(np.dot(g, g))
+    with one_blas_thread():
+        for p in params:
+            if p.grad is not None:
+                g = p.grad.reshape(-1)
+                total += float(np.dot(g, g))
     return math.sqrt(total)
 
 

@@ -47,3 +47,53 @@ def test_makefile_runs_modules_by_their_current_paths():
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin, name
         assert Path(spec.origin).with_suffix("").as_posix().endswith(name.replace(".", "/")), (name, spec.origin)
+
+
+def test_compare_quick_with_full(tmp_path, capsys):
+    """--compare names the rows whose quick ratio is more than 10 % from the full one and exits 1."""
+    from lora_ref.bench.report import compare, main
+
+    quick = {"machine": {}, "results": [dict(r) for r in DOC["results"]]}
+    quick["results"][0]["ratio"] = 0.8 * 1.09  # within 10 %
+    quick["results"][1]["ratio"] = 0.6 * 1.12  # not
+    rows, missing = compare(quick, DOC)
+    assert [(r["name"], r["agree"]) for r in rows] == [("train_step", True), ("nf4_gemv_4096", False),
+                                                     ("memory_lora", True)]
+    assert missing == [] and abs(rows[1]["rel"] - 0.12) < 1e-12
+    import json
+    (tmp_path / "q.json").write_text(json.dumps(quick))
+    (tmp_path / "f.json").write_text(json.dumps(DOC))
+    assert main(["--compare", str(tmp_path / "q.json"), str(tmp_path / "f.json")]) == 1
+    out = capsys.readouterr().out
+    assert "| `nf4_gemv_4096` | 0.672 | 0.600 | 12.0 % | no |" in out
+    assert "cannot stand in for the full run for: nf4_gemv_4096" in out
+    quick["results"][1]["ratio"] = 0.6
+    (tmp_path / "q.json").write_text(json.dumps(quick))
+    assert main(["--compare", str(tmp_path / "q.json"), str(tmp_path / "f.json")]) == 0
+    del quick["results"][2]
+    (tmp_path / "q.json").write_text(json.dumps(quick))
+    assert main(["--compare", str(tmp_path / "q.json"), str(tmp_path / "f.json")]) == 1
+    assert "memory_lora: in only one of the two runs" in capsys.readouterr().out
+
+
+def test_time_pair_min_settles_before_every_batch(monkeypatch):
+    """``settle`` idles before each timed batch (so the other side's polling BLAS threads have gone to sleep), and
+    the sleep is outside the timed interval."""
+    from lora_ref.bench import quant, timing
+
+    sleeps = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: sleeps.append(s))
+    calls = {"a": 0, "b": 0}
+
+    def a():
+        calls["a"] += 1
+
+    def b():
+        calls["b"] += 1
+
+    timing.time_pair_min(a, b, rounds=3, warmup=1, min_seconds=0.0, settle=0.25)
+    assert sleeps == [0.25] * 6  # 3 rounds x 2 batches
+    sleeps.clear()
+    timing.time_pair_min(a, b, rounds=3, warmup=1, min_seconds=0.0)
+    assert sleeps == []
+    assert quant._repeats(True)["settle"] == quant._repeats(False)["settle"] == quant.SETTLE >= 0.2

@@ -82,7 +82,8 @@ def test_linear_uses_it_only_with_fast_paths(monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("lead,M,K,N", [((2, 3), 96, 64, 80), ((1, 3), 300, 64, 128), ((5,), 40, 8, 40)])
+@pytest.mark.parametrize("lead,M,K,N", [((2, 3), 96, 64, 80), ((1, 3), 300, 64, 128), ((5,), 40, 8, 40),
+                                        ((4, 8), 64, 32, 128), ((7,), 64, 96, 130)])
 def test_batched_matmul_equals_numpy_bits(threads, lead, M, K, N):
     rng = np.random.default_rng(M)
     a = _arr(rng, lead + (M, K))

@@ -173,6 +173,44 @@ def test_attention_twins(b, k, g, t, past, e, causal, seed):
     assert len(calls) == 1
 
 
+@given(b=st.integers(1, 2), k=st.integers(1, 2), g=st.integers(1, 3), t=st.integers(1, 70),
+       past=st.integers(0, 9), e=st.integers(1, 9), block=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_causal_attention_blocks_equal_the_full_computation(b, k, g, t, past, e, block, seed):
+    """The block-by-block causal attention (fast paths on) against the readable full masked one, forward and
+    every gradient, for any block size: the masked keys a block skips contribute nothing."""
+    rng = np.random.default_rng(seed)
+    S = t + past
+    with pytest.MonkeyPatch.context() as mp, _spy("attention_softmax") as calls:
+        mp.setattr(F, "ATTENTION_BLOCK", block)
+        blocks = F._query_blocks(t, S)
+        _assert_twins_equal(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
+                            {"q": _f32(rng, (b, k * g, t, e), 2.0), "k": _f32(rng, (b, k, S, e), 2.0),
+                             "v": _f32(rng, (b, k, S, e))})
+    assert len(calls) == len(blocks)
+    assert blocks[0][0] == 0 and blocks[-1][1] == t and all(a < b_ for a, b_ in blocks)
+    assert all(x[1] == y[0] for x, y in zip(blocks, blocks[1:]))
+
+
+def test_causal_attention_blocks_skip_the_masked_keys(monkeypatch):
+    """T = 512 runs as 8 blocks of 64 queries, block i against the 64·(i+1) keys its last query sees: 56 % of
+    the full score matrix (36 of 64 tiles), the probabilities kept for backward included."""
+    shapes = []
+    inner = train_kernels.attention_softmax
+
+    def record(scores, *a):
+        shapes.append(scores.shape)
+        return inner(scores, *a)
+
+    monkeypatch.setattr(train_kernels, "attention_softmax", record)
+    rng = np.random.default_rng(0)
+    q, kv = _f32(rng, (1, 6, 512, 8)), _f32(rng, (1, 2, 512, 8))
+    with fast.fast_paths():
+        F.scaled_dot_product_attention(q, kv, kv)
+    assert F._query_blocks(512, 512) == [(64 * i, 64 * (i + 1)) for i in range(8)]
+    assert shapes == [(1, 2, 3 * 64, 64 * (i + 1)) for i in range(8)]
+    assert sum(a * b_ for _, _, a, b_ in shapes) / (3 * 512 * 512) == 36 / 64  # per key/value head
+
+
 @given(n=st.integers(1, 30), v=st.integers(2, 50), seed=st.integers(0, 2**16), ignore=st.booleans())
 def test_cross_entropy_twins(n, v, seed, ignore):
     rng = np.random.default_rng(seed)

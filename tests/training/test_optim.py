@@ -140,3 +140,33 @@ def test_cosine_schedule_equals_transformers():
                             opt.param_groups[0]["lr"], rel_tol=1e-12, abs_tol=1e-15), step
         opt.step()
         sched.step()
+
+
+def test_global_grad_norm_runs_its_dot_products_on_one_blas_thread(monkeypatch):
+    """Each ‖∇p‖² is one BLAS dot product on one thread: the same bits whatever the thread count, and no woken
+    BLAS threads left polling while the next step's kernels run."""
+    from lora_ref.kernels import blas
+    from lora_ref.modeling.nn import Parameter
+    from lora_ref.training import optim
+
+    seen = []
+    real_dot = np.dot
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def dot(a, b):
+            seen.append(blas.blas_threads())
+            return real_dot(a, b)
+
+    rng = np.random.default_rng(0)
+    params = [Parameter(np.zeros(s, np.float32)) for s in ((300, 200), (50,))]
+    for p in params:
+        p.grad = rng.standard_normal(p.data.shape).astype(np.float32)
+    monkeypatch.setattr(optim, "np", Spy())
+    norm = optim.global_grad_norm(params)
+    assert seen == [1, 1]
+    expected = np.sqrt(sum(float((p.grad.astype(np.float64) ** 2).sum()) for p in params))
+    assert norm == pytest.approx(expected, rel=1e-6)
