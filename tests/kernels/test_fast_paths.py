@@ -191,6 +191,33 @@ def test_causal_attention_blocks_equal_the_full_computation(b, k, g, t, past, e,
     assert all(x[1] == y[0] for x, y in zip(blocks, blocks[1:]))
 
 
+def test_causal_attention_blocks_with_the_readable_twins(monkeypatch):
+    """float64 runs the readable softmax twins, also block by block (fast paths on): the same values as the full
+    masked computation, forward and gradients (no compiled code involved, so this holds under NUMBA_DISABLE_JIT)."""
+    from lora_ref.autograd.tensor import Tensor
+
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((2, 6, 37, 5)), rng.standard_normal((2, 2, 41, 5)), rng.standard_normal((2, 2, 41, 5))
+    g = rng.standard_normal((2, 6, 37, 5))
+    monkeypatch.setattr(F, "ATTENTION_BLOCK", 8)
+    assert F._query_blocks(37, 41) == [(0, 16), (16, 32), (32, 37)]  # inner edges on multiples of 16
+    from lora_ref.kernels import reference
+
+    calls = []
+    inner = reference.attention_softmax
+    monkeypatch.setattr(reference, "attention_softmax", lambda s, *a: calls.append(s.shape) or inner(s, *a))
+    results = []
+    for on in (True, False):
+        with (fast.fast_paths() if on else fast.readable()):
+            ts = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+            out = F.scaled_dot_product_attention(*ts)
+            (out * Tensor(g)).sum().backward()
+        results.append([out.data] + [t.grad for t in ts])
+    assert calls == [(2, 2, 3 * 16, 20), (2, 2, 3 * 16, 36), (2, 2, 3 * 5, 41), (2, 2, 3 * 37, 41)]  # blocks, then full
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_causal_attention_blocks_skip_the_masked_keys(monkeypatch):
     """T = 512 runs as 8 blocks of 64 queries, block i against the 64·(i+1) keys its last query sees: 56 % of
     the full score matrix (36 of 64 tiles), the probabilities kept for backward included."""
