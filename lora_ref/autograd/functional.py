@@ -13,6 +13,7 @@ its inputs, builds one node and asks the chooser ``kernels.pick`` once which twi
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 
@@ -178,7 +179,11 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     matrix. With n = 8 blocks this computes 56 % of the scores, softmax and products of the full version. Each
     block is the same computation as the full one restricted to the keys it sees (the masked keys contribute
     exact zeros there), so the results agree to float32 rounding (the products' summation may be grouped
-    differently by the BLAS); ``tests/kernels/test_fast_paths.py`` holds the two equal. FlashAttention (Dao et al.
+    differently by the BLAS); ``tests/kernels/test_fast_paths.py`` holds the two equal. The blocks are independent
+    tasks: with two or more threads each thread takes whole blocks, the longest first, and runs a block's products
+    and softmax on its own (:func:`lora_ref.kernels.blas.run_parallel`) — one hand-over between threads per
+    attention forward and one per backward, instead of one per product — with the same bits as on one thread
+    (dK and dV are summed over the blocks in a fixed order). FlashAttention (Dao et al.
     2022) goes further and keeps no probabilities at all, recomputing each block in backward from the rows'
     log-sum-exp; on a CPU, where the extra product costs more than the memory it saves, we keep the blocks.
     """
@@ -198,33 +203,58 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     blocks = _query_blocks(T, S) if (fast and causal) else [(0, T)]
     q5 = q.data.reshape(B, K, G, T, E)  # the G query heads of a group: (B, K, G, T, E)
     out = np.empty((B, K, G, T, E), dtype=np.result_type(q.data, vd))
-    saved = []  # per block: (t0, t1, keys seen, the block's queries (B, K, G·tb, E), its probabilities)
-    impl = None
-    for t0, t1 in blocks:
+    saved: list = [None] * len(blocks)  # per block: (t0, t1, keys seen, its queries (B, K, G·tb, E), probabilities)
+    picked: list = []
+
+    def block(i: int, matmul) -> None:
+        t0, t1 = blocks[i]
         tb, Sb = t1 - t0, S - T + t1  # the block's queries and the keys its last query sees
         qb = q5[:, :, :, t0:t1].reshape(B, K, G * tb, E)  # G heads stacked along time (a copy unless one block)
-        scores = bmm(qb, kd[:, :, :Sb].swapaxes(-1, -2))  # (B, K, G·tb, Sb)
-        impl = impl or kernels.pick("attention_softmax", scores, tb)
+        scores = matmul(qb, kd[:, :, :Sb].swapaxes(-1, -2))  # (B, K, G·tb, Sb)
+        impl = kernels.pick("attention_softmax", scores, tb)
         p = impl.attention_softmax(scores, sc, tb, causal)  # the kernel scales, masks and normalises in place
         del scores  # the readable twin's masked copy replaces it
-        out[:, :, :, t0:t1] = bmm(p, vd[:, :, :Sb]).reshape(B, K, G, tb, E)
-        saved.append((t0, t1, Sb, qb, p))
+        out[:, :, :, t0:t1] = matmul(p, vd[:, :, :Sb]).reshape(B, K, G, tb, E)
+        saved[i] = (t0, t1, Sb, qb, p)
+        picked.append(impl)
+
+    if len(blocks) > 1 and blas.blas_threads() > 1:
+        # the blocks are independent: the threads take whole blocks, the longest (last) first, each block's products
+        # and softmax on one thread; one hand-over per attention instead of one per product (the same bits)
+        blas.run_parallel([partial(block, i, np.matmul) for i in reversed(range(len(blocks)))])
+    else:
+        for i in range(len(blocks)):
+            block(i, bmm)
+    impl = picked[0]
 
     def backward(g):
         g5 = g.reshape(B, K, G, T, E)
         gq = np.empty((B, K, G, T, E), dtype=g.dtype) if q.requires_grad else None
-        gk = gv = None
-        for t0, t1, Sb, qb, p in reversed(saved):  # the last block sees every key: its dK, dV start the sums
+        parts: list = [None] * len(saved)  # per block: its dK and dV over the keys it sees
+
+        def block_grad(i: int, matmul) -> None:
+            t0, t1, Sb, qb, p = saved[i]
             tb = t1 - t0
             gb = g5[:, :, :, t0:t1].reshape(B, K, G * tb, E)
-            if v.requires_grad:  # dV = Pᵀ dO over the keys this block sees; earlier blocks add to the first keys
-                gv = _accumulate(gv, bmm(p.swapaxes(-1, -2), gb))
-            dp = bmm(gb, vd[:, :, :Sb].swapaxes(-1, -2))  # (B, K, G·tb, Sb)
+            gv = matmul(p.swapaxes(-1, -2), gb) if v.requires_grad else None  # dV = Pᵀ dO over these keys
+            dp = matmul(gb, vd[:, :, :Sb].swapaxes(-1, -2))  # (B, K, G·tb, Sb)
             ds = impl.attention_softmax_backward(dp, p, sc, tb, causal)  # the kernel turns dp into dS in place
             if gq is not None:
-                gq[:, :, :, t0:t1] = bmm(ds, kd[:, :, :Sb]).reshape(B, K, G, tb, E)
-            if k.requires_grad:
-                gk = _accumulate(gk, bmm(ds.swapaxes(-1, -2), qb))
+                gq[:, :, :, t0:t1] = matmul(ds, kd[:, :, :Sb]).reshape(B, K, G, tb, E)
+            gk = matmul(ds.swapaxes(-1, -2), qb) if k.requires_grad else None
+            parts[i] = (gk, gv)
+
+        order = list(reversed(range(len(saved))))  # the last block sees every key: its dK, dV start the sums
+        if len(saved) > 1 and blas.blas_threads() > 1:
+            blas.run_parallel([partial(block_grad, i, np.matmul) for i in order])
+        else:
+            for i in order:
+                block_grad(i, bmm)
+        gk = gv = None
+        for i in order:  # earlier blocks add to the first keys, in the same order on any number of threads
+            gk = _accumulate(gk, parts[i][0]) if k.requires_grad else None
+            gv = _accumulate(gv, parts[i][1]) if v.requires_grad else None
+            parts[i] = None
         return (gq.reshape(B, H, T, E) if gq is not None else None), gk, gv
 
     return Tensor._make(out.reshape(B, H, T, E), (q, k, v), backward)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
-__all__ = ["matmul", "batched_matmul", "matmul_reference", "MIN_WORK", "CHUNKS_PER_THREAD", "blas_threads"]
+__all__ = ["matmul", "batched_matmul", "matmul_reference", "run_parallel", "MIN_WORK", "CHUNKS_PER_THREAD",
+           "blas_threads"]
 
 MIN_WORK = 1 << 22  # multiply-adds (~0.1-0.2 ms on one core) below which a product runs on one thread
 CHUNKS_PER_THREAD = 2
@@ -115,21 +117,40 @@ def batched_matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> 
 
 
 def _run(tasks: list, n: int) -> None:
-    """Run ``np.matmul(a, b, out=o)`` for every (a, b, o) of ``tasks``: the caller and ``n − 1`` pool threads each
-    take the next task when done with their last, every BLAS call on one thread."""
-    it = iter(tasks)
+    """Run ``np.matmul(a, b, out=o)`` for every (a, b, o) of ``tasks`` (:func:`run_parallel`)."""
+    run_parallel([partial(np.matmul, a, b, out=o) for a, b, o in tasks], n)
+
+
+def run_parallel(fns: list, threads: int | None = None) -> None:
+    """Call every function of ``fns``: the caller and ``threads − 1`` pool threads each take the next one when done
+    with their last (the order of ``fns`` is the order they are taken in: put the longest first). Every BLAS call
+    inside runs on one thread, and so does every Numba parallel kernel called from a task (Numba's thread count is
+    per calling thread), so the pools never nest. A task that raises re-raises here after the others finish."""
+    import numba
+
+    n = blas_threads() if threads is None else int(threads)
+    it = iter(fns)
     lock = threading.Lock()
 
     def work() -> None:
-        while True:
-            with lock:
-                t = next(it, None)
-            if t is None:
-                return
-            np.matmul(t[0], t[1], out=t[2])
+        prev = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            while True:
+                with lock:
+                    fn = next(it, None)
+                if fn is None:
+                    return
+                fn()
+        finally:
+            numba.set_num_threads(prev)
 
     with one_blas_thread():
-        futures = [_workers(n - 1).submit(work) for _ in range(min(n - 1, len(tasks) - 1))]
-        work()
-        for f in futures:
-            f.result()
+        futures = [_workers(n - 1).submit(work) for _ in range(min(n - 1, len(fns) - 1))] if n > 1 else []
+        try:
+            work()
+        finally:
+            errors = [f.exception() for f in futures]
+        for e in errors:
+            if e is not None:
+                raise e

@@ -324,7 +324,7 @@ def rotary_backward(g, x, cos, sin, saved):
 
 
 # ================================================================================================ attention softmax
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)  # nogil: attention blocks run it from two threads at once
 def _causal_softmax_kernel(s, scale, T, causal):
     """In place: s ← softmax(s·scale) over each row, keys past the causal limit set to 0.
 
@@ -350,7 +350,7 @@ def _causal_softmax_kernel(s, scale, T, causal):
             row[j] = F32(0.0)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _softmax_backward_kernel(dp, p, scale, T, causal):
     """In place: dp ← p ⊙ (dp − Σ_j dp_j p_j) · scale (the scores' gradient), 0 at masked keys.  (R, S) each."""
     R, S = dp.shape
