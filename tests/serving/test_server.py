@@ -56,15 +56,24 @@ def chat(client, adapter, message, *, stream=False, max_tokens=N, **kw):
 
 
 def open_stream(url, body, path="/v1/chat/completions"):
-    """A raw streaming request left open: (connection, response) after its first data line arrived."""
+    """A raw streaming request left open: (connection, response) after its first generated text arrived, so its
+    row is running. (A chat stream's first data line, the assistant's role, is sent before the engine has taken the
+    request into a row: returning after it made a test that then read the engine's running count flaky.)"""
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
-    while not resp.readline().startswith(b"data: "):
-        pass
-    return conn, resp
+    while True:
+        line = resp.readline()
+        assert line, "the stream ended before any text"
+        if not line.startswith(b"data: "):
+            continue
+        doc = json.loads(line[6:])
+        assert "choices" in doc, doc  # an error event instead of text
+        choice = doc["choices"][0]
+        if choice.get("text") or choice.get("delta", {}).get("content"):
+            return conn, resp
 
 
 def blocker(url, adapter=None):
