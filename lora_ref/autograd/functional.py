@@ -183,9 +183,9 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     tasks: with two or more threads each thread takes whole blocks, the longest first, and runs a block's products
     and softmax on its own (:func:`lora_ref.kernels.blas.run_parallel`) — one hand-over between threads per
     attention forward and one per backward, instead of one per product — with the same bits as on one thread
-    (dK and dV are summed over the blocks in a fixed order). FlashAttention (Dao et al.
-    2022) goes further and keeps no probabilities at all, recomputing each block in backward from the rows'
-    log-sum-exp; on a CPU, where the extra product costs more than the memory it saves, we keep the blocks.
+    (dK and dV are summed over the blocks in a fixed order). FlashAttention (Dao et al. 2022) goes further and
+    keeps no probabilities at all, recomputing each block in backward from the rows' log-sum-exp at the cost of one
+    more product per block; we keep the blocks (not measured against recomputation).
     """
     q, k, v = ops._t(q), ops._t(k), ops._t(v)
     B, H, T, E = q.shape
