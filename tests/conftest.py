@@ -49,3 +49,15 @@ def smollm2_dir(smollm2_gguf):
     from lora_ref.files.models import fetch
 
     return fetch(SMOLLM2, progress=True)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread for the test (restored after): its pool then does not spin against ours or against
+    another test process on the same cores."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

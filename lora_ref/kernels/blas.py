@@ -25,6 +25,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+import numba
 import numpy as np
 
 from lora_ref.threads import _blas_libraries, one_blas_thread
@@ -126,8 +127,6 @@ def run_parallel(fns: list, threads: int | None = None) -> None:
     with their last (the order of ``fns`` is the order they are taken in: put the longest first). Every BLAS call
     inside runs on one thread, and so does every Numba parallel kernel called from a task (Numba's thread count is
     per calling thread), so the pools never nest. A task that raises re-raises here after the others finish."""
-    import numba
-
     n = blas_threads() if threads is None else int(threads)
     it = iter(fns)
     lock = threading.Lock()

@@ -10,20 +10,10 @@ import pytest
 from lora_ref.bench import real
 from lora_ref.cli import main
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("torch_one_thread")]
 
 KEYS = {"name", "ours_s", "baseline", "baseline_s", "ratio", "goal", "met", "params"}
 ONE = {"repeats": 1, "warmup": 0}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _check_row(r, name, baseline, goal):

@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+from book_script import build_module
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _build_module():
-    sys.path.insert(0, str(ROOT / "book"))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(ROOT / "book"))
-    return build
-
-
-build = _build_module()
+build = build_module()
 
 
 def test_kernels_start_with_the_figure_rule_and_a_progress_log(tmp_path, monkeypatch, capsys):

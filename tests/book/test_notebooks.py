@@ -11,11 +11,11 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from book_script import build_module
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -154,19 +154,9 @@ def test_listed_in_chapter_index(path):
     )
 
 
-def _build_module():
-    """book/build.py, imported as a module (it is a script beside the book, not part of the package)."""
-    sys.path.insert(0, str(ROOT / "book"))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(ROOT / "book"))
-    return build
-
-
 def test_book_scan_flags_remote_assets(tmp_path):
     """book/build.py's remote-asset scan finds CDN scripts, stylesheets, imports and url()s."""
-    build = _build_module()
+    build = build_module()
     (tmp_path / "page.html").write_text(
         '<link rel="stylesheet" href="https://fonts.example.org/css">\n'
         "<script async src='//cdn.example.org/x.js'></script>\n"
@@ -184,7 +174,7 @@ def test_book_scan_flags_remote_assets(tmp_path):
 
 def test_book_scan_flags_unrendered_tables(tmp_path):
     """book/build.py's table scan finds a Markdown table printed as a paragraph, and not a rendered one."""
-    build = _build_module()
+    build = build_module()
     (tmp_path / "bad.html").write_text(
         "<div>\n<p>| r | loss |\n|\u2014|\u2014|\n| 1 | 1.9 |</p>\n</div>\n<p>| plain | text without a separator |</p>\n"
     )

@@ -18,7 +18,7 @@ from lora_ref.modeling.tokenizer import load_tokenizer
 from lora_ref.testing.tiny_models import write_tiny_chat_model
 from lora_ref.training.datasets import chat_example
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("torch_one_thread")]
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"},
@@ -29,14 +29,6 @@ CHATS = [
      {"role": "user", "content": "And France?"},
      {"role": "assistant", "content": "Paris."}],
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
