@@ -96,8 +96,9 @@ def test_compute_commands_start_with_the_default_threads(monkeypatch, tmp_path, 
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    """Why a load-dependent default is safe: OpenBLAS gives each output element to one thread, and the kernels sum
-    in a fixed number of chunks, so one and two threads give the same bits."""
+    """Why a load-dependent default is safe: this product's elements are each computed by one OpenBLAS thread in
+    the same order on one thread and two (not true of every shape: see tests/kernels/test_blas.py), and the kernels
+    sum in a fixed number of chunks, so one and two threads give the same bits."""
     import numpy as np
 
     from lora_ref.autograd import functional as F

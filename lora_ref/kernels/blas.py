@@ -11,7 +11,18 @@ per thread) and lets each thread (the caller plus a pool of ``n − 1`` workers)
 finished its last: a thread that is descheduled holds up only the chunk it holds, and the others take the rest.
 Each chunk is one ordinary single-threaded BLAS call (:func:`lora_ref.threads.one_blas_thread`), so the pools
 never nest, and every output element is computed by one call over the whole K dimension, exactly as in one
-``np.matmul``: the results are the same bits (tested, also against the number of threads). The thread count is the
+``np.matmul``: the results are the same bits (tested, also against the number of threads) — provided every chunk
+takes the same road through the BLAS as the whole product. OpenBLAS does not: on x86-64 it sends a product of at
+most 100³ multiply-adds (M·N·K ≤ 10⁶) to separate small-matrix kernels (OpenBLAS
+``kernel/x86_64/sgemm_small_kernel_permit_skylakex.c``), and NumPy sends a product with one row or one column to a
+matrix-vector routine; both sum in another order, so a row's bits depend on the shape of the call it is in.
+:func:`regular_product` is that rule, and chunks are cut so that every one stays on the regular road (a chunk of
+a 97 × 446 × 97 product cut into 32-row pieces left a last piece of one row, which came back with other bits:
+found by this module's tests and fixed). OpenBLAS's *threaded* driver can also cut the inner dimension K
+differently from its one-thread driver (measured here: a 32 × 449 × 70 product on two OpenBLAS threads differs in
+the last bits from the same product on one; K = 576, 256, 100, 4096 did not), so every call this module makes runs
+on one BLAS thread, chunked or not: its results are those of ``np.matmul`` on one BLAS thread, for every thread
+count. The thread count is the
 BLAS's (what ``--threads`` / :func:`lora_ref.threads.set_threads` set); small products (below ``MIN_WORK``
 multiply-adds) run as one call on one thread, where waking a second thread costs more than it saves.
 
@@ -30,12 +41,31 @@ import numpy as np
 
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
-__all__ = ["matmul", "batched_matmul", "matmul_reference", "run_parallel", "MIN_WORK", "CHUNKS_PER_THREAD",
-           "blas_threads"]
+__all__ = ["matmul", "batched_matmul", "matmul_reference", "run_parallel", "regular_product", "MIN_WORK",
+           "CHUNKS_PER_THREAD", "SMALL_PRODUCT", "blas_threads"]
 
 MIN_WORK = 1 << 22  # multiply-adds (~0.1-0.2 ms on one core) below which a product runs on one thread
 CHUNKS_PER_THREAD = 2
 MIN_CHUNK = 32  # rows (or columns) of the output per chunk, at least
+SMALL_PRODUCT = 100**3  # multiply-adds at or below which OpenBLAS (x86-64) runs its small-matrix kernels
+
+
+def regular_product(m: int, n: int, k: int) -> bool:
+    """Whether an (m × k) · (k × n) product takes the BLAS's regular road: more than :data:`SMALL_PRODUCT`
+    multiply-adds and at least 2 rows and 2 columns (module docstring). Two products on the regular road give every
+    output element the same bits (the sum over k in the same blocks), whatever their other rows and columns."""
+    return m >= 2 and n >= 2 and m * n * k > SMALL_PRODUCT
+
+
+def _chunk_edges(length: int, other: int, k: int, n: int) -> list[int] | None:
+    """Edges of up to ``n · CHUNKS_PER_THREAD`` nearly equal chunks of ``length`` rows (or columns), each at least
+    ``MIN_CHUNK`` long and a :func:`regular_product` with the ``other`` dimension and ``k``; ``None`` for fewer than 2."""
+    chunks = min(n * CHUNKS_PER_THREAD, length // MIN_CHUNK)
+    while chunks >= 2 and not regular_product(length // chunks, other, k):
+        chunks -= 1
+    if chunks < 2:
+        return None
+    return [length * i // chunks for i in range(chunks + 1)]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -43,8 +73,9 @@ _pool_lock = threading.Lock()
 
 
 def matmul_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The readable twin: ``a @ b``."""
-    return np.matmul(a, b)
+    """The readable twin: ``a @ b`` on one BLAS thread."""
+    with one_blas_thread():
+        return np.matmul(a, b)
 
 
 def blas_threads() -> int:
@@ -66,25 +97,24 @@ def _workers(n: int) -> ThreadPoolExecutor:
 
 def matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarray:
     """``a @ b`` for 2-D float arrays (any strides), shared out in chunks (module docstring); the same bits as
-    ``np.matmul``. ``threads``: how many threads take chunks (default: the BLAS's thread count)."""
+    ``np.matmul`` on one BLAS thread. ``threads``: how many threads take chunks (default: the BLAS's thread count)."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul needs 2-D operands (M, K) and (K, N), got {a.shape} and {b.shape}")
     M, K = a.shape
     N = b.shape[1]
     n = blas_threads() if threads is None else int(threads)
-    if n <= 1 or M * N * K < MIN_WORK or max(M, N) < 2 * MIN_CHUNK:
-        if n <= 1 or M * N * K >= MIN_WORK:
-            return np.matmul(a, b)
+    by_rows = M >= N
+    edges = None
+    if n > 1 and M * N * K >= MIN_WORK:
+        edges = _chunk_edges(M, N, K, n) if by_rows else _chunk_edges(N, M, K, n)
+    if edges is None:  # one call, on one BLAS thread whatever the thread count (see the module docstring)
         with one_blas_thread():
             return np.matmul(a, b)
     out = np.empty((M, N), dtype=np.result_type(a, b))
-    by_rows = M >= N
-    length = M if by_rows else N
-    step = max(MIN_CHUNK, -(-length // (n * CHUNKS_PER_THREAD)))
     if by_rows:
-        tasks = [(a[s:s + step], b, out[s:s + step]) for s in range(0, length, step)]
+        tasks = [(a[i:j], b, out[i:j]) for i, j in zip(edges, edges[1:])]
     else:
-        tasks = [(a, b[:, s:s + step], out[:, s:s + step]) for s in range(0, length, step)]
+        tasks = [(a, b[:, i:j], out[:, i:j]) for i, j in zip(edges, edges[1:])]
     _run(tasks, n)
     return out
 
@@ -110,9 +140,11 @@ def batched_matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> 
     if L >= chunks:  # enough products: each chunk a run of whole products (one np.matmul over a stack of them)
         edges = [L * i // chunks for i in range(chunks + 1)]
         tasks = [(a3[i:j], b3[i:j], out[i:j]) for i, j in zip(edges, edges[1:])]
-    else:  # few products: row chunks of each
-        step = max(MIN_CHUNK, -(-M // -(-chunks // L)))
-        tasks = [(a3[i, s:s + step], b3[i], out[i, s:s + step]) for i in range(L) for s in range(0, M, step)]
+    else:  # few products: row chunks of each (each a regular product, like the whole one, or the product whole)
+        per = -(-chunks // L)
+        edges = _chunk_edges(M, N, K, -(-per // CHUNKS_PER_THREAD)) if regular_product(M, N, K) else None
+        edges = edges if edges is not None else [0, M]
+        tasks = [(a3[i, s:e], b3[i], out[i, s:e]) for i in range(L) for s, e in zip(edges, edges[1:])]
     _run(tasks, n)
     return out.reshape(lead + (M, N))
 

@@ -1,8 +1,11 @@
-"""lora_ref.kernels.blas.matmul: the product shared out in chunks equals ``np.matmul`` bit for bit, for every
-thread count, split by rows or by columns, on strided operands; and Linear's node uses it only with the fast paths on."""
+"""lora_ref.kernels.blas.matmul: the product shared out in chunks equals ``np.matmul`` on one BLAS thread bit for bit,
+for every thread count and any shape, split by rows or by columns, on strided operands; the rule for which products
+keep a row's bits; and Linear's node uses it only with the fast paths on."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lora_ref.autograd import ops
 from lora_ref.kernels import blas, switch
@@ -14,15 +17,16 @@ def _arr(rng, shape, order="C"):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("M,K,N", [(1024, 96, 300), (200, 64, 1100), (7, 5, 3), (64, 4096, 40)])
+@pytest.mark.parametrize("M,K,N", [(1024, 96, 300), (200, 64, 1100), (7, 5, 3), (64, 4096, 40),
+                                   (97, 446, 97)])  # 32-row chunks would leave a last chunk of one row
 def test_matmul_equals_numpy_bits(threads, M, K, N):
     rng = np.random.default_rng(M + K + N)
     a, b = _arr(rng, (M, K)), _arr(rng, (N, K)).T  # b transposed: a strided (F-ordered) operand, as W.T in Linear
-    want = np.matmul(a, b)
+    want = blas.matmul_reference(a, b)  # np.matmul on one BLAS thread
     got = blas.matmul(a, b, threads=threads)
     assert got.dtype == want.dtype == np.float32 and got.shape == (M, N)
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(blas.matmul(b.T, a.T, threads=threads), np.matmul(b.T, a.T))  # the other split
+    np.testing.assert_array_equal(blas.matmul(b.T, a.T, threads=threads), blas.matmul_reference(b.T, a.T))  # by columns
 
 
 def test_matmul_chunks_are_taken_by_several_threads():
@@ -89,6 +93,48 @@ def test_batched_matmul_equals_numpy_bits(threads, lead, M, K, N):
     a = _arr(rng, lead + (M, K))
     bt = _arr(rng, lead + (N, K))
     b = bt.swapaxes(-1, -2)  # strided, as kᵀ in attention
-    np.testing.assert_array_equal(blas.batched_matmul(a, b, threads=threads), np.matmul(a, b))
+    with one_blas_thread():
+        want = np.matmul(a, b)
+    np.testing.assert_array_equal(blas.batched_matmul(a, b, threads=threads), want)
     with pytest.raises(ValueError, match="same leading shape"):
         blas.batched_matmul(a, np.ones(lead[:-1] + (lead[-1] + 1, K, N), np.float32), threads=threads)
+
+
+@settings(deadline=None, max_examples=60)
+@given(M=st.integers(2, 700), K=st.integers(1, 700), N=st.integers(2, 700), threads=st.integers(2, 3),
+       transposed=st.booleans())
+def test_matmul_equals_numpy_bits_for_any_shape(M, K, N, threads, transposed):
+    """Any shape, mostly around the sizes where the chunking starts (MIN_WORK) and where OpenBLAS switches between
+    its small-matrix and regular kernels (10⁶ multiply-adds): a chunk on the other road would change bits."""
+    rng = np.random.default_rng(M * K + N)
+    a = _arr(rng, (M, K))
+    b = _arr(rng, (N, K)).T if transposed else _arr(rng, (K, N))
+    np.testing.assert_array_equal(blas.matmul(a, b, threads=threads), blas.matmul_reference(a, b))
+
+
+def test_one_call_runs_on_one_blas_thread():
+    """OpenBLAS's threaded driver can sum a product in another order than its one-thread driver, so a product that
+    is not shared out (too narrow: 40 × 40 outputs) still runs on one BLAS thread: the bits do not follow the
+    thread count. The shapes are ones where the two drivers differ on this project's Sapphire Rapids machine (where
+    two OpenBLAS threads give other bits for both), so there the test fails if such a product runs natively."""
+    from lora_ref.threads import limited
+
+    rng = np.random.default_rng(4)
+    for m, k, n in [(40, 4481, 40), (32, 449, 70)]:
+        a, b = _arr(rng, (m, k)), _arr(rng, (k, n))
+        with limited(2):
+            got = blas.matmul(a, b)
+        np.testing.assert_array_equal(got, blas.matmul_reference(a, b))
+
+
+def test_regular_product_is_where_openblas_keeps_a_rows_bits():
+    """The rule itself, measured: a row's bits are the same in two products exactly when both are regular."""
+    assert blas.regular_product(10, 192, 576) and not blas.regular_product(9, 192, 576)  # 1,105,920 vs 995,328
+    assert not blas.regular_product(1, 10**4, 10**4) and not blas.regular_product(10**4, 1, 10**4)
+    rng = np.random.default_rng(0)
+    x, w = _arr(rng, (512, 576)), _arr(rng, (576, 192))
+    with one_blas_thread():
+        full = x @ w
+        for m in (2, 9, 10, 37, 300):
+            same = np.array_equal(x[:m] @ w, full[:m])
+            assert same == blas.regular_product(m, 192, 576), m
