@@ -38,6 +38,7 @@ import numpy as np
 from lora_ref.adapters.lora import LoraLinear, dora_merged_weight, dora_weight_norm, lora_layers
 from lora_ref.adapters.qlora import Linear4bit, merge_4bit
 from lora_ref.autograd.tensor import no_grad
+from lora_ref.modeling.llama import whole_rows
 from lora_ref.modeling.nn import Linear, Module, Parameter
 from lora_ref.quant.blockwise import unpack_nibbles
 
@@ -187,7 +188,7 @@ def capture_inputs(model: Module, ids, names) -> dict[str, np.ndarray]:
         object.__setattr__(layer, "forward", record)
         patched.append(layer)
     try:
-        with no_grad():
+        with no_grad(), whole_rows():  # one call per layer, rows in order (no layer run in parts by threads)
             model(np.asarray(ids))
     finally:
         for layer in patched:

@@ -165,7 +165,7 @@ def _sigmoid32(x):
     return F32(1.0) / (F32(1.0) + exp32(-x))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _swiglu_forward_kernel(a, u, out):
     """out = silu(a) ⊙ u = a·σ(a)·u.  a, u, out: float32 (N, F) C-contiguous."""
     N, Fd = a.shape
@@ -175,7 +175,7 @@ def _swiglu_forward_kernel(a, u, out):
             out[i, j] = (x * _sigmoid32(x)) * u[i, j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _swiglu_backward_kernel(g, a, u, ga, gu):
     """ga = g ⊙ u ⊙ σ(a)(1 + a(1 − σ(a))),  gu = g ⊙ a·σ(a) (σ recomputed, not stored).  All (N, F)."""
     N, Fd = a.shape
@@ -211,7 +211,7 @@ def swiglu_backward(g, a, u, saved, need_a: bool, need_u: bool):
 
 
 # ================================================================================================ RMSNorm
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _rms_norm_forward_kernel(x, w, eps, out, r):
     """r = 1/√(mean(x²) + ε) per row, out = (x·r) ⊙ w.  x, out (N, D); w (D,); r (N,); float32."""
     N, D = x.shape
@@ -224,7 +224,7 @@ def _rms_norm_forward_kernel(x, w, eps, out, r):
             out[i, j] = (x[i, j] * ri) * w[j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _rms_norm_backward_kernel(g, x, w, r, gx, gw_parts, want_gw):
     """gx = r ⊙ (h − x̂ · mean(h ⊙ x̂)) with h = g ⊙ w, x̂ = x·r; gw_parts[c] = Σ_{rows of chunk c} g ⊙ x̂.
 
@@ -280,7 +280,7 @@ def rms_norm_backward(g, x, w, saved, need_x: bool, need_w: bool):
 
 
 # ================================================================================================ rotary
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _rotary_forward_kernel(x, cos, sin, out):
     """out = x·cos + rotate_half(x)·sin.  x, out (B, H, T, E) (any strides); cos, sin (T, E)."""
     B, H, T, E = x.shape
@@ -379,7 +379,7 @@ def attention_softmax_backward(dp: np.ndarray, p: np.ndarray, scale, T: int, cau
 
 
 # ================================================================================================ cross-entropy
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _cross_entropy_forward_kernel(z, t, ignore_index, lse, nll):
     """lse[i] = log Σ_j exp z[i, j]; nll[i] = lse[i] − z[i, t[i]] (0 where t[i] == ignore_index).  z (N, V)."""
     N, V = z.shape
@@ -395,7 +395,7 @@ def _cross_entropy_forward_kernel(z, t, ignore_index, lse, nll):
         nll[i] = F32(0.0) if t[i] == ignore_index else li - z[i, t[i]]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _cross_entropy_backward_kernel(z, t, ignore_index, lse, scale, grad):
     """grad[i] = (softmax(z[i]) − onehot(t[i])) · scale, 0 on ignored rows.  z, grad (N, V)."""
     N, V = z.shape

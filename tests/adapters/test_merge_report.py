@@ -131,3 +131,27 @@ def test_totals_are_layer_means():
     for t in r["targets"]:
         assert r["total"]["errors"][t] == pytest.approx(np.mean([row["errors"][t] for row in rows]), rel=1e-12)
     assert r["total"]["adapter_effect"] == pytest.approx(np.mean([row["adapter_effect"] for row in rows]))
+
+
+def test_captured_inputs_keep_the_rows_in_order_on_two_threads(monkeypatch):
+    """``capture_inputs`` watches each layer's calls; with two threads a long input would run every decoder layer
+    in parts (``row_parts``), each part a call of its own, in whatever order the threads finish (here: the last part
+    first). The capture runs the layers whole, so the rows come back in order, as on one thread."""
+    from lora_ref.adapters.merge_report import capture_inputs
+    from lora_ref.kernels import blas
+    from lora_ref.threads import limited
+
+    cfg = dict(TINY, hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=128, max_position_embeddings=512)
+    model = Llama(LlamaConfig(**cfg), rng=np.random.default_rng(0)).eval()
+    ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], size=(1, 300))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+    inner = blas.run_parallel
+    monkeypatch.setattr(blas, "run_parallel", lambda fns, threads=None: inner(list(reversed(fns)), threads))
+    with limited(1):
+        want = capture_inputs(model, ids, names)
+    with limited(2):
+        got = capture_inputs(model, ids, names)
+    for n in names:
+        assert got[n].shape == (300, model.get_submodule(n).in_features)
+        np.testing.assert_array_equal(got[n], want[n])

@@ -159,3 +159,31 @@ def test_lora_ref_llama_logits_match_transformers(smollm2_dir, hf_gguf_model, hf
     assert np.abs(expected).max() > 5.0  # the tolerance below is small against the logits
     assert np.abs(got - expected).max() <= 2e-4
     assert got[0, -1].argmax() == expected[0, -1].argmax()
+
+
+def test_layers_in_parts_match_transformers_on_a_long_input(smollm2_dir, hf_gguf_model, hf_gguf_tokenizer,
+                                                             monkeypatch):
+    """300 positions on two threads: every decoder layer runs its position-wise steps in two parts
+    (``lora_ref.modeling.llama.row_parts``); the logits equal transformers' as closely as the one-piece forward
+    above, and have the same bits as the layers run as one piece."""
+    from lora_ref.autograd.tensor import no_grad
+    from lora_ref.modeling import llama as L
+    from lora_ref.threads import limited
+
+    text = " ".join(f"Step {i}: the adapter adds a low-rank update to a frozen weight." for i in range(40))
+    ids = np.array([hf_gguf_tokenizer(text, add_special_tokens=False)["input_ids"][:300]])
+    assert ids.shape == (1, 300)
+    with torch.no_grad():
+        expected = hf_gguf_model(torch.as_tensor(ids)).logits.numpy()
+    model = L.Llama.from_pretrained(smollm2_dir)
+    parts = []
+    inner = L.LlamaDecoderLayer._forward_in_parts
+    monkeypatch.setattr(L.LlamaDecoderLayer, "_forward_in_parts",
+                        lambda self, *a: (parts.append(a[-1]), inner(self, *a))[1])
+    with limited(2), no_grad():
+        got = np.asarray(model(ids).data)
+        assert parts == [[(0, 150), (150, 300)]] * model.config.num_hidden_layers
+        with L.whole_rows():
+            whole = np.asarray(model(ids).data)
+    np.testing.assert_array_equal(got, whole)
+    assert np.abs(got - expected).max() <= 2e-4

@@ -393,6 +393,104 @@ def test_training_steps_fast_equal_readable():
     assert losses[True][-1] < losses[True][0]
 
 
+# ------------------------------------------------------------------------------------- layers run in parts
+def _parts_model(adapter: str | None):
+    from lora_ref.modeling.llama import Llama
+
+    # wide enough that a part's products are regular BLAS products (blas.regular_product): with LoRA r = 16 on
+    # every linear layer (the smallest: 16 × 256), 16 × 256 · rows > 10⁶ needs 245 rows per part
+    cfg = {"vocab_size": 40, "hidden_size": 256, "intermediate_size": 384, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "max_position_embeddings": 1024,
+           "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": False, "initializer_range": 0.05}
+    model = Llama(cfg, rng=np.random.default_rng(0))
+    if adapter:
+        from lora_ref.adapters.lora import LoraConfig, inject_lora
+
+        inject_lora(model, LoraConfig(r=16, lora_alpha=7, target_modules="all-linear", use_dora=adapter == "dora",
+                                      init_lora_weights=False), rng=np.random.default_rng(1))
+    return model.eval()
+
+
+def _logits(model, ids, *, threads: int, whole: bool, past: int = 0):
+    from lora_ref.autograd.tensor import no_grad
+    from lora_ref.modeling.llama import KVCache, whole_rows
+    from lora_ref.threads import limited
+
+    with limited(threads), fast.fast_paths(), no_grad(), whole_rows() if whole else contextlib.nullcontext():
+        cache = KVCache(len(model.model.layers)) if past else None
+        head = model(ids[:, :past], cache).data if past else None
+        return head, model(ids[:, past:], cache).data
+
+
+# every case with the kernels compiled; without JIT (test_fast_paths_without_jit, Python loops) one of them
+_PARTS_CASES = [(a, b, t, past) for a in (None, "lora", "dora") for b, t, past in [(1, 512, 0), (3, 171, 0), (2, 261, 37)]
+                if not numba.config.DISABLE_JIT or (a, b, t, past) == ("lora", 3, 171, 0)]
+
+
+@pytest.mark.parametrize("adapter,b,t,past", _PARTS_CASES)
+def test_layers_in_parts_give_the_same_bits(adapter, b, t, past, monkeypatch):
+    """Without gradients, on two threads, each decoder layer runs its position-wise steps as one task per range of
+    positions (``row_parts``): the logits have the same bits as the layers run as one piece on two threads and on
+    one, with and without adapters (LoRA, DoRA on every linear layer), for several batches and after a KV cache."""
+    from lora_ref.modeling import llama as L
+
+    model = _parts_model(adapter)
+    ids = np.random.default_rng(3).integers(0, 40, (b, past + t))
+    parts = []
+    inner = L.LlamaDecoderLayer._forward_in_parts
+    monkeypatch.setattr(L.LlamaDecoderLayer, "_forward_in_parts",
+                        lambda self, *a: (parts.append(a[-1]), inner(self, *a))[1])
+    got = _logits(model, ids, threads=2, whole=False, past=past)
+    assert parts == [[(0, t // 2), (t // 2, t)]] * 2  # both layers of the new positions ran in two parts
+    parts.clear()
+    for threads in (2, 1):
+        want = _logits(model, ids, threads=threads, whole=True, past=past)
+        assert parts == []
+        for a, w in zip(got, want):
+            if w is not None:
+                np.testing.assert_array_equal(a, w)
+
+
+def test_row_parts_only_where_the_result_cannot_change():
+    """Parts only without gradients, in eval mode, with the fast paths on, two or more BLAS threads, no 4-bit layer,
+    enough rows per part, and outside ``whole_rows``."""
+    from lora_ref.adapters.qlora import quantize_model
+    from lora_ref.autograd.tensor import no_grad
+    from lora_ref.modeling.llama import ROW_PART_MIN, row_parts, whole_rows
+    from lora_ref.threads import limited
+
+    model = _parts_model(None)
+    layer = model.model.layers[0]
+    x = Tensor(np.zeros((1, 2 * ROW_PART_MIN, 256), np.float32))
+    with limited(2), fast.fast_paths():
+        assert row_parts(layer, x) is None  # gradients are recorded
+        with no_grad():
+            assert row_parts(layer, x) == [(0, ROW_PART_MIN), (ROW_PART_MIN, 2 * ROW_PART_MIN)]
+            assert row_parts(layer, Tensor(np.zeros((1, 2 * ROW_PART_MIN - 1, 256), np.float32))) is None
+            assert row_parts(layer, Tensor(np.zeros((8, 16, 256), np.float32))) == [(0, 8), (8, 16)]
+            assert row_parts(layer, Tensor(np.zeros((64, 15, 256), np.float32))) is None  # < 8 positions per part
+            assert row_parts(layer, Tensor(np.zeros((1, 2 * ROW_PART_MIN, 256)))) is None  # float64
+            lora = _parts_model("lora").model.layers[0]  # r = 16: 16 × 256 · rows > 10⁶ needs 245 rows per part
+            assert row_parts(lora, Tensor(np.zeros((1, 2 * 244, 256), np.float32))) is None
+            assert row_parts(lora, Tensor(np.zeros((1, 2 * 245, 256), np.float32))) == [(0, 245), (245, 490)]
+            with whole_rows():
+                assert row_parts(layer, x) is None
+            with fast.readable():
+                assert row_parts(layer, x) is None
+            with limited(1):
+                assert row_parts(layer, x) is None
+            layer.train()  # no dropout anywhere: training mode changes nothing
+            assert row_parts(layer, x) == [(0, ROW_PART_MIN), (ROW_PART_MIN, 2 * ROW_PART_MIN)]
+            wide = Tensor(np.zeros((1, 2 * 245, 256), np.float32))
+            lora.self_attn.q_proj.lora_dropout["default"] = 0.1
+            assert row_parts(lora, wide) == [(0, 245), (245, 490)]  # eval mode: dropout is off
+            lora.train()
+            assert row_parts(lora, wide) is None  # dropout draws random numbers in order
+            quantize_model(model)
+            assert row_parts(layer, x) is None
+
+
 # ------------------------------------------------------------------------------------------------ switch
 def test_switch_and_environment():
     prev = fast.set_enabled(True)
