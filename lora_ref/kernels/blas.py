@@ -42,7 +42,7 @@ import numpy as np
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
 __all__ = ["matmul", "batched_matmul", "matmul_reference", "run_parallel", "regular_product", "MIN_WORK",
-           "CHUNKS_PER_THREAD", "SMALL_PRODUCT", "blas_threads"]
+           "CHUNKS_PER_THREAD", "SMALL_PRODUCT", "SMALL_KERNEL_CORES", "blas_core", "blas_threads"]
 
 MIN_WORK = 1 << 22  # multiply-adds (~0.1-0.2 ms on one core) below which a product runs on one thread
 CHUNKS_PER_THREAD = 2
@@ -50,10 +50,28 @@ MIN_CHUNK = 32  # rows (or columns) of the output per chunk, at least
 SMALL_PRODUCT = 100**3  # multiply-adds at or below which OpenBLAS (x86-64) runs its small-matrix kernels
 
 
+#: OpenBLAS cores (threadpoolctl's "architecture") that have the x86-64 small-matrix kernels: the AVX-512 ones
+SMALL_KERNEL_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+
+
+def blas_core() -> str | None:
+    """The kernel set OpenBLAS picked for this CPU (``"SkylakeX"`` on this project's machines), or None."""
+    libs = [d for d in _threadpool_info() if d.get("internal_api") == "openblas"]
+    return libs[0].get("architecture") if libs else None
+
+
+def _threadpool_info() -> list[dict]:
+    from threadpoolctl import threadpool_info
+
+    return threadpool_info()
+
+
 def regular_product(m: int, n: int, k: int) -> bool:
     """Whether an (m × k) · (k × n) product takes the BLAS's regular road: more than :data:`SMALL_PRODUCT`
     multiply-adds and at least 2 rows and 2 columns (module docstring). Two products on the regular road give every
-    output element the same bits (the sum over k in the same blocks), whatever their other rows and columns."""
+    output element the same bits (the sum over k in the same blocks), whatever their other rows and columns. On a
+    core without the small-matrix kernels (not in :data:`SMALL_KERNEL_CORES`) more products are regular than this
+    says; the rule stays on the safe side there."""
     return m >= 2 and n >= 2 and m * n * k > SMALL_PRODUCT
 
 

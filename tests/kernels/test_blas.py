@@ -128,7 +128,8 @@ def test_one_call_runs_on_one_blas_thread():
 
 
 def test_regular_product_is_where_openblas_keeps_a_rows_bits():
-    """The rule itself, measured: a row's bits are the same in two products exactly when both are regular."""
+    """The rule itself, measured: a row's bits are the same in two products when both are regular, and (on the
+    AVX-512 cores with OpenBLAS's small-matrix kernels, this project's machines) only then."""
     assert blas.regular_product(10, 192, 576) and not blas.regular_product(9, 192, 576)  # 1,105,920 vs 995,328
     assert not blas.regular_product(1, 10**4, 10**4) and not blas.regular_product(10**4, 1, 10**4)
     rng = np.random.default_rng(0)
@@ -137,4 +138,7 @@ def test_regular_product_is_where_openblas_keeps_a_rows_bits():
         full = x @ w
         for m in (2, 9, 10, 37, 300):
             same = np.array_equal(x[:m] @ w, full[:m])
-            assert same == blas.regular_product(m, 192, 576), m
+            if blas.blas_core() in blas.SMALL_KERNEL_CORES:
+                assert same == blas.regular_product(m, 192, 576), m
+            else:
+                assert same or not blas.regular_product(m, 192, 576), m
