@@ -207,8 +207,12 @@ def linear(x, weight, bias=None) -> Tensor:
 
     def backward(g):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gx = mm(g2, wd).reshape(xd.shape) if x.requires_grad else None  # (…, in)
-        gw = mm(g2.T, x2) if weight.requires_grad else None  # (out, in)
+        if mm is blas.matmul and x.requires_grad and weight.requires_grad:  # both products, one hand-over
+            gx, gw = blas.matmuls([(g2, wd), (g2.T, x2)])
+            gx = gx.reshape(xd.shape)
+        else:
+            gx = mm(g2, wd).reshape(xd.shape) if x.requires_grad else None  # (…, in)
+            gw = mm(g2.T, x2) if weight.requires_grad else None  # (out, in)
         if bias is None:
             return gx, gw
         return gx, gw, (g2.sum(axis=0) if bias.requires_grad else None)

@@ -41,7 +41,7 @@ import numpy as np
 
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
-__all__ = ["matmul", "batched_matmul", "matmul_reference", "run_parallel", "regular_product", "MIN_WORK",
+__all__ = ["matmul", "matmuls", "batched_matmul", "matmul_reference", "run_parallel", "regular_product", "MIN_WORK",
            "CHUNKS_PER_THREAD", "SMALL_PRODUCT", "SMALL_KERNEL_CORES", "blas_core", "blas_threads"]
 
 MIN_WORK = 1 << 22  # multiply-adds (~0.1-0.2 ms on one core) below which a product runs on one thread
@@ -116,25 +116,40 @@ def _workers(n: int) -> ThreadPoolExecutor:
 def matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarray:
     """``a @ b`` for 2-D float arrays (any strides), shared out in chunks (module docstring); the same bits as
     ``np.matmul`` on one BLAS thread. ``threads``: how many threads take chunks (default: the BLAS's thread count)."""
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"matmul needs 2-D operands (M, K) and (K, N), got {a.shape} and {b.shape}")
-    M, K = a.shape
-    N = b.shape[1]
+    return matmuls([(a, b)], threads)[0]
+
+
+def matmuls(pairs: list[tuple[np.ndarray, np.ndarray]], threads: int | None = None) -> list[np.ndarray]:
+    """``[a @ b for a, b in pairs]`` with one hand-over between threads for all of them: the chunks of every product
+    (each cut as :func:`matmul` cuts it; a product too small to cut is one task) go to the threads together, longest
+    first. A linear layer's backward makes its two products (dx = g·W and dW = gᵀ·x) this way, so the threads are
+    woken once, not twice. The same bits as :func:`matmul` of each pair."""
     n = blas_threads() if threads is None else int(threads)
-    by_rows = M >= N
-    edges = None
-    if n > 1 and M * N * K >= MIN_WORK:
-        edges = _chunk_edges(M, N, K, n) if by_rows else _chunk_edges(N, M, K, n)
-    if edges is None:  # one call, on one BLAS thread whatever the thread count (see the module docstring)
-        with one_blas_thread():
-            return np.matmul(a, b)
-    out = np.empty((M, N), dtype=np.result_type(a, b))
-    if by_rows:
-        tasks = [(a[i:j], b, out[i:j]) for i, j in zip(edges, edges[1:])]
-    else:
-        tasks = [(a, b[:, i:j], out[:, i:j]) for i, j in zip(edges, edges[1:])]
-    _run(tasks, n)
-    return out
+    outs, tasks = [], []
+    for a, b in pairs:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise ValueError(f"matmul needs 2-D operands (M, K) and (K, N), got {a.shape} and {b.shape}")
+        M, K = a.shape
+        N = b.shape[1]
+        by_rows = M >= N
+        edges = None
+        if n > 1 and M * N * K >= MIN_WORK:
+            edges = _chunk_edges(M, N, K, n) if by_rows else _chunk_edges(N, M, K, n)
+        if edges is None and (n <= 1 or len(pairs) == 1):  # one call, on one BLAS thread (module docstring)
+            with one_blas_thread():
+                outs.append(np.matmul(a, b))
+            continue
+        out = np.empty((M, N), dtype=np.result_type(a, b))
+        edges = edges if edges is not None else [0, M if by_rows else N]
+        if by_rows:
+            tasks += [(a[i:j], b, out[i:j], (j - i) * N * K) for i, j in zip(edges, edges[1:])]
+        else:
+            tasks += [(a, b[:, i:j], out[:, i:j], (j - i) * M * K) for i, j in zip(edges, edges[1:])]
+        outs.append(out)
+    if tasks:
+        tasks.sort(key=lambda t: -t[3])  # longest first (a stable sort: equal chunks keep their order)
+        _run([t[:3] for t in tasks], n)
+    return outs
 
 
 def batched_matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarray:

@@ -142,3 +142,41 @@ def test_regular_product_is_where_openblas_keeps_a_rows_bits():
                 assert same == blas.regular_product(m, 192, 576), m
             else:
                 assert same or not blas.regular_product(m, 192, 576), m
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matmuls_share_one_hand_over_and_keep_the_bits(threads, monkeypatch):
+    """Several products in one hand-over: each result has the bits of ``matmul`` of its pair (chunked ones and
+    one too small to cut), and with more than one thread all their chunks go to one ``run_parallel``."""
+    rng = np.random.default_rng(9)
+    pairs = [(_arr(rng, (4096, 128)), _arr(rng, (128, 128))),  # dx = g·W of a tutorial-model layer
+             (_arr(rng, (4096, 128)).T, _arr(rng, (4096, 128))),  # dW = gᵀ·x
+             (_arr(rng, (7, 5)), _arr(rng, (5, 3)))]  # too small to cut: one task
+    calls = []
+    inner = blas.run_parallel
+    monkeypatch.setattr(blas, "run_parallel", lambda fns, n=None: (calls.append(len(fns)), inner(fns, n))[1])
+    got = blas.matmuls(pairs, threads=threads)
+    assert len(calls) == (0 if threads == 1 else 1) and (threads == 1 or calls[0] >= 2 * threads + 1)
+    for (a, b), g in zip(pairs, got):
+        np.testing.assert_array_equal(g, blas.matmul_reference(a, b))
+    with pytest.raises(ValueError, match="2-D operands"):
+        blas.matmuls([(np.ones((2, 3), np.float32), np.ones((4, 2), np.float32))])
+
+
+def test_linear_backward_makes_both_products_in_one_hand_over(monkeypatch):
+    """With the fast paths on, a linear layer's dx and dW come from one ``matmuls`` call: the same values as the
+    readable node's two products."""
+    rng = np.random.default_rng(2)
+    x, w, g = _arr(rng, (8, 512, 128)), _arr(rng, (96, 128)), _arr(rng, (8, 512, 96))
+    grads = {}
+    for fast in (True, False):
+        calls = []
+        inner = blas.matmuls
+        monkeypatch.setattr(blas, "matmuls", lambda pairs, threads=None: (calls.append(len(pairs)), inner(pairs))[1])
+        with switch.fast_paths() if fast else switch.readable():
+            xt, wt = ops.Tensor(x.copy(), requires_grad=True), ops.Tensor(w.copy(), requires_grad=True)
+            (ops.linear(xt, wt) * ops.Tensor(g)).sum().backward()
+        assert calls == ([1, 2] if fast else [])  # forward product, then both backward products at once
+        grads[fast] = (xt.grad, wt.grad)
+    for a, b in zip(grads[True], grads[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
