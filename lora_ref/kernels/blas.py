@@ -122,23 +122,27 @@ def matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarr
 def matmuls(pairs: list[tuple[np.ndarray, np.ndarray]], threads: int | None = None) -> list[np.ndarray]:
     """``[a @ b for a, b in pairs]`` with one hand-over between threads for all of them: the chunks of every product
     (each cut as :func:`matmul` cuts it; a product too small to cut is one task) go to the threads together, longest
-    first. A linear layer's backward makes its two products (dx = g·W and dW = gᵀ·x) this way, so the threads are
+    first; when none is worth cutting, all run on the calling thread, with no hand-over. A linear layer's backward makes its two products (dx = g·W and dW = gᵀ·x) this way, so the threads are
     woken once, not twice. The same bits as :func:`matmul` of each pair."""
     n = blas_threads() if threads is None else int(threads)
-    outs, tasks = [], []
+    plans = []
     for a, b in pairs:
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
             raise ValueError(f"matmul needs 2-D operands (M, K) and (K, N), got {a.shape} and {b.shape}")
         M, K = a.shape
         N = b.shape[1]
-        by_rows = M >= N
         edges = None
         if n > 1 and M * N * K >= MIN_WORK:
-            edges = _chunk_edges(M, N, K, n) if by_rows else _chunk_edges(N, M, K, n)
-        if edges is None and (n <= 1 or len(pairs) == 1):  # one call, on one BLAS thread (module docstring)
-            with one_blas_thread():
-                outs.append(np.matmul(a, b))
-            continue
+            edges = _chunk_edges(M, N, K, n) if M >= N else _chunk_edges(N, M, K, n)
+        plans.append(edges)
+    if all(e is None for e in plans):  # nothing worth a second thread: each one call, on one BLAS thread
+        with one_blas_thread():
+            return [np.matmul(a, b) for a, b in pairs]
+    outs, tasks = [], []
+    for (a, b), edges in zip(pairs, plans):  # the chunks of every product; one too small to cut is one task
+        M, K = a.shape
+        N = b.shape[1]
+        by_rows = M >= N
         out = np.empty((M, N), dtype=np.result_type(a, b))
         edges = edges if edges is not None else [0, M if by_rows else N]
         if by_rows:
@@ -146,9 +150,8 @@ def matmuls(pairs: list[tuple[np.ndarray, np.ndarray]], threads: int | None = No
         else:
             tasks += [(a, b[:, i:j], out[:, i:j], (j - i) * M * K) for i, j in zip(edges, edges[1:])]
         outs.append(out)
-    if tasks:
-        tasks.sort(key=lambda t: -t[3])  # longest first (a stable sort: equal chunks keep their order)
-        _run([t[:3] for t in tasks], n)
+    tasks.sort(key=lambda t: -t[3])  # longest first (a stable sort: equal chunks keep their order)
+    _run([t[:3] for t in tasks], n)
     return outs
 
 

@@ -159,6 +159,11 @@ def test_matmuls_share_one_hand_over_and_keep_the_bits(threads, monkeypatch):
     assert len(calls) == (0 if threads == 1 else 1) and (threads == 1 or calls[0] >= 2 * threads + 1)
     for (a, b), g in zip(pairs, got):
         np.testing.assert_array_equal(g, blas.matmul_reference(a, b))
+    calls.clear()
+    small = [(_arr(rng, (40, 30)), _arr(rng, (30, 20))), (_arr(rng, (7, 5)), _arr(rng, (5, 3)))]
+    for (a, b), g in zip(small, blas.matmuls(small, threads=threads)):  # nothing to cut: no hand-over at all
+        np.testing.assert_array_equal(g, blas.matmul_reference(a, b))
+    assert calls == []
     with pytest.raises(ValueError, match="2-D operands"):
         blas.matmuls([(np.ones((2, 3), np.float32), np.ones((4, 2), np.float32))])
 
