@@ -24,6 +24,7 @@ ALLOWED_UNUSED = {
     "signum": "the signature signal handlers have",
     "frame": "the signature signal handlers have",
     "fresh_output": "read with vars(type(layer)) by LoraLinear",
+    "row_parallel": "read with type(m).__dict__ by lora_ref.modeling.llama.row_parts (declared, not inherited)",
     "tags": "jinja2 Extension protocol",
     "parse": "jinja2 Extension protocol",
     "_render": "called by name through jinja2's Extension.call_method",

@@ -390,6 +390,19 @@ class LoraLinear(Module):
         return bool(self.merged_adapters)
 
     @property
+    def row_parallel(self) -> bool:
+        """Whether a decoder layer holding this one may run its rows in parts from two threads at once
+        (:func:`lora_ref.modeling.llama.row_parts`): not while a dropout is active in training mode (it draws random
+        numbers in order), not for DoRA (its weight norm is a product of its own), and not while merged adapters are
+        disabled (the next forward unmerges them, writing the base weight in place)."""
+        if self.training and any(p > 0 for p in self.lora_dropout.values()):
+            return False
+        if any(self.use_dora.values()):
+            return False
+        base = type(self.base_layer).__dict__.get("row_parallel", False)  # declared by the base layer's own class
+        return not (self.disable_adapters and self.merged) and base is True
+
+    @property
     def active_adapter(self) -> str:
         return self.active_adapters[0]
 

@@ -412,6 +412,12 @@ def whole_rows():
         _whole.on = prev
 
 
+def _row_parallel(m: Module) -> bool:
+    """``row_parallel`` as declared by ``type(m)`` itself (a class attribute or a property), False if not declared."""
+    flag = type(m).__dict__.get("row_parallel", False)
+    return bool(flag.__get__(m)) if isinstance(flag, property) else bool(flag)
+
+
 def row_parts(layer: Module, x: Tensor) -> list[tuple[int, int]] | None:
     """The ranges of positions [t0, t1) in which ``layer`` runs its position-wise steps as whole tasks, or ``None``
     to run it as one piece.
@@ -434,8 +440,14 @@ def row_parts(layer: Module, x: Tensor) -> list[tuple[int, int]] | None:
     and B, whose rank-r products are the smallest) must make a regular product with one part's rows. Parts are used
     only when all of these hold, else ``None``:
 
-    - no gradient is being recorded (a backward would need the graph of every part), and no dropout is active in the
-      layer (a LoRA layer with ``lora_dropout`` > 0 in training mode draws its random numbers in order);
+    - no gradient is being recorded (a backward would need the graph of every part);
+    - every module of the layer declares ``row_parallel`` true in its own class (not inherited: a subclass with
+      another forward must declare it again): its output rows each come from that row alone, its forward changes no
+      state, and it runs no product whose bits follow the thread count. The model's modules, ``Linear`` and
+      ``RMSNorm`` declare it; a LoRA layer declares it as a property that is false while a dropout is active in
+      training mode (it draws random numbers in order), for DoRA (its weight norm is a product of its own) and while
+      its adapters are merged but disabled (its next forward unmerges them, changing the weight in place). Anything
+      else (a 4-bit layer, ``ModulesToSave``, a user's module) keeps the layer in one piece;
     - the fast paths are on (:mod:`lora_ref.kernels.switch`), the input is float32, and the BLAS has at least 2
       threads;
     - no 4-bit layer inside (its product picks the fused kernel or dequantize-then-multiply by the number of rows,
@@ -451,9 +463,7 @@ def row_parts(layer: Module, x: Tensor) -> list[tuple[int, int]] | None:
         return None
     rows = B * (T // n)  # the rows of the smallest part
     for m in layer.modules():
-        if isinstance(m, Linear4bit):
-            return None
-        if m.training and any(p > 0 for p in getattr(m, "lora_dropout", {}).values()):
+        if isinstance(m, Linear4bit) or not _row_parallel(m):
             return None
         w = getattr(m, "weight", None)
         if w is not None and w.ndim == 2 and not blas.regular_product(rows, w.shape[0], w.shape[1]):
@@ -474,6 +484,8 @@ class LlamaAttention(Module):
     a fused backward rule; ``notebooks/02_llama.ipynb`` builds it step by step from primitives and checks that the
     two agree.
     """
+
+    row_parallel = True  # its position-wise steps may run in parts (row_parts; attention runs whole)
 
     def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None,
                  dtype=np.float32):
@@ -516,6 +528,8 @@ class LlamaAttention(Module):
 class LlamaMLP(Module):
     """SwiGLU feed-forward: down( SiLU(gate(x)) ⊙ up(x) ) [Shazeer 2020], D → F → D."""
 
+    row_parallel = True  # its position-wise steps may run in parts (row_parts; attention runs whole)
+
     def __init__(self, config: LlamaConfig, *, rng: np.random.Generator | None = None, dtype=np.float32):
         super().__init__()
         D, Fd, std, bias = config.hidden_size, config.intermediate_size, config.initializer_range, config.mlp_bias
@@ -530,6 +544,8 @@ class LlamaMLP(Module):
 
 class LlamaDecoderLayer(Module):
     """One pre-norm block: x + Attn(RMSNorm(x)), then + MLP(RMSNorm(·))."""
+
+    row_parallel = True  # its position-wise steps may run in parts (row_parts; attention runs whole)
 
     def __init__(self, config: LlamaConfig, layer_idx: int, *, rng: np.random.Generator | None = None,
                  dtype=np.float32):
@@ -560,6 +576,10 @@ class LlamaDecoderLayer(Module):
         v = np.empty_like(k)
 
         def project(t0: int, t1: int) -> None:  # norm, q/k/v products, RoPE of positions t0..t1
+            with no_grad():  # gradient recording is per thread: off in the pool's threads too
+                _project(t0, t1)
+
+        def _project(t0: int, t1: int) -> None:
             h = self.input_layernorm(Tensor(np.ascontiguousarray(xd[:, t0:t1])))
             qi, ki, vi = attn.project(h, cos[t0:t1], sin[t0:t1])
             q[:, :, t0:t1], k[:, :, t0:t1], v[:, :, t0:t1] = qi.data, ki.data, vi.data
@@ -569,6 +589,10 @@ class LlamaDecoderLayer(Module):
         out = np.empty_like(xd)
 
         def finish(t0: int, t1: int) -> None:  # o_proj, residual, norm, MLP, residual of positions t0..t1
+            with no_grad():
+                _finish(t0, t1)
+
+        def _finish(t0: int, t1: int) -> None:
             a = Tensor(np.ascontiguousarray(xd[:, t0:t1])) + attn.o_proj(Tensor(np.ascontiguousarray(y[:, t0:t1])))
             out[:, t0:t1] = (a + self.mlp(self.post_attention_layernorm(a))).data
 

@@ -217,6 +217,8 @@ class Module:
 class ModuleList(Module):
     """A list of modules, registered under "0", "1", …"""
 
+    row_parallel = True  # each row of the output from that row alone, no state changed (llama.row_parts)
+
     def __init__(self, modules=()):
         super().__init__()
         for m in modules:
@@ -241,6 +243,8 @@ class ModuleList(Module):
 
 class ModuleDict(Module):
     """Modules by name (PEFT keeps one ``lora_A`` per adapter name in one: ``lora_A.default.weight``)."""
+
+    row_parallel = True  # each row of the output from that row alone, no state changed (llama.row_parts)
 
     def __init__(self, modules: dict | None = None):
         super().__init__()
@@ -281,6 +285,8 @@ class Linear(Module):
     ``rng`` None leaves the weight at zero (to be loaded); otherwise W ~ N(0, std²) like transformers' Llama init.
     """
 
+    row_parallel = True  # each row of the output from that row alone, no state changed (llama.row_parts)
+
     #: forward returns a new array that backward does not read, so a LoRA wrapper may add into it in place
     fresh_output = True
 
@@ -316,6 +322,8 @@ class Embedding(Module):
 
 class RMSNorm(Module):
     """RMSNorm over the last axis with a learned gain (initialized to 1)."""
+
+    row_parallel = True  # each row of the output from that row alone, no state changed (llama.row_parts)
 
     def __init__(self, dim: int, eps: float = 1e-6, dtype=np.float32):
         super().__init__()

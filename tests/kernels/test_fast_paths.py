@@ -423,6 +423,20 @@ def _logits(model, ids, *, threads: int, whole: bool, past: int = 0):
         return head, model(ids[:, past:], cache).data
 
 
+def test_parts_run_without_gradients_in_every_thread(monkeypatch):
+    """Gradient recording is per thread: each part turns it off in the pool's thread too (no graph is built
+    there)."""
+    from lora_ref.autograd import tensor as T
+    from lora_ref.modeling import llama as L
+
+    model = _parts_model(None)
+    seen = []
+    inner = L.LlamaMLP.forward
+    monkeypatch.setattr(L.LlamaMLP, "forward", lambda self, x: (seen.append(T.is_grad_enabled()), inner(self, x))[1])
+    out = _logits(model, np.random.default_rng(3).integers(0, 40, (1, 512)), threads=2, whole=False)[1]
+    assert len(seen) == 4 and not any(seen) and out.shape == (1, 512, 40)
+
+
 # every case with the kernels compiled; without JIT (test_fast_paths_without_jit, Python loops) one of them
 _PARTS_CASES = [(a, b, t, past) for a in (None, "lora", "dora") for b, t, past in [(1, 512, 0), (3, 171, 0), (2, 261, 37)]
                 if not numba.config.DISABLE_JIT or (a, b, t, past) == ("lora", 3, 171, 0)]
@@ -432,7 +446,8 @@ _PARTS_CASES = [(a, b, t, past) for a in (None, "lora", "dora") for b, t, past i
 def test_layers_in_parts_give_the_same_bits(adapter, b, t, past, monkeypatch):
     """Without gradients, on two threads, each decoder layer runs its position-wise steps as one task per range of
     positions (``row_parts``): the logits have the same bits as the layers run as one piece on two threads and on
-    one, with and without adapters (LoRA, DoRA on every linear layer), for several batches and after a KV cache."""
+    one, without and with LoRA on every linear layer, for several batches and after a KV cache; DoRA layers are
+    refused (and give the same logits)."""
     from lora_ref.modeling import llama as L
 
     model = _parts_model(adapter)
@@ -442,7 +457,10 @@ def test_layers_in_parts_give_the_same_bits(adapter, b, t, past, monkeypatch):
     monkeypatch.setattr(L.LlamaDecoderLayer, "_forward_in_parts",
                         lambda self, *a: (parts.append(a[-1]), inner(self, *a))[1])
     got = _logits(model, ids, threads=2, whole=False, past=past)
-    assert parts == [[(0, t // 2), (t // 2, t)]] * 2  # both layers of the new positions ran in two parts
+    if adapter == "dora":  # DoRA's weight norm is a product of its own: its layers stay in one piece
+        assert parts == []
+    else:
+        assert parts == [[(0, t // 2), (t // 2, t)]] * 2  # both layers of the new positions ran in two parts
     parts.clear()
     for threads in (2, 1):
         want = _logits(model, ids, threads=threads, whole=True, past=past)
@@ -487,6 +505,26 @@ def test_row_parts_only_where_the_result_cannot_change():
             assert row_parts(lora, wide) == [(0, 245), (245, 490)]  # eval mode: dropout is off
             lora.train()
             assert row_parts(lora, wide) is None  # dropout draws random numbers in order
+            lora.eval()
+            q = lora.self_attn.q_proj
+            q.merge()
+            assert row_parts(lora, wide) == [(0, 245), (245, 490)]  # merged: the base layer alone, nothing changes
+            q.disable_adapters = True  # merged but disabled: the next forward unmerges, writing the weight
+            assert row_parts(lora, wide) is None
+            q.unmerge()
+            assert row_parts(lora, wide) == [(0, 245), (245, 490)]
+            assert row_parts(_parts_model("dora").model.layers[0], wide) is None
+            from lora_ref.modeling.nn import Linear
+
+            class Mine(Linear):  # a subclass may compute anything: it must declare row_parallel itself
+                def forward(self, x):
+                    return super().forward(x)
+
+            other = _parts_model(None).model.layers[0]
+            mine = Mine(256, 256, bias=False)
+            mine.weight.data[...] = other.self_attn.q_proj.weight.data[:256]
+            other.self_attn.o_proj = mine
+            assert row_parts(other, x) is None
             quantize_model(model)
             assert row_parts(layer, x) is None
 
