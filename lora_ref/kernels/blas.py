@@ -56,14 +56,8 @@ SMALL_KERNEL_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
 
 def blas_core() -> str | None:
     """The kernel set OpenBLAS picked for this CPU (``"SkylakeX"`` on this project's machines), or None."""
-    libs = [d for d in _threadpool_info() if d.get("internal_api") == "openblas"]
-    return libs[0].get("architecture") if libs else None
-
-
-def _threadpool_info() -> list[dict]:
-    from threadpoolctl import threadpool_info
-
-    return threadpool_info()
+    libs = [lc for lc in _blas_libraries() if lc.internal_api == "openblas"]
+    return getattr(libs[0], "architecture", None) if libs else None
 
 
 def regular_product(m: int, n: int, k: int) -> bool:
@@ -122,8 +116,9 @@ def matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> np.ndarr
 def matmuls(pairs: list[tuple[np.ndarray, np.ndarray]], threads: int | None = None) -> list[np.ndarray]:
     """``[a @ b for a, b in pairs]`` with one hand-over between threads for all of them: the chunks of every product
     (each cut as :func:`matmul` cuts it; a product too small to cut is one task) go to the threads together, longest
-    first; when none is worth cutting, all run on the calling thread, with no hand-over. A linear layer's backward makes its two products (dx = g·W and dW = gᵀ·x) this way, so the threads are
-    woken once, not twice. The same bits as :func:`matmul` of each pair."""
+    first; when none is worth cutting, all run on the calling thread, with no hand-over. A linear layer's backward
+    makes its two products (dx = g·W and dW = gᵀ·x) this way, so the threads are woken once, not twice. The same bits
+    as :func:`matmul` of each pair."""
     n = blas_threads() if threads is None else int(threads)
     plans = []
     for a, b in pairs:

@@ -52,7 +52,6 @@ from lora_ref.autograd.tensor import Tensor, is_grad_enabled, no_grad
 from lora_ref.files.outputs import output_dir, read_json, require_dir, write_json
 from lora_ref.files.safetensors import NP_TO_ST, read_safetensors_raw, write_safetensors
 from lora_ref.kernels import blas, switch
-from lora_ref.modeling.linear4bit import Linear4bit
 from lora_ref.modeling.nn import Embedding, Linear, Module, ModuleList, RMSNorm
 
 __all__ = [
@@ -450,20 +449,22 @@ def row_parts(layer: Module, x: Tensor) -> list[tuple[int, int]] | None:
       else (a 4-bit layer, ``ModulesToSave``, a user's module) keeps the layer in one piece;
     - the fast paths are on (:mod:`lora_ref.kernels.switch`), the input is float32, and the BLAS has at least 2
       threads;
-    - no 4-bit layer inside (its product picks the fused kernel or dequantize-then-multiply by the number of rows,
-      :data:`lora_ref.quant.kernels.AUTO_DEQUANTIZE_ROWS`, so a part could take the other road);
+    - so no 4-bit layer inside: :class:`lora_ref.modeling.linear4bit.Linear4bit` does not declare it, because its
+      product picks the fused kernel or dequantize-then-multiply by the number of rows
+      (:data:`lora_ref.quant.kernels.AUTO_DEQUANTIZE_ROWS`), so a part could take the other road;
     - every part gets at least :data:`ROW_PART_MIN` rows (batch × positions) and 8 positions, and with every weight
       matrix (out × in) of the layer its rows make a regular product;
     - not inside :func:`whole_rows`.
     """
+    if is_grad_enabled() or not switch.enabled() or getattr(_whole, "on", False) or x.dtype != np.float32:
+        return None
     n = blas.blas_threads()
     B, T = x.shape[0], x.shape[1]
-    if (n < 2 or is_grad_enabled() or not switch.enabled() or getattr(_whole, "on", False)
-            or x.dtype != np.float32 or T < 8 * n or B * (T // n) < ROW_PART_MIN):
+    if n < 2 or T < 8 * n or B * (T // n) < ROW_PART_MIN:
         return None
     rows = B * (T // n)  # the rows of the smallest part
     for m in layer.modules():
-        if isinstance(m, Linear4bit) or not _row_parallel(m):
+        if not _row_parallel(m):  # e.g. Linear4bit, which does not declare it (below)
             return None
         w = getattr(m, "weight", None)
         if w is not None and w.ndim == 2 and not blas.regular_product(rows, w.shape[0], w.shape[1]):
@@ -577,11 +578,8 @@ class LlamaDecoderLayer(Module):
 
         def project(t0: int, t1: int) -> None:  # norm, q/k/v products, RoPE of positions t0..t1
             with no_grad():  # gradient recording is per thread: off in the pool's threads too
-                _project(t0, t1)
-
-        def _project(t0: int, t1: int) -> None:
-            h = self.input_layernorm(Tensor(np.ascontiguousarray(xd[:, t0:t1])))
-            qi, ki, vi = attn.project(h, cos[t0:t1], sin[t0:t1])
+                h = self.input_layernorm(Tensor(np.ascontiguousarray(xd[:, t0:t1])))
+                qi, ki, vi = attn.project(h, cos[t0:t1], sin[t0:t1])
             q[:, :, t0:t1], k[:, :, t0:t1], v[:, :, t0:t1] = qi.data, ki.data, vi.data
 
         blas.run_parallel([partial(project, t0, t1) for t0, t1 in parts])
@@ -590,11 +588,8 @@ class LlamaDecoderLayer(Module):
 
         def finish(t0: int, t1: int) -> None:  # o_proj, residual, norm, MLP, residual of positions t0..t1
             with no_grad():
-                _finish(t0, t1)
-
-        def _finish(t0: int, t1: int) -> None:
-            a = Tensor(np.ascontiguousarray(xd[:, t0:t1])) + attn.o_proj(Tensor(np.ascontiguousarray(y[:, t0:t1])))
-            out[:, t0:t1] = (a + self.mlp(self.post_attention_layernorm(a))).data
+                a = Tensor(np.ascontiguousarray(xd[:, t0:t1])) + attn.o_proj(Tensor(np.ascontiguousarray(y[:, t0:t1])))
+                out[:, t0:t1] = (a + self.mlp(self.post_attention_layernorm(a))).data
 
         blas.run_parallel([partial(finish, t0, t1) for t0, t1 in parts])
         return Tensor(out)
