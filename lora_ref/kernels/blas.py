@@ -28,17 +28,31 @@ multiply-adds) run as one call on one thread, where waking a second thread costs
 
 :func:`batched_matmul` does the same for stacks of products (attention's per-head products). The readable twin is
 ``np.matmul`` itself (:func:`matmul_reference`).
+
+**Handing the chunks over.** A Python thread pool (:func:`run_parallel`) costs ~65 us per hand-over here (a Future,
+a queue, a sleeping thread woken, the GIL passed back and forth), and a training step of the tutorial model makes
+~600 products. For float32 the chunks are therefore handed over in compiled code: each chunk becomes one row of
+integers, the arguments of the ``cblas_sgemm`` call NumPy's matmul itself makes for it (NumPy's rule for the
+transpose flags and leading dimensions, :func:`_blas_layout`), and the threads of Numba's pool take the next row
+until none is left and call the BLAS through its address (``lora_ref.kernels.jit.call_sgemm``; ~18 us per
+hand-over). The same call makes the same bits. Anything NumPy would not hand to ``cblas_sgemm`` as it is (another
+dtype, a side of length 1, a matrix times its own transpose, an operand without a unit stride), a BLAS other than
+the scipy-openblas64 NumPy bundles, or ``NUMBA_DISABLE_JIT=1`` takes the Python pool (``tests/kernels/test_blas.py``
+runs the bit-for-bit tests through both).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numba
 import numpy as np
+from numba import config, njit, prange
 
+from lora_ref.kernels.jit import call_sgemm, fetch_add
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
 __all__ = ["matmul", "matmuls", "batched_matmul", "matmul_reference", "run_parallel", "regular_product", "MIN_WORK",
@@ -181,8 +195,106 @@ def batched_matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> 
 
 
 def _run(tasks: list, n: int) -> None:
-    """Run ``np.matmul(a, b, out=o)`` for every (a, b, o) of ``tasks`` (:func:`run_parallel`)."""
-    run_parallel([partial(np.matmul, a, b, out=o) for a, b, o in tasks], n)
+    """Run ``np.matmul(a, b, out=o)`` for every (a, b, o) of ``tasks`` on ``n`` threads: as the same BLAS calls
+    NumPy would make, handed over in compiled code (:func:`_gemm_rows`) when every task allows it, else through
+    :func:`run_parallel`."""
+    address = _sgemm_address() if n > 1 else None
+    rows = _gemm_rows(tasks) if address else None
+    if rows is None:
+        run_parallel([partial(np.matmul, a, b, out=o) for a, b, o in tasks], n)
+        return
+    taken = np.empty(len(rows), np.int64)
+    workers = min(n, numba.config.NUMBA_NUM_THREADS, len(rows))
+    prev = numba.get_num_threads()  # Numba's count is per calling thread: n for this call, then as it was
+    numba.set_num_threads(max(prev, workers))
+    try:
+        with one_blas_thread():
+            _gemm_tasks_kernel(address, rows, np.zeros(1, np.int64), workers, taken)
+    finally:
+        numba.set_num_threads(prev)
+
+
+# ------------------------------------------------------------------------------------------ the compiled hand-over
+# Handing a task to a pool thread from Python costs ~65 us on this project's machine (measured: run_parallel of two
+# empty tasks): a Future, a queue, a sleeping thread woken, the GIL passed back and forth. A training step of the
+# tutorial model makes ~600 products, so the hand-overs alone cost tens of milliseconds. Numba's parallel loop hands
+# over in compiled code (~18 us measured the same way), so the products of _run are made there: each task becomes
+# one row of integers (the arguments of the cblas_sgemm call NumPy itself would make for that matmul) and each
+# thread takes the next row until none is left.
+
+_NO_TRANS, _TRANS = 111, 112  # CBLAS_TRANSPOSE
+_SGEMM_SYMBOL = "scipy_cblas_sgemm64_"  # NumPy's bundled OpenBLAS (scipy-openblas64: 64-bit integers)
+_sgemm: list = []  # [address or None], found once
+
+
+def _sgemm_address() -> int | None:
+    """The address of NumPy's BLAS's ``cblas_sgemm`` (64-bit integers), or None (another BLAS, or the JIT off)."""
+    if not _sgemm:
+        address = None
+        if not config.DISABLE_JIT:
+            for lc in _blas_libraries():
+                try:
+                    address = ctypes.cast(getattr(ctypes.CDLL(lc.filepath), _SGEMM_SYMBOL), ctypes.c_void_p).value
+                    break
+                except (AttributeError, OSError):
+                    continue
+        _sgemm.append(address)
+    return _sgemm[0]
+
+
+def _blas_layout(x: np.ndarray, rows: int, cols: int) -> tuple[int, int] | None:
+    """(transpose code, leading dimension) NumPy's matmul passes for a (rows × cols) float32 operand with x's
+    strides, or None if NumPy would not hand it to the BLAS as it is. NumPy's rule (``is_blasable2d`` in
+    ``numpy/_core/src/umath/matmul.c.src``): no transpose if the rows are contiguous and far enough apart, else
+    transposed if the columns are."""
+    s_r, s_c = x.strides
+    if s_c == 4 and s_r % 4 == 0 and s_r // 4 >= cols:
+        return _NO_TRANS, s_r // 4
+    if s_r == 4 and s_c % 4 == 0 and s_c // 4 >= rows:
+        return _TRANS, s_c // 4
+    return None
+
+
+def _gemm_rows(tasks: list) -> np.ndarray | None:
+    """The cblas_sgemm arguments ``[transa, transb, m, n, k, A, lda, B, ldb, C, ldc]`` (one int64 row per 2-D
+    product; a task over a stack of products gives one row per product) of ``np.matmul(a, b, out=o)`` for every
+    task, or None if any of them is not a float32 product NumPy sends to ``cblas_sgemm`` as it is: a product with a
+    side of length 1 (NumPy's matrix-vector and dot routines), a matrix times its own transpose (NumPy's ``syrk``),
+    or an operand or output NumPy would copy or multiply itself."""
+    rows = []
+    for a, b, o in tasks:
+        if a.dtype != np.float32 or b.dtype != np.float32 or o.dtype != np.float32 or a.ndim not in (2, 3):
+            return None
+        x, y, z = (a[0], b[0], o[0]) if a.ndim == 3 else (a, b, o)  # a stack: every product has these strides
+        (m, k), n = x.shape, y.shape[1]
+        if min(m, n, k) < 2:
+            return None
+        la, lb, lc = _blas_layout(x, m, k), _blas_layout(y, k, n), _blas_layout(z, m, n)
+        if la is None or lb is None or lc is None or lc[0] != _NO_TRANS:
+            return None
+        pa, pb, pc = a.ctypes.data, b.ctypes.data, o.ctypes.data
+        steps = (a.strides[0], b.strides[0], o.strides[0]) if a.ndim == 3 else (0, 0, 0)
+        for i in range(a.shape[0] if a.ndim == 3 else 1):
+            xa, xb = pa + i * steps[0], pb + i * steps[1]
+            if xa == xb:
+                return None
+            rows.append((la[0], lb[0], m, n, k, xa, la[1], xb, lb[1], pc + i * steps[2], lc[1]))
+    return np.array(rows, dtype=np.int64)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _gemm_tasks_kernel(address, rows, counter, workers, taken):
+    """``workers`` threads (one prange iteration each) take the next row of ``rows`` until none is left and make
+    its cblas_sgemm call; ``counter`` (int64[1], zero) hands out the rows; ``taken[i]`` records which thread of
+    the parallel region made row i's call (0 is the caller). The BLAS must be on one thread."""
+    for _ in prange(workers):
+        while True:
+            i = fetch_add(counter)
+            if i >= rows.shape[0]:
+                break
+            taken[i] = numba.get_thread_id()
+            r = rows[i]
+            call_sgemm(address, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10])
 
 
 def run_parallel(fns: list, threads: int | None = None) -> None:

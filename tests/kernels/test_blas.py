@@ -2,6 +2,7 @@
 for every thread count and any shape, split by rows or by columns, on strided operands; the rule for which products
 keep a row's bits; and Linear's node uses it only with the fast paths on."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,10 +17,35 @@ def _arr(rng, shape, order="C"):
     return np.asarray(rng.standard_normal(shape, dtype=np.float32), order=order)
 
 
+@pytest.fixture(params=["compiled", "python"])
+def hand_over(request, monkeypatch):
+    """Run the test with the products handed to the threads in compiled code (the default where NumPy's BLAS is
+    scipy-openblas64) and through the Python pool (any other BLAS, or ``NUMBA_DISABLE_JIT=1``, where the compiled
+    hand-over must be off and both runs take the pool)."""
+    if numba.config.DISABLE_JIT:
+        assert blas._sgemm_address() is None
+    elif request.param == "compiled":
+        if blas._sgemm_address() is None:
+            pytest.fail("NumPy's BLAS has no scipy_cblas_sgemm64_: the compiled hand-over is not tested here")
+    else:
+        monkeypatch.setattr(blas, "_sgemm_address", lambda: None)
+    return request.param
+
+
+def _count_hand_overs(monkeypatch) -> list:
+    """Patch both hand-overs to append ("python", tasks) or ("compiled", rows) to the returned list."""
+    calls = []
+    py, compiled = blas.run_parallel, blas._gemm_tasks_kernel
+    monkeypatch.setattr(blas, "run_parallel", lambda fns, n=None: (calls.append(("python", len(fns))), py(fns, n))[1])
+    monkeypatch.setattr(blas, "_gemm_tasks_kernel",
+                        lambda *args: (calls.append(("compiled", len(args[1]))), compiled(*args))[1])
+    return calls
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("M,K,N", [(1024, 96, 300), (200, 64, 1100), (7, 5, 3), (64, 4096, 40),
                                    (97, 446, 97)])  # 32-row chunks would leave a last chunk of one row
-def test_matmul_equals_numpy_bits(threads, M, K, N):
+def test_matmul_equals_numpy_bits(threads, M, K, N, hand_over):
     rng = np.random.default_rng(M + K + N)
     a, b = _arr(rng, (M, K)), _arr(rng, (N, K)).T  # b transposed: a strided (F-ordered) operand, as W.T in Linear
     want = blas.matmul_reference(a, b)  # np.matmul on one BLAS thread
@@ -29,8 +55,11 @@ def test_matmul_equals_numpy_bits(threads, M, K, N):
     np.testing.assert_array_equal(blas.matmul(b.T, a.T, threads=threads), blas.matmul_reference(b.T, a.T))  # by columns
 
 
-def test_matmul_chunks_are_taken_by_several_threads():
+def test_matmul_chunks_are_taken_by_several_threads(monkeypatch):
+    """Through the Python pool: the workers call np.matmul on their chunks."""
     import threading
+
+    monkeypatch.setattr(blas, "_sgemm_address", lambda: None)
 
     seen = set()
     real = np.matmul
@@ -55,6 +84,71 @@ def test_matmul_chunks_are_taken_by_several_threads():
         blas.np = orig
     np.testing.assert_array_equal(out, a @ b)
     assert len(seen) == 2
+
+
+def test_compiled_hand_over_shares_the_chunks(monkeypatch):
+    """Through compiled code: one call of the task kernel per product, its chunks made by more than one thread of
+    Numba's pool (``taken``), the same bits as np.matmul on one BLAS thread."""
+    seen = set()
+    inner = blas._gemm_tasks_kernel
+
+    def spy(address, rows, counter, workers, taken):
+        inner(address, rows, counter, workers, taken)
+        assert counter[0] >= len(rows)  # every row was handed out
+        seen.update(taken.tolist())
+
+    monkeypatch.setattr(blas, "_gemm_tasks_kernel", spy)
+    prev = numba.get_num_threads()
+    numba.set_num_threads(1)  # the call asks for 2 threads: it gets them whatever Numba's count was
+    rng = np.random.default_rng(0)
+    a, b = _arr(rng, (2048, 256)), _arr(rng, (256, 256))
+    try:
+        for _ in range(5):  # a worker takes at least one chunk in practice; 5 tries make a miss unlikely
+            out = blas.matmul(a, b, threads=2)
+        assert numba.get_num_threads() == 1  # restored
+    finally:
+        numba.set_num_threads(prev)
+    np.testing.assert_array_equal(out, blas.matmul_reference(a, b))
+    assert seen == (set() if numba.config.DISABLE_JIT else {0, 1})  # without the JIT: the Python pool
+
+
+def test_gemm_rows_are_numpys_blas_calls():
+    """The rows hold the cblas_sgemm arguments NumPy's matmul passes (its ``is_blasable2d`` rule), and are refused
+    (None: the Python pool runs np.matmul itself) wherever NumPy would not call cblas_sgemm on the arrays as they
+    are: another dtype, a side of length 1, a matrix times its own transpose (NumPy's syrk), an operand without a
+    unit stride."""
+    rng = np.random.default_rng(5)
+    a, w, o = _arr(rng, (64, 32)), _arr(rng, (48, 32)), np.empty((64, 48), np.float32)
+    rows = blas._gemm_rows([(a, w.T, o)])
+    assert rows.tolist() == [[blas._NO_TRANS, blas._TRANS, 64, 48, 32, a.ctypes.data, 32, w.ctypes.data, 32,
+                              o.ctypes.data, 48]]
+    big = _arr(rng, (64, 100))
+    view = big[:, 10:42]  # rows 100 apart: no transpose, lda 100
+    assert blas._gemm_rows([(view, w.T, o)])[0, [0, 6]].tolist() == [blas._NO_TRANS, 100]
+    o64 = np.empty((64, 48))
+    for task in [(a.astype(np.float64), w.T.astype(np.float64), o64),  # float64: the Python pool
+                 (a[:1], w.T, o[:1]), (a, w.T[:, :1], o[:, :1]),  # one row or one column: NumPy's gemv
+                 (a, a.T, np.empty((64, 64), np.float32)),  # x·xᵀ: NumPy's syrk
+                 (big[:, ::3][:, :32], w.T, o),  # no unit stride: NumPy would not hand it over as it is
+                 (a, w.T, np.empty((48, 64), np.float32).T)]:  # an F-ordered output
+        assert blas._gemm_rows([task]) is None
+    stack = _arr(rng, (3, 64, 32))
+    assert len(blas._gemm_rows([(stack, w.T[None].repeat(3, 0), np.empty((3, 64, 48), np.float32))])) == 3
+
+
+@pytest.mark.parametrize("make", ["column_view", "row_view", "both_transposed", "syrk", "strided"])
+def test_matmul_bits_on_other_layouts(make, hand_over):
+    """Operands NumPy hands to the BLAS with a leading dimension larger than the matrix, transposed on both sides,
+    a product of a matrix and its own transpose, and an operand without a unit stride (both paths fall back to
+    np.matmul where they must): the same bits as np.matmul on one BLAS thread, on 2 threads."""
+    rng = np.random.default_rng(6)
+    big = _arr(rng, (1500, 700))
+    a, b = {"column_view": (big[:, 100:356], _arr(rng, (256, 300))),
+            "row_view": (big[200:1200, :256], big[:256, 300:600]),
+            "both_transposed": (_arr(rng, (256, 1200)).T, _arr(rng, (300, 256)).T),
+            "syrk": (big[:, :256], big[:, :256].T),
+            "strided": (big[:, ::2][:, :256], _arr(rng, (256, 300)))}[make]
+    np.testing.assert_array_equal(blas.matmul(a, b, threads=2), blas.matmul_reference(a, b))
 
 
 def test_one_blas_thread_restores_the_count():
@@ -88,7 +182,7 @@ def test_linear_uses_it_only_with_fast_paths(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("lead,M,K,N", [((2, 3), 96, 64, 80), ((1, 3), 300, 64, 128), ((5,), 40, 8, 40),
                                         ((4, 8), 64, 32, 128), ((7,), 64, 96, 130)])
-def test_batched_matmul_equals_numpy_bits(threads, lead, M, K, N):
+def test_batched_matmul_equals_numpy_bits(threads, lead, M, K, N, hand_over):
     rng = np.random.default_rng(M)
     a = _arr(rng, lead + (M, K))
     bt = _arr(rng, lead + (N, K))
@@ -105,11 +199,19 @@ def test_batched_matmul_equals_numpy_bits(threads, lead, M, K, N):
        transposed=st.booleans())
 def test_matmul_equals_numpy_bits_for_any_shape(M, K, N, threads, transposed):
     """Any shape, mostly around the sizes where the chunking starts (MIN_WORK) and where OpenBLAS switches between
-    its small-matrix and regular kernels (10⁶ multiply-adds): a chunk on the other road would change bits."""
+    its small-matrix and regular kernels (10⁶ multiply-adds): a chunk on the other road would change bits. Both
+    hand-overs (compiled, and the Python pool)."""
     rng = np.random.default_rng(M * K + N)
     a = _arr(rng, (M, K))
     b = _arr(rng, (N, K)).T if transposed else _arr(rng, (K, N))
-    np.testing.assert_array_equal(blas.matmul(a, b, threads=threads), blas.matmul_reference(a, b))
+    want = blas.matmul_reference(a, b)
+    np.testing.assert_array_equal(blas.matmul(a, b, threads=threads), want)
+    address = blas._sgemm_address
+    try:
+        blas._sgemm_address = lambda: None
+        np.testing.assert_array_equal(blas.matmul(a, b, threads=threads), want)
+    finally:
+        blas._sgemm_address = address
 
 
 def test_one_call_runs_on_one_blas_thread():
@@ -145,18 +247,18 @@ def test_regular_product_is_where_openblas_keeps_a_rows_bits():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_matmuls_share_one_hand_over_and_keep_the_bits(threads, monkeypatch):
+def test_matmuls_share_one_hand_over_and_keep_the_bits(threads, monkeypatch, hand_over):
     """Several products in one hand-over: each result has the bits of ``matmul`` of its pair (chunked ones and
-    one too small to cut), and with more than one thread all their chunks go to one ``run_parallel``."""
+    one too small to cut), and with more than one thread all their chunks go to one hand-over."""
     rng = np.random.default_rng(9)
     pairs = [(_arr(rng, (4096, 128)), _arr(rng, (128, 128))),  # dx = g·W of a tutorial-model layer
              (_arr(rng, (4096, 128)).T, _arr(rng, (4096, 128))),  # dW = gᵀ·x
              (_arr(rng, (7, 5)), _arr(rng, (5, 3)))]  # too small to cut: one task
-    calls = []
-    inner = blas.run_parallel
-    monkeypatch.setattr(blas, "run_parallel", lambda fns, n=None: (calls.append(len(fns)), inner(fns, n))[1])
+    calls = _count_hand_overs(monkeypatch)
     got = blas.matmuls(pairs, threads=threads)
-    assert len(calls) == (0 if threads == 1 else 1) and (threads == 1 or calls[0] >= 2 * threads + 1)
+    assert len(calls) == (0 if threads == 1 else 1)
+    way = "python" if numba.config.DISABLE_JIT else hand_over
+    assert threads == 1 or (calls[0][0] == way and calls[0][1] >= 2 * threads + 1)
     for (a, b), g in zip(pairs, got):
         np.testing.assert_array_equal(g, blas.matmul_reference(a, b))
     calls.clear()

@@ -21,8 +21,10 @@ KERNEL_MODULES = ("lora_ref.kernels.training", "lora_ref.kernels.matmul", "lora_
 for _m in KERNEL_MODULES:
     importlib.import_module(_m)
 
-# Modules with Numba code that are not kernels with twins: the intrinsics every kernel module builds on.
-NUMBA_HELPER_MODULES = {"lora_ref.kernels.jit"}
+# Modules with Numba code that are not kernels with twins: the intrinsics every kernel module builds on, and the
+# chunked BLAS products, whose compiled hand-over makes the same BLAS calls as its Python pool (test_blas.py holds
+# the two bit for bit, and both against np.matmul).
+NUMBA_HELPER_MODULES = {"lora_ref.kernels.jit", "lora_ref.kernels.blas"}
 # Public names of kernel modules that are not twins: constants, the chooser, and helpers of the kernels themselves.
 NOT_TWINS = {
     "lora_ref.kernels.training": {"exp32", "pick", "PICK"},  # exp32: a scalar building block, tested against np.exp
