@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "lora_ref"
 
 # lowest first; a package may import from packages before it
-LAYERS = ["errors", "threads", "quick", "files", "kernels", "quant", "autograd", "modeling", "adapters", "merging", "serving", "training",
+LAYERS = ["errors", "threads", "heap", "quick", "files", "kernels", "quant", "autograd", "modeling", "adapters", "merging", "serving", "training",
           "analysis", "testing", "reference", "bench", "tour", "commands", "cli", "__main__"]
 
 
