@@ -379,20 +379,26 @@ def attention_softmax_backward(dp: np.ndarray, p: np.ndarray, scale, T: int, cau
 
 
 # ================================================================================================ cross-entropy
+_CE_CHUNKS = 64  # row chunks of the cross-entropy forward (one scratch row each)
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _cross_entropy_forward_kernel(z, t, ignore_index, lse, nll):
     """lse[i] = log Σ_j exp z[i, j]; nll[i] = lse[i] − z[i, t[i]] (0 where t[i] == ignore_index).  z (N, V)."""
     N, V = z.shape
-    for i in prange(N):
-        m = _max_row(z[i], V)
-        if not np.isfinite(m):
-            m = F32(0.0)
-        tot = F32(0.0)
-        for j in range(V):
-            tot += exp32(z[i, j] - m)
-        li = m + np.log(tot)
-        lse[i] = li
-        nll[i] = F32(0.0) if t[i] == ignore_index else li - z[i, t[i]]
+    C = min(N, _CE_CHUNKS)
+    for c in prange(C):  # chunks of rows, each with one scratch row; a row's result does not depend on the chunks
+        e = np.empty((1, V), F32)
+        for i in range(c * N // C, (c + 1) * N // C):
+            m = _max_row(z[i], V)
+            if not np.isfinite(m):
+                m = F32(0.0)
+            for j in range(V):  # the exponentials first, as one vectorized loop ...
+                e[0, j] = exp32(z[i, j] - m)
+            tot = _sum_row(e, 0, V)  # ... then their sum in eight lanes (one running sum would run one at a time)
+            li = m + np.log(tot)
+            lse[i] = li
+            nll[i] = F32(0.0) if t[i] == ignore_index else li - z[i, t[i]]
 
 
 @njit(cache=True, parallel=True, nogil=True)
