@@ -22,8 +22,9 @@ OpenBLAS keeps its default: its waiting threads yield the core, and making them 
 (``OPENBLAS_THREAD_TIMEOUT=4``) was measured slower, quiet and loaded (a SmolLM2 forward 0.45-0.57 s against
 0.31-0.34 s quiet), because every one of the ~200 matrix products of a forward then pays a wake-up.
 
-The pools never nest: no Numba parallel kernel calls the BLAS, and BLAS calls are made from Python between
-kernels, so at any moment at most one pool's threads are busy and the thread count is each pool's own
+The pools never nest: BLAS calls are made from Python between kernels, or by the one Numba kernel that hands the
+chunks of a product to Numba's threads (:mod:`lora_ref.kernels.blas`), which calls the BLAS with its thread count set
+to one; so at any moment at most one pool's threads are busy and the thread count is each pool's own
 (``numba.set_num_threads`` and ``threadpoolctl`` for the BLAS; :func:`set_threads` sets both, which is what
 every compute command's ``--threads N`` does). Decoding runs its one-token steps on one thread
 (:func:`limited`).
