@@ -11,14 +11,18 @@ that writes each new array, where two threads faulting at once wait on each othe
 
 :func:`keep_freed_memory` (run when ``lora_ref`` is imported, unless ``LORA_REF_KEEP_MEMORY=0``) sets both
 thresholds with ``mallopt`` (``man 3 mallopt``): blocks up to 1 GiB come from the heap, and the heap is trimmed only
-when more than 2 GiB at its top are free. The memory a step used stays mapped for the next one: the tutorial
-model's training loop went from ~40,000 page faults and 242-245 ms a step to ~35 faults and 176-178 ms
-(best of 30 steps after 5, 2 threads, the two settings in separate processes, on this project's Sapphire Rapids
-machine). The cost is memory: the process keeps up
-to its peak heap (plus up to 2 GiB free at the top) until it exits or calls :func:`release`.
+when more than 2 GiB at its top are free. GNU libc before 2.35 refuses an mmap threshold above 32 MiB (64-bit; the
+limit was lifted in 2.35); there the threshold is 32 MiB, so larger arrays (a real model's logits) are still mapped
+afresh each time. :func:`settings` says what was set. The memory the main thread's step used stays mapped for the
+next one: the tutorial model's training loop went from ~40,000 page faults and 242-245 ms a step to ~35 faults and
+176-178 ms (best of 30 steps after 5, 2 threads, the two settings in separate processes, on this project's Sapphire
+Rapids machine). Other threads allocate from glibc's per-thread arenas, whose heaps are given back when wholly free
+whatever these settings say; lora_ref's arrays are mostly made in the calling thread.
 
-The setting is process-wide, so any other library in the process (PyTorch in the benchmarks' baselines included)
-allocates under it too. It does nothing where the C library is not GNU libc.
+The cost is memory: the process keeps its peak heap until it exits or calls :func:`release`. The setting is
+process-wide, so every other library in the process (PyTorch in the benchmarks' baselines included) allocates
+under it too, and it replaces any ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` the environment set (set
+``LORA_REF_KEEP_MEMORY=0`` to keep yours). It does nothing where the C library is not GNU libc.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import ctypes
 import os
 import platform
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory", "release", "kept"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory", "release", "kept", "settings"]
 
 MMAP_THRESHOLD = 1 << 30  # bytes: blocks below this come from the heap (mallopt's M_MMAP_THRESHOLD)
+OLD_GLIBC_MMAP_THRESHOLD = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)  # the most glibc < 2.35 accepts (32 MiB)
 TRIM_THRESHOLD = (1 << 31) - 1  # bytes free at the heap's top before it is given back (M_TRIM_THRESHOLD; a C int)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc's malloc.h)
 
-_state = {"kept": False}
+_state: dict = {}
 
 
 def _libc():
@@ -47,20 +52,30 @@ def _libc():
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's thresholds (module docstring) unless ``LORA_REF_KEEP_MEMORY`` is ``0``; True if they were set."""
+    """Set glibc's thresholds (module docstring) unless ``LORA_REF_KEEP_MEMORY`` is ``0``; True if the trim
+    threshold and an mmap threshold were set (:func:`settings` says which)."""
     if os.environ.get("LORA_REF_KEEP_MEMORY", "").strip() == "0":
         return False
     libc = _libc()
     if libc is None:
         return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    _state["kept"] = bool(ok)
-    return _state["kept"]
+    for value in (MMAP_THRESHOLD, OLD_GLIBC_MMAP_THRESHOLD):  # 1 GiB; 32 MiB where glibc is older than 2.35
+        if libc.mallopt(_M_MMAP_THRESHOLD, value) == 1:
+            _state["mmap_threshold"] = value
+            break
+    if libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
+        _state["trim_threshold"] = TRIM_THRESHOLD
+    return kept()
 
 
 def kept() -> bool:
-    """Whether :func:`keep_freed_memory` has set the thresholds in this process."""
-    return _state["kept"]
+    """Whether :func:`keep_freed_memory` set both thresholds in this process."""
+    return "mmap_threshold" in _state and "trim_threshold" in _state
+
+
+def settings() -> dict:
+    """The thresholds :func:`keep_freed_memory` set in this process, in bytes (empty if none)."""
+    return dict(_state)
 
 
 def release() -> None:

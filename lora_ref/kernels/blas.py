@@ -34,11 +34,14 @@ a queue, a sleeping thread woken, the GIL passed back and forth), and a training
 ~600 products. For float32 the chunks are therefore handed over in compiled code: each chunk becomes one row of
 integers, the arguments of the ``cblas_sgemm`` call NumPy's matmul itself makes for it (NumPy's rule for the
 transpose flags and leading dimensions, :func:`_blas_layout`), and the threads of Numba's pool take the next row
-until none is left and call the BLAS through its address (``lora_ref.kernels.jit.call_sgemm``; ~18 us per
+until none is left and call the BLAS through its address (:func:`call_sgemm`; ~18 us per
 hand-over). The same call makes the same bits. Anything NumPy would not hand to ``cblas_sgemm`` as it is (another
 dtype, a side of length 1, a matrix times its own transpose, an operand without a unit stride), a BLAS other than
 the scipy-openblas64 NumPy bundles, or ``NUMBA_DISABLE_JIT=1`` takes the Python pool (``tests/kernels/test_blas.py``
-runs the bit-for-bit tests through both).
+runs the bit-for-bit tests through both). Both rely on the BLAS being set to one thread for the duration
+(:func:`lora_ref.threads.one_blas_thread`), a process-wide setting: lora_ref's compute is meant to run in one Python
+thread at a time (the serving engine has one compute thread). Two Python threads computing at once could restore the
+count under each other, and OpenBLAS's threads would then be started from inside Numba's parallel region.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ from functools import partial
 
 import numba
 import numpy as np
-from numba import config, njit, prange
+from llvmlite import ir
+from numba import config, njit, prange, types
+from numba.extending import intrinsic
 
-from lora_ref.kernels.jit import call_sgemm, fetch_add
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
 __all__ = ["matmul", "matmuls", "batched_matmul", "matmul_reference", "run_parallel", "regular_product", "MIN_WORK",
@@ -228,11 +232,13 @@ _sgemm: list = []  # [address or None], found once
 
 
 def _sgemm_address() -> int | None:
-    """The address of NumPy's BLAS's ``cblas_sgemm`` (64-bit integers), or None (another BLAS, or the JIT off)."""
+    """The address of NumPy's BLAS's ``cblas_sgemm`` (64-bit integers), or None (another BLAS, or the JIT off).
+    NumPy's own copy (under ``numpy.libs``) is preferred should another library export the same symbol."""
     if not _sgemm:
         address = None
         if not config.DISABLE_JIT:
-            for lc in _blas_libraries():
+            libs = sorted(_blas_libraries(), key=lambda lc: "numpy" not in str(lc.filepath))
+            for lc in libs:
                 try:
                     address = ctypes.cast(getattr(ctypes.CDLL(lc.filepath), _SGEMM_SYMBOL), ctypes.c_void_p).value
                     break
@@ -263,7 +269,9 @@ def _gemm_rows(tasks: list) -> np.ndarray | None:
     or an operand or output NumPy would copy or multiply itself."""
     rows = []
     for a, b, o in tasks:
-        if a.dtype != np.float32 or b.dtype != np.float32 or o.dtype != np.float32 or a.ndim not in (2, 3):
+        if a.dtype != np.float32 or b.dtype != np.float32 or o.dtype != np.float32:
+            return None
+        if not (a.ndim == b.ndim == o.ndim and a.ndim in (2, 3)) or a.size == 0 or b.size == 0:
             return None
         x, y, z = (a[0], b[0], o[0]) if a.ndim == 3 else (a, b, o)  # a stack: every product has these strides
         (m, k), n = x.shape, y.shape[1]
@@ -279,7 +287,55 @@ def _gemm_rows(tasks: list) -> np.ndarray | None:
             if xa == xb:
                 return None
             rows.append((la[0], lb[0], m, n, k, xa, la[1], xb, lb[1], pc + i * steps[2], lc[1]))
-    return np.array(rows, dtype=np.int64)
+    return np.array(rows, dtype=np.int64) if rows else None
+
+
+def _int64_args(context, builder, sig_args, args) -> list:
+    return [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig_args)]
+
+
+@intrinsic
+def fetch_add(typingctx, counter):
+    """``counter[0] += 1`` as one atomic instruction, returning the value before: threads that share ``counter`` (a
+    writable 1-element int64 array) each get a different number, so each takes a different task. Numba has no
+    atomics; this is LLVM's ``atomicrmw add`` (sequentially consistent)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and counter.mutable):
+        return None
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", arr.data, ir.Constant(ir.IntType(64), 1), "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def call_sgemm(typingctx, address, transa, transb, m, n, k, a, lda, b, ldb, c, ldc):
+    """``cblas_sgemm(CblasRowMajor, transa, transb, m, n, k, 1, A, lda, B, ldb, 0, C, ldc)`` called through the
+    function's ``address``, with the 64-bit integers of NumPy's bundled OpenBLAS (``scipy_cblas_sgemm64_``);
+    ``a``, ``b``, ``c`` are the matrices' addresses. Every argument is an integer (widened to int64; the two
+    transpose codes passed as the C enum's int). A Numba function that calls a ctypes function object cannot be
+    cached (its address changes from run to run); passing the address as an argument keeps the caller cacheable.
+    This intrinsic lives beside its one caller on purpose: Numba's cache checks the caller's file only, so an edit
+    here that left the cached caller stale would call the BLAS with the old arguments."""
+    sig_args = (address, transa, transb, m, n, k, a, lda, b, ldb, c, ldc)
+    if not all(isinstance(t, types.Integer) for t in sig_args):
+        return None
+    sig = types.void(*sig_args)
+
+    def codegen(context, builder, signature, args):
+        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+        fp = f32.as_pointer()
+        fn_ty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, f32, fp, i64, fp, i64, f32, fp, i64])
+        fn_, ta, tb, m_, n_, k_, a_, lda_, b_, ldb_, c_, ldc_ = _int64_args(context, builder, signature.args, args)
+        builder.call(builder.inttoptr(fn_, fn_ty.as_pointer()),
+                     [ir.Constant(i32, 101), builder.trunc(ta, i32), builder.trunc(tb, i32), m_, n_, k_,
+                      ir.Constant(f32, 1.0), builder.inttoptr(a_, fp), lda_, builder.inttoptr(b_, fp), ldb_,
+                      ir.Constant(f32, 0.0), builder.inttoptr(c_, fp), ldc_])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, parallel=True, nogil=True)

@@ -1,6 +1,5 @@
-"""Small Numba intrinsics the fast kernels need: a stack buffer for register blocking, wide vectors, a
-16-entry table lookup held in a register, and the two a compiled hand-over of BLAS calls needs (an atomic counter
-and a call through a BLAS function's address).
+"""Small Numba intrinsics the fast kernels need: a stack buffer for register blocking, wide vectors, and a
+16-entry table lookup held in a register.
 
 Numba's ``np.empty`` allocates on the heap, and LLVM cannot keep heap memory in registers: a micro-kernel whose
 accumulator tile lives in such an array loads and stores it on every multiply-add. :func:`stack_tile_f32`
@@ -26,7 +25,7 @@ from numba import carray, config, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["stack_tile_f32", "prefer_wide_vectors", "HAS_AVX512", "lut16_decode16", "fetch_add", "call_sgemm"]
+__all__ = ["stack_tile_f32", "prefer_wide_vectors", "HAS_AVX512", "lut16_decode16"]
 
 
 def stack_tile_f32(rows: int, cols: int):
@@ -130,49 +129,6 @@ def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
         builder.store(v_high, builder.bitcast(dst, v16f.as_pointer()), align=4)
         dst16 = builder.gep(out_arr.data, [builder.add(out0_v, ir.Constant(out0_v.type, 16))])
         builder.store(v_low, builder.bitcast(dst16, v16f.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def fetch_add(typingctx, counter):
-    """``counter[0] += 1`` as one atomic instruction, returning the value before: threads that share ``counter``
-    (a 1-element int64 array) each get a different number, so each takes a different task. Numba has no atomics;
-    this is LLVM's ``atomicrmw add`` (sequentially consistent)."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
-        return None
-    sig = types.int64(counter)
-
-    def codegen(context, builder, signature, args):
-        from llvmlite import ir
-
-        arr = context.make_array(signature.args[0])(context, builder, args[0])
-        return builder.atomic_rmw("add", arr.data, ir.Constant(ir.IntType(64), 1), "seq_cst")
-
-    return sig, codegen
-
-
-@intrinsic
-def call_sgemm(typingctx, address, transa, transb, m, n, k, a, lda, b, ldb, c, ldc):
-    """Call ``cblas_sgemm(CblasRowMajor, transa, transb, m, n, k, 1, A, lda, B, ldb, 0, C, ldc)`` through the
-    function's ``address`` (an int64), with 64-bit integer arguments as NumPy's bundled OpenBLAS takes them
-    (``scipy_cblas_sgemm64_``); ``a``, ``b``, ``c`` are the matrices' addresses as int64. A Numba function that
-    calls a ctypes function object cannot be cached (the address changes from run to run); passing the address
-    as an argument keeps the caller cacheable."""
-    sig = types.void(address, transa, transb, m, n, k, a, lda, b, ldb, c, ldc)
-
-    def codegen(context, builder, signature, args):
-        from llvmlite import ir
-
-        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
-        fp = f32.as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, f32, fp, i64, fp, i64, f32, fp, i64])
-        fn = builder.inttoptr(args[0], fnty.as_pointer())
-        ta, tb = builder.trunc(args[1], i32), builder.trunc(args[2], i32)
-        m_, n_, k_, a_, lda_, b_, ldb_, c_, ldc_ = args[3:]
-        builder.call(fn, [ir.Constant(i32, 101), ta, tb, m_, n_, k_, ir.Constant(f32, 1.0), builder.inttoptr(a_, fp),
-                          lda_, builder.inttoptr(b_, fp), ldb_, ir.Constant(f32, 0.0), builder.inttoptr(c_, fp), ldc_])
         return context.get_dummy_value()
 
     return sig, codegen

@@ -25,8 +25,9 @@ def hand_over(request, monkeypatch):
     if numba.config.DISABLE_JIT:
         assert blas._sgemm_address() is None
     elif request.param == "compiled":
-        if blas._sgemm_address() is None:
-            pytest.fail("NumPy's BLAS has no scipy_cblas_sgemm64_: the compiled hand-over is not tested here")
+        if blas._sgemm_address() is None:  # NumPy's wheels bundle scipy-openblas64; the project pins those wheels
+            pytest.fail("NumPy's BLAS exports no scipy_cblas_sgemm64_ (not NumPy's bundled OpenBLAS?): the compiled "
+                        "hand-over would never run, and these tests would only cover the Python pool")
     else:
         monkeypatch.setattr(blas, "_sgemm_address", lambda: None)
     return request.param
@@ -102,14 +103,43 @@ def test_compiled_hand_over_shares_the_chunks(monkeypatch):
     numba.set_num_threads(1)  # the call asks for 2 threads: it gets them whatever Numba's count was
     rng = np.random.default_rng(0)
     a, b = _arr(rng, (2048, 256)), _arr(rng, (256, 256))
+    two = not numba.config.DISABLE_JIT and numba.config.NUMBA_NUM_THREADS >= 2
     try:
-        for _ in range(5):  # a worker takes at least one chunk in practice; 5 tries make a miss unlikely
+        for _ in range(100):  # a worker takes a chunk in practice at once; a loaded machine may need more tries
             out = blas.matmul(a, b, threads=2)
+            if not two or seen == {0, 1}:
+                break
         assert numba.get_num_threads() == 1  # restored
     finally:
         numba.set_num_threads(prev)
     np.testing.assert_array_equal(out, blas.matmul_reference(a, b))
-    assert seen == (set() if numba.config.DISABLE_JIT else {0, 1})  # without the JIT: the Python pool
+    if numba.config.DISABLE_JIT:
+        assert seen == set()  # without the JIT: the Python pool
+    else:
+        assert seen == ({0, 1} if two else {0})  # Numba's pool has as many threads as NUMBA_NUM_THREADS allows
+
+
+def test_stacks_take_the_compiled_hand_over(monkeypatch):
+    """batched_matmul's chunks (runs of whole products) go to the compiled hand-over, one row per product; stacks
+    with a zero or negative stride between products give the same bits as np.matmul."""
+    calls = _count_hand_overs(monkeypatch)
+    rng = np.random.default_rng(8)
+    a, b = _arr(rng, (16, 128, 64)), _arr(rng, (16, 96, 64)).swapaxes(-1, -2)  # kᵀ-like strided operand
+    got = blas.batched_matmul(a, b, threads=2)
+    with one_blas_thread():
+        np.testing.assert_array_equal(got, np.matmul(a, b))
+    assert [c[0] for c in calls] == (["python"] if numba.config.DISABLE_JIT else ["compiled"])
+    assert numba.config.DISABLE_JIT or calls[0][1] == 16  # one row per product
+    assert 16 * 128 * 64 * 96 >= blas.MIN_WORK  # worth sharing out
+    out = np.empty((6, 128, 96), np.float32)
+    one = _arr(rng, (128, 64))
+    tasks = [(a[::-3][:6], np.broadcast_to(b[0], (6, 64, 96)), out)]  # negative stride; stride 0 (one matrix)
+    assert blas._gemm_rows(tasks) is not None or numba.config.DISABLE_JIT
+    blas._run(tasks, 2)
+    with one_blas_thread():
+        np.testing.assert_array_equal(out, np.matmul(a[::-3][:6], b[0]))
+    assert blas._gemm_rows([(one, b[0], np.empty((128, 96), np.float32)[None])]) is None  # mixed ranks: refused
+    assert blas._gemm_rows([]) is None
 
 
 def test_gemm_rows_are_numpys_blas_calls():
