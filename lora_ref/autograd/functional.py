@@ -153,9 +153,13 @@ def swiglu(gate, up) -> Tensor:
     return Tensor._make(out, (gate, up), backward)
 
 
-ATTENTION_BLOCK = 64
+ATTENTION_BLOCK = 32
 """Query positions per block of causal attention, at least (:func:`_query_blocks`); with the fast paths on and
-``causal``, attention over T >= 2 · ATTENTION_BLOCK new positions runs block by block and skips the masked keys."""
+``causal``, attention over T >= 2 · ATTENTION_BLOCK new positions runs block by block and skips the masked keys.
+32 rather than 64: the tutorial model's 128 positions then make 4 blocks (work 1 : 2 : 3 : 4, which two threads
+share evenly, longest first) instead of 2 (work 1 : 2, one thread idle a third of the time): its training step
+measured 3 % faster, interleaved in one process (median of 24 paired steps); SmolLM2's LoRA step (256 positions, 8
+blocks instead of 4) the same within noise."""
 
 MAX_ATTENTION_BLOCKS = 8
 
