@@ -6,17 +6,18 @@ block above its *mmap threshold* (128 KB at first, raised on the fly up to 32 MB
 unmapped when freed, and free memory at the top of the heap beyond the *trim threshold* is returned with
 ``brk``. The next step's arrays then land on pages the kernel must map again, one page fault per 4 KB page touched
 first: measured here, a step of the tutorial model made ~40,000 page faults, most of them inside the first kernel
-that writes each new array, where two threads faulting at once wait on each other (SwiGLU's forward on a fresh
-(4096, 512) output: 5.6 ms instead of 1.1). On this project's virtual machines a fault costs several microseconds.
+that writes each new array, where two threads faulting at once wait on each other (SwiGLU's forward kernel in the
+step, on a fresh (4096, 512) output: 6.6 ms and ~514 faults a call without the setting below, 1.2 ms and none with
+it). On this project's virtual machines a fault costs several microseconds.
 
 :func:`keep_freed_memory` (run when ``lora_ref`` is imported, unless ``LORA_REF_KEEP_MEMORY=0``) sets both
 thresholds with ``mallopt`` (``man 3 mallopt``): blocks up to 1 GiB come from the heap, and the heap is trimmed only
 when more than 2 GiB at its top are free. GNU libc before 2.35 refuses an mmap threshold above 32 MiB (64-bit; the
 limit was lifted in 2.35); there the threshold is 32 MiB, so larger arrays (a real model's logits) are still mapped
 afresh each time. :func:`settings` says what was set. The memory the main thread's step used stays mapped for the
-next one: the tutorial model's training loop went from ~40,000 page faults and 242-245 ms a step to ~35 faults and
-176-178 ms (best of 30 steps after 5, 2 threads, the two settings in separate processes, on this project's Sapphire
-Rapids machine). Other threads allocate from glibc's per-thread arenas, whose heaps are given back when wholly free
+next one: the tutorial model's training loop went from ~41,500 page faults and 265 ms a step to 7-18 faults and
+184-191 ms (best of 30 steps after 5, 2 threads, the two settings in separate processes, twice each, on this
+project's Sapphire Rapids machine). Other threads allocate from glibc's per-thread arenas, whose heaps are given back when wholly free
 whatever these settings say; lora_ref's arrays are mostly made in the calling thread.
 
 The cost is memory: the process keeps its peak heap until it exits or calls :func:`release`. The setting is

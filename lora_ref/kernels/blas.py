@@ -29,13 +29,13 @@ multiply-adds) run as one call on one thread, where waking a second thread costs
 :func:`batched_matmul` does the same for stacks of products (attention's per-head products). The readable twin is
 ``np.matmul`` itself (:func:`matmul_reference`).
 
-**Handing the chunks over.** A Python thread pool (:func:`run_parallel`) costs ~65 us per hand-over here (a Future,
+**Handing the chunks over.** A Python thread pool (:func:`run_parallel`) costs 47-69 us per hand-over here (a Future,
 a queue, a sleeping thread woken, the GIL passed back and forth), and a training step of the tutorial model makes
 ~600 products. For float32 the chunks are therefore handed over in compiled code: each chunk becomes one row of
 integers, the arguments of the ``cblas_sgemm`` call NumPy's matmul itself makes for it (NumPy's rule for the
 transpose flags and leading dimensions, :func:`_blas_layout`), and the threads of Numba's pool take the next row
-until none is left and call the BLAS through its address (:func:`call_sgemm`; ~18 us per
-hand-over). The same call makes the same bits. Anything NumPy would not hand to ``cblas_sgemm`` as it is (another
+until none is left and call the BLAS through its address (:func:`call_sgemm`; 12-13 us per
+hand-over, measured the same way: the kernel with no rows on 2 threads). The same call makes the same bits. Anything NumPy would not hand to ``cblas_sgemm`` as it is (another
 dtype, a side of length 1, a matrix times its own transpose, an operand without a unit stride), a BLAS other than
 the scipy-openblas64 NumPy bundles, or ``NUMBA_DISABLE_JIT=1`` takes the Python pool (``tests/kernels/test_blas.py``
 runs the bit-for-bit tests through both). Both rely on the BLAS being set to one thread for the duration
@@ -219,10 +219,10 @@ def _run(tasks: list, n: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the compiled hand-over
-# Handing a task to a pool thread from Python costs ~65 us on this project's machine (measured: run_parallel of two
+# Handing a task to a pool thread from Python costs 47-69 us on this project's machine (measured: run_parallel of two
 # empty tasks): a Future, a queue, a sleeping thread woken, the GIL passed back and forth. A training step of the
 # tutorial model makes ~600 products, so the hand-overs alone cost tens of milliseconds. Numba's parallel loop hands
-# over in compiled code (~18 us measured the same way), so the products of _run are made there: each task becomes
+# over in compiled code (12-13 us: _gemm_tasks_kernel with no rows), so the products of _run are made there: each task becomes
 # one row of integers (the arguments of the cblas_sgemm call NumPy itself would make for that matmul) and each
 # thread takes the next row until none is left.
 
