@@ -39,6 +39,28 @@ def _fmt_s(x) -> str:
     return f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def value(row: dict, key: str) -> str:
+    """``row[key]`` (``ours_s`` or ``baseline_s``) with its unit: seconds as ms or s, a memory row's bytes as MiB."""
+    x = row[key]
+    if row["name"].startswith("memory") and isinstance(x, (int, float)):
+        return f"{x / 2**20:.1f} MiB"
+    return _fmt_s(x)
+
+
+def text_table(results: list[dict]) -> str:
+    """The rows as ``lora-ref bench`` prints them: name, our value, the baseline and its value (with units), ratio,
+    goal and verdict."""
+    lines = [f"{'name':<26} {'ours':>11}  {'baseline':<18} {'baseline value':>14}  {'ratio':>7}  goal"]
+    for r in results:
+        if r["ratio"] is None:  # the baseline could not run; the notes say why
+            lines.append(f"{r['name']:<26} {value(r, 'ours_s'):>11}  {r['baseline']:<18} {'-':>14}  {'-':>7}")
+            continue
+        goal = "" if r.get("goal") is None else f"<= {r['goal']} {'met' if r.get('met') else 'not met'}"
+        lines.append(f"{r['name']:<26} {value(r, 'ours_s'):>11}  {r['baseline']:<18} {value(r, 'baseline_s'):>14}  "
+                     f"{r['ratio']:>7.3f}  {goal}")
+    return "\n".join(lines)
+
+
 def table(doc: dict) -> str:
     m = doc.get("machine", {})
     pools = ", ".join(f"{b.get('internal_api')} {b.get('num_threads')} threads"
@@ -49,15 +71,13 @@ def table(doc: dict) -> str:
              "| row | ours | baseline | baseline time | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         name = r["name"]
-        memory = name.startswith("memory")
-        fmt = (lambda b: f"{b / 2**20:.1f} MiB") if memory else _fmt_s
         goal = GOALS.get(name)
         if r["ratio"] is None:  # the baseline could not run (the row's params say why)
-            lines.append(f"| `{name}` | {fmt(r['ours_s'])} | {r['baseline']} | not measured | | "
+            lines.append(f"| `{name}` | {value(r, 'ours_s')} | {r['baseline']} | not measured | | "
                          f"{'' if goal is None else f'<= {goal}'} | |")
             continue
         met = "" if goal is None else ("yes" if r["ratio"] <= goal else "no")
-        lines.append(f"| `{name}` | {fmt(r['ours_s'])} | {r['baseline']} | {fmt(r['baseline_s'])} | {r['ratio']:.3f} | "
+        lines.append(f"| `{name}` | {value(r, 'ours_s')} | {r['baseline']} | {value(r, 'baseline_s')} | {r['ratio']:.3f} | "
                      f"{'' if goal is None else f'<= {goal}'} | {met} |")
     return "\n".join(lines)
 

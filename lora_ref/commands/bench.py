@@ -82,6 +82,7 @@ def set_threads(n: int | None) -> dict:
 
 
 def run(args) -> int:
+    from lora_ref.bench.report import text_table
     from lora_ref.bench.timing import machine
     from lora_ref.errors import UsageError
 
@@ -144,14 +145,7 @@ def run(args) -> int:
         return 0
     print(f"machine: {doc['machine'].get('cpu', '?')}, {doc['machine'].get('cpus', '?')} CPUs; "
           f"threads on both sides: {threads.get('threads')}")
-    print(f"{'name':<26} {'ours (ms)':>11}  {'baseline':<18} {'baseline (ms)':>13}  {'ratio':>7}  goal")
-    for r in results:
-        if r["ratio"] is None:  # the baseline could not run; the notes say why
-            print(f"{r['name']:<26} {r['ours_s'] * 1e3:>11.2f}  {r['baseline']:<18} {'-':>13}  {'-':>7}")
-            continue
-        goal = "" if r.get("goal") is None else f"<= {r['goal']} {'met' if r.get('met') else 'not met'}"
-        print(f"{r['name']:<26} {r['ours_s'] * 1e3:>11.2f}  {r['baseline']:<18} {r['baseline_s'] * 1e3:>13.2f}  "
-              f"{r['ratio']:>7.3f}  {goal}")
+    print(text_table(results))
     for n in notes:
         print(f"note: {n}")
     return 0

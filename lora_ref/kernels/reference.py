@@ -20,7 +20,7 @@ __all__ = [
     "swiglu_forward", "swiglu_backward", "rms_norm_forward", "rms_norm_backward", "rotary_forward",
     "rotary_backward", "attention_softmax", "attention_softmax_backward", "cross_entropy_forward",
     "cross_entropy_backward", "embedding_grad", "adamw_update",
-    "MR", "NR", "KC", "check_matmul_operands", "matmul",
+    "MR", "NR", "KC", "check_matmul_operands", "matmul", "check_attention_rows",
 ]
 
 
@@ -101,12 +101,22 @@ def rotary_backward(g, x, cos, sin, saved):
 
 
 # ================================================================================================ attention softmax
+def check_attention_rows(shape: tuple, T: int) -> None:
+    """``ValueError`` unless scores of ``shape`` (…, G·T, S) hold whole groups of T queries, the last T of S
+    positions (1 <= T <= S). Both twins check it; the compiled one would otherwise write outside a row."""
+    R, S = (shape[-2], shape[-1]) if len(shape) >= 2 else (None, None)
+    if R is None or not 1 <= T <= S or R % T:
+        raise ValueError(f"attention softmax: scores of shape {tuple(shape)} are not (..., G*T, S) with T = {T} "
+                         "queries, the last T of S positions (1 <= T <= S)")
+
+
 def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> np.ndarray:
     """softmax(scores · scale) over the last axis, masked keys (``causal``) at −∞ before it, so at 0 after.
 
     scores (…, G·T, S): G query heads stacked along time, each of T queries (the last T of S positions).
     May scale ``scores`` in place; returns the probabilities.
     """
+    check_attention_rows(scores.shape, T)
     scores *= scale
     if causal:
         S = scores.shape[-1]
@@ -120,6 +130,7 @@ def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> np.nda
 
 def attention_softmax_backward(dp: np.ndarray, p: np.ndarray, scale, T: int, causal: bool) -> np.ndarray:
     """The scores' gradient dS = P ⊙ (dP − Σ_s dP ⊙ P) · scale (0 at masked keys, where P is 0)."""
+    check_attention_rows(p.shape, T)
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
     ds *= scale
     return ds

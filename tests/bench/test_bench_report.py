@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_ref.bench.report import END, START, table, update
+from lora_ref.bench.report import END, START, table, text_table, update
 
 DOC = {"machine": {"cpu": "Test CPU", "cpus": 2, "python": "3.11", "numpy": "2.4"},
        "results": [{"name": "train_step", "ours_s": 0.2, "baseline": "torch", "baseline_s": 0.25, "ratio": 0.8,
@@ -23,6 +23,18 @@ def test_table_rows_goals_and_verdicts():
     assert "| `train_step` | 200.00 ms | torch | 250.00 ms | 0.800 | <= 1.0 | yes |" in t
     assert "| `nf4_gemv_4096` | 3.00 ms | openblas_sgemv | 5.00 ms | 0.600 | <= 0.5 | no |" in t
     assert "| `memory_lora` | 3.0 MiB | memory_full | 6.0 MiB | 0.500 |  |  |" in t
+
+
+def test_printed_table_gives_each_value_its_unit():
+    """The table ``lora-ref bench`` prints: times in ms (or s), a memory row's bytes in MiB (once printed as
+    bytes × 1000 under an "ms" heading)."""
+    rows = [dict(r, goal=g, met=m) for r, g, m in zip(DOC["results"], (1.0, 0.5, None), (True, False, None))]
+    lines = text_table(rows + [{"name": "real_prefill", "ours_s": 1.5, "baseline": "torch", "baseline_s": None,
+                                "ratio": None}]).splitlines()
+    assert lines[1].split() == ["train_step", "200.00", "ms", "torch", "250.00", "ms", "0.800", "<=", "1.0", "met"]
+    assert lines[2].split()[-4:] == ["<=", "0.5", "not", "met"]
+    assert lines[3].split() == ["memory_lora", "3.0", "MiB", "memory_full", "6.0", "MiB", "0.500"]
+    assert lines[4].split() == ["real_prefill", "1.50", "s", "torch", "-", "-"]
 
 
 def test_update_replaces_only_the_marked_section(tmp_path):

@@ -173,6 +173,42 @@ def test_attention_twins(b, k, g, t, past, e, causal, seed):
     assert len(calls) == 1
 
 
+@given(g=st.integers(1, 3), t=st.integers(1, 150), past=st.integers(0, 200), causal=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_attention_softmax_twins_on_long_rows(g, t, past, causal, seed):
+    """The compiled softmax runs each row's loops to the causal limit rounded up to a multiple of 64 (or the row's
+    end) and zeroes the rest: against the readable twin on rows up to 350 keys long, forward and backward."""
+    from lora_ref.kernels import reference
+
+    rng = np.random.default_rng(seed)
+    S = t + past
+    s = _f32(rng, (2, g * t, S), 4.0)
+    dp = _f32(rng, (2, g * t, S))
+    p_f = train_kernels.attention_softmax(s.copy(), np.float32(0.125), t, causal)
+    p_r = reference.attention_softmax(s.copy(), np.float32(0.125), t, causal)
+    np.testing.assert_allclose(p_f, p_r, **TOL32)
+    if causal:  # every key past a query's limit is exactly 0
+        lim = np.arange(g * t) % t + past + 1
+        assert not p_f[:, np.arange(S)[None, :] >= lim[:, None]].any()
+    ds_f = train_kernels.attention_softmax_backward(dp.copy(), p_r, np.float32(0.125), t, causal)
+    ds_r = reference.attention_softmax_backward(dp.copy(), p_r, np.float32(0.125), t, causal)
+    np.testing.assert_allclose(ds_f, ds_r, **TOL32)
+
+
+@pytest.mark.parametrize("shape, T", [((4, 6), 5), ((4, 6), 0), ((6, 4), 6), ((6,), 1)])
+def test_attention_softmax_refuses_rows_that_are_not_whole_query_groups(shape, T):
+    """Scores (..., G·T, S) need 1 <= T <= S and whole groups of T rows; the compiled kernel would otherwise write
+    outside a row, so both twins refuse other shapes."""
+    from lora_ref.kernels import reference
+
+    for impl in (train_kernels, reference):
+        with pytest.raises(ValueError, match="attention softmax"):
+            impl.attention_softmax(np.zeros(shape, np.float32), np.float32(1.0), T, True)
+        with pytest.raises(ValueError, match="attention softmax"):
+            impl.attention_softmax_backward(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                                            np.float32(1.0), T, True)
+
+
 @given(b=st.integers(1, 2), k=st.integers(1, 2), g=st.integers(1, 3), t=st.integers(1, 70),
        past=st.integers(0, 9), e=st.integers(1, 9), block=st.integers(1, 20), seed=st.integers(0, 2**16))
 def test_causal_attention_blocks_equal_the_full_computation(b, k, g, t, past, e, block, seed):
