@@ -267,8 +267,8 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
 def _query_blocks(T: int, S: int) -> list[tuple[int, int]]:
     """Blocks [t0, t1) of the T query positions for causal attention: one block below 2 · ATTENTION_BLOCK
     positions; else up to MAX_ATTENTION_BLOCKS blocks of about equal size (at least ATTENTION_BLOCK positions),
-    inner edges on multiples of 16 (the softmax kernel's vector width). More blocks skip more masked keys but
-    make smaller products."""
+    inner edges on multiples of 16 (whole 512-bit vectors of keys for the softmax kernel). More blocks skip more
+    masked keys but make smaller products."""
     n = min(MAX_ATTENTION_BLOCKS, T // ATTENTION_BLOCK)
     if n < 2:
         return [(0, T)]

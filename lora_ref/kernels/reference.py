@@ -101,13 +101,16 @@ def rotary_backward(g, x, cos, sin, saved):
 
 
 # ================================================================================================ attention softmax
-def check_attention_rows(shape: tuple, T: int) -> None:
-    """``ValueError`` unless scores of ``shape`` (…, G·T, S) hold whole groups of T queries, the last T of S
-    positions (1 <= T <= S). Both twins check it; the compiled one would otherwise write outside a row."""
-    R, S = (shape[-2], shape[-1]) if len(shape) >= 2 else (None, None)
-    if R is None or not 1 <= T <= S or R % T:
-        raise ValueError(f"attention softmax: scores of shape {tuple(shape)} are not (..., G*T, S) with T = {T} "
-                         "queries, the last T of S positions (1 <= T <= S)")
+def check_attention_rows(shape: tuple, T: int, causal: bool) -> None:
+    """``ValueError`` unless attention scores of ``shape`` (…, G·T, S) fit the ``causal`` mask: whole groups of T
+    queries, the last T of S positions (1 <= T <= S). Without the mask T plays no part and any (…, R, S) is
+    accepted. Both twins check it (the compiled one would otherwise index outside a row)."""
+    if len(shape) < 2:
+        raise ValueError(f"attention softmax: scores of shape {tuple(shape)} are not (..., rows, keys)")
+    R, S = shape[-2], shape[-1]
+    if causal and (not 1 <= T <= S or R % T):
+        raise ValueError(f"attention softmax: causal scores of shape {tuple(shape)} are not (..., G*T, S) with "
+                         f"T = {T} queries, the last T of S positions (1 <= T <= S)")
 
 
 def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> np.ndarray:
@@ -116,7 +119,7 @@ def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> np.nda
     scores (…, G·T, S): G query heads stacked along time, each of T queries (the last T of S positions).
     May scale ``scores`` in place; returns the probabilities.
     """
-    check_attention_rows(scores.shape, T)
+    check_attention_rows(scores.shape, T, causal)
     scores *= scale
     if causal:
         S = scores.shape[-1]
@@ -130,7 +133,7 @@ def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> np.nda
 
 def attention_softmax_backward(dp: np.ndarray, p: np.ndarray, scale, T: int, causal: bool) -> np.ndarray:
     """The scores' gradient dS = P ⊙ (dP − Σ_s dP ⊙ P) · scale (0 at masked keys, where P is 0)."""
-    check_attention_rows(p.shape, T)
+    check_attention_rows(p.shape, T, causal)
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
     ds *= scale
     return ds

@@ -19,14 +19,19 @@ What the fusion buys, on the tutorial model's batch (B·T = 4096 rows):
   as (B, H, T, E)), so the transposes and reshapes on the way back to the projection are free views.
 
 Kernels are float32 only (constants are float32, so nothing is silently computed in float64), parallel over rows
-(``prange``), and cached on disk (``cache=True``). The ones whose loops compute exponentials (SwiGLU both ways, the
-attention softmax, the cross-entropy forward) ask LLVM for 512-bit vectors (:func:`lora_ref.kernels.jit.prefer_wide_vectors`;
-LLVM's tuning for Intel server cores stays at 256 bits otherwise). The same operations on more lanes give the same
-bits; measured here on one thread against the 256-bit build: SwiGLU forward 0.58-0.75 and backward 0.18-0.65 of the
-time, the causal softmax 0.69-0.91 (its rows now run to a multiple of 64 keys, which LLVM's 512-bit loops take at a
-time, so no row ends in a long scalar tail), the cross-entropy forward 0.80. RMSNorm and the cross-entropy backward
-got slower with them (1.1-1.5 and 1.9-2.8 of the time) and keep LLVM's choice. Reductions whose result is summed across rows (RMSNorm's weight
+(``prange``), and cached on disk (``cache=True``). Reductions whose result is summed across rows (RMSNorm's weight
 gradient) use a fixed number of row chunks, so results do not depend on the thread count.
+
+Four kernels whose loops compute exponentials (SwiGLU both ways, the attention softmax, the cross-entropy forward) ask
+LLVM for 512-bit vectors (:func:`lora_ref.kernels.jit.prefer_wide_vectors`; LLVM's tuning for Intel server cores
+stays at 256 bits otherwise). The same operations on more lanes give the same results: bit for bit against the
+256-bit build on finite inputs, only a NaN's sign bit can differ (``tests/kernels/test_fast_paths.py``). Against
+that build, one thread, interleaved: SwiGLU forward 0.58-0.75 and backward 0.18-0.69 of the time; the softmax
+0.63-0.91 on most shapes but no gain on the tutorial model's 4096 rows of 128 causal keys (0.96-1.03); the
+cross-entropy forward 0.80. RMSNorm and the cross-entropy backward got slower with wide vectors (1.1-1.5 and 1.9-2.8
+of the time) and keep LLVM's choice. The softmax's rows (forward and backward) run to the causal limit rounded up
+to a multiple of 64 keys, which LLVM's 512-bit loops take at a time, so a row whose keys are a multiple of 64 ends
+in no scalar tail (it was 16).
 """
 
 from __future__ import annotations
@@ -334,19 +339,23 @@ def rotary_backward(g, x, cos, sin, saved):
 
 # ================================================================================================ attention softmax
 _LANES = 64  # a row's loops run to a multiple of this (LLVM's 512-bit loops take 16 lanes × 4 at a time)
+
+
 @njit(cache=True, parallel=True, nogil=True)  # nogil: attention blocks run it from two threads at once
 def _causal_softmax_kernel(s, scale, T, causal):
     """In place: s ← softmax(s·scale) over each row, keys past the causal limit set to 0.
 
     s: float32 (R, S), rows in (…, T) order: row i is query t = i mod T of the last T of S positions and sees
-    keys j ≤ t + S − T. The masked keys are never exponentiated (the twin fills them with −∞ first).
+    keys j ≤ t + S − T. Masked keys up to the loops' end L are set to −∞ before the exponentials (e^−∞ = 0), as
+    the twin does; those past L are written as 0 directly. A row with a NaN or +∞ score comes out NaN (so do the
+    twin's), masked keys below L included.
     """
     R, S = s.shape
     for i in prange(R):
         prefer_wide_vectors()
         lim = (i % T) + S - T + 1 if causal else S
-        # loops run to L, lim rounded up to _LANES, with the masked keys selected away: a vectorized loop ends in
-        # a scalar tail of up to _LANES − 1 elements, which cost more than the masked work
+        # loops run to L, lim rounded up to _LANES (or the row's end), the masked keys selected away: a vectorized
+        # loop ends in a scalar tail of up to _LANES − 1 elements, which cost more than the masked work
         L = min(S, (lim + _LANES - 1) // _LANES * _LANES)
         row = s[i]  # (S,)
         for j in range(L):
@@ -363,7 +372,10 @@ def _causal_softmax_kernel(s, scale, T, causal):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _softmax_backward_kernel(dp, p, scale, T, causal):
-    """In place: dp ← p ⊙ (dp − Σ_j dp_j p_j) · scale (the scores' gradient), 0 at masked keys.  (R, S) each."""
+    """In place: dp ← p ⊙ (dp − Σ_j dp_j p_j) · scale (the scores' gradient), ±0 at masked keys.  (R, S) each.
+
+    Masked keys below the loops' end L get p·(…) = ±0 (the sign of dp − c, as in the twin); those past L get +0.
+    Its loops are not on 512-bit vectors (measured no faster)."""
     R, S = dp.shape
     for i in prange(R):
         lim = (i % T) + S - T + 1 if causal else S
@@ -377,7 +389,7 @@ def _softmax_backward_kernel(dp, p, scale, T, causal):
 
 def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> np.ndarray:
     """Scale, mask and softmax the float32 attention scores (…, T', S) in place (T' a multiple of T); returns them."""
-    reference.check_attention_rows(scores.shape, T)
+    reference.check_attention_rows(scores.shape, T, causal)
     S = scores.shape[-1]
     _causal_softmax_kernel(scores.reshape(-1, S), F32(scale), T, causal)
     return scores
@@ -385,7 +397,7 @@ def attention_softmax(scores: np.ndarray, scale, T: int, causal: bool) -> np.nda
 
 def attention_softmax_backward(dp: np.ndarray, p: np.ndarray, scale, T: int, causal: bool) -> np.ndarray:
     """The scores' gradient from dP, computed in place in ``dp`` and returned."""
-    reference.check_attention_rows(p.shape, T)
+    reference.check_attention_rows(p.shape, T, causal)
     if dp.shape != p.shape:
         raise ValueError(f"attention softmax backward: dP {dp.shape} and P {p.shape} differ in shape")
     S = p.shape[-1]

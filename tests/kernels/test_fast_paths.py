@@ -195,10 +195,68 @@ def test_attention_softmax_twins_on_long_rows(g, t, past, causal, seed):
     np.testing.assert_allclose(ds_f, ds_r, **TOL32)
 
 
+def _assert_same_results(a, b):
+    """Bit for bit (the sign of a zero included), except that a NaN may come out with the other sign bit."""
+    nan = np.isnan(a)
+    np.testing.assert_array_equal(nan, np.isnan(b))
+    np.testing.assert_array_equal(a.view(np.uint32)[~nan], b.view(np.uint32)[~nan])
+
+
+def _narrow_build(kernel):
+    """The same kernel compiled without its request for 512-bit vectors (LLVM's default width here)."""
+    import types
+
+    from numba import njit
+
+    def default_width():
+        return None
+
+    f = kernel.py_func
+    g = dict(f.__globals__, prefer_wide_vectors=njit(inline="always")(default_width))
+    narrow = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__)
+    return njit(parallel=True, nogil=True)(narrow)
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares two compiled builds; without JIT both are Python")
+def test_wide_vector_kernels_give_the_bits_of_the_default_width():
+    """The kernels that ask for 512-bit vectors compute the same operations on more lanes: bit for bit what the
+    default (256-bit) build gives (a NaN's sign bit aside), on rows whose lengths are and are not multiples of the
+    vector width, with NaN, ±inf, very negative and very positive inputs."""
+    rng = np.random.default_rng(11)
+    names = ("_swiglu_forward_kernel", "_swiglu_backward_kernel", "_causal_softmax_kernel",
+             "_cross_entropy_forward_kernel")
+    both = {name: (getattr(train_kernels, name), _narrow_build(getattr(train_kernels, name))) for name in names}
+    for n, m in ((37, 101), (64, 512), (5, 1536), (300, 100)):
+        a, u, g = (_f32(rng, (n, m), 6.0) for _ in range(3))
+        a[0, :4] = [np.nan, np.inf, -np.inf, -120.0]
+        outs = [np.empty_like(a) for _ in range(2)]
+        for out, k in zip(outs, both["_swiglu_forward_kernel"]):
+            k(a, u, out)
+        _assert_same_results(outs[0], outs[1])
+        grads = [(np.empty_like(a), np.empty_like(a)) for _ in range(2)]
+        for (ga, gu), k in zip(grads, both["_swiglu_backward_kernel"]):
+            k(g, a, u, ga, gu)
+        _assert_same_results(grads[0][0], grads[1][0])
+        _assert_same_results(grads[0][1], grads[1][1])
+        T = n if n <= m else m  # rows in whole groups of T queries, T <= S (n = 300 rows: 3 groups of 100)
+        for T, causal in ((T, True), (1, True), (T, False)):
+            probs = [a.copy() for _ in range(2)]
+            for p, k in zip(probs, both["_causal_softmax_kernel"]):
+                k(p, np.float32(0.3), T, causal)
+            _assert_same_results(probs[0], probs[1])
+        t = rng.integers(0, m, n)
+        t[::3] = -100
+        res = [(np.empty(n, np.float32), np.empty(n, np.float32)) for _ in range(2)]
+        for (lse, nll), k in zip(res, both["_cross_entropy_forward_kernel"]):
+            k(a, t, -100, lse, nll)
+        _assert_same_results(res[0][0], res[1][0])
+        _assert_same_results(res[0][1], res[1][1])
+
+
 @pytest.mark.parametrize("shape, T", [((4, 6), 5), ((4, 6), 0), ((6, 4), 6), ((6,), 1)])
-def test_attention_softmax_refuses_rows_that_are_not_whole_query_groups(shape, T):
-    """Scores (..., G·T, S) need 1 <= T <= S and whole groups of T rows; the compiled kernel would otherwise write
-    outside a row, so both twins refuse other shapes."""
+def test_causal_attention_softmax_refuses_rows_that_are_not_whole_query_groups(shape, T):
+    """Causal scores (..., G·T, S) need 1 <= T <= S and whole groups of T rows; the compiled kernel would otherwise
+    index outside a row, so both twins refuse other shapes."""
     from lora_ref.kernels import reference
 
     for impl in (train_kernels, reference):
@@ -207,6 +265,20 @@ def test_attention_softmax_refuses_rows_that_are_not_whole_query_groups(shape, T
         with pytest.raises(ValueError, match="attention softmax"):
             impl.attention_softmax_backward(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
                                             np.float32(1.0), T, True)
+
+
+def test_attention_without_mask_takes_more_queries_than_keys():
+    """Without the causal mask T plays no part: 6 queries over 3 keys (cross-attention) work with the fast paths
+    on and off, and agree."""
+    from lora_ref.kernels import reference
+
+    rng = np.random.default_rng(5)
+    _assert_twins_equal(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False),
+                        {"q": _f32(rng, (1, 2, 6, 4)), "k": _f32(rng, (1, 2, 3, 4)), "v": _f32(rng, (1, 2, 3, 4))})
+    s = _f32(rng, (4, 6))  # 4 rows that are not whole groups of T = 5: no matter without the mask
+    p = [impl.attention_softmax(s.copy(), np.float32(0.5), 5, False) for impl in (train_kernels, reference)]
+    np.testing.assert_allclose(p[0], p[1], **TOL32)
+    np.testing.assert_allclose(p[1], np.exp(s / 2) / np.exp(s / 2).sum(axis=-1, keepdims=True), rtol=1e-5)
 
 
 @given(b=st.integers(1, 2), k=st.integers(1, 2), g=st.integers(1, 3), t=st.integers(1, 70),
