@@ -12,12 +12,14 @@ remove: Python dispatch between ~250 small operations per token, temporary array
 - :func:`decode_step` runs *all* layers and the head in one compiled call, with the layers' weights held in
   Numba typed lists (:func:`weight_list`), so a token costs one Python call however deep the model is.
 - Weights are float32 matrices or 4-bit ones (:class:`~lora_ref.kernels.decode_reference.Weight4bit`). A 4-bit row
-  is decoded into an L1-resident buffer and dotted with the input in the same pass over the row (the fused NF4
-  GEMV): on AVX-512 CPUs 16 codes per instruction through a table held in a register
-  (:func:`lora_ref.kernels.jit.lut16_decode16`, which writes each group of 32 elements as 16 even then 16 odd
-  ones, so the input vector is reordered once per product instead), elsewhere through the block's scaled
-  16-entry table; double-quantized scales are decoded inline (one 8-bit lookup per block of 64 weights), so the
-  bytes read are the bytes stored.
+  is decoded and dotted with the input in one pass over the row (the fused NF4 GEMV): on AVX-512 CPUs 16 codes
+  per instruction through a table held in a register, the decoded weights multiplied by the input and added
+  into 32 running sums without leaving the registers (:func:`lora_ref.kernels.jit.lut16_fma16`; it takes each
+  group of 32 elements as 16 even then 16 odd ones, so the input vector is reordered once per product instead;
+  each row used to go through an L1 buffer), elsewhere through the block's scaled 16-entry table into an
+  L1-resident buffer;
+  double-quantized scales are decoded inline (one 8-bit lookup per block of 64 weights), so the bytes read are
+  the bytes stored.
 - :func:`head_step` (final RMSNorm + logits) reads the head once per token, parallel over vocabulary rows; for a
   tied head that is the embedding matrix, read once.
 
@@ -38,7 +40,7 @@ from numba.extending import overload
 
 from lora_ref.kernels import decode_reference, switch
 from lora_ref.kernels.decode_reference import Weight4bit
-from lora_ref.kernels.jit import HAS_AVX512, lut16_decode16, prefer_wide_vectors
+from lora_ref.kernels.jit import HAS_AVX512, lut16_fma16, prefer_wide_vectors, stack_tile_f32
 
 __all__ = ["layer_step", "head_step", "decode_step", "weight_list", "readonly", "PICK", "pick"]
 
@@ -93,7 +95,7 @@ def _rms_norm(x, w, eps, out):
 
 @njit(cache=True, inline="always")
 def _split_pairs(x, out):
-    """out = x with each group of 32 elements as its 16 even then 16 odd ones (the order lut16_decode16 writes)."""
+    """out = x with each group of 32 elements as its 16 even then 16 odd ones (the order lut16_fma16 reads)."""
     for g in range(x.shape[0] // 32):
         for j in range(16):
             out[32 * g + j] = x[32 * g + 2 * j]
@@ -120,16 +122,9 @@ def _dot_f32(w, r, x):
 
 
 @njit(cache=True, inline="always")
-def _decode_block_permute(w, byte0, half, s, buf, out0):
-    """The ``half`` bytes of one block (from ``byte0``) scaled by s into buf[out0:], 16 codes per vpermps, each
-    group of 32 elements as 16 even then 16 odd ones."""
-    for j in range(0, half, 16):
-        lut16_decode16(w.packed, byte0 + j, w.code, s, buf, out0 + 2 * j)
-
-
-@njit(cache=True, inline="always")
 def _decode_block_table(w, byte0, half, s, buf, out0):
-    """The same in element order, through the block's scaled 16-entry table."""
+    """The ``half`` bytes of one block (from ``byte0``) scaled by s into buf[out0:] in element order, through the
+    block's scaled 16-entry table (CPUs without AVX-512)."""
     table = np.empty(16, np.float32)
     for c in range(16):
         table[c] = w.code[c] * s
@@ -139,7 +134,41 @@ def _decode_block_table(w, byte0, half, s, buf, out0):
         buf[out0 + 2 * j + 1] = table[byte & 15]
 
 
-_decode_block = _decode_block_permute if HAS_AVX512 else _decode_block_table
+@njit(cache=True, inline="always")
+def _add_block_permute(w, byte0, half, s, buf, out0, xs, acc):
+    """The block's weights times xs (the same split order) added into the 32 running sums ``acc``: decoded in
+    registers (:func:`lora_ref.kernels.jit.lut16_fma16`), never written to ``buf``."""
+    for j in range(0, half, 16):
+        lut16_fma16(w.packed, byte0 + j, w.code, s, xs, out0 + 2 * j, acc)
+
+
+@njit(cache=True, inline="always")
+def _add_block_table(w, byte0, half, s, buf, out0, xs, acc):
+    """The block decoded into ``buf`` (its dot product with x follows in :func:`_aligned_total_table`)."""
+    _decode_block_table(w, byte0, half, s, buf, out0)
+
+
+@njit(cache=True, inline="always")
+def _aligned_total_permute(buf, xs, K, acc):
+    """The row's dot product: the 32 running sums added up."""
+    tot = F32(0.0)
+    for lane in range(32):
+        tot += acc[lane]
+    return tot
+
+
+@njit(cache=True, inline="always")
+def _aligned_total_table(buf, xs, K, acc):
+    """The row's dot product: the decoded row in ``buf`` times x."""
+    tot = F32(0.0)
+    for k in range(U64(K)):
+        tot += buf[k] * xs[k]
+    return tot
+
+
+_add_block = _add_block_permute if HAS_AVX512 else _add_block_table
+_aligned_total = _aligned_total_permute if HAS_AVX512 else _aligned_total_table
+_acc32 = stack_tile_f32(1, 32)
 SPLIT_ORDER = HAS_AVX512
 """Whether aligned 4-bit rows are decoded in split order (so their input vector is reordered to match)."""
 
@@ -172,17 +201,21 @@ def _dot_rows_f32(w, r0, r1, x, dst):
 
 @njit(cache=True, fastmath=FAST)
 def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
-    """dst[i] = row r0 + i of a 4-bit W dotted with x: each row decoded into ``buf`` (L1), then one vectorized
-    sum. Rows on block boundaries take the block decoder (with ``xs``, x in its order), with the per-weight
-    constants computed once and the nested scales' index advanced without a division per block; others decode
-    element by element."""
+    """dst[i] = row r0 + i of a 4-bit W dotted with x. Rows on block boundaries take the block decoder (with
+    ``xs``, x in its order), with the per-weight constants computed once and the nested scales' index advanced
+    without a division per block: on AVX-512 CPUs each block's weights go straight into 32 running sums
+    (:func:`_add_block_permute`), elsewhere the row is decoded into ``buf`` (L1) and summed against x. Other
+    rows decode element by element into ``buf``, then one vectorized sum."""
     prefer_wide_vectors()
+    acc = _acc32()[0]                                                  # (32,) running sums, on the stack
     K, bs = w.k, w.blocksize
     aligned = K % bs == 0 and bs % 32 == 0
     nb, half, kbytes, bs2 = K // bs, bs // 2, K // 2, w.blocksize2
     offset = F32(w.offset)
     for r in range(r0, r1):
         if aligned:
+            for lane in range(32):
+                acc[lane] = F32(0.0)
             blk = r * nb
             j2 = blk // bs2                                            # the nested block of this row's first block
             rem = blk - j2 * bs2
@@ -195,15 +228,14 @@ def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
                         j2 += 1
                 else:
                     s = w.absmax[blk + b]
-                _decode_block(w, r * kbytes + b * half, half, s, buf, b * bs)
-            v = xs
+                _add_block(w, r * kbytes + b * half, half, s, buf, b * bs, xs, acc)
+            dst[r - r0] = _aligned_total(buf, xs, K, acc)
         else:
             _decode_row_any(w, r, buf)
-            v = x
-        acc = F32(0.0)
-        for k in range(U64(K)):
-            acc += buf[k] * v[k]
-        dst[r - r0] = acc
+            tot = F32(0.0)
+            for k in range(U64(K)):
+                tot += buf[k] * x[k]
+            dst[r - r0] = tot
 
 
 def _dot_rows(w, r0, r1, x, xs, buf, dst):

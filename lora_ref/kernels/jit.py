@@ -15,7 +15,8 @@ fallbacks (a NumPy array and a no-op), so the kernels still run as ordinary Pyth
 
 :func:`lut16_decode16` decodes packed 4-bit codes through a table kept in one AVX-512 register (``vpermps``)
 instead of a gather from memory; the 4-bit GEMV of :mod:`lora_ref.quant.kernels` uses it when
-:data:`HAS_AVX512` is true and a gather loop otherwise.
+:data:`HAS_AVX512` is true and a gather loop otherwise. :func:`lut16_fma16` decodes the same way and adds the
+products with a vector x straight into two accumulator registers, for a single input row (decoding).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from numba import carray, config, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["stack_tile_f32", "prefer_wide_vectors", "HAS_AVX512", "lut16_decode16"]
+__all__ = ["stack_tile_f32", "prefer_wide_vectors", "HAS_AVX512", "lut16_decode16", "lut16_fma16"]
 
 
 def stack_tile_f32(rows: int, cols: int):
@@ -107,28 +108,74 @@ def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
         from llvmlite import ir
 
         packed_v, byte0_v, table_v, scale_v, out_v, out0_v = args
-        packed_arr = context.make_array(signature.args[0])(context, builder, packed_v)
-        table_arr = context.make_array(signature.args[2])(context, builder, table_v)
+        v_high, v_low = _lut16_values(builder, context, signature, packed_v, byte0_v, table_v, scale_v)
         out_arr = context.make_array(signature.args[4])(context, builder, out_v)
-        i32 = ir.IntType(32)
-        v16i8, v16i32 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(i32, 16)
         v16f = ir.VectorType(ir.FloatType(), 16)
-
-        src = builder.bitcast(builder.gep(packed_arr.data, [byte0_v]), v16i8.as_pointer())
-        codes = builder.zext(builder.load(src, align=1), v16i32)                      # 16 bytes as int32
-        high = builder.lshr(codes, ir.Constant(v16i32, [4] * 16))                     # first elements
-        low = builder.and_(codes, ir.Constant(v16i32, [15] * 16))                     # second elements
-        table16 = builder.load(builder.bitcast(table_arr.data, v16f.as_pointer()), align=4)
-        splat = builder.insert_element(ir.Constant(v16f, ir.Undefined), scale_v, ir.Constant(i32, 0))
-        splat = builder.shuffle_vector(splat, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i32, [0] * 16))
-        table16 = builder.fmul(table16, splat)                                        # 16 exact products
-        permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16i32]),
-                                                 "llvm.x86.avx512.permvar.sf.512")
-        v_high, v_low = builder.call(permute, [table16, high]), builder.call(permute, [table16, low])
         dst = builder.gep(out_arr.data, [out0_v])
         builder.store(v_high, builder.bitcast(dst, v16f.as_pointer()), align=4)
         dst16 = builder.gep(out_arr.data, [builder.add(out0_v, ir.Constant(out0_v.type, 16))])
         builder.store(v_low, builder.bitcast(dst16, v16f.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _lut16_values(builder, context, signature, packed_v, byte0_v, table_v, scale_v):
+    """The two 16-float vectors of :func:`lut16_decode16` (high nibbles, low nibbles), as LLVM values."""
+    from llvmlite import ir
+
+    packed_arr = context.make_array(signature.args[0])(context, builder, packed_v)
+    table_arr = context.make_array(signature.args[2])(context, builder, table_v)
+    i32 = ir.IntType(32)
+    v16i8, v16i32 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(i32, 16)
+    v16f = ir.VectorType(ir.FloatType(), 16)
+    src = builder.bitcast(builder.gep(packed_arr.data, [byte0_v]), v16i8.as_pointer())
+    codes = builder.zext(builder.load(src, align=1), v16i32)                      # 16 bytes as int32
+    high = builder.lshr(codes, ir.Constant(v16i32, [4] * 16))                     # first elements
+    low = builder.and_(codes, ir.Constant(v16i32, [15] * 16))                     # second elements
+    table16 = builder.load(builder.bitcast(table_arr.data, v16f.as_pointer()), align=4)
+    splat = builder.insert_element(ir.Constant(v16f, ir.Undefined), scale_v, ir.Constant(i32, 0))
+    splat = builder.shuffle_vector(splat, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i32, [0] * 16))
+    table16 = builder.fmul(table16, splat)                                        # 16 exact products
+    permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16i32]),
+                                             "llvm.x86.avx512.permvar.sf.512")
+    return builder.call(permute, [table16, high]), builder.call(permute, [table16, low])
+
+
+@intrinsic
+def lut16_fma16(typingctx, packed, byte0, table, scale, x, x0, acc):
+    """Decode 16 packed bytes as :func:`lut16_decode16` does and add their products with x to two accumulators
+    (AVX-512 only): ``acc[j] += (table[packed[byte0 + j] >> 4] · scale) · x[x0 + j]`` and
+    ``acc[16 + j] += (table[packed[byte0 + j] & 15] · scale) · x[x0 + 16 + j]`` for j < 16, each a float32
+    product then a float32 sum (no fused multiply-add), so every lane is the plain sequential sum of its products.
+
+    A dot product of one input row with a decoded weight row needs the weight values once: writing them to a
+    buffer and reading them back (as :func:`lut16_decode16`'s callers do, to reuse a row for several inputs) costs
+    a store and a load per 16 weights. Here they stay in registers; ``acc`` (32 float32, e.g. a
+    :func:`stack_tile_f32` row) is loaded and stored around the two sums, which LLVM keeps in registers across a
+    loop when ``acc`` is stack memory. ``x`` must be in the split order (each group of 32 elements as its 16
+    even then 16 odd ones) and float32, like ``acc``.
+    """
+    if scale != types.float32 or x.dtype != types.float32 or acc.dtype != types.float32:
+        return None
+    sig = types.void(packed, byte0, table, scale, x, x0, acc)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        packed_v, byte0_v, table_v, scale_v, x_v, x0_v, acc_v = args
+        v_high, v_low = _lut16_values(builder, context, signature, packed_v, byte0_v, table_v, scale_v)
+        v16f = ir.VectorType(ir.FloatType(), 16)
+        x_arr = context.make_array(signature.args[4])(context, builder, x_v)
+        acc_arr = context.make_array(signature.args[6])(context, builder, acc_v)
+        x_high = builder.bitcast(builder.gep(x_arr.data, [x0_v]), v16f.as_pointer())
+        x_low = builder.bitcast(builder.gep(x_arr.data, [builder.add(x0_v, ir.Constant(x0_v.type, 16))]),
+                                v16f.as_pointer())
+        a_high = builder.bitcast(acc_arr.data, v16f.as_pointer())
+        a_low = builder.bitcast(builder.gep(acc_arr.data, [ir.Constant(ir.IntType(64), 16)]), v16f.as_pointer())
+        for a, v, xp in ((a_high, v_high, x_high), (a_low, v_low, x_low)):
+            builder.store(builder.fadd(builder.load(a, align=4), builder.fmul(v, builder.load(xp, align=4))), a,
+                          align=4)
         return context.get_dummy_value()
 
     return sig, codegen

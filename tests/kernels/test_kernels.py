@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_ref.kernels import matmul as mm
+from lora_ref.kernels.jit import HAS_AVX512
 from lora_ref.quant import blockwise as ref
 from lora_ref.quant import fused, kernels, nf4
 
@@ -276,3 +277,40 @@ def test_the_4bit_chooser():
         kernels.pick("matmul_4bit", few, impl="cuda")
     with pytest.raises(ValueError, match="no operation 'matmul_8bit'"):
         kernels.pick("matmul_8bit", few)
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="lut16_fma16 is an AVX-512 instruction sequence (vpermps); this CPU or mode has none")
+def test_lut16_fma16_adds_each_lanes_products_in_order():
+    """The fused decode-and-multiply-add: lane j of the 32 running sums is the float32 sequential sum of
+    (code[c] · s) · x over the calls, c the high nibble of byte j (lanes 0-15) or its low nibble (lanes 16-31),
+    with x in the decoder's split order; the expected sums are computed here in NumPy float32, step by step."""
+    from numba import njit
+
+    from lora_ref.kernels.jit import lut16_fma16, stack_tile_f32
+
+    tile = stack_tile_f32(1, 32)
+
+    @njit
+    def run(packed, code, scales, x):
+        acc = tile()[0]
+        for lane in range(32):
+            acc[lane] = np.float32(0.0)
+        for b in range(scales.shape[0]):
+            lut16_fma16(packed, 16 * b, code, scales[b], x, 32 * b, acc)
+        out = np.empty(32, np.float32)
+        for lane in range(32):
+            out[lane] = acc[lane]
+        return out
+
+    rng = np.random.default_rng(4)
+    blocks = 9
+    packed = rng.integers(0, 256, 16 * blocks).astype(np.uint8)
+    code = rng.standard_normal(16).astype(np.float32)
+    scales = rng.uniform(0.01, 2.0, blocks).astype(np.float32)
+    x = rng.standard_normal(32 * blocks).astype(np.float32)
+    expected = np.zeros(32, np.float32)
+    for b in range(blocks):
+        byte = packed[16 * b:16 * (b + 1)]
+        w = np.concatenate([code[byte >> 4] * scales[b], code[byte & 15] * scales[b]])  # float32 products
+        expected = expected + w * x[32 * b:32 * (b + 1)]  # float32 product, then float32 sum, per lane
+    np.testing.assert_array_equal(run(packed, code, scales, x).view(np.uint32), expected.view(np.uint32))
