@@ -64,8 +64,12 @@ def read_stream(url, body, out: dict, started: threading.Event):
 
 
 def test_serve_answers_binds_loopback_only_and_exits_0_on_sigterm(tiny):
+    # --shutdown-timeout 1: the short request below (40 tokens, a few ms) finishes well within it, and the long one
+    # (8000 tokens, about the most the tiny model's context leaves room for; 5.5 s alone on a quiet 2-core machine)
+    # must outlast it. At 3 s it once did not: on a fast moment of the host the whole long request ran within the
+    # timeout and ended with [DONE].
     proc, url = start_serve("--model", str(tiny.model), "--adapter", f"a={tiny.adapters['a']}", "--port", "0",
-                            "--threads", "1", "--shutdown-timeout", "3", "--max-batch", "4")
+                            "--threads", "1", "--shutdown-timeout", "1", "--max-batch", "4")
     try:
         port = int(url.rsplit(":", 1)[1])
         assert url == f"http://127.0.0.1:{port}"
