@@ -146,8 +146,10 @@ def _lut16_values(builder, context, signature, packed_v, byte0_v, table_v, scale
 def lut16_fma16(typingctx, packed, byte0, table, scale, x, x0, acc):
     """Decode 16 packed bytes as :func:`lut16_decode16` does and add their products with x to two accumulators
     (AVX-512 only): ``acc[j] += (table[packed[byte0 + j] >> 4] · scale) · x[x0 + j]`` and
-    ``acc[16 + j] += (table[packed[byte0 + j] & 15] · scale) · x[x0 + 16 + j]`` for j < 16, each a float32
-    product then a float32 sum (no fused multiply-add), so every lane is the plain sequential sum of its products.
+    ``acc[16 + j] += (table[packed[byte0 + j] & 15] · scale) · x[x0 + 16 + j]`` for j < 16. The weight
+    ``table[c] · scale`` is one float32 product (the dequantized value, as in :func:`lut16_decode16`); the
+    multiply-add is one fused multiply-add (``llvm.fma``: a single rounding), whatever the caller's fastmath
+    flags, so every lane is a sequential chain of FMAs over the calls.
 
     A dot product of one input row with a decoded weight row needs the weight values once: writing them to a
     buffer and reading them back (as :func:`lut16_decode16`'s callers do, to reuse a row for several inputs) costs
@@ -173,9 +175,10 @@ def lut16_fma16(typingctx, packed, byte0, table, scale, x, x0, acc):
                                 v16f.as_pointer())
         a_high = builder.bitcast(acc_arr.data, v16f.as_pointer())
         a_low = builder.bitcast(builder.gep(acc_arr.data, [ir.Constant(ir.IntType(64), 16)]), v16f.as_pointer())
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
+                                             "llvm.fma.v16f32")
         for a, v, xp in ((a_high, v_high, x_high), (a_low, v_low, x_low)):
-            builder.store(builder.fadd(builder.load(a, align=4), builder.fmul(v, builder.load(xp, align=4))), a,
-                          align=4)
+            builder.store(builder.call(fma, [v, builder.load(xp, align=4), builder.load(a, align=4)]), a, align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -19,7 +19,7 @@ The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialis
   instruction (:func:`lora_ref.kernels.jit.lut16_decode16`), and for a single input row the decoded weights go
   straight into 32 running sums instead of the buffer (:func:`lora_ref.kernels.jit.lut16_fma16`: no store and
   reload per 16 weights; one row times a 4096 × 4096 NF4 weight, 2 threads, interleaved with the buffered
-  version in one process: 1.22 → 0.94 ms best, 1.35 → 1.02 ms median);
+  version in one process, five runs: best 9-25 % lower, median 12-24 % lower, e.g. 0.87 → 0.66 ms best);
   elsewhere a pair-table gather decodes and each block's partial sum is multiplied by its absmax. The weight
   streams from memory at half a byte per element, 8× fewer bytes than float32;
 - the **dequantizer** reads a 256-entry table of *pairs* ``(code[b >> 4], code[b & 15])``, so one 64-bit load

@@ -279,18 +279,34 @@ def test_the_4bit_chooser():
         kernels.pick("matmul_8bit", few)
 
 
-@pytest.mark.skipif(not HAS_AVX512, reason="lut16_fma16 is an AVX-512 instruction sequence (vpermps); this CPU or mode has none")
+def _round_to_float32(v):
+    """The float32 nearest the exact rational v, ties to the even one."""
+    from fractions import Fraction
+
+    f = np.float32(float(v))  # within one float32 step of the answer
+    near = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
+    dist = [abs(Fraction(float(c)) - v) for c in near]
+    best = min(dist)
+    ties = [c for c, d in zip(near, dist) if d == best]
+    return ties[0] if len(ties) == 1 else next(c for c in ties if int(c.view(np.uint32)) % 2 == 0)
+
+
+@pytest.mark.skipif(not HAS_AVX512,
+                    reason="lut16_fma16 is an AVX-512 instruction sequence (vpermps); this CPU or mode has none")
 def test_lut16_fma16_adds_each_lanes_products_in_order():
-    """The fused decode-and-multiply-add: lane j of the 32 running sums is the float32 sequential sum of
-    (code[c] · s) · x over the calls, c the high nibble of byte j (lanes 0-15) or its low nibble (lanes 16-31),
-    with x in the decoder's split order; the expected sums are computed here in NumPy float32, step by step."""
+    """The fused decode-and-multiply-add: lane j of the 32 running sums is the chain acc ← fma(code[c] · s, x, acc)
+    over the calls (the weight one float32 product, then one rounding per multiply-add), c the high nibble of
+    byte j (lanes 0-15) or its low nibble (lanes 16-31), with x in the decoder's split order; the same whether the
+    caller compiles with fastmath or not. Expected values computed here exactly (fractions), each multiply-add
+    rounded once to the nearest float32, ties to even."""
+    from fractions import Fraction
+
     from numba import njit
 
     from lora_ref.kernels.jit import lut16_fma16, stack_tile_f32
 
     tile = stack_tile_f32(1, 32)
 
-    @njit
     def run(packed, code, scales, x):
         acc = tile()[0]
         for lane in range(32):
@@ -312,5 +328,8 @@ def test_lut16_fma16_adds_each_lanes_products_in_order():
     for b in range(blocks):
         byte = packed[16 * b:16 * (b + 1)]
         w = np.concatenate([code[byte >> 4] * scales[b], code[byte & 15] * scales[b]])  # float32 products
-        expected = expected + w * x[32 * b:32 * (b + 1)]  # float32 product, then float32 sum, per lane
-    np.testing.assert_array_equal(run(packed, code, scales, x).view(np.uint32), expected.view(np.uint32))
+        expected = np.array([_round_to_float32(Fraction(float(wi)) * Fraction(float(xi)) + Fraction(float(ai)))
+                             for wi, xi, ai in zip(w, x[32 * b:32 * (b + 1)], expected)], np.float32)
+    for flags in (set(), {"contract", "reassoc"}, True):  # no fastmath, the decode step's flags, all of them
+        got = njit(fastmath=flags)(run)(packed, code, scales, x)
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
