@@ -84,6 +84,11 @@ HAS_AVX512 = _host_has_avx512f()
 """Whether :func:`lut16_decode16` may be compiled here (AVX-512F host, default Numba target, JIT on)."""
 
 
+def _contiguous(t, dtype) -> bool:
+    """Whether Numba type ``t`` is a C-contiguous array of ``dtype`` (the vector loads and stores assume both)."""
+    return isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C"
+
+
 @intrinsic
 def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
     """Decode 16 packed bytes with a 16-entry float32 table held in one vector register (AVX-512 only).
@@ -100,7 +105,8 @@ def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
     load 16 bytes, widen to 32-bit, split the nibbles, scale the table, permute twice and store.
     Callers check :data:`HAS_AVX512` and use a gather loop otherwise.
     """
-    if scale != types.float32:
+    if scale != types.float32 or not _contiguous(table, types.float32) or not _contiguous(packed, types.uint8) \
+            or not _contiguous(out, types.float32):
         return None
     sig = types.void(packed, byte0, table, scale, out, out0)
 
@@ -158,7 +164,8 @@ def lut16_fma16(typingctx, packed, byte0, table, scale, x, x0, acc):
     loop when ``acc`` is stack memory. ``x`` must be in the split order (each group of 32 elements as its 16
     even then 16 odd ones) and float32, like ``acc``.
     """
-    if scale != types.float32 or x.dtype != types.float32 or acc.dtype != types.float32:
+    if scale != types.float32 or not _contiguous(table, types.float32) or not _contiguous(packed, types.uint8) \
+            or not _contiguous(x, types.float32) or not _contiguous(acc, types.float32):
         return None
     sig = types.void(packed, byte0, table, scale, x, x0, acc)
 

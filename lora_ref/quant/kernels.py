@@ -418,10 +418,10 @@ def _decode_run(packed, absmax, code, blocksize, start, dst):
 
 
 @njit(cache=True, inline="always")
-def _dot_rows_gather(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w, acc, y):
+def _dot_rows_gather(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w, sums, y):
     """y[:, r] for a row starting on a block boundary: decode the unscaled codes with one 64-bit pair-table
     load per byte, then y = Σ_b absmax_b · Σ_{k in b} code[c_k] · x_k (the scale multiplies partial sums).
-    ``acc`` is unused (the permute version's accumulators)."""
+    ``sums`` is unused (the permute version's running sums: the two versions share a signature)."""
     nb = K // blocksize
     _decode_bytes(packed, r * (K // 2), K // 2, pairs64, w64, 0)
     for m in range(x.shape[0]):

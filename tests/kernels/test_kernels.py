@@ -333,3 +333,7 @@ def test_lut16_fma16_adds_each_lanes_products_in_order():
     for flags in (set(), {"contract", "reassoc"}, True):  # no fastmath, the decode step's flags, all of them
         got = njit(fastmath=flags)(run)(packed, code, scales, x)
         np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    # the vector loads read contiguous float32 memory: another table dtype or a strided x is refused when compiling
+    for bad in ((packed, code.astype(np.float64), scales, x), (packed, code, scales, np.repeat(x, 2)[::2])):
+        with pytest.raises(numba.TypingError):
+            njit(run)(*bad)
