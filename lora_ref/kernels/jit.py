@@ -81,7 +81,8 @@ def _host_has_avx512f() -> bool:
 
 
 HAS_AVX512 = _host_has_avx512f()
-"""Whether :func:`lut16_decode16` may be compiled here (AVX-512F host, default Numba target, JIT on)."""
+"""Whether :func:`lut16_decode16` and :func:`lut16_fma16` may be compiled here (AVX-512F host, default Numba target,
+JIT on)."""
 
 
 def _contiguous(t, dtype) -> bool:
