@@ -43,8 +43,8 @@ start with :func:`default_threads`: the CPUs that are idle when the command star
 ``/proc/stat``), all of them on a quiet machine, one fewer per busy neighbour; ``--threads N`` or
 ``LORA_REF_THREADS=N`` sets it by hand. With the fast paths on, the results do not depend on it: the kernels sum
 in a fixed number of chunks, and the matrix products of the model's layers (the linear layers, attention, LoRA's
-rank-r products; not DoRA's weight norm, whose B·A is NumPy's own) are made of one-thread BLAS calls that give each output element the same bits however the product
-is shared out (:mod:`lora_ref.kernels.blas`;
+rank-r products, LoRA's ΔW = B·A of DoRA's weight norm and of merges) are made of one-thread BLAS calls that give
+each output element the same bits however the product is shared out (:mod:`lora_ref.kernels.blas`;
 ``tests/test_threads.py`` and ``tests/kernels/test_blas.py`` check the bits). A product NumPy hands to OpenBLAS on
 several threads is another matter: OpenBLAS's threaded driver can cut the inner dimension differently from its
 one-thread driver, and for some shapes (32 × 449 × 70, 40 × 4481 × 40 measured here) the last bits differ.

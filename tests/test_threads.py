@@ -96,13 +96,15 @@ def test_compute_commands_start_with_the_default_threads(monkeypatch, tmp_path, 
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    """Why a load-dependent default is safe: this product's elements are each computed by one OpenBLAS thread in
-    the same order on one thread and two (not true of every shape: see tests/kernels/test_blas.py), and the kernels
-    sum in a fixed number of chunks, so one and two threads give the same bits."""
+    """Why a load-dependent default is safe: the model's products (``blas.matmul``) are one-thread BLAS calls on
+    chunks that keep every element's bits (NumPy's own ``a @ b`` on two OpenBLAS threads need not: its threaded
+    driver sums some shapes, and on its AVX2 cores this one, in another order; see tests/kernels/test_blas.py), and
+    the kernels sum in a fixed number of chunks, so one and two threads give the same bits."""
     import numpy as np
 
     from lora_ref.autograd import functional as F
     from lora_ref.autograd.tensor import Tensor
+    from lora_ref.kernels import blas
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(300, 576)).astype(np.float32)
@@ -114,7 +116,7 @@ def test_results_do_not_depend_on_the_thread_count():
             x = Tensor(a, requires_grad=True)
             y = F.rms_norm(x, Tensor(w), 1e-5)
             (y.sum()).backward()
-            out.append((a @ b, y.data.copy(), x.grad.copy()))
+            out.append((blas.matmul(a, b), y.data.copy(), x.grad.copy()))
     for one, two in zip(*out):
         assert np.array_equal(one, two)
 

@@ -45,6 +45,7 @@ from lora_ref.autograd import functional as F
 from lora_ref.autograd.tensor import Tensor
 from lora_ref.kernels import switch as fast
 from lora_ref.modeling.nn import Linear, Module, ModuleDict, Parameter
+from lora_ref.threads import one_blas_thread
 
 __all__ = [
     "LoraConfig", "LoraLinear", "DoraMagnitude", "inject_lora", "merge_and_unload", "unload", "trainable_count",
@@ -255,10 +256,13 @@ def as_bfloat16(model: Module) -> Module:
 
 # --------------------------------------------------------------------------------------------- merge arithmetic
 def delta_weight(lora_A: np.ndarray, lora_B: np.ndarray, scaling: float) -> np.ndarray:
-    """ΔW = (B @ A)·s in float32 (out, in), PEFT's ``get_delta_weight``; A (R, in), B (out, R)."""
+    """ΔW = (B @ A)·s in float32 (out, in), PEFT's ``get_delta_weight``; A (R, in), B (out, R). The product runs on one
+    BLAS thread, so its bits (and DoRA's weight norm, merges) do not depend on the thread count: OpenBLAS's threaded
+    driver sums some shapes in another order than its one-thread driver (:mod:`lora_ref.threads`)."""
     A = np.asarray(lora_A, dtype=np.float32)
     B = np.asarray(lora_B, dtype=np.float32)
-    return (B @ A) * np.float32(scaling)
+    with one_blas_thread():
+        return (B @ A) * np.float32(scaling)
 
 
 def merged_weight(W: np.ndarray, delta: np.ndarray, dtype=np.float32, safe_merge: bool = False) -> np.ndarray:

@@ -18,7 +18,17 @@ most 100³ multiply-adds (M·N·K ≤ 10⁶) to separate small-matrix kernels (O
 matrix-vector routine; both sum in another order, so a row's bits depend on the shape of the call it is in.
 :func:`regular_product` is that rule, and chunks are cut so that every one stays on the regular road (a chunk of
 a 97 × 446 × 97 product cut into 32-row pieces left a last piece of one row, which came back with other bits:
-found by this module's tests and fixed). OpenBLAS's *threaded* driver can also cut the inner dimension K
+found by this module's tests and fixed). Where a chunk may begin is the other half of the rule, and it depends on the
+kernel OpenBLAS picked for the CPU (:func:`blas_core`). The AVX-512 kernels (``SkylakeX``, ``Cooperlake``,
+``SapphireRapids``) sum every output element in the same order wherever it lies, so a product may be cut anywhere.
+The AVX2 kernel of ``Haswell`` and ``Zen`` (OpenBLAS ``kernel/x86_64/sgemm_kernel_8x4_haswell_2.c``) does not: the
+driver (``driver/level3/level3.c``) hands it the rows of NumPy's output in panels of 12 (3 × ``SGEMM_UNROLL_N``) and
+the rows left over in panels of 4, whose kernel sums the even and the odd k in two separate accumulators; and it
+starts every block of NumPy's output columns with 8 columns summed that way too. So on those cores a product is cut
+only by rows and only at multiples of 12 from its first row (every chunk then holds full panels, and the last one
+ends in the same left-over rows as the whole product); this was found on an AMD EPYC (Zen 3) where OpenBLAS picks
+``Haswell``, by this module's tests, and the rule measured there (:data:`CUT_STEPS`, :func:`cut_steps`). On any
+other core nothing is cut: each product is one call on one thread. OpenBLAS's *threaded* driver can also cut the inner dimension K
 differently from its one-thread driver (measured here: a 32 × 449 × 70 product on two OpenBLAS threads differs in
 the last bits from the same product on one; K = 576, 256, 100, 4096 did not), so every call this module makes runs
 on one BLAS thread, chunked or not: its results are those of ``np.matmul`` on one BLAS thread, for every thread
@@ -60,7 +70,8 @@ from numba.extending import intrinsic
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
 __all__ = ["matmul", "matmuls", "batched_matmul", "matmul_reference", "run_parallel", "regular_product", "MIN_WORK",
-           "CHUNKS_PER_THREAD", "SMALL_PRODUCT", "SMALL_KERNEL_CORES", "blas_core", "blas_threads"]
+           "CHUNKS_PER_THREAD", "SMALL_PRODUCT", "SMALL_KERNEL_CORES", "CUT_STEPS", "cut_steps", "blas_core",
+           "blas_threads"]
 
 MIN_WORK = 1 << 22  # multiply-adds (~0.1-0.2 ms on one core) below which a product runs on one thread
 CHUNKS_PER_THREAD = 2
@@ -71,11 +82,30 @@ SMALL_PRODUCT = 100**3  # multiply-adds at or below which OpenBLAS (x86-64) runs
 #: OpenBLAS cores (threadpoolctl's "architecture") that have the x86-64 small-matrix kernels: the AVX-512 ones
 SMALL_KERNEL_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
 
+#: (row step, column step) per OpenBLAS core: a product may be cut into chunks of rows (of NumPy's output) starting at
+#: multiples of the row step, or of columns at multiples of the column step, and every element keeps its bits (module
+#: docstring); None: not along that side. Cores not listed are not cut at all.
+CUT_STEPS: dict[str, tuple[int | None, int | None]] = {
+    "SkylakeX": (1, 1), "Cooperlake": (1, 1), "SapphireRapids": (1, 1),  # the same order for every element
+    "Haswell": (12, None), "Zen": (12, None),  # rows in panels of 12; column blocks begin with 8 summed otherwise
+}
+
 
 def blas_core() -> str | None:
     """The kernel set OpenBLAS picked for this CPU (``"SkylakeX"`` on this project's machines), or None."""
     libs = [lc for lc in _blas_libraries() if lc.internal_api == "openblas"]
     return getattr(libs[0], "architecture", None) if libs else None
+
+
+def cut_steps() -> tuple[int | None, int | None]:
+    """(row step, column step) of :data:`CUT_STEPS` for the BLAS in use: ``(None, None)`` (never cut) for a core not
+    listed or a BLAS that is not OpenBLAS."""
+    if not _steps:
+        _steps.append(CUT_STEPS.get(blas_core() or "", (None, None)))
+    return _steps[0]
+
+
+_steps: list = []  # [cut_steps()], found once
 
 
 def regular_product(m: int, n: int, k: int) -> bool:
@@ -87,15 +117,39 @@ def regular_product(m: int, n: int, k: int) -> bool:
     return m >= 2 and n >= 2 and m * n * k > SMALL_PRODUCT
 
 
-def _chunk_edges(length: int, other: int, k: int, n: int) -> list[int] | None:
-    """Edges of up to ``n · CHUNKS_PER_THREAD`` nearly equal chunks of ``length`` rows (or columns), each at least
-    ``MIN_CHUNK`` long and a :func:`regular_product` with the ``other`` dimension and ``k``; ``None`` for fewer than 2."""
-    chunks = min(n * CHUNKS_PER_THREAD, length // MIN_CHUNK)
-    while chunks >= 2 and not regular_product(length // chunks, other, k):
+def _chunk_edges(length: int, other: int, k: int, n: int, step: int = 1) -> list[int] | None:
+    """Edges of up to ``n · CHUNKS_PER_THREAD`` nearly equal chunks of ``length`` rows (or columns), each beginning at a
+    multiple of ``step`` (the last one ends at ``length``), at least ``MIN_CHUNK`` long and a :func:`regular_product`
+    with the ``other`` dimension and ``k``; ``None`` for fewer than 2."""
+    units = length // step
+    chunks = min(n * CHUNKS_PER_THREAD, length // MIN_CHUNK, units)
+    while chunks >= 2:
+        edges = [step * (units * i // chunks) for i in range(chunks)] + [length]
+        shortest = min(j - i for i, j in zip(edges, edges[1:]))
+        if shortest >= MIN_CHUNK and regular_product(shortest, other, k):
+            return edges
         chunks -= 1
-    if chunks < 2:
+    return None
+
+
+def _syrk(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether NumPy computes ``a @ b`` as x·xᵀ with ``syrk`` (``b`` is ``a`` transposed, one buffer). Its chunks would
+    be ordinary products; they have the bits of ``syrk`` only where every element is summed in the same order
+    wherever it lies (``cut_steps() == (1, 1)``; on OpenBLAS's AVX2 cores they differ, so there it is not cut)."""
+    return a.ctypes.data == b.ctypes.data and a.shape == b.shape[::-1] and a.strides == b.strides[::-1]
+
+
+def _plan(M: int, N: int, K: int, n: int) -> tuple[bool, list[int]] | None:
+    """How :func:`matmul` cuts an (M × K) · (K × N) product for ``n`` threads: (by rows?, edges), or None (one call).
+    Along the longer side of the output where :func:`cut_steps` allows it, else by rows."""
+    row_step, col_step = cut_steps()
+    by_rows = M >= N or col_step is None
+    step = row_step if by_rows else col_step
+    if step is None:
         return None
-    return [length * i // chunks for i in range(chunks + 1)]
+    edges = _chunk_edges(M, N, K, n, step) if by_rows else _chunk_edges(N, M, K, n, step)
+    return (by_rows, edges) if edges is not None else None
+
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -144,20 +198,17 @@ def matmuls(pairs: list[tuple[np.ndarray, np.ndarray]], threads: int | None = No
             raise ValueError(f"matmul needs 2-D operands (M, K) and (K, N), got {a.shape} and {b.shape}")
         M, K = a.shape
         N = b.shape[1]
-        edges = None
-        if n > 1 and M * N * K >= MIN_WORK:
-            edges = _chunk_edges(M, N, K, n) if M >= N else _chunk_edges(N, M, K, n)
-        plans.append(edges)
-    if all(e is None for e in plans):  # nothing worth a second thread: each one call, on one BLAS thread
+        cut = n > 1 and M * N * K >= MIN_WORK and (cut_steps() == (1, 1) or not _syrk(a, b))
+        plans.append(_plan(M, N, K, n) if cut else None)
+    if all(p is None for p in plans):  # nothing worth a second thread: each one call, on one BLAS thread
         with one_blas_thread():
             return [np.matmul(a, b) for a, b in pairs]
     outs, tasks = [], []
-    for (a, b), edges in zip(pairs, plans):  # the chunks of every product; one too small to cut is one task
+    for (a, b), plan in zip(pairs, plans):  # the chunks of every product; one too small to cut is one task
         M, K = a.shape
         N = b.shape[1]
-        by_rows = M >= N
+        by_rows, edges = plan if plan is not None else (True, [0, M])
         out = np.empty((M, N), dtype=np.result_type(a, b))
-        edges = edges if edges is not None else [0, M if by_rows else N]
         if by_rows:
             tasks += [(a[i:j], b, out[i:j], (j - i) * N * K) for i, j in zip(edges, edges[1:])]
         else:
@@ -191,7 +242,9 @@ def batched_matmul(a: np.ndarray, b: np.ndarray, threads: int | None = None) -> 
         tasks = [(a3[i:j], b3[i:j], out[i:j]) for i, j in zip(edges, edges[1:])]
     else:  # few products: row chunks of each (each a regular product, like the whole one, or the product whole)
         per = -(-chunks // L)
-        edges = _chunk_edges(M, N, K, -(-per // CHUNKS_PER_THREAD)) if regular_product(M, N, K) else None
+        row_step = cut_steps()[0]
+        edges = _chunk_edges(M, N, K, -(-per // CHUNKS_PER_THREAD), row_step) \
+            if row_step is not None and regular_product(M, N, K) else None
         edges = edges if edges is not None else [0, M]
         tasks = [(a3[i, s:e], b3[i], out[i, s:e]) for i in range(L) for s, e in zip(edges, edges[1:])]
     _run(tasks, n)

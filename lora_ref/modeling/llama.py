@@ -454,22 +454,31 @@ def row_parts(layer: Module, x: Tensor) -> list[tuple[int, int]] | None:
       (:data:`lora_ref.quant.kernels.AUTO_DEQUANTIZE_ROWS`), so a part could take the other road;
     - every part gets at least :data:`ROW_PART_MIN` rows (batch × positions) and 8 positions, and with every weight
       matrix (out × in) of the layer its rows make a regular product;
+    - the BLAS allows cutting products by rows (:func:`lora_ref.kernels.blas.cut_steps`), and the parts begin at
+      multiples of its row step. On OpenBLAS's AVX2 cores (step 12) a row is summed in an order that depends on its
+      place in its panel of 12 rows, and rows left over after the last full panel in yet another: a part's rows must
+      sit at the same places as in the product of all rows, so with several sequences (B > 1, rows b·T + t of the
+      whole, b·(t1 − t0) + t − t0 of a part) the positions T must be a multiple of 12 too;
     - not inside :func:`whole_rows`.
     """
     if is_grad_enabled() or not switch.enabled() or getattr(_whole, "on", False) or x.dtype != np.float32:
         return None
     n = blas.blas_threads()
+    step = blas.cut_steps()[0]
     B, T = x.shape[0], x.shape[1]
-    if n < 2 or T < 8 * n or B * (T // n) < ROW_PART_MIN:
+    if n < 2 or step is None or (B > 1 and T % step):
         return None
-    rows = B * (T // n)  # the rows of the smallest part
+    edges = [step * ((T // step) * i // n) for i in range(n)] + [T]  # parts begin at multiples of the row step
+    shortest = min(j - i for i, j in zip(edges, edges[1:]))
+    if shortest < 8 or B * shortest < ROW_PART_MIN:
+        return None
+    rows = B * shortest  # the rows of the smallest part
     for m in layer.modules():
         if not _row_parallel(m):  # e.g. Linear4bit, which does not declare it (below)
             return None
         w = getattr(m, "weight", None)
         if w is not None and w.ndim == 2 and not blas.regular_product(rows, w.shape[0], w.shape[1]):
             return None
-    edges = [T * i // n for i in range(n + 1)]
     return list(zip(edges, edges[1:]))
 
 

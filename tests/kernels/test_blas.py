@@ -83,7 +83,7 @@ def test_matmul_chunks_are_taken_by_several_threads(monkeypatch):
             out = blas.matmul(a, b, threads=2)
     finally:
         blas.np = orig
-    np.testing.assert_array_equal(out, a @ b)
+    np.testing.assert_array_equal(out, blas.matmul_reference(a, b))  # one BLAS thread: a @ b here may be threaded
     assert len(seen) == 2
 
 
@@ -260,20 +260,54 @@ def test_one_call_runs_on_one_blas_thread():
 
 
 def test_regular_product_is_where_openblas_keeps_a_rows_bits():
-    """The rule itself, measured: a row's bits are the same in two products when both are regular, and (on the
-    AVX-512 cores with OpenBLAS's small-matrix kernels, this project's machines) only then."""
+    """The rule itself, measured: a row's bits are the same in two products when both are regular (and, on OpenBLAS's
+    AVX2 cores, the rows before it fill whole panels: a multiple of the row step), and on the AVX-512 cores with
+    OpenBLAS's small-matrix kernels only then."""
     assert blas.regular_product(10, 192, 576) and not blas.regular_product(9, 192, 576)  # 1,105,920 vs 995,328
     assert not blas.regular_product(1, 10**4, 10**4) and not blas.regular_product(10**4, 1, 10**4)
     rng = np.random.default_rng(0)
     x, w = _arr(rng, (512, 576)), _arr(rng, (576, 192))
     with one_blas_thread():
         full = x @ w
-        for m in (2, 9, 10, 37, 300):
+        for m in (2, 9, 10, 12, 36, 37, 300):
             same = np.array_equal(x[:m] @ w, full[:m])
             if blas.blas_core() in blas.SMALL_KERNEL_CORES:
                 assert same == blas.regular_product(m, 192, 576), m
-            else:
-                assert same or not blas.regular_product(m, 192, 576), m
+            step = blas.cut_steps()[0]
+            if step is not None and m % step == 0 and blas.regular_product(m, 192, 576):
+                assert same, m  # a chunk at the row step keeps the bits (the rule matmul's chunks follow)
+
+
+def test_cut_steps_keep_the_bits_on_this_core():
+    """:data:`blas.CUT_STEPS` for the core OpenBLAS picked here, measured: products of random shapes cut at random
+    multiples of the row step (and of the column step, where there is one) give every element the bits of the whole
+    product; on OpenBLAS's AVX2 cores a cut elsewhere does not (the reason for the step of 12), and neither does a
+    cut by columns."""
+    rng = np.random.default_rng(12)
+    row_step, col_step = blas.cut_steps()
+    with one_blas_thread():
+        for _ in range(40):
+            M, N = (int(v) for v in rng.integers(40, 900, size=2))
+            K = int(rng.choice([32, 64, 192, 576, 1536]))
+            if not blas.regular_product(M // 3, N // 3, K):
+                continue
+            a, b = _arr(rng, (M, K)), _arr(rng, (K, N))
+            full = a @ b
+            for step, size in ((row_step, M), (col_step, N)):
+                if step is None:
+                    continue
+                cuts = sorted({int(c) * step for c in rng.integers(1, size // step, size=2)})
+                edges = [0] + [c for c in cuts if 0 < c < size] + [size]
+                for i, j in zip(edges, edges[1:]):
+                    got = a[i:j] @ b if size == M else a @ b[:, i:j]
+                    np.testing.assert_array_equal(got, full[i:j] if size == M else full[:, i:j])
+        if blas.blas_core() in ("Haswell", "Zen"):
+            assert (row_step, col_step) == (12, None)
+            a, b = _arr(rng, (512, 576)), _arr(rng, (576, 576))
+            full = a @ b
+            assert not np.array_equal(a[:256] @ b, full[:256])  # 256 = 21 · 12 + 4: four rows left over
+            assert np.array_equal(a[:252] @ b, full[:252])
+            assert not np.array_equal(a @ b[:, 64:128], full[:, 64:128])  # a column block begins with 8 summed otherwise
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from lora_ref.autograd import functional as F
 from lora_ref.autograd import ops
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import blas
 from lora_ref.kernels import switch as fast
 from lora_ref.kernels import training as train_kernels
 
@@ -546,8 +547,9 @@ def test_parts_run_without_gradients_in_every_thread(monkeypatch):
 
 
 # every case with the kernels compiled; without JIT (test_fast_paths_without_jit, Python loops) one of them
-_PARTS_CASES = [(a, b, t, past) for a in (None, "lora", "dora") for b, t, past in [(1, 512, 0), (3, 171, 0), (2, 261, 37)]
-                if not numba.config.DISABLE_JIT or (a, b, t, past) == ("lora", 3, 171, 0)]
+_PARTS_CASES = [(a, b, t, past) for a in (None, "lora", "dora")
+                for b, t, past in [(1, 512, 0), (3, 171, 0), (2, 261, 37), (2, 264, 0)]
+                if not numba.config.DISABLE_JIT or (a, b, t, past) == ("lora", 2, 264, 0)]
 
 
 @pytest.mark.parametrize("adapter,b,t,past", _PARTS_CASES)
@@ -567,8 +569,13 @@ def test_layers_in_parts_give_the_same_bits(adapter, b, t, past, monkeypatch):
     got = _logits(model, ids, threads=2, whole=False, past=past)
     if adapter == "dora":  # DoRA's weight norm is a product of its own: its layers stay in one piece
         assert parts == []
-    else:
-        assert parts == [[(0, t // 2), (t // 2, t)]] * 2  # both layers of the new positions ran in two parts
+    elif blas.cut_steps()[0] == 1:  # both layers of the new positions ran in two parts
+        assert parts == [[(0, t // 2), (t // 2, t)]] * 2
+    elif b == 1 or t % 12 == 0:  # step 12: split at a multiple of 12 positions, 12 · ⌊t / 24⌋
+        half = {512: 252, 264: 132}[t]
+        assert parts == [[(0, half), (half, t)]] * 2
+    else:  # step 12, several sequences whose length is not a multiple of 12: a part's rows would sit elsewhere
+        assert parts == []
     parts.clear()
     for threads in (2, 1):
         want = _logits(model, ids, threads=threads, whole=True, past=past)
@@ -588,18 +595,23 @@ def test_row_parts_only_where_the_result_cannot_change():
 
     model = _parts_model(None)
     layer = model.model.layers[0]
-    x = Tensor(np.zeros((1, 2 * ROW_PART_MIN, 256), np.float32))
+    step = blas.cut_steps()[0]  # 1 on OpenBLAS's AVX-512 cores, 12 on its AVX2 cores: the shapes below suit both
+    assert step in (1, 12)
+    x = Tensor(np.zeros((1, 144, 256), np.float32))  # 2 × 72 positions: 72 = 6 · 12 >= ROW_PART_MIN
     with limited(2), fast.fast_paths():
         assert row_parts(layer, x) is None  # gradients are recorded
         with no_grad():
-            assert row_parts(layer, x) == [(0, ROW_PART_MIN), (ROW_PART_MIN, 2 * ROW_PART_MIN)]
+            assert row_parts(layer, x) == [(0, 72), (72, 144)]
             assert row_parts(layer, Tensor(np.zeros((1, 2 * ROW_PART_MIN - 1, 256), np.float32))) is None
-            assert row_parts(layer, Tensor(np.zeros((8, 16, 256), np.float32))) == [(0, 8), (8, 16)]
+            # 130 positions: 65 + 65 at step 1; at step 12 the first part would end at 60 < ROW_PART_MIN
+            assert row_parts(layer, Tensor(np.zeros((1, 130, 256), np.float32))) == \
+                ([(0, 65), (65, 130)] if step == 1 else None)
+            assert row_parts(layer, Tensor(np.zeros((8, 24, 256), np.float32))) == [(0, 12), (12, 24)]
             assert row_parts(layer, Tensor(np.zeros((64, 15, 256), np.float32))) is None  # < 8 positions per part
-            assert row_parts(layer, Tensor(np.zeros((1, 2 * ROW_PART_MIN, 256)))) is None  # float64
+            assert row_parts(layer, Tensor(np.zeros((1, 144, 256)))) is None  # float64
             lora = _parts_model("lora").model.layers[0]  # r = 16: 16 × 256 · rows > 10⁶ needs 245 rows per part
             assert row_parts(lora, Tensor(np.zeros((1, 2 * 244, 256), np.float32))) is None
-            assert row_parts(lora, Tensor(np.zeros((1, 2 * 245, 256), np.float32))) == [(0, 245), (245, 490)]
+            assert row_parts(lora, Tensor(np.zeros((1, 504, 256), np.float32))) == [(0, 252), (252, 504)]
             with whole_rows():
                 assert row_parts(layer, x) is None
             with fast.readable():
@@ -607,20 +619,20 @@ def test_row_parts_only_where_the_result_cannot_change():
             with limited(1):
                 assert row_parts(layer, x) is None
             layer.train()  # no dropout anywhere: training mode changes nothing
-            assert row_parts(layer, x) == [(0, ROW_PART_MIN), (ROW_PART_MIN, 2 * ROW_PART_MIN)]
-            wide = Tensor(np.zeros((1, 2 * 245, 256), np.float32))
+            assert row_parts(layer, x) == [(0, 72), (72, 144)]
+            wide = Tensor(np.zeros((1, 504, 256), np.float32))
             lora.self_attn.q_proj.lora_dropout["default"] = 0.1
-            assert row_parts(lora, wide) == [(0, 245), (245, 490)]  # eval mode: dropout is off
+            assert row_parts(lora, wide) == [(0, 252), (252, 504)]  # eval mode: dropout is off
             lora.train()
             assert row_parts(lora, wide) is None  # dropout draws random numbers in order
             lora.eval()
             q = lora.self_attn.q_proj
             q.merge()
-            assert row_parts(lora, wide) == [(0, 245), (245, 490)]  # merged: the base layer alone, nothing changes
+            assert row_parts(lora, wide) == [(0, 252), (252, 504)]  # merged: the base layer alone, nothing changes
             q.disable_adapters = True  # merged but disabled: the next forward unmerges, writing the weight
             assert row_parts(lora, wide) is None
             q.unmerge()
-            assert row_parts(lora, wide) == [(0, 245), (245, 490)]
+            assert row_parts(lora, wide) == [(0, 252), (252, 504)]
             assert row_parts(_parts_model("dora").model.layers[0], wide) is None
             from lora_ref.modeling.nn import Linear
 
