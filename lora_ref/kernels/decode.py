@@ -12,8 +12,8 @@ remove: Python dispatch between ~250 small operations per token, temporary array
 - :func:`decode_step` runs *all* layers and the head in one compiled call, with the layers' weights held in
   Numba typed lists (:func:`weight_list`), so a token costs one Python call however deep the model is.
 - Weights are float32 matrices or 4-bit ones (:class:`~lora_ref.kernels.decode_reference.Weight4bit`). A 4-bit row
-  is decoded and dotted with the input in one pass over the row (the fused NF4 GEMV): on AVX-512 CPUs 16 codes
-  per instruction through a table held in a register, the decoded weights multiplied by the input and added
+  is decoded and dotted with the input in one pass over the row (the fused NF4 GEMV): on AVX-512 and AVX2 CPUs
+  16 codes at a time through a table held in registers, the decoded weights multiplied by the input and added
   into 32 running sums without leaving the registers (:func:`lora_ref.kernels.jit.lut16_fma16`; it takes each
   group of 32 elements as 16 even then 16 odd ones, so the input vector is reordered once per product instead;
   each row used to go through an L1 buffer), elsewhere through the block's scaled 16-entry table into an
@@ -40,7 +40,7 @@ from numba.extending import overload
 
 from lora_ref.kernels import decode_reference, switch
 from lora_ref.kernels.decode_reference import Weight4bit
-from lora_ref.kernels.jit import HAS_AVX512, lut16_fma16, prefer_wide_vectors, stack_tile_f32
+from lora_ref.kernels.jit import HAS_LUT16, lut16_fma16, prefer_wide_vectors, stack_tile_f32
 
 __all__ = ["layer_step", "head_step", "decode_step", "weight_list", "readonly", "PICK", "pick"]
 
@@ -124,7 +124,7 @@ def _dot_f32(w, r, x):
 @njit(cache=True, inline="always")
 def _decode_block_table(w, byte0, half, s, buf, out0):
     """The ``half`` bytes of one block (from ``byte0``) scaled by s into buf[out0:] in element order, through the
-    block's scaled 16-entry table (CPUs without AVX-512)."""
+    block's scaled 16-entry table (CPUs without AVX-512 or AVX2)."""
     table = np.empty(16, np.float32)
     for c in range(16):
         table[c] = w.code[c] * s
@@ -166,10 +166,10 @@ def _aligned_total_table(buf, xs, K, acc):
     return tot
 
 
-_add_block = _add_block_permute if HAS_AVX512 else _add_block_table
-_aligned_total = _aligned_total_permute if HAS_AVX512 else _aligned_total_table
+_add_block = _add_block_permute if HAS_LUT16 else _add_block_table
+_aligned_total = _aligned_total_permute if HAS_LUT16 else _aligned_total_table
 _acc32 = stack_tile_f32(1, 32)
-SPLIT_ORDER = HAS_AVX512
+SPLIT_ORDER = HAS_LUT16
 """Whether aligned 4-bit rows are decoded in split order (so their input vector is reordered to match)."""
 
 
@@ -203,7 +203,7 @@ def _dot_rows_f32(w, r0, r1, x, dst):
 def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
     """dst[i] = row r0 + i of a 4-bit W dotted with x. Rows on block boundaries take the block decoder (with
     ``xs``, x in its order), with the per-weight constants computed once and the nested scales' index advanced
-    without a division per block: on AVX-512 CPUs each block's weights go straight into 32 running sums
+    without a division per block: on AVX-512 and AVX2 CPUs each block's weights go straight into 32 running sums
     (:func:`_add_block_permute`), elsewhere the row is decoded into ``buf`` (L1) and summed against x. Other
     rows decode element by element into ``buf``, then one vectorized sum."""
     prefer_wide_vectors()

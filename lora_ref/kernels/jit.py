@@ -14,8 +14,8 @@ without AVX-512 the attribute changes nothing. With ``NUMBA_DISABLE_JIT=1`` both
 fallbacks (a NumPy array and a no-op), so the kernels still run as ordinary Python.
 
 :func:`lut16_decode16` decodes packed 4-bit codes through a table kept in one AVX-512 register (``vpermps``)
-instead of a gather from memory; the 4-bit GEMV of :mod:`lora_ref.quant.kernels` uses it when
-:data:`HAS_AVX512` is true and a gather loop otherwise. :func:`lut16_fma16` decodes the same way and adds the
+instead of a gather from memory (with AVX2, two 8-entry halves of the table in two registers); the 4-bit GEMV of
+:mod:`lora_ref.quant.kernels` uses it when :data:`HAS_LUT16` is true and a gather loop otherwise. :func:`lut16_fma16` decodes the same way and adds the
 products with a vector x straight into two accumulator registers, for a single input row (decoding).
 """
 
@@ -26,7 +26,7 @@ from numba import carray, config, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["stack_tile_f32", "prefer_wide_vectors", "HAS_AVX512", "lut16_decode16", "lut16_fma16"]
+__all__ = ["stack_tile_f32", "prefer_wide_vectors", "HAS_AVX512", "HAS_LUT16", "lut16_decode16", "lut16_fma16"]
 
 
 def stack_tile_f32(rows: int, cols: int):
@@ -69,20 +69,24 @@ def _no_op():
 prefer_wide_vectors = _no_op if config.DISABLE_JIT else _prefer_wide_vectors
 
 
-def _host_has_avx512f() -> bool:
-    """True when Numba compiles for this CPU and the CPU has AVX-512F (so vpermps is available)."""
+def _host_has(feature: str) -> bool:
+    """True when Numba compiles for this CPU and the CPU has ``feature`` (an LLVM feature name, e.g. ``"avx512f"``)."""
     if config.DISABLE_JIT or config.CPU_NAME not in (None, "host"):
         return False
     try:
         from llvmlite import binding
-        return bool(binding.get_host_cpu_features().get("avx512f", False))
+        return bool(binding.get_host_cpu_features().get(feature, False))
     except Exception:  # feature query unsupported on this platform
         return False
 
 
-HAS_AVX512 = _host_has_avx512f()
-"""Whether :func:`lut16_decode16` and :func:`lut16_fma16` may be compiled here (AVX-512F host, default Numba target,
-JIT on)."""
+HAS_AVX512 = _host_has("avx512f")
+"""Whether this host has AVX-512F (default Numba target, JIT on): :func:`lut16_decode16` keeps its table in one
+512-bit register."""
+
+HAS_LUT16 = HAS_AVX512 or _host_has("avx2")
+"""Whether :func:`lut16_decode16` and :func:`lut16_fma16` may be compiled here: with AVX-512F (one ``vpermps`` of
+16 entries) or AVX2 (two 8-entry ``vpermps`` and a blend per 8 codes, e.g. AMD Zen 3); the values are the same."""
 
 
 def _contiguous(t, dtype) -> bool:
@@ -92,7 +96,7 @@ def _contiguous(t, dtype) -> bool:
 
 @intrinsic
 def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
-    """Decode 16 packed bytes with a 16-entry float32 table held in one vector register (AVX-512 only).
+    """Decode 16 packed bytes with a 16-entry float32 table held in vector registers (AVX-512 or AVX2).
 
     ``out[out0 + j] = table[packed[byte0 + j] >> 4] · scale`` and
     ``out[out0 + 16 + j] = table[packed[byte0 + j] & 15] · scale`` for j < 16: the 16 high nibbles (elements
@@ -104,7 +108,10 @@ def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
     fit in one AVX-512 register, and ``vpermps`` (``llvm.x86.avx512.permvar.sf.512``) picks 16 of them by
     index in one instruction. No Numba expression produces it, so this intrinsic writes the LLVM IR directly:
     load 16 bytes, widen to 32-bit, split the nibbles, scale the table, permute twice and store.
-    Callers check :data:`HAS_AVX512` and use a gather loop otherwise.
+    With AVX2 only (:data:`HAS_AVX512` false) the table is two 8-entry halves: each code is looked up in both
+    (``llvm.x86.avx2.permps``, which reads an index's low 3 bits) and the upper half's value kept where the code is
+    8 or more, four permutes and two blends per 16 codes; the same values. Callers check :data:`HAS_LUT16` and use a
+    gather loop otherwise.
     """
     if scale != types.float32 or not _contiguous(table, types.float32) or not _contiguous(packed, types.uint8) \
             or not _contiguous(out, types.float32):
@@ -144,15 +151,37 @@ def _lut16_values(builder, context, signature, packed_v, byte0_v, table_v, scale
     splat = builder.insert_element(ir.Constant(v16f, ir.Undefined), scale_v, ir.Constant(i32, 0))
     splat = builder.shuffle_vector(splat, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i32, [0] * 16))
     table16 = builder.fmul(table16, splat)                                        # 16 exact products
-    permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16i32]),
-                                             "llvm.x86.avx512.permvar.sf.512")
-    return builder.call(permute, [table16, high]), builder.call(permute, [table16, low])
+    if HAS_AVX512:
+        permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16i32]),
+                                                 "llvm.x86.avx512.permvar.sf.512")
+        return builder.call(permute, [table16, high]), builder.call(permute, [table16, low])
+    # AVX2: vpermps picks from 8 entries by the low 3 bits of each index; look codes up in both halves of the
+    # table and keep the upper half's value where the code is 8 or more.
+    v8f, v8i32 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8)
+    permute8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8i32]),
+                                              "llvm.x86.avx2.permps")
+
+    def lanes(v, first, count):
+        return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
+                                      ir.Constant(ir.VectorType(i32, count), list(range(first, first + count))))
+
+    lower, upper = lanes(table16, 0, 8), lanes(table16, 8, 8)
+
+    def lookup(codes16):
+        halves = []
+        for first in (0, 8):
+            idx = lanes(codes16, first, 8)
+            big = builder.icmp_unsigned(">", idx, ir.Constant(v8i32, [7] * 8))
+            halves.append(builder.select(big, builder.call(permute8, [upper, idx]), builder.call(permute8, [lower, idx])))
+        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(v16i32, list(range(16))))
+
+    return lookup(high), lookup(low)
 
 
 @intrinsic
 def lut16_fma16(typingctx, packed, byte0, table, scale, x, x0, acc):
     """Decode 16 packed bytes as :func:`lut16_decode16` does and add their products with x to two accumulators
-    (AVX-512 only): ``acc[j] += (table[packed[byte0 + j] >> 4] · scale) · x[x0 + j]`` and
+    (AVX-512 or AVX2): ``acc[j] += (table[packed[byte0 + j] >> 4] · scale) · x[x0 + j]`` and
     ``acc[16 + j] += (table[packed[byte0 + j] & 15] · scale) · x[x0 + 16 + j]`` for j < 16. The weight
     ``table[c] · scale`` is one float32 product (the dequantized value, as in :func:`lut16_decode16`); the
     multiply-add is one fused multiply-add (``llvm.fma``: a single rounding), whatever the caller's fastmath

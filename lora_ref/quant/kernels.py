@@ -16,7 +16,8 @@ The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialis
 - a **row kernel** for a few input rows (decoding, generation: x is (1, K)): each thread decodes one weight
   row at a time into a float32 buffer in L1 and takes its dot products with the inputs. On AVX-512 CPUs the
   16-entry table, multiplied by the block's absmax, sits in one register and ``vpermps`` decodes 16 codes per
-  instruction (:func:`lora_ref.kernels.jit.lut16_decode16`), and for a single input row the decoded weights go
+  instruction (:func:`lora_ref.kernels.jit.lut16_decode16`; on AVX2 CPUs two registers of 8 entries, four
+  permutes and two blends per 16 codes), and for a single input row the decoded weights go
   straight into 32 running sums instead of the buffer (:func:`lora_ref.kernels.jit.lut16_fma16`: no store and
   reload per 16 weights; one row times a 4096 × 4096 NF4 weight, 2 threads, interleaved with the buffered
   version in one process, five runs: best 9-25 % lower, median 12-24 % lower, e.g. 0.87 → 0.66 ms best);
@@ -41,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from lora_ref.kernels import switch
-from lora_ref.kernels.jit import HAS_AVX512, lut16_decode16, lut16_fma16, prefer_wide_vectors, stack_tile_f32
+from lora_ref.kernels.jit import HAS_LUT16, lut16_decode16, lut16_fma16, prefer_wide_vectors, stack_tile_f32
 from lora_ref.kernels.matmul import KC, MR, NR, micro_kernel, pack_a, store_tile
 from lora_ref.quant import dequant_matmul, nf4, steps
 
@@ -484,7 +485,7 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
     _dot_decoded_row(x, w, K, r, y)
 
 
-_dot_rows = _dot_rows_permute if HAS_AVX512 else _dot_rows_gather
+_dot_rows = _dot_rows_permute if HAS_LUT16 else _dot_rows_gather
 _acc32 = stack_tile_f32(1, 32)
 
 
@@ -498,10 +499,10 @@ def _split_pairs(x: np.ndarray) -> np.ndarray:
 @njit(cache=True, parallel=True, fastmath=True)
 def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
     """y[m, r] = Σ_k x[m, k] · W[r, k] for few rows m: decode W row r into an L1 buffer, then dot products (on
-    AVX-512 CPUs with one row m: decoded into running sums instead, :func:`_dot_rows_permute`).
+    AVX-512 and AVX2 CPUs with one row m: decoded into running sums instead, :func:`_dot_rows_permute`).
 
     Rows that start on a block boundary (K a multiple of blocksize) take the fast path (:func:`_dot_rows_permute`
-    on AVX-512 CPUs, :func:`_dot_rows_gather` elsewhere); otherwise the row is decoded element by element with
+    on AVX-512 and AVX2 CPUs, :func:`_dot_rows_gather` elsewhere); otherwise the row is decoded element by element with
     its scales."""
     pairs64 = pairs.reshape(-1).view(np.uint64)                    # (256,)
     aligned = K % blocksize == 0                                   # rows start on a block (and byte) boundary
@@ -581,7 +582,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     x = np.ascontiguousarray(dequant_matmul.check_activation(x, "x", K, state.shape))
     y = np.empty((x.shape[0], N), np.float32)                      # (M, N)
     if x.shape[0] <= ROW_KERNEL_MAX_M:
-        if HAS_AVX512 and K % state.blocksize == 0:
+        if HAS_LUT16 and K % state.blocksize == 0:
             x = _split_pairs(x)                                    # the permute decoder's element order
         _rows_kernel(x, flat_packed, absmax, pair_table(code), code, state.blocksize, N, K, y)
     else:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_ref.kernels import matmul as mm
-from lora_ref.kernels.jit import HAS_AVX512
+from lora_ref.kernels.jit import HAS_LUT16
 from lora_ref.quant import blockwise as ref
 from lora_ref.quant import fused, kernels, nf4
 
@@ -291,8 +291,8 @@ def _round_to_float32(v):
     return ties[0] if len(ties) == 1 else next(c for c in ties if int(c.view(np.uint32)) % 2 == 0)
 
 
-@pytest.mark.skipif(not HAS_AVX512,
-                    reason="lut16_fma16 is an AVX-512 instruction sequence (vpermps); this CPU or mode has none")
+@pytest.mark.skipif(not HAS_LUT16,
+                    reason="lut16_fma16 is an AVX-512 or AVX2 instruction sequence (vpermps); this CPU or mode has neither")
 def test_lut16_fma16_adds_each_lanes_products_in_order():
     """The fused decode-and-multiply-add: lane j of the 32 running sums is the chain acc ← fma(code[c] · s, x, acc)
     over the calls (the weight one float32 product, then one rounding per multiply-add), c the high nibble of
