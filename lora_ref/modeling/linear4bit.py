@@ -14,6 +14,7 @@ import numpy as np
 
 from lora_ref.autograd import ops
 from lora_ref.autograd.tensor import Tensor
+from lora_ref.kernels import blas
 from lora_ref.modeling.nn import Module, Parameter
 from lora_ref.quant import kernels
 from lora_ref.quant.blockwise import (
@@ -56,11 +57,11 @@ def linear_4bit(x, packed: np.ndarray, state: QuantState, impl: str = "auto") ->
         # dtype, rounding every weight, and multiplies in the compute dtype. The fused kernels use the unrounded
         # float32 products, so such a weight is dequantized (rounded) per call instead; the backward does it again
         # rather than keeping the float32 weight alive until then.
-        def fwd(x2, p, s):
-            return x2 @ np.asarray(dequantize_4bit(p, s), dtype=np.float32).T
+        def fwd(x2, p, s):  # blas.matmul: the same bits for every thread count
+            return blas.matmul(x2, np.asarray(dequantize_4bit(p, s), dtype=np.float32).T)
 
         def bwd(g2, p, s):
-            return g2 @ np.asarray(dequantize_4bit(p, s), dtype=np.float32)
+            return blas.matmul(g2, np.asarray(dequantize_4bit(p, s), dtype=np.float32))
     out_f, in_f = state.shape
     xd = x.data
     if xd.shape[-1] != in_f:

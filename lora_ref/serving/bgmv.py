@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_ref.autograd.ops import _matmul
 from lora_ref.kernels import lora_batch
 from lora_ref.modeling.linear4bit import Linear4bit, linear_4bit
 from lora_ref.modeling.nn import Linear
+from lora_ref.threads import one_blas_thread
 
 __all__ = ["bgmv", "bgmv_reference", "bgmv_kernel", "bgmv_unchecked", "StackedLora", "base_product", "IMPLS"]
 
@@ -110,10 +112,11 @@ def base_product(x: np.ndarray, weight) -> np.ndarray:
     if isinstance(weight, Linear4bit):
         y = linear_4bit(x, weight.weight.data, weight.quant_state, weight.impl).data
         return y + weight.bias.data if weight.bias is not None else y
+    mm = _matmul()  # the product ops.linear makes: the same bits for every thread count
     if isinstance(weight, Linear):
-        y = x @ weight.weight.data.T
+        y = mm(x, weight.weight.data.T)
         return y + weight.bias.data if weight.bias is not None else y
-    return x @ np.asarray(weight, dtype=np.float32).T
+    return mm(x, np.asarray(weight, dtype=np.float32).T)
 
 
 def bgmv_reference(y: np.ndarray, x: np.ndarray, adapters, index: np.ndarray) -> np.ndarray:
@@ -129,8 +132,9 @@ def bgmv_reference(y: np.ndarray, x: np.ndarray, adapters, index: np.ndarray) ->
             continue
         A, B, s = items[a]
         rows = np.flatnonzero(index == a)  # the segment of rows that use adapter a (SGMV's "segment")
-        xa = x[rows] @ A.T  # (m, r): shrink
-        delta = xa @ B.T  # (m, out): expand
+        with one_blas_thread():  # as lora_add: one BLAS thread, the same bits for every thread count
+            xa = x[rows] @ A.T  # (m, r): shrink
+            delta = xa @ B.T  # (m, out): expand
         delta *= np.float32(s)
         y[rows] += delta
     return y
