@@ -506,9 +506,7 @@ class LoraLinear(Module):
         B = U[:, :r] * np.sqrt(Sr)[None, :]  # (out, R)
         self.lora_A[adapter_name].weight.data[...] = A
         self.lora_B[adapter_name].weight.data[...] = B
-        with one_blas_thread():  # the same bits for every thread count
-            BA = B @ A
-        self.set_base_weight(W - np.float32(s) * BA)
+        self.set_base_weight(W - delta_weight(A, B, s))  # s·(B @ A), on one BLAS thread
 
     def olora_init(self, adapter_name: str) -> None:
         """OLoRA (Büyükakyüz 2024, arXiv 2406.01775; PEFT ``olora_init``): W = Q·R (reduced QR of the (out, in) weight),
@@ -520,9 +518,7 @@ class LoraLinear(Module):
         B, A = np.ascontiguousarray(Qm[:, :r], np.float32), np.ascontiguousarray(Rm[:r], np.float32)
         self.lora_A[adapter_name].weight.data[...] = A
         self.lora_B[adapter_name].weight.data[...] = B
-        with one_blas_thread():  # the same bits for every thread count
-            BA = B @ A
-        self.set_base_weight(W - np.float32(s) * BA)
+        self.set_base_weight(W - delta_weight(A, B, s))  # s·(B @ A), on one BLAS thread
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make ``adapter_names`` the active adapters; only their parameters are trainable."""

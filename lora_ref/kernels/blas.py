@@ -28,7 +28,9 @@ starts every block of NumPy's output columns with 8 columns summed that way too.
 only by rows and only at multiples of 12 from its first row (every chunk then holds full panels, and the last one
 ends in the same left-over rows as the whole product); this was found on an AMD EPYC (Zen 3) where OpenBLAS picks
 ``Haswell``, by this module's tests, and the rule measured there (:data:`CUT_STEPS`, :func:`cut_steps`). On any
-other core nothing is cut: each product is one call on one thread. OpenBLAS's *threaded* driver can also cut the inner dimension K
+other core nothing is cut: each product is one call on one thread.
+
+OpenBLAS's *threaded* driver can also cut the inner dimension K
 differently from its one-thread driver (measured here: a 32 × 449 × 70 product on two OpenBLAS threads differs in
 the last bits from the same product on one; K = 576, 256, 100, 4096 did not), so every call this module makes runs
 on one BLAS thread, chunked or not: its results are those of ``np.matmul`` on one BLAS thread, for every thread

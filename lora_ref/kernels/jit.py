@@ -15,7 +15,8 @@ fallbacks (a NumPy array and a no-op), so the kernels still run as ordinary Pyth
 
 :func:`lut16_decode16` decodes packed 4-bit codes through a table kept in one AVX-512 register (``vpermps``)
 instead of a gather from memory (with AVX2, two 8-entry halves of the table in two registers); the 4-bit GEMV of
-:mod:`lora_ref.quant.kernels` uses it when :data:`HAS_LUT16` is true and a gather loop otherwise. :func:`lut16_fma16` decodes the same way and adds the
+:mod:`lora_ref.quant.kernels` uses it when :data:`HAS_LUT16` is true and a gather loop otherwise.
+:func:`lut16_fma16` decodes the same way and adds the
 products with a vector x straight into two accumulator registers, for a single input row (decoding).
 """
 
@@ -172,7 +173,8 @@ def _lut16_values(builder, context, signature, packed_v, byte0_v, table_v, scale
         for first in (0, 8):
             idx = lanes(codes16, first, 8)
             big = builder.icmp_unsigned(">", idx, ir.Constant(v8i32, [7] * 8))
-            halves.append(builder.select(big, builder.call(permute8, [upper, idx]), builder.call(permute8, [lower, idx])))
+            high_half, low_half = builder.call(permute8, [upper, idx]), builder.call(permute8, [lower, idx])
+            halves.append(builder.select(big, high_half, low_half))
         return builder.shuffle_vector(halves[0], halves[1], ir.Constant(v16i32, list(range(16))))
 
     return lookup(high), lookup(low)

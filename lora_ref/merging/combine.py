@@ -53,7 +53,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lora_ref.threads import one_blas_thread
+from lora_ref.adapters.lora import delta_weight
 
 __all__ = [
     "COMBINATION_TYPES",
@@ -260,8 +260,7 @@ class CombinedLora:
 
     def delta_weight(self) -> np.ndarray:
         """scaling · B @ A, float32 (out, in)."""
-        with one_blas_thread():  # the same bits for every thread count (lora_ref.threads)
-            return (self.lora_B @ self.lora_A * np.float32(self.scaling)).astype(np.float32)
+        return delta_weight(self.lora_A, self.lora_B, self.scaling)  # on one BLAS thread
 
 
 def new_rank(ranks: Sequence[int], combination_type: str, svd_rank: int | None = None) -> int:
@@ -370,8 +369,7 @@ def combine_lora(
         B = np.concatenate(Bs, axis=1)  # (out, R)
     elif combination_type in _SVD_TYPES:
         # get_delta_weight of each source: s_i · (B_i @ A_i), float32 as PEFT
-        with one_blas_thread():  # the same bits for every thread count (lora_ref.threads)
-            deltas = [(b @ a) * np.float32(s) for a, b, s in zip(As, Bs, scalings)]  # each (out, in)
+        deltas = [delta_weight(a, b, s) for a, b, s in zip(As, Bs, scalings)]  # each (out, in), one BLAS thread
         rule = "svd" if combination_type == "svd" else combination_type[: -len("_svd")]
         delta = _combine(rule, deltas, np.asarray(weights, np.float32), density, majority_sign_method, rng)
         A, B = _svd_factors(delta, R, svd_clamp)

@@ -607,7 +607,8 @@ def test_row_parts_only_where_the_result_cannot_change():
             assert row_parts(layer, Tensor(np.zeros((1, 130, 256), np.float32))) == \
                 ([(0, 65), (65, 130)] if step == 1 else None)
             assert row_parts(layer, Tensor(np.zeros((8, 24, 256), np.float32))) == [(0, 12), (12, 24)]
-            assert row_parts(layer, Tensor(np.zeros((64, 15, 256), np.float32))) is None  # < 8 positions a part (step 12: 15 % 12)
+            # fewer than 8 positions a part (and at step 12, 15 is no multiple of 12)
+            assert row_parts(layer, Tensor(np.zeros((64, 15, 256), np.float32))) is None
             assert row_parts(layer, Tensor(np.zeros((1, 144, 256)))) is None  # float64
             lora = _parts_model("lora").model.layers[0]  # r = 16: 16 × 256 · rows > 10⁶ needs 245 rows per part
             assert row_parts(lora, Tensor(np.zeros((1, 2 * 244, 256), np.float32))) is None

@@ -292,7 +292,7 @@ def _round_to_float32(v):
 
 
 @pytest.mark.skipif(not HAS_LUT16,
-                    reason="lut16_fma16 is an AVX-512 or AVX2 instruction sequence (vpermps); this CPU or mode has neither")
+                    reason="lut16_fma16 is an AVX-512 or AVX2 instruction sequence; this CPU or mode has neither")
 def test_lut16_fma16_adds_each_lanes_products_in_order():
     """The fused decode-and-multiply-add: lane j of the 32 running sums is the chain acc ← fma(code[c] · s, x, acc)
     over the calls (the weight one float32 product, then one rounding per multiply-add), c the high nibble of

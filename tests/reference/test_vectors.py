@@ -113,7 +113,8 @@ def test_standalone_checker_imports_only_numpy_and_safetensors():
 def _published_machine_kind() -> bool:
     """Whether this machine is of the kind the published set was written on: x86-64 with AVX-512, where OpenBLAS runs
     its AVX-512 kernels. Elsewhere float32 products (OpenBLAS's AVX2 kernel sums in another order) and some of
-    NumPy's own loops (its AVX2 and AVX-512 builds of ``power``) round differently in the last bits."""
+    NumPy's own float32 loops (``rope_llama3``, a float32 ``**`` and divisions, no product) round differently in the
+    last bits."""
     from llvmlite import binding
 
     from lora_ref.kernels.blas import SMALL_KERNEL_CORES, blas_core
