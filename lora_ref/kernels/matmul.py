@@ -10,10 +10,13 @@ the BLIS papers call the pieces by the names used here):
    ``bp[p, j] = B[k0 + p, j0 + j]`` (KC × NR floats, L2-resident) and multiplies every A micro-panel by it,
    adding into its own columns of C.
 3. **The micro-kernel** computes one MR × NR tile of C as a sum of KC outer products,
-   ``acc[i, :] += ap[i, p] · bp[p, :]``. The tile ``acc`` lives in registers (6 × 64 floats = 24 AVX-512
-   registers): per step p it loads 4 vectors of B, broadcasts 6 numbers of A and issues 24 fused multiply-adds,
-   so arithmetic, not memory, sets the pace. See :mod:`lora_ref.kernels.jit` for the stack buffer that lets LLVM keep
-   ``acc`` in registers.
+   ``acc[i, :] += ap[i, p] · bp[p, :]``. The tile ``acc`` lives in vector registers: with AVX-512, 6 × 64 floats
+   are 24 of the 32 registers of 16 floats, and per step p the kernel loads 4 vectors of B, broadcasts 6 numbers
+   of A and issues 24 fused multiply-adds, so arithmetic, not memory, sets the pace. A CPU with AVX2 only has 16
+   registers of 8 floats: there the tile is 6 × 16 (12 registers, 2 vectors of B per step, 12 multiply-adds), and
+   because LLVM's vectorizer turns the plain loops for that shape into scalar code, the step is written in
+   explicit vectors (:func:`lora_ref.kernels.jit.outer_product_f32`, :data:`EXPLICIT_VECTORS`). See
+   :mod:`lora_ref.kernels.jit` for the stack buffer that lets LLVM keep ``acc`` in registers.
 
 Partial tiles at the edges are handled by zero padding in the packed copies; only the valid part of ``acc`` is
 written back. Threads split the columns of C (one B micro-panel each), so they never write the same element.
@@ -32,16 +35,27 @@ import numpy as np
 from numba import njit, prange
 
 from lora_ref.kernels import reference, switch
-from lora_ref.kernels.jit import prefer_wide_vectors, stack_tile_f32
+from lora_ref.kernels.jit import HAS_AVX2, HAS_AVX512, outer_product_f32, prefer_wide_vectors, stack_tile_f32
 from lora_ref.kernels.reference import KC, MR, NR
 from lora_ref.kernels.reference import check_matmul_operands as _check_operands
 
-__all__ = ["MR", "NR", "KC", "matmul", "matmul_reference", "pack_a", "micro_kernel", "pick", "PICK"]
+__all__ = ["MR", "NR", "KC", "VECTOR_FLOATS", "VECTOR_REGISTERS", "EXPLICIT_VECTORS", "matmul", "matmul_reference",
+           "pack_a", "micro_kernel", "pick", "PICK"]
 
 matmul_reference = reference.matmul
 """The readable twin of :func:`matmul` (:func:`lora_ref.kernels.reference.matmul`), under its former name."""
 
+VECTOR_FLOATS = 16 if HAS_AVX512 else 8
+"""float32 lanes of one vector register the tile is counted in: 16 with AVX-512, else 8 (AVX2)."""
+VECTOR_REGISTERS = 32 if HAS_AVX512 else 16
+"""Vector registers the tile, B's vectors and the broadcast A value share: 32 with AVX-512, else 16 (AVX2)."""
+EXPLICIT_VECTORS = HAS_AVX2 and not HAS_AVX512
+"""Whether :func:`micro_kernel` runs its steps as :func:`lora_ref.kernels.jit.outer_product_f32` (AVX2 without
+AVX-512) instead of the plain loops LLVM vectorizes itself. Either way each element of the tile is a chain of
+fused multiply-adds over p in order."""
+
 _acc_tile = stack_tile_f32(MR, NR)
+_outer_step = outer_product_f32(MR, NR, KC)
 
 
 @njit(cache=True)
@@ -69,11 +83,15 @@ def micro_kernel(ap, bp, kc, acc):
     for i in range(MR):
         for j in range(NR):
             acc[i, j] = 0.0
-    for p in range(kc):
-        for i in range(MR):
-            a_ip = ap[i, p]
-            for j in range(NR):
-                acc[i, j] += a_ip * bp[p, j]
+    if EXPLICIT_VECTORS:        # AVX2: the same step in explicit 8-float vectors (see the module docstring)
+        for p in range(kc):
+            _outer_step(ap, bp, p, acc)
+    else:
+        for p in range(kc):
+            for i in range(MR):
+                a_ip = ap[i, p]
+                for j in range(NR):
+                    acc[i, j] += a_ip * bp[p, j]
 
 
 @njit(cache=True, inline="always")

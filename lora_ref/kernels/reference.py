@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_ref.kernels.jit import HAS_AVX512
+
 __all__ = [
     "sigmoid", "log_sum_exp", "causal_mask", "rotate_half",
     "swiglu_forward", "swiglu_backward", "rms_norm_forward", "rms_norm_backward", "rotary_forward",
@@ -195,7 +197,9 @@ def adamw_update(w, g, m, v, decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt
 
 # ================================================================================================ matmul
 MR = 6     # rows of the register tile
-NR = 64    # columns of the register tile (4 AVX-512 vectors of float32)
+NR = 64 if HAS_AVX512 else 16
+"""Columns of the register tile: 4 AVX-512 vectors of 16 float32 (6 × 64 = 24 of the 32 registers), or, on CPUs
+without AVX-512 (and under ``NUMBA_DISABLE_JIT=1``), 2 AVX2 vectors of 8 (6 × 16 = 12 of the 16 registers)."""
 KC = 1024  # length of a K chunk: a B micro-panel is KC·NR·4 bytes = 256 KiB, kept in the L2 cache
 
 

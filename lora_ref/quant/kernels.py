@@ -16,8 +16,8 @@ The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialis
 - a **row kernel** for a few input rows (decoding, generation: x is (1, K)): each thread decodes one weight
   row at a time into a float32 buffer in L1 and takes its dot products with the inputs. On AVX-512 CPUs the
   16-entry table, multiplied by the block's absmax, sits in one register and ``vpermps`` decodes 16 codes per
-  instruction (:func:`lora_ref.kernels.jit.lut16_decode16`; on AVX2 CPUs two registers of 8 entries, four
-  permutes and two blends per 16 codes), and for a single input row the decoded weights go
+  instruction (:func:`lora_ref.kernels.jit.lut16_decode16`; on AVX2 CPUs ``vpshufb`` looks the codes up in the
+  table's four byte planes), and for a single input row the decoded weights go
   straight into 32 running sums instead of the buffer (:func:`lora_ref.kernels.jit.lut16_fma16`: no store and
   reload per 16 weights; one row times a 4096 × 4096 NF4 weight, 2 threads, interleaved with the buffered
   version in one process, five runs: best 9-25 % lower, median 12-24 % lower, e.g. 0.87 → 0.66 ms best);

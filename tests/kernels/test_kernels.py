@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_ref.kernels import matmul as mm
-from lora_ref.kernels.jit import HAS_LUT16
+from lora_ref.kernels.jit import HAS_AVX2, HAS_AVX512, HAS_LUT16
 from lora_ref.quant import blockwise as ref
 from lora_ref.quant import fused, kernels, nf4
 
@@ -337,3 +337,60 @@ def test_lut16_fma16_adds_each_lanes_products_in_order():
     for bad in ((packed, code.astype(np.float64), scales, x), (packed, code, scales, np.repeat(x, 2)[::2])):
         with pytest.raises(numba.TypingError):
             njit(run)(*bad)
+
+
+@pytest.mark.skipif(NO_JIT, reason="outer_product_f32 is LLVM IR; without JIT the micro-kernel runs its plain loops")
+def test_outer_product_step_is_a_chain_of_fmas_per_element():
+    """The AVX2 micro-kernel's step: after steps p = 0 … kc−1, acc[i, j] is the chain acc ← fma(a[i, p], b[p, j], acc)
+    (one rounding per step), the same whether the caller compiles with fastmath or not. Expected values computed
+    here exactly (fractions), each multiply-add rounded once to the nearest float32, ties to even."""
+    from fractions import Fraction
+
+    from numba import njit
+
+    from lora_ref.kernels.jit import outer_product_f32, stack_tile_f32
+
+    rows, cols, stride, kc = 3, 16, 20, 11
+    step, tile = outer_product_f32(rows, cols, stride), stack_tile_f32(rows, cols)
+
+    def run(ap, bp, kc):
+        acc = tile()
+        for i in range(rows):
+            for j in range(cols):
+                acc[i, j] = np.float32(0.0)
+        for p in range(kc):
+            step(ap, bp, p, acc)
+        out = np.empty((rows, cols), np.float32)
+        for i in range(rows):
+            for j in range(cols):
+                out[i, j] = acc[i, j]
+        return out
+
+    rng = np.random.default_rng(5)
+    ap = rng.standard_normal((rows, stride)).astype(np.float32)   # rows `stride` floats apart; only p < kc read
+    bp = rng.standard_normal((kc, cols)).astype(np.float32)
+    expected = np.zeros((rows, cols), np.float32)
+    for p in range(kc):
+        expected = np.array([[_round_to_float32(Fraction(float(ap[i, p])) * Fraction(float(bp[p, j]))
+                                                + Fraction(float(expected[i, j]))) for j in range(cols)]
+                             for i in range(rows)], np.float32)
+    plain = np.zeros((rows, cols), np.float32)                      # the unfused chain, for contrast
+    for p in range(kc):
+        plain += ap[:, p:p + 1] * bp[p]
+    assert not np.array_equal(plain, expected)                      # so the check below can tell fused from not
+    for flags in (set(), {"contract", "reassoc"}, True):
+        got = njit(fastmath=flags)(run)(ap, bp, kc)
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    with pytest.raises(numba.TypingError):                          # float32, C-contiguous operands only
+        njit(run)(ap.astype(np.float64), bp, kc)
+    with pytest.raises(ValueError, match="multiple of the vector width"):
+        outer_product_f32(2, 12, 8)
+
+
+def test_the_tile_fits_the_vector_registers():
+    """The register tile, the B vectors of one step and the broadcast A value fit in the CPU's vector registers."""
+    vectors = mm.NR // mm.VECTOR_FLOATS
+    assert mm.NR % mm.VECTOR_FLOATS == 0
+    assert mm.MR * vectors + vectors + 1 <= mm.VECTOR_REGISTERS
+    assert (mm.NR, mm.VECTOR_FLOATS, mm.VECTOR_REGISTERS) == ((64, 16, 32) if HAS_AVX512 else (16, 8, 16))
+    assert mm.EXPLICIT_VECTORS == (HAS_AVX2 and not HAS_AVX512)  # both false without JIT

@@ -28,7 +28,8 @@ NUMBA_HELPER_MODULES = {"lora_ref.kernels.jit", "lora_ref.kernels.blas"}
 # Public names of kernel modules that are not twins: constants, the chooser, and helpers of the kernels themselves.
 NOT_TWINS = {
     "lora_ref.kernels.training": {"exp32", "pick", "PICK"},  # exp32: a scalar building block, tested against np.exp
-    "lora_ref.kernels.matmul": {"MR", "NR", "KC", "matmul_reference", "pack_a", "micro_kernel", "pick", "PICK"},
+    "lora_ref.kernels.matmul": {"MR", "NR", "KC", "VECTOR_FLOATS", "VECTOR_REGISTERS", "EXPLICIT_VECTORS", "matmul_reference",
+                                "pack_a", "micro_kernel", "pick", "PICK"},
     "lora_ref.quant.kernels": {"pair_table", "decode_4bit_into", "AUTO_DEQUANTIZE_ROWS", "pick", "PICK"},
     "lora_ref.kernels.decode": {"weight_list", "readonly", "pick", "PICK"},
     "lora_ref.kernels.lora_batch": {"pick", "PICK"},
