@@ -339,6 +339,35 @@ def test_lut16_fma16_adds_each_lanes_products_in_order():
             njit(run)(*bad)
 
 
+@pytest.mark.skipif(not HAS_LUT16,
+                    reason="lut16_decode16 is an AVX-512 or AVX2 instruction sequence; this CPU or mode has neither")
+def test_lut16_decode16_decodes_every_byte_value():
+    """All 256 byte values, at an offset, with tables that use every bit of a float32 (random values, a negative
+    zero, a subnormal, infinities): out[j] = table[byte_j >> 4] · s and out[16 + j] = table[byte_j & 15] · s, each
+    one float32 product, bit for bit (the AVX2 path assembles each value from its four bytes)."""
+    from numba import njit
+
+    from lora_ref.kernels.jit import lut16_decode16
+
+    @njit
+    def run(packed, table, scales):
+        out = np.empty(32 * (packed.shape[0] // 16), np.float32)
+        for g in range(packed.shape[0] // 16):
+            lut16_decode16(packed, 16 * g, table, scales[g], out, 32 * g)
+        return out
+
+    rng = np.random.default_rng(6)
+    packed = np.concatenate([np.arange(256), rng.permutation(256)]).astype(np.uint8)   # every byte value, twice
+    tables = [nf4.NF4_CODE.astype(np.float32), rng.standard_normal(16).astype(np.float32),
+              np.array([-0.0, 1e-40, np.inf, -np.inf] + list(rng.uniform(-1e30, 1e30, 12)), np.float32)]
+    for table in tables:
+        scales = rng.uniform(0.01, 2.0, packed.size // 16).astype(np.float32)
+        got = run(packed, table, scales).reshape(-1, 2, 16)
+        groups = packed.reshape(-1, 16)
+        expected = np.stack([table[groups >> 4] * scales[:, None], table[groups & 15] * scales[:, None]], axis=1)
+        np.testing.assert_array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
+
+
 @pytest.mark.skipif(NO_JIT, reason="outer_product_f32 is LLVM IR; without JIT the micro-kernel runs its plain loops")
 def test_outer_product_step_is_a_chain_of_fmas_per_element():
     """The AVX2 micro-kernel's step: after steps p = 0 … kc−1, acc[i, j] is the chain acc ← fma(a[i, p], b[p, j], acc)
