@@ -13,7 +13,8 @@ remove: Python dispatch between ~250 small operations per token, temporary array
   Numba typed lists (:func:`weight_list`), so a token costs one Python call however deep the model is.
 - Weights are float32 matrices or 4-bit ones (:class:`~lora_ref.kernels.decode_reference.Weight4bit`). A 4-bit row
   is decoded and dotted with the input in one pass over the row (the fused NF4 GEMV): on AVX-512 and AVX2 CPUs
-  16 codes at a time through a table held in registers, the decoded weights multiplied by the input and added
+  16 codes at a time through a table held in registers (one ``vpermps`` with AVX-512, ``vpshufb`` on the table's
+  four byte planes with AVX2), the decoded weights multiplied by the input and added
   into 32 running sums without leaving the registers (:func:`lora_ref.kernels.jit.lut16_fma16`; it takes each
   group of 32 elements as 16 even then 16 odd ones, so the input vector is reordered once per product instead;
   each row used to go through an L1 buffer), elsewhere through the block's scaled 16-entry table into an

@@ -96,7 +96,7 @@ HAS_AVX512 = _host_has("avx512f")
 HAS_AVX2 = _host_has("avx2") and _host_has("fma")
 """Whether this host has AVX2 and FMA (default Numba target, JIT on): 8-float vectors and fused multiply-adds."""
 
-HAS_LUT16 = HAS_AVX512 or _host_has("avx2")
+HAS_LUT16 = HAS_AVX512 or HAS_AVX2
 """Whether :func:`lut16_decode16` and :func:`lut16_fma16` may be compiled here: with AVX-512F (one ``vpermps`` of
 16 entries) or AVX2 (``vpshufb`` on the table's byte planes, e.g. AMD Zen 3); the values are the same."""
 
@@ -113,8 +113,10 @@ def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
     ``out[out0 + j] = table[packed[byte0 + j] >> 4] · scale`` and
     ``out[out0 + 16 + j] = table[packed[byte0 + j] & 15] · scale`` for j < 16: the 16 high nibbles (elements
     2j), then the 16 low nibbles (elements 2j + 1). Interleaving them back into element order would cost two
-    more shuffles per call; a caller multiplying by a vector x reorders x once instead. The table is scaled first (one IEEE float32 product per entry, the same
-    product ``code[c] · absmax`` as the NumPy decoder), so the values are bit for bit the dequantized ones.
+    more shuffles per call; a caller multiplying by a vector x reorders x once instead. Each value is one IEEE
+    float32 product ``code[c] · absmax``, the NumPy decoder's (AVX-512: the table is scaled, then permuted; AVX2: the
+    looked-up values are scaled), so the values are bit for bit the dequantized ones. The table must not change
+    while the caller runs (the AVX2 path's load of it is marked invariant).
 
     LLVM turns ``table[code]`` in a loop into a *gather*, one memory load per element. Sixteen float32 values
     fit in one AVX-512 register, and ``vpermps`` (``llvm.x86.avx512.permvar.sf.512``) picks 16 of them by
@@ -198,8 +200,11 @@ def _lut16_values_avx2(builder, packed_ptr, byte0_v, table_ptr, scale_v):
         return builder.shuffle_vector(a, b if b is not None else ir.Constant(a.type, ir.Undefined),
                                       ir.Constant(ir.VectorType(i32, len(order)), order))
 
-    # the table's 4 byte planes, each repeated in both halves (the caller's loop hoists these: the table is fixed)
+    # the table's 4 byte planes, each repeated in both halves. The load is marked invariant (the table does not
+    # change while a kernel runs), so LLVM may hoist it and the planes out of the caller's loop even when the loop
+    # stores to memory that could alias the table (lut16_decode16's ``out``).
     table_bytes = builder.load(builder.bitcast(table_ptr, v64i8.as_pointer()), align=4)        # 16 floats
+    table_bytes.set_metadata("invariant.load", builder.module.add_metadata([]))
     planes = [shuffle(table_bytes, None, [4 * c + q for c in range(16)] * 2) for q in range(4)]
     # 16 packed bytes, copied into the two halves in the order above, then split into nibbles
     raw = builder.load(builder.bitcast(builder.gep(packed_ptr, [byte0_v]), v16i8.as_pointer()), align=1)
@@ -281,6 +286,9 @@ def outer_product_f32(rows: int, cols: int, a_stride: int, width: int = 8):
     every element of ``acc`` is the chain of FMAs over p in order. ``ap`` holds A's micro-panel with rows
     ``a_stride`` floats apart (the packed (MR, KC) panel), ``bp`` B's micro-panel with rows ``cols`` floats apart
     (KC, NR), ``acc`` the (rows, cols) tile; all float32 and C-contiguous, ``cols`` a multiple of ``width``.
+    The strides are the factory's arguments, not checked against the arrays: ``ap`` needs ``rows`` rows of
+    ``a_stride`` floats and ``bp`` rows of exactly ``cols`` floats, as :func:`lora_ref.kernels.matmul.pack_a` and
+    the kernels' B panels have.
 
     The step loads ``cols / width`` vectors of B's row p, broadcasts each ``ap[i, p]`` and issues
     ``rows · cols / width`` vector FMAs into ``acc``. ``acc`` is loaded and stored around each FMA; when it is a

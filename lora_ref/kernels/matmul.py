@@ -51,8 +51,9 @@ VECTOR_REGISTERS = 32 if HAS_AVX512 else 16
 """Vector registers the tile, B's vectors and the broadcast A value share: 32 with AVX-512, else 16 (AVX2)."""
 EXPLICIT_VECTORS = HAS_AVX2 and not HAS_AVX512
 """Whether :func:`micro_kernel` runs its steps as :func:`lora_ref.kernels.jit.outer_product_f32` (AVX2 without
-AVX-512) instead of the plain loops LLVM vectorizes itself. Either way each element of the tile is a chain of
-fused multiply-adds over p in order."""
+AVX-512) instead of the plain loops LLVM vectorizes itself. With the explicit step each element of the tile is the
+chain of fused multiply-adds over p in order (``tests/kernels/test_kernels.py`` checks it bit for bit); with the
+plain loops, fusing and order are LLVM's choice under ``fastmath`` (without JIT: separate products and sums)."""
 
 _acc_tile = stack_tile_f32(MR, NR)
 _outer_step = outer_product_f32(MR, NR, KC)

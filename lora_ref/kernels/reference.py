@@ -200,7 +200,7 @@ MR = 6     # rows of the register tile
 NR = 64 if HAS_AVX512 else 16
 """Columns of the register tile: 4 AVX-512 vectors of 16 float32 (6 × 64 = 24 of the 32 registers), or, on CPUs
 without AVX-512 (and under ``NUMBA_DISABLE_JIT=1``), 2 AVX2 vectors of 8 (6 × 16 = 12 of the 16 registers)."""
-KC = 1024  # length of a K chunk: a B micro-panel is KC·NR·4 bytes = 256 KiB, kept in the L2 cache
+KC = 1024  # length of a K chunk: a B micro-panel is KC·NR·4 bytes (256 KiB, 64 KiB with NR = 16), kept in the L2 cache
 
 
 def check_matmul_operands(a: np.ndarray, b: np.ndarray) -> None:

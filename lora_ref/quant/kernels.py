@@ -450,7 +450,8 @@ def _dot_decoded_row(x, w, K, r, y):
 
 @njit(cache=True, inline="always")
 def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w, acc, y):
-    """The same with the table in a register (``vpermps``, 16 bytes per step, table scaled per block), ``x``
+    """The same with the table in registers (:func:`lora_ref.kernels.jit.lut16_decode16`: ``vpermps`` with
+    AVX-512, ``vpshufb`` on the table's byte planes with AVX2; 16 bytes per step, scaled per block), ``x``
     in the decoder's order (each group of 32 elements as 16 even-indexed then 16 odd-indexed ones,
     :func:`_split_pairs`). One input row (decoding): the decoded weights go straight into 32 running sums
     (:func:`lora_ref.kernels.jit.lut16_fma16`, ``acc``), added up at the end. Several rows: the buffer ``w``
@@ -583,7 +584,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     y = np.empty((x.shape[0], N), np.float32)                      # (M, N)
     if x.shape[0] <= ROW_KERNEL_MAX_M:
         if HAS_LUT16 and K % state.blocksize == 0:
-            x = _split_pairs(x)                                    # the permute decoder's element order
+            x = _split_pairs(x)                                    # the table decoder's element order
         _rows_kernel(x, flat_packed, absmax, pair_table(code), code, state.blocksize, N, K, y)
     else:
         _tiled_kernel(x, flat_packed, absmax, code, state.blocksize, N, K, False, y)

@@ -416,8 +416,37 @@ def test_outer_product_step_is_a_chain_of_fmas_per_element():
         outer_product_f32(2, 12, 8)
 
 
+def test_micro_kernel_tile():
+    """The micro-kernel as the matmul calls it (a packed A micro-panel, rows KC floats apart; a B panel of NR
+    columns; a partial K chunk): with the explicit AVX2 step (:data:`mm.EXPLICIT_VECTORS`) every element is the
+    exact chain acc ← fma(a[i, p], b[p, j], acc) over p, bit for bit; with the plain loops (AVX-512, or no JIT),
+    whose fusing and order are LLVM's, within the float32 bound of the exact product."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(7)
+    kc = 13
+    a = rng.standard_normal((mm.MR, kc)).astype(np.float32)
+    b = rng.standard_normal((kc, mm.NR)).astype(np.float32)
+    ap = mm.pack_a(a)[0, 0]                                           # (MR, KC), zero past column kc
+    bp = np.zeros((mm.KC, mm.NR), np.float32)
+    bp[:kc] = b
+    acc = np.empty((mm.MR, mm.NR), np.float32)
+    numba.njit(lambda ap, bp, kc, acc: mm.micro_kernel(ap, bp, kc, acc))(ap, bp, kc, acc)
+    if mm.EXPLICIT_VECTORS:
+        expected = np.zeros((mm.MR, mm.NR), np.float32)
+        for p in range(kc):
+            expected = np.array([[_round_to_float32(Fraction(float(a[i, p])) * Fraction(float(b[p, j]))
+                                                    + Fraction(float(expected[i, j]))) for j in range(mm.NR)]
+                                 for i in range(mm.MR)], np.float32)
+        np.testing.assert_array_equal(acc.view(np.uint32), expected.view(np.uint32))
+    else:
+        bound = matmul_bound(np.abs(a).astype(np.float64) @ np.abs(b), kc)
+        assert np.all(np.abs(acc - a.astype(np.float64) @ b) <= bound)
+
+
 def test_the_tile_fits_the_vector_registers():
-    """The register tile, the B vectors of one step and the broadcast A value fit in the CPU's vector registers."""
+    """The register tile, the B vectors of one step and the broadcast A value fit in the CPU's vector registers, and
+    the tile is the one this kind of CPU (or no JIT: NR = 16, plain loops) is documented to use."""
     vectors = mm.NR // mm.VECTOR_FLOATS
     assert mm.NR % mm.VECTOR_FLOATS == 0
     assert mm.MR * vectors + vectors + 1 <= mm.VECTOR_REGISTERS

@@ -18,7 +18,8 @@ def test_kernel_tests_pass_without_jit():
     tests = ["test_absmax_blocks", "test_encode_4bit", "test_pack_and_unpack_nibbles", "test_decode_4bit",
              "test_encode_and_decode_8bit", "test_public_api_with_numba_equals_numpy",
              "test_matmul_equals_its_twin", "test_matmul_4bit_equals", "test_matmul_4bit_t_equals",
-             "test_fused_weight_is", "test_twins_are_distinct"]
+             "test_fused_weight_is", "test_twins_are_distinct", "test_micro_kernel_tile",
+             "test_the_tile_fits_the_vector_registers"]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kernels.py",
          "-k", " or ".join(tests)],
