@@ -115,8 +115,9 @@ def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
     2j), then the 16 low nibbles (elements 2j + 1). Interleaving them back into element order would cost two
     more shuffles per call; a caller multiplying by a vector x reorders x once instead. Each value is one IEEE
     float32 product ``code[c] · absmax``, the NumPy decoder's (AVX-512: the table is scaled, then permuted; AVX2: the
-    looked-up values are scaled), so the values are bit for bit the dequantized ones. The table must not change
-    while the caller runs (the AVX2 path's load of it is marked invariant).
+    looked-up values are scaled), so the values are bit for bit the dequantized ones. The table must not be
+    written anywhere in the compiled function that calls this (the AVX2 path's load of it is marked
+    ``invariant.load``; the kernels pass read-only code tables).
 
     LLVM turns ``table[code]`` in a loop into a *gather*, one memory load per element. Sixteen float32 values
     fit in one AVX-512 register, and ``vpermps`` (``llvm.x86.avx512.permvar.sf.512``) picks 16 of them by
@@ -200,9 +201,10 @@ def _lut16_values_avx2(builder, packed_ptr, byte0_v, table_ptr, scale_v):
         return builder.shuffle_vector(a, b if b is not None else ir.Constant(a.type, ir.Undefined),
                                       ir.Constant(ir.VectorType(i32, len(order)), order))
 
-    # the table's 4 byte planes, each repeated in both halves. The load is marked invariant (the table does not
-    # change while a kernel runs), so LLVM may hoist it and the planes out of the caller's loop even when the loop
-    # stores to memory that could alias the table (lut16_decode16's ``out``).
+    # the table's 4 byte planes, each repeated in both halves. The load is marked invariant (nothing in the
+    # compiled caller writes the table: the kernels pass read-only code tables), so LLVM may hoist it and the
+    # planes out of the caller's loop even when the loop stores to memory that could alias the table
+    # (lut16_decode16's ``out``).
     table_bytes = builder.load(builder.bitcast(table_ptr, v64i8.as_pointer()), align=4)        # 16 floats
     table_bytes.set_metadata("invariant.load", builder.module.add_metadata([]))
     planes = [shuffle(table_bytes, None, [4 * c + q for c in range(16)] * 2) for q in range(4)]
@@ -249,7 +251,8 @@ def lut16_fma16(typingctx, packed, byte0, table, scale, x, x0, acc):
     a store and a load per 16 weights. Here they stay in registers; ``acc`` (32 float32, e.g. a
     :func:`stack_tile_f32` row) is loaded and stored around the two sums, which LLVM keeps in registers across a
     loop when ``acc`` is stack memory. ``x`` must be in the split order (each group of 32 elements as its 16
-    even then 16 odd ones) and float32, like ``acc``.
+    even then 16 odd ones) and float32, like ``acc``. As for :func:`lut16_decode16`, the table must not be
+    written anywhere in the compiled function that calls this.
     """
     if scale != types.float32 or not _contiguous(table, types.float32) or not _contiguous(packed, types.uint8) \
             or not _contiguous(x, types.float32) or not _contiguous(acc, types.float32):

@@ -428,10 +428,11 @@ def test_micro_kernel_tile():
     a = rng.standard_normal((mm.MR, kc)).astype(np.float32)
     b = rng.standard_normal((kc, mm.NR)).astype(np.float32)
     ap = mm.pack_a(a)[0, 0]                                           # (MR, KC), zero past column kc
-    bp = np.zeros((mm.KC, mm.NR), np.float32)
+    bp = np.full((mm.KC, mm.NR), np.nan, np.float32)                 # NaN past kc: reading there would show
     bp[:kc] = b
     acc = np.empty((mm.MR, mm.NR), np.float32)
-    numba.njit(lambda ap, bp, kc, acc: mm.micro_kernel(ap, bp, kc, acc))(ap, bp, kc, acc)
+    # inlined into a fastmath caller, as in _matmul_kernel (an inlined function takes its caller's flags)
+    numba.njit(fastmath=True)(lambda ap, bp, kc, acc: mm.micro_kernel(ap, bp, kc, acc))(ap, bp, kc, acc)
     if mm.EXPLICIT_VECTORS:
         expected = np.zeros((mm.MR, mm.NR), np.float32)
         for p in range(kc):
