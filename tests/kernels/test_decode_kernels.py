@@ -56,10 +56,11 @@ def _run_both(fn_name, args, mutated):
 
 @pytest.mark.parametrize("kind, blocksize, nested, D, F", [
     ("fp32", 64, True, 64, 96),
+    ("fp32", 64, True, 48, 80),      # row lengths that leave a remainder after the dot's vectors
     ("nf4", 64, True, 64, 96),       # rows on block boundaries: the fast decoder (vpermps on AVX-512)
     ("nf4", 32, False, 64, 96),      # single-level scales
     ("nf4", 64, True, 48, 80),       # rows off block boundaries: the element-by-element decoder
-], ids=["fp32", "nf4-dq", "nf4-bs32", "nf4-unaligned"])
+], ids=["fp32", "fp32-odd", "nf4-dq", "nf4-bs32", "nf4-unaligned"])
 def test_layer_step_twins(kind, blocksize, nested, D, F):
     rng = np.random.default_rng(0)
     args = _layer_case(rng, D=D, F=F, kind=kind, blocksize=blocksize, nested=nested)
@@ -144,3 +145,21 @@ def test_decode_kernel_tests_pass_without_jit():
                            "-k", "not without_jit"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.parametrize("K", [1, 3, 5, 47, 48, 577, 1536])
+def test_both_float32_row_dots(K):
+    """The two forms of the float32 row dot (four interleaved sums, used with AVX-512; one running sum, used
+    otherwise), whichever this CPU uses: each within the float32 bound of the exact dot, for lengths with every
+    remainder after the vectors."""
+    from numba import njit
+
+    rng = np.random.default_rng(K)
+    w = rng.standard_normal((3, K)).astype(np.float32)
+    x = rng.standard_normal(K).astype(np.float32)
+    exact = w.astype(np.float64) @ x
+    bound = 2 * (K + 2) * np.finfo(np.float32).eps * (np.abs(w).astype(np.float64) @ np.abs(x)) + 1e-30
+    for dot in (decode._dot_f32_four_sums, decode._dot_f32_one_sum):
+        rows = njit(lambda w, x: [dot(w, r, x) for r in range(w.shape[0])])(w, x)
+        assert np.all(np.abs(np.array(rows, np.float64) - exact) <= bound), dot
+    assert decode._dot_f32 is (decode._dot_f32_four_sums if decode.HAS_AVX512 else decode._dot_f32_one_sum)
