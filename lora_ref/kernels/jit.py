@@ -149,6 +149,15 @@ def lut16_decode16(typingctx, packed, byte0, table, scale, out, out0):
     return sig, codegen
 
 
+def _splat(builder, value, width: int):
+    """An LLVM vector of ``width`` copies of the float ``value`` (a broadcast)."""
+    from llvmlite import ir
+
+    vec, idx = ir.VectorType(value.type, width), ir.VectorType(ir.IntType(32), width)
+    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(idx, [0] * width))
+
+
 def _lut16_values(builder, context, signature, packed_v, byte0_v, table_v, scale_v):
     """The two 16-float vectors of :func:`lut16_decode16` (high nibbles, low nibbles), as LLVM values."""
     from llvmlite import ir
@@ -165,8 +174,7 @@ def _lut16_values(builder, context, signature, packed_v, byte0_v, table_v, scale
     high = builder.lshr(codes, ir.Constant(v16i32, [4] * 16))                     # first elements
     low = builder.and_(codes, ir.Constant(v16i32, [15] * 16))                     # second elements
     table16 = builder.load(builder.bitcast(table_arr.data, v16f.as_pointer()), align=4)
-    splat = builder.insert_element(ir.Constant(v16f, ir.Undefined), scale_v, ir.Constant(i32, 0))
-    splat = builder.shuffle_vector(splat, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i32, [0] * 16))
+    splat = _splat(builder, scale_v, 16)
     table16 = builder.fmul(table16, splat)                                        # 16 exact products
     permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16i32]),
                                              "llvm.x86.avx512.permvar.sf.512")
@@ -231,8 +239,7 @@ def _lut16_values_avx2(builder, packed_ptr, byte0_v, table_ptr, scale_v):
     b23 = [builder.bitcast(unpack(p[2], p[3], 32, hi), v16i16) for hi in (False, True)]    # bytes 2,3 paired
     floats = [builder.bitcast(unpack(b01[k], b23[k], 16, hi), v8f)                         # 4 × 8 floats
               for k in (0, 1) for hi in (False, True)]
-    splat8 = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale_v, ir.Constant(i32, 0))
-    splat8 = shuffle(splat8, None, [0] * 8)
+    splat8 = _splat(builder, scale_v, 8)
     floats = [builder.fmul(f, splat8) for f in floats]                                         # code[c] · s
     return shuffle(floats[0], floats[1], list(range(16))), shuffle(floats[2], floats[3], list(range(16)))
 
@@ -319,7 +326,7 @@ def outer_product_f32(rows: int, cols: int, a_stride: int, width: int = 8):
             from llvmlite import ir
 
             ap_v, bp_v, p_v, acc_v = args
-            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+            f32, i64 = ir.FloatType(), ir.IntType(64)
             vec = ir.VectorType(f32, width)
             a_data = context.make_array(signature.args[0])(context, builder, ap_v).data
             b_data = context.make_array(signature.args[1])(context, builder, bp_v).data
@@ -336,9 +343,7 @@ def outer_product_f32(rows: int, cols: int, a_stride: int, width: int = 8):
                       for v in range(cols // width)]                # row p of B, cols / width vectors
             for i in range(rows):
                 a_ip = builder.load(builder.gep(a_data, [builder.add(p64, ir.Constant(i64, i * a_stride))]))
-                splat = builder.insert_element(ir.Constant(vec, ir.Undefined), a_ip, ir.Constant(i32, 0))
-                splat = builder.shuffle_vector(splat, ir.Constant(vec, ir.Undefined),
-                                               ir.Constant(ir.VectorType(i32, width), [0] * width))
+                splat = _splat(builder, a_ip, width)
                 for v in range(cols // width):
                     ptr = at(acc_data, ir.Constant(i64, i * cols + v * width))
                     builder.store(builder.call(fma, [splat, b_vecs[v], builder.load(ptr, align=4)]), ptr, align=4)
