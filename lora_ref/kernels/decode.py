@@ -17,15 +17,17 @@ remove: Python dispatch between ~250 small operations per token, temporary array
   four byte planes with AVX2), the decoded weights multiplied by the input and added
   into 32 running sums without leaving the registers (:func:`lora_ref.kernels.jit.lut16_fma16`; it takes each
   group of 32 elements as 16 even then 16 odd ones, so the input vector is reordered once per product instead;
-  each row used to go through an L1 buffer), elsewhere through the block's scaled 16-entry table into an
-  L1-resident buffer;
+  each row used to go through an L1 buffer; on AVX2 CPUs without AVX-512 :func:`lora_ref.kernels.jit.lut16_block_dot`
+  dots each block's unscaled codes with x and scales the partial sums once, x reordered to its order),
+  elsewhere through the block's scaled 16-entry table into an L1-resident buffer;
   double-quantized scales are decoded inline (one 8-bit lookup per block of 64 weights), so the bytes read are
   the bytes stored.
 - :func:`head_step` (final RMSNorm + logits) reads the head once per token, parallel over vocabulary rows; for a
   tied head that is the embedding matrix, read once.
 
 Sums are float32 and only their order differs from the twin (``fastmath`` is limited to reassociation and
-contraction, so infinities and NaNs keep their meaning). ``tests/kernels/test_decode_kernels.py`` holds the two
+contraction, so infinities and NaNs keep their meaning), and on the AVX2 block path where each block's scale is
+applied. ``tests/kernels/test_decode_kernels.py`` holds the two
 equal, also with ``NUMBA_DISABLE_JIT=1``. Measured by ``lora-ref bench decode`` (rows ``real_decode_fp32``,
 ``real_decode_nf4`` and their roofline rows); the decode loop that calls these is
 :class:`lora_ref.modeling.decode.Decoder`.
@@ -41,7 +43,15 @@ from numba.extending import overload
 
 from lora_ref.kernels import decode_reference, switch
 from lora_ref.kernels.decode_reference import Weight4bit
-from lora_ref.kernels.jit import HAS_AVX512, HAS_LUT16, lut16_fma16, prefer_wide_vectors, stack_tile_f32
+from lora_ref.kernels.jit import (
+    BLOCK_DOT,
+    HAS_AVX512,
+    HAS_LUT16,
+    lut16_block_dot,
+    lut16_fma16,
+    prefer_wide_vectors,
+    stack_tile_f32,
+)
 
 __all__ = ["layer_step", "head_step", "decode_step", "weight_list", "readonly", "PICK", "pick"]
 
@@ -103,6 +113,18 @@ def _split_pairs(x, out):
             out[32 * g + 16 + j] = x[32 * g + 2 * j + 1]
 
 
+@njit(cache=True, inline="always")
+def _block_dot_pairs(x, out):
+    """out = x with each group of 8 elements as its 4 even then 4 odd ones (the order lut16_block_dot reads)."""
+    for g in range(x.shape[0] // 8):
+        for j in range(4):
+            out[8 * g + j] = x[8 * g + 2 * j]
+            out[8 * g + 4 + j] = x[8 * g + 2 * j + 1]
+
+
+_reorder = _block_dot_pairs if BLOCK_DOT else _split_pairs
+
+
 @njit(cache=True, inline="always", fastmath=FAST)
 def _dot_f32_four_sums(w, r, x):
     """Σ_k w[r, k] · x[k]: one row of a float32 matrix against x, in four interleaved sums (each a vector
@@ -156,9 +178,14 @@ def _decode_block_table(w, byte0, half, s, buf, out0):
 @njit(cache=True, inline="always")
 def _add_block_permute(w, byte0, half, s, buf, out0, xs, acc):
     """The block's weights times xs (the same split order) added into the 32 running sums ``acc``: decoded in
-    registers (:func:`lora_ref.kernels.jit.lut16_fma16`), never written to ``buf``."""
-    for j in range(0, half, 16):
-        lut16_fma16(w.packed, byte0 + j, w.code, s, xs, out0 + 2 * j, acc)
+    registers (:func:`lora_ref.kernels.jit.lut16_fma16`), never written to ``buf``. On AVX2 CPUs without
+    AVX-512 the block's unscaled codes are dotted with xs and the partial sums scaled once
+    (:func:`lora_ref.kernels.jit.lut16_block_dot`, xs in its order)."""
+    if BLOCK_DOT:
+        lut16_block_dot(w.packed, byte0, half, w.code, s, xs, out0, acc)
+    else:
+        for j in range(0, half, 16):
+            lut16_fma16(w.packed, byte0 + j, w.code, s, xs, out0 + 2 * j, acc)
 
 
 @njit(cache=True, inline="always")
@@ -278,7 +305,7 @@ overload(_dot_rows)(_dot_rows_typed)
 def _prepare(x, xs):
     """xs = x in the aligned 4-bit decoder's order (a copy when that order is element order)."""
     if SPLIT_ORDER and x.shape[0] % 32 == 0:
-        _split_pairs(x, xs)
+        _reorder(x, xs)
     else:
         xs[:] = x
 
@@ -287,7 +314,7 @@ def _prepare_typed(x, xs):
     if SPLIT_ORDER:
         def impl(x, xs):
             if x.shape[0] % 32 == 0:
-                _split_pairs(x, xs)
+                _reorder(x, xs)
             else:
                 xs[:] = x
         return impl

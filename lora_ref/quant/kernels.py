@@ -20,8 +20,10 @@ The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialis
   table's four byte planes), and for a single input row the decoded weights go
   straight into 32 running sums instead of the buffer (:func:`lora_ref.kernels.jit.lut16_fma16`: no store and
   reload per 16 weights; one row times a 4096 × 4096 NF4 weight, 2 threads, interleaved with the buffered
-  version in one process, five runs: best 9-25 % lower, median 12-24 % lower, e.g. 0.87 → 0.66 ms best);
-  elsewhere a pair-table gather decodes and each block's partial sum is multiplied by its absmax. The weight
+  version in one process, five runs: best 9-25 % lower, median 12-24 % lower, e.g. 0.87 → 0.66 ms best). On
+  AVX2 CPUs without AVX-512 a single input row goes through :func:`lora_ref.kernels.jit.lut16_block_dot`
+  instead: each block's unscaled codes dotted with x, the partial sum multiplied by the absmax once, as the
+  gather path does; elsewhere a pair-table gather decodes and each block's partial sum is multiplied by its absmax. The weight
   streams from memory at half a byte per element, 8× fewer bytes than float32;
 - the **dequantizer** reads a 256-entry table of *pairs* ``(code[b >> 4], code[b & 15])``, so one 64-bit load
   decodes a whole byte (two elements, high nibble first), then multiplies each block by its absmax;
@@ -42,7 +44,15 @@ import numpy as np
 from numba import njit, prange
 
 from lora_ref.kernels import switch
-from lora_ref.kernels.jit import HAS_LUT16, lut16_decode16, lut16_fma16, prefer_wide_vectors, stack_tile_f32
+from lora_ref.kernels.jit import (
+    BLOCK_DOT,
+    HAS_LUT16,
+    lut16_block_dot,
+    lut16_decode16,
+    lut16_fma16,
+    prefer_wide_vectors,
+    stack_tile_f32,
+)
 from lora_ref.kernels.matmul import KC, MR, NR, micro_kernel, pack_a, store_tile
 from lora_ref.quant import dequant_matmul, nf4, steps
 
@@ -454,8 +464,10 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
     AVX-512, ``vpshufb`` on the table's byte planes with AVX2; 16 bytes per step, scaled per block), ``x``
     in the decoder's order (each group of 32 elements as 16 even-indexed then 16 odd-indexed ones,
     :func:`_split_pairs`). One input row (decoding): the decoded weights go straight into 32 running sums
-    (:func:`lora_ref.kernels.jit.lut16_fma16`, ``acc``), added up at the end. Several rows: the buffer ``w``
-    holds the dequantized row and each row's dot product is one long vectorized sum."""
+    (:func:`lora_ref.kernels.jit.lut16_fma16`, ``acc``), added up at the end; on AVX2 CPUs without AVX-512 each
+    block's codes are dotted with x unscaled and the partial sums scaled once per block
+    (:func:`lora_ref.kernels.jit.lut16_block_dot`, x in :func:`_block_dot_pairs` order). Several rows: the
+    buffer ``w`` holds the dequantized row and each row's dot product is one long vectorized sum."""
     nb = K // blocksize
     half = blocksize // 2                                          # bytes per block, a multiple of 16
     byte0 = r * (K // 2)
@@ -463,10 +475,14 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
         x0 = x[0]
         for lane in range(32):
             acc[lane] = F32(0.0)
-        for b in range(nb):
-            s = absmax[r * nb + b]
-            for j in range(b * half, (b + 1) * half, 16):
-                lut16_fma16(packed, byte0 + j, code, s, x0, 2 * j, acc)
+        if BLOCK_DOT:   # AVX2: each block's partial sum scaled once, x in BLOCK_DOT_ORDER (_block_dot_pairs)
+            for b in range(nb):
+                lut16_block_dot(packed, byte0 + b * half, half, code, absmax[r * nb + b], x0, b * blocksize, acc)
+        else:
+            for b in range(nb):
+                s = absmax[r * nb + b]
+                for j in range(b * half, (b + 1) * half, 16):
+                    lut16_fma16(packed, byte0 + j, code, s, x0, 2 * j, acc)
         tot = F32(0.0)
         for lane in range(32):
             tot += acc[lane]
@@ -488,6 +504,13 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
 
 _dot_rows = _dot_rows_permute if HAS_LUT16 else _dot_rows_gather
 _acc32 = stack_tile_f32(1, 32)
+
+
+def _block_dot_pairs(x: np.ndarray) -> np.ndarray:
+    """x (M, K), K a multiple of 8, with each group of 8 columns reordered as its 4 even then 4 odd ones: the
+    order in which :func:`lora_ref.kernels.jit.lut16_block_dot` reads x (``BLOCK_DOT_ORDER``)."""
+    M, K = x.shape
+    return np.ascontiguousarray(x.reshape(M, K // 8, 4, 2).transpose(0, 1, 3, 2).reshape(M, K))
 
 
 def _split_pairs(x: np.ndarray) -> np.ndarray:
@@ -583,8 +606,8 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     x = np.ascontiguousarray(dequant_matmul.check_activation(x, "x", K, state.shape))
     y = np.empty((x.shape[0], N), np.float32)                      # (M, N)
     if x.shape[0] <= ROW_KERNEL_MAX_M:
-        if HAS_LUT16 and K % state.blocksize == 0:
-            x = _split_pairs(x)                                    # the table decoder's element order
+        if HAS_LUT16 and K % state.blocksize == 0:                 # the table decoder's element order
+            x = _block_dot_pairs(x) if BLOCK_DOT and x.shape[0] == 1 else _split_pairs(x)
         _rows_kernel(x, flat_packed, absmax, pair_table(code), code, state.blocksize, N, K, y)
     else:
         _tiled_kernel(x, flat_packed, absmax, code, state.blocksize, N, K, False, y)

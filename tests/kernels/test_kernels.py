@@ -368,6 +368,71 @@ def test_lut16_decode16_decodes_every_byte_value():
         np.testing.assert_array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
 
 
+@pytest.mark.skipif(not HAS_AVX2, reason="lut16_block_dot is an AVX2 instruction sequence; this CPU or mode has none")
+@pytest.mark.parametrize("nbytes", [16, 32, 64])     # blocksizes 32 (one step, the loop), 64 (straight-line), 128
+def test_lut16_block_dot_scales_each_blocks_partial_sums(nbytes):
+    """The AVX2 one-row GEMV step: per block, lane l's partial sum is code[c] · x for the first 32 codes (one float32
+    product), then fma(code[c], x, part) for each further 32, c the code of element BLOCK_DOT_ORDER[l] of that
+    group (element 2j the high nibble of byte j, 2j + 1 the low one); then acc[l] = fma(part, s, acc[l]). The
+    same whether the caller compiles with fastmath or not. Expected values computed here exactly (fractions), each
+    operation rounded once to the nearest float32, ties to even."""
+    from fractions import Fraction
+
+    from numba import njit
+
+    from lora_ref.kernels.jit import BLOCK_DOT_ORDER, lut16_block_dot, stack_tile_f32
+
+    # lane l: elements 8(l // 8) + 0, 2, 4, 6 then 1, 3, 5, 7 of its group of eight
+    assert BLOCK_DOT_ORDER.tolist()[:16] == [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]
+    assert sorted(BLOCK_DOT_ORDER.tolist()) == list(range(32))
+    tile = stack_tile_f32(1, 32)
+
+    def run(packed, code, scales, x, nbytes):
+        acc = tile()[0]
+        for lane in range(32):
+            acc[lane] = np.float32(0.0)
+        for b in range(scales.shape[0]):
+            lut16_block_dot(packed, 3 + nbytes * b, nbytes, code, scales[b], x, 2 * nbytes * b, acc)
+        out = np.empty(32, np.float32)
+        for lane in range(32):
+            out[lane] = acc[lane]
+        return out
+
+    rng = np.random.default_rng(5)
+    blocks = 4
+    packed = rng.integers(0, 256, 3 + nbytes * blocks).astype(np.uint8)          # 3 leading bytes: an offset
+    code = rng.standard_normal(16).astype(np.float32)
+    scales = rng.uniform(0.01, 2.0, blocks).astype(np.float32)
+    x = rng.standard_normal(2 * nbytes * blocks).astype(np.float32)
+    expected = [Fraction(0)] * 32
+    for b in range(blocks):
+        part = None
+        for t in range(nbytes // 16):
+            byte = packed[3 + nbytes * b + 16 * t:][:16].astype(np.int64)
+            codes = np.stack([byte >> 4, byte & 15], axis=1).reshape(32)         # element order
+            w = code[codes[BLOCK_DOT_ORDER]]
+            xt = x[2 * nbytes * b + 32 * t:][:32]
+            prods = [Fraction(float(wi)) * Fraction(float(xi)) for wi, xi in zip(w, xt)]
+            if part is None:
+                part = [_round_to_float32(pr) for pr in prods]
+            else:
+                part = [_round_to_float32(pr + Fraction(float(pa))) for pr, pa in zip(prods, part)]
+        expected = [_round_to_float32(Fraction(float(pa)) * Fraction(float(scales[b])) + Fraction(float(ac)))
+                    for pa, ac in zip(part, expected)]
+    expected = np.array(expected, np.float32)
+    for flags in (set(), {"contract", "reassoc"}, True):  # no fastmath, the decode step's flags, all of them
+        got = njit(fastmath=flags)(run)(packed, code, scales, x, nbytes)
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    # the GEMV's and the decode step's reordering of x is this order
+    from lora_ref.kernels import decode
+
+    in_order = np.concatenate([x[:32][BLOCK_DOT_ORDER], x[32:64][BLOCK_DOT_ORDER]])
+    np.testing.assert_array_equal(kernels._block_dot_pairs(x[None, :64])[0], in_order)
+    xs = np.empty(64, np.float32)
+    decode._block_dot_pairs(x[:64], xs)
+    np.testing.assert_array_equal(xs, in_order)
+
+
 @pytest.mark.skipif(NO_JIT, reason="outer_product_f32 is LLVM IR; without JIT the micro-kernel runs its plain loops")
 def test_outer_product_step_is_a_chain_of_fmas_per_element():
     """The AVX2 micro-kernel's step: after steps p = 0 … kc−1, acc[i, j] is the chain acc ← fma(a[i, p], b[p, j], acc)
