@@ -51,6 +51,7 @@ from lora_ref.kernels.jit import (
     lut16_fma16,
     prefer_wide_vectors,
     stack_tile_f32,
+    sum32,
 )
 
 __all__ = ["layer_step", "head_step", "decode_step", "weight_list", "readonly", "PICK", "pick"]
@@ -197,10 +198,7 @@ def _add_block_table(w, byte0, half, s, buf, out0, xs, acc):
 @njit(cache=True, inline="always")
 def _aligned_total_permute(buf, xs, K, acc):
     """The row's dot product: the 32 running sums added up."""
-    tot = F32(0.0)
-    for lane in range(32):
-        tot += acc[lane]
-    return tot
+    return sum32(acc)
 
 
 @njit(cache=True, inline="always")

@@ -52,6 +52,7 @@ from lora_ref.kernels.jit import (
     lut16_fma16,
     prefer_wide_vectors,
     stack_tile_f32,
+    sum32,
 )
 from lora_ref.kernels.matmul import KC, MR, NR, micro_kernel, pack_a, store_tile
 from lora_ref.quant import dequant_matmul, nf4, steps
@@ -483,10 +484,7 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
                 s = absmax[r * nb + b]
                 for j in range(b * half, (b + 1) * half, 16):
                     lut16_fma16(packed, byte0 + j, code, s, x0, 2 * j, acc)
-        tot = F32(0.0)
-        for lane in range(32):
-            tot += acc[lane]
-        y[0, r] = tot
+        y[0, r] = sum32(acc)
         return
     if half == 32:  # blocksize 64 (QLoRA's): the block's two 16-byte steps written out, no inner loop
         for b in range(nb):

@@ -433,6 +433,27 @@ def test_lut16_block_dot_scales_each_blocks_partial_sums(nbytes):
     np.testing.assert_array_equal(xs, in_order)
 
 
+def test_sum32_adds_the_lanes_pairwise():
+    """The 32 running sums are added as halves: l + (l + 16), then + 8, + 4, then (0 + 2) + (1 + 3), each a float32
+    addition; values chosen so that the one-after-another order gives another answer."""
+    from numba import njit
+
+    from lora_ref.kernels.jit import sum32
+
+    rng = np.random.default_rng(8)
+    acc = (rng.standard_normal(32) * 10.0 ** rng.integers(-4, 8, 32)).astype(np.float32)
+    h = acc.copy()
+    for width in (16, 8, 4):
+        h = h[:width] + h[width:2 * width]                                  # float32 additions
+    expected = (h[0] + h[2]) + (h[1] + h[3])
+    chain = np.float32(0)
+    for a in acc:
+        chain = np.float32(chain + a)
+    assert chain != expected                                                # the order matters for these values
+    got = njit(lambda a: sum32(a))(acc.copy())
+    assert np.float32(got).view(np.uint32) == np.float32(expected).view(np.uint32)
+
+
 @pytest.mark.skipif(NO_JIT, reason="outer_product_f32 is LLVM IR; without JIT the micro-kernel runs its plain loops")
 def test_outer_product_step_is_a_chain_of_fmas_per_element():
     """The AVX2 micro-kernel's step: after steps p = 0 … kc−1, acc[i, j] is the chain acc ← fma(a[i, p], b[p, j], acc)
