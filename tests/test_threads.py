@@ -26,8 +26,11 @@ def _env_after_import(extra: dict) -> dict:
 
 
 def test_import_sets_the_wait_policies_and_keeps_the_users():
-    assert _env_after_import({}) == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
-    assert _env_after_import({"OMP_WAIT_POLICY": "active"})["OMP_WAIT_POLICY"] == "active"
+    assert _env_after_import({}) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
+    # the user's policy stands, and no spin count of ours overrides it (libgomp prefers GOMP_SPINCOUNT)
+    assert _env_after_import({"OMP_WAIT_POLICY": "active"}) == {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": None,
+                                                                  "KMP_BLOCKTIME": "0"}
+    assert _env_after_import({"GOMP_SPINCOUNT": "0"})["GOMP_SPINCOUNT"] == "0"
 
 
 def test_set_threads_sets_numba_and_the_blas():
