@@ -24,9 +24,13 @@ already set them:
   Zen 3, where an idle virtual CPU halts and waking it goes through the host) a loop of trivial work took
   13.7-15.4 µs with no spinning and 2.4-2.5 µs with a count of 300 to 3000; the NF4 decode step, 2 threads, in
   alternating processes, 17.0-17.7 ms with none and 14.6-15.4 ms with 1000. The window is far shorter than
-  OpenBLAS's ~0.1 s of polling; ``lora-ref bench train`` and ``bench real`` did not move beyond their noise with
-  it (``train_step`` 266.6 → 261.1 ms, ``contention`` ratio 1.58 → 1.53, ``real_prefill`` 1.35 → 1.06 s, one run
-  each);
+  OpenBLAS's ~0.1 s of polling. One run each of ``lora-ref bench train`` and ``bench real`` without and with it:
+  ``train_step`` 266.6 → 261.1 ms, ``contention`` ratio 1.58 → 1.53, ``real_lora_step`` 5.26 → 4.96 s,
+  ``real_qlora_step`` 5.65 → 6.11 s (its baseline, the LoRA step inside that row, 5.64 → 6.08 s), ``real_prefill``
+  1.35 → 1.06 s (this row moved 0.87-1.26 in ratio between runs of one build on this machine): no row got
+  slower than its own noise. When a process runs more OpenMP threads than it has CPUs, libgomp does not spin
+  under PASSIVE whatever the count (the libgomp manual, ``GOMP_SPINCOUNT``), so an oversubscribed process sleeps
+  at once as before;
 - ``KMP_BLOCKTIME=0``: an idle thread sleeps at once in Intel's and LLVM's OpenMP runtimes, should Numba load one
   of those.
 
@@ -42,7 +46,8 @@ every compute command's ``--threads N`` does). Decoding runs its one-token steps
 (:func:`limited`).
 
 Measured on 2 cores shared with other work (best of 4, 2 threads; "busy" = one competing ``while True: pass``
-process), before these defaults → after:
+process), before these defaults → after (with ``OMP_WAIT_POLICY`` and ``KMP_BLOCKTIME``, before the spin count was
+added):
 
 - SmolLM2-135M forward, 1 × 256 tokens: quiet 1.42-1.47 s → 0.35 s; busy 1.74-2.33 s → 0.74-0.83 s;
 - a training step of the tutorial model: quiet 0.54-0.68 s → 0.31-0.36 s; busy 0.79-0.80 s → 0.55-0.69 s;
@@ -186,7 +191,9 @@ def limited(n: int | None):
     layer), alternating in one process on 2 cores shared with other work (load average ~7): float32 76-82 ms per
     token on one thread against 75-105 on two, NF4 47-70 against 59-81. A second thread halves the rows each
     thread reads, but every loop then waits for the slower thread, and on a busy machine that is often one the
-    scheduler has parked; one thread stays the default.
+    scheduler has parked; one thread stays the default. (Those figures predate the default spin count,
+    ``GOMP_SPINCOUNT=1000``, which cut the 2-thread NF4 step on a quiet 2-CPU machine from 17.0-17.7 to 14.6-15.4
+    ms; the one-thread default was not re-measured against it.)
     Numba's setting is per calling thread and restored on exit, as is the BLAS limit (``threadpoolctl``).
     """
     if n is None:

@@ -25,9 +25,9 @@ remove: Python dispatch between ~250 small operations per token, temporary array
 - :func:`head_step` (final RMSNorm + logits) reads the head once per token, parallel over vocabulary rows; for a
   tied head that is the embedding matrix, read once.
 
-Sums are float32 and only their order differs from the twin (``fastmath`` is limited to reassociation and
-contraction, so infinities and NaNs keep their meaning), and on the AVX2 block path where each block's scale is
-applied. ``tests/kernels/test_decode_kernels.py`` holds the two
+Sums are float32 and their order differs from the twin (``fastmath`` is limited to reassociation and
+contraction, so infinities and NaNs keep their meaning); on the AVX2 block path each block's scale also
+multiplies the block's partial sum instead of each weight. ``tests/kernels/test_decode_kernels.py`` holds the two
 equal, also with ``NUMBA_DISABLE_JIT=1``. Measured by ``lora-ref bench decode`` (rows ``real_decode_fp32``,
 ``real_decode_nf4`` and their roofline rows); the decode loop that calls these is
 :class:`lora_ref.modeling.decode.Decoder`.
@@ -178,7 +178,8 @@ def _decode_block_table(w, byte0, half, s, buf, out0):
 
 @njit(cache=True, inline="always")
 def _add_block_permute(w, byte0, half, s, buf, out0, xs, acc):
-    """The block's weights times xs (the same split order) added into the 32 running sums ``acc``: decoded in
+    """The block's weights times xs (in split order, or BLOCK_DOT_ORDER on the AVX2 path) added into the 32
+    running sums ``acc``: decoded in
     registers (:func:`lora_ref.kernels.jit.lut16_fma16`), never written to ``buf``. On AVX2 CPUs without
     AVX-512 the block's unscaled codes are dotted with xs and the partial sums scaled once
     (:func:`lora_ref.kernels.jit.lut16_block_dot`, xs in its order)."""
@@ -214,7 +215,8 @@ _add_block = _add_block_permute if HAS_LUT16 else _add_block_table
 _aligned_total = _aligned_total_permute if HAS_LUT16 else _aligned_total_table
 _acc32 = stack_tile_f32(1, 32)
 SPLIT_ORDER = HAS_LUT16
-"""Whether aligned 4-bit rows are decoded in split order (so their input vector is reordered to match)."""
+"""Whether aligned 4-bit rows read their input vector reordered (:func:`_reorder`: split order, or
+BLOCK_DOT_ORDER on AVX2 CPUs without AVX-512)."""
 
 
 @njit(cache=True, inline="always")
@@ -247,8 +249,9 @@ def _dot_rows_f32(w, r0, r1, x, dst):
 def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
     """dst[i] = row r0 + i of a 4-bit W dotted with x. Rows on block boundaries take the block decoder (with
     ``xs``, x in its order), with the per-weight constants computed once and the nested scales' index advanced
-    without a division per block: on AVX-512 and AVX2 CPUs each block's weights go straight into 32 running sums
-    (:func:`_add_block_permute`), elsewhere the row is decoded into ``buf`` (L1) and summed against x. Other
+    without a division per block: on AVX-512 and AVX2 CPUs each block goes straight into 32 running sums
+    (:func:`_add_block_permute`: its weights, or on AVX2 without AVX-512 its unscaled codes times x, scaled once),
+    elsewhere the row is decoded into ``buf`` (L1) and summed against x. Other
     rows decode element by element into ``buf``, then one vectorized sum."""
     prefer_wide_vectors()
     acc = _acc32()[0]                                                  # (32,) running sums, on the stack

@@ -4,7 +4,8 @@ Generating text feeds one token at a time through the model (:mod:`lora_ref.mode
 every weight matrix is read once and used for one matrix-vector product (a GEMV): the step is bound by memory
 bandwidth, not arithmetic. These functions say what one decoder layer and the head compute for one position, one
 NumPy line per equation; the compiled twins compute the same in fewer passes over memory (and without temporary
-arrays), so only the order of float32 additions differs.
+arrays): the order of float32 additions differs, and on AVX2 CPUs without AVX-512 a 4-bit block's scale
+multiplies the block's partial sum instead of each weight, so the results agree within float32 rounding.
 
 Weights come in two kinds, a float32 matrix (N, K) or a 4-bit one (:class:`Weight4bit`: bitsandbytes' packed
 NF4/FP4 codes, blockwise scales, optionally double-quantized scales [QLoRA] Dettmers et al. 2023, Eq. 5-6); a layer

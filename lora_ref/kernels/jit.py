@@ -27,6 +27,12 @@ register tile, as explicit 8-float vectors. LLVM vectorizes the plain loops of
 it unrolls the 16-column row completely before its loop vectorizer runs and then emits scalar code (measured on
 an AMD Zen 3: 275-300 ms for a 1024³ product, against about 20 ms with this step); so on CPUs with AVX2 and no
 AVX-512 the micro-kernel calls this step instead (:data:`lora_ref.kernels.matmul.EXPLICIT_VECTORS`).
+
+Numba's on-disk cache (``cache=True``) checks only the timestamp of the file that defines a cached function:
+the kernels of :mod:`lora_ref.quant.kernels` and :mod:`lora_ref.kernels.decode` inline these intrinsics and
+helpers, so after an edit to this file alone a checkout with a warm cache keeps running their old machine code.
+Delete ``lora_ref/**/__pycache__/*.nbi`` and ``*.nbc`` after changing this file (a fresh clone compiles
+everything).
 """
 
 from __future__ import annotations
@@ -314,8 +320,8 @@ def sum32(acc):
     """The sum of the 32 running sums ``acc`` of :func:`lut16_fma16` / :func:`lut16_block_dot`, added pairwise: lanes
     l and l + 16, then l and l + 8, then l and l + 4, then the last four as (0 + 2) + (1 + 3). ``acc`` is spent (the
     halves are added in place). That is the order without ``fastmath``; a caller compiled with ``reassoc`` (this is
-    inlined and takes the caller's flags) lets LLVM reorder it. Adding the 32 lanes one after another is a chain of 31 dependent additions, which
-    in a decode step's short rows (576 weights: 18 steps of 32) cost as much as a third of the row: the NF4 decode
+    inlined and takes the caller's flags) lets LLVM reorder it. Adding the 32 lanes one after another is a chain
+    of 31 dependent additions, which in a decode step's short rows (576 weights: 18 steps of 32) cost as much as a third of the row: the NF4 decode
     step of SmolLM2-135M on an AMD Zen 3, 2 threads, three alternating runs of each: 14.8-15.9 ms with the chain,
     13.2-14.6 ms pairwise."""
     for lane in range(16):

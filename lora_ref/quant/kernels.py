@@ -464,7 +464,7 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
     """The same with the table in registers (:func:`lora_ref.kernels.jit.lut16_decode16`: ``vpermps`` with
     AVX-512, ``vpshufb`` on the table's byte planes with AVX2; 16 bytes per step, scaled per block), ``x``
     in the decoder's order (each group of 32 elements as 16 even-indexed then 16 odd-indexed ones,
-    :func:`_split_pairs`). One input row (decoding): the decoded weights go straight into 32 running sums
+    :func:`_split_pairs`; for one row on AVX2 without AVX-512, :func:`_block_dot_pairs`). One input row (decoding): the decoded weights go straight into 32 running sums
     (:func:`lora_ref.kernels.jit.lut16_fma16`, ``acc``), added up at the end; on AVX2 CPUs without AVX-512 each
     block's codes are dotted with x unscaled and the partial sums scaled once per block
     (:func:`lora_ref.kernels.jit.lut16_block_dot`, x in :func:`_block_dot_pairs` order). Several rows: the
@@ -597,8 +597,11 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     Returns
     -------
     float32 (M, N). W's elements are the float32 products code[c] · absmax of :func:`decode_4bit` (the values
-    ``dequantize_4bit`` returns for a float32 state, before any cast to a 16-bit ``state.dtype``); only the
-    order of the float32 additions differs from the NumPy twin :func:`lora_ref.quant.dequant_matmul.matmul_4bit`.
+    ``dequantize_4bit`` returns for a float32 state, before any cast to a 16-bit ``state.dtype``). The result
+    equals the NumPy twin :func:`lora_ref.quant.dequant_matmul.matmul_4bit` within the float32 rounding bound of
+    a dot product: the float32 additions come in another order, and two paths never form the weight but multiply
+    each block's partial sum by its absmax (the gather path of CPUs without AVX2, and the one-row path of AVX2
+    CPUs without AVX-512, :func:`lora_ref.kernels.jit.lut16_block_dot`).
     """
     flat_packed, absmax, code, N, K = _weight_operands(packed, state)
     x = np.ascontiguousarray(dequant_matmul.check_activation(x, "x", K, state.shape))

@@ -423,14 +423,42 @@ def test_lut16_block_dot_scales_each_blocks_partial_sums(nbytes):
     for flags in (set(), {"contract", "reassoc"}, True):  # no fastmath, the decode step's flags, all of them
         got = njit(fastmath=flags)(run)(packed, code, scales, x, nbytes)
         np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
-    # the GEMV's and the decode step's reordering of x is this order
-    from lora_ref.kernels import decode
 
-    in_order = np.concatenate([x[:32][BLOCK_DOT_ORDER], x[32:64][BLOCK_DOT_ORDER]])
-    np.testing.assert_array_equal(kernels._block_dot_pairs(x[None, :64])[0], in_order)
-    xs = np.empty(64, np.float32)
-    decode._block_dot_pairs(x[:64], xs)
-    np.testing.assert_array_equal(xs, in_order)
+
+def test_the_x_reorderings_are_the_lane_orders():
+    """The one-row GEMV's and the decode step's reorderings of x put element BLOCK_DOT_ORDER[l] of each group of 32
+    at position l (lut16_block_dot's lanes), or the 16 even then the 16 odd elements (lut16_fma16's split order)."""
+    from lora_ref.kernels import decode
+    from lora_ref.kernels.jit import BLOCK_DOT_ORDER
+
+    split = np.r_[0:32:2, 1:32:2]
+    x = np.random.default_rng(9).standard_normal(96).astype(np.float32)
+    for order, numpy_version, compiled in ((BLOCK_DOT_ORDER, kernels._block_dot_pairs, decode._block_dot_pairs),
+                                           (split, kernels._split_pairs, decode._split_pairs)):
+        in_order = np.concatenate([g[order] for g in x.reshape(3, 32)])
+        np.testing.assert_array_equal(numpy_version(x[None, :])[0], in_order)
+        xs = np.empty(96, np.float32)
+        compiled(x, xs)
+        np.testing.assert_array_equal(xs, in_order)
+
+
+@pytest.mark.parametrize("bs", [32, 64, 128, 256, 4096])
+def test_matmul_4bit_one_row_on_block_boundaries(bs):
+    """One input row and K a whole number of blocks: the path decoding takes (lut16_block_dot on AVX2 CPUs without
+    AVX-512, lut16_fma16 with AVX-512, the gather elsewhere), against the twin within the float32 bound; random x,
+    so that a wrongly ordered x or a wrong block offset shows."""
+    rng = np.random.default_rng(bs)
+    for blocks in (1, 2, 3):
+        k = blocks * bs
+        for quant_type, double_quant in (("nf4", False), ("nf4", True), ("fp4", True)):
+            w = (0.02 * rng.standard_normal((7, k))).astype(np.float32)
+            packed, state = ref.quantize_4bit(w, blocksize=bs, quant_type=quant_type, double_quant=double_quant)
+            x = rng.standard_normal((1, k), dtype=np.float32)
+            got = kernels.matmul_4bit(x, packed, state)
+            expected = fused.matmul_4bit(x, packed, state)
+            wd = fused.dequantize_weight(packed, state)
+            bound = matmul_bound(np.abs(x).astype(np.float64) @ np.abs(wd).T, k)
+            assert np.all(np.abs(got.astype(np.float64) - expected) <= bound), (k, quant_type, double_quant)
 
 
 def test_sum32_adds_the_lanes_pairwise():
