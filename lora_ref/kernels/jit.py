@@ -321,9 +321,9 @@ def sum32(acc):
     l and l + 16, then l and l + 8, then l and l + 4, then the last four as (0 + 2) + (1 + 3). ``acc`` is spent (the
     halves are added in place). That is the order without ``fastmath``; a caller compiled with ``reassoc`` (this is
     inlined and takes the caller's flags) lets LLVM reorder it. Adding the 32 lanes one after another is a chain
-    of 31 dependent additions, which in a decode step's short rows (576 weights: 18 steps of 32) cost as much as a third of the row: the NF4 decode
-    step of SmolLM2-135M on an AMD Zen 3, 2 threads, three alternating runs of each: 14.8-15.9 ms with the chain,
-    13.2-14.6 ms pairwise."""
+    of 31 dependent additions, a visible share of a decode step's short rows (576 weights: 18 steps of 32): the
+    NF4 decode step of SmolLM2-135M on an AMD Zen 3, 2 threads, three alternating runs of each, 14.8-15.9 ms with
+    the chain, 13.2-14.6 ms pairwise."""
     for lane in range(16):
         acc[lane] += acc[lane + 16]
     for lane in range(8):
@@ -372,7 +372,8 @@ def lut16_block_dot(typingctx, packed, byte0, nbytes, table, scale, x, x0, acc):
     """
     if not HAS_AVX2 or scale != types.float32 or not _contiguous(table, types.float32) \
             or not _contiguous(packed, types.uint8) or not _contiguous(x, types.float32) \
-            or not _contiguous(acc, types.float32) or not all(isinstance(t, types.Integer) for t in (byte0, nbytes, x0)):
+            or not _contiguous(acc, types.float32) \
+            or not all(isinstance(t, types.Integer) for t in (byte0, nbytes, x0)):
         return None
     sig = types.void(packed, byte0, nbytes, table, scale, x, x0, acc)
 

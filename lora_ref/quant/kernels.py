@@ -23,8 +23,8 @@ The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialis
   version in one process, five runs: best 9-25 % lower, median 12-24 % lower, e.g. 0.87 → 0.66 ms best). On
   AVX2 CPUs without AVX-512 a single input row goes through :func:`lora_ref.kernels.jit.lut16_block_dot`
   instead: each block's unscaled codes dotted with x, the partial sum multiplied by the absmax once, as the
-  gather path does; elsewhere a pair-table gather decodes and each block's partial sum is multiplied by its absmax. The weight
-  streams from memory at half a byte per element, 8× fewer bytes than float32;
+  gather path does; elsewhere a pair-table gather decodes and each block's partial sum is multiplied by its
+  absmax. The weight streams from memory at half a byte per element, 8× fewer bytes than float32;
 - the **dequantizer** reads a 256-entry table of *pairs* ``(code[b >> 4], code[b & 15])``, so one 64-bit load
   decodes a whole byte (two elements, high nibble first), then multiplies each block by its absmax;
 - a **tiled kernel** for many rows (training): the register-blocked matmul of :mod:`lora_ref.kernels.matmul`, whose
@@ -464,8 +464,9 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
     """The same with the table in registers (:func:`lora_ref.kernels.jit.lut16_decode16`: ``vpermps`` with
     AVX-512, ``vpshufb`` on the table's byte planes with AVX2; 16 bytes per step, scaled per block), ``x``
     in the decoder's order (each group of 32 elements as 16 even-indexed then 16 odd-indexed ones,
-    :func:`_split_pairs`; for one row on AVX2 without AVX-512, :func:`_block_dot_pairs`). One input row (decoding): the decoded weights go straight into 32 running sums
-    (:func:`lora_ref.kernels.jit.lut16_fma16`, ``acc``), added up at the end; on AVX2 CPUs without AVX-512 each
+    :func:`_split_pairs`; for one row on AVX2 without AVX-512, :func:`_block_dot_pairs`). One input row
+    (decoding): the decoded weights go straight into 32 running sums (:func:`lora_ref.kernels.jit.lut16_fma16`,
+    ``acc``), added up at the end (:func:`lora_ref.kernels.jit.sum32`); on AVX2 CPUs without AVX-512 each
     block's codes are dotted with x unscaled and the partial sums scaled once per block
     (:func:`lora_ref.kernels.jit.lut16_block_dot`, x in :func:`_block_dot_pairs` order). Several rows: the
     buffer ``w`` holds the dequantized row and each row's dot product is one long vectorized sum."""
