@@ -30,8 +30,10 @@ Measured on 2 cores shared with other work (load average 3.6-5), ``lora-ref benc
 transformers' float32 time), 1.09 of its roofline. Where the time goes (each part timed alone, same load): float32
 layers 54 ms (8 GB/s over their 431 MB), head 12.5 ms (9 GB/s over 113 MB); NF4 layers 20.5 ms (61 MB: decoding the
 codes, ~5 G weights/s on 2 threads, not the memory, is the limit), head 11.7 ms, so the float32 head is ~40% of an
-NF4 step; the Python around the compiled call is under 0.1 ms per token. A roofline ratio below 1 means the probe
-the rows use, ``np.sum`` (pairwise summation, ~7 GB/s here), reads more slowly than a GEMV's streaming loads: it
+NF4 step; the Python around the compiled call is under 0.1 ms per token. Later, on a quiet 2-CPU AMD Zen 3 virtual
+machine (AVX2, no AVX-512; ``Decoder.step`` timed directly, best of 15 × 32 steps, three processes): NF4
+13.2-14.6 ms per token, of which the float32 head 3.9-4.3 ms and the layers with attention the rest; float32
+22.3-23.5 ms. A roofline ratio below 1 means the probe the rows use, ``np.sum`` (pairwise summation, ~7 GB/s here), reads more slowly than a GEMV's streaming loads: it
 is a conservative bandwidth, not the machine's peak.
 """
 
