@@ -33,8 +33,9 @@ codes, ~5 G weights/s on 2 threads, not the memory, is the limit), head 11.7 ms,
 NF4 step; the Python around the compiled call is under 0.1 ms per token. Later, on a quiet 2-CPU AMD Zen 3 virtual
 machine (AVX2, no AVX-512; ``Decoder.step`` timed directly, best of 15 × 32 steps, three processes): NF4
 13.2-14.6 ms per token, of which the float32 head 3.9-4.3 ms and the layers with attention the rest; float32
-22.3-23.5 ms. A roofline ratio below 1 means the probe the rows use, ``np.sum`` (pairwise summation, ~7 GB/s here), reads more slowly than a GEMV's streaming loads: it
-is a conservative bandwidth, not the machine's peak.
+22.3-23.5 ms. A roofline ratio below 1 means the probe the rows use, ``np.sum`` (pairwise summation, ~7 GB/s
+on the first machine), reads more slowly than a GEMV's streaming loads: it is a conservative bandwidth, not the
+machine's peak.
 """
 
 from __future__ import annotations
