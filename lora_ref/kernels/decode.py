@@ -106,24 +106,19 @@ def _rms_norm(x, w, eps, out):
 
 
 @njit(cache=True, inline="always")
-def _split_pairs(x, out):
-    """out = x with each group of 32 elements as its 16 even then 16 odd ones (the order lut16_fma16 reads)."""
-    for g in range(x.shape[0] // 32):
-        for j in range(16):
-            out[32 * g + j] = x[32 * g + 2 * j]
-            out[32 * g + 16 + j] = x[32 * g + 2 * j + 1]
+def _evens_then_odds(x, out, group):
+    """out = x with each group of ``group`` elements as its even-indexed then its odd-indexed ones: the order the
+    4-bit block decoder reads (:data:`LANE_GROUP`)."""
+    half = group // 2
+    for g in range(x.shape[0] // group):
+        for j in range(half):
+            out[group * g + j] = x[group * g + 2 * j]
+            out[group * g + half + j] = x[group * g + 2 * j + 1]
 
 
-@njit(cache=True, inline="always")
-def _block_dot_pairs(x, out):
-    """out = x with each group of 8 elements as its 4 even then 4 odd ones (the order lut16_block_dot reads)."""
-    for g in range(x.shape[0] // 8):
-        for j in range(4):
-            out[8 * g + j] = x[8 * g + 2 * j]
-            out[8 * g + 4 + j] = x[8 * g + 2 * j + 1]
-
-
-_reorder = _block_dot_pairs if BLOCK_DOT else _split_pairs
+LANE_GROUP = 8 if BLOCK_DOT else 32
+"""x is read in groups of 32 as 16 even then 16 odd elements by :func:`lora_ref.kernels.jit.lut16_fma16` (split
+order), in groups of 8 as 4 even then 4 odd by :func:`lora_ref.kernels.jit.lut16_block_dot` (``BLOCK_DOT_ORDER``)."""
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
@@ -178,9 +173,8 @@ def _decode_block_table(w, byte0, half, s, buf, out0):
 
 @njit(cache=True, inline="always")
 def _add_block_permute(w, byte0, half, s, buf, out0, xs, acc):
-    """The block's weights times xs (in split order, or BLOCK_DOT_ORDER on the AVX2 path) added into the 32
-    running sums ``acc``: decoded in
-    registers (:func:`lora_ref.kernels.jit.lut16_fma16`), never written to ``buf``. On AVX2 CPUs without
+    """The block's weights times xs (in :data:`LANE_GROUP` order) added into the 32 running sums ``acc``: decoded
+    in registers (:func:`lora_ref.kernels.jit.lut16_fma16`), never written to ``buf``. On AVX2 CPUs without
     AVX-512 the block's unscaled codes are dotted with xs and the partial sums scaled once
     (:func:`lora_ref.kernels.jit.lut16_block_dot`, xs in its order)."""
     if BLOCK_DOT:
@@ -215,8 +209,7 @@ _add_block = _add_block_permute if HAS_LUT16 else _add_block_table
 _aligned_total = _aligned_total_permute if HAS_LUT16 else _aligned_total_table
 _acc32 = stack_tile_f32(1, 32)
 SPLIT_ORDER = HAS_LUT16
-"""Whether aligned 4-bit rows read their input vector reordered (:func:`_reorder`: split order, or
-BLOCK_DOT_ORDER on AVX2 CPUs without AVX-512)."""
+"""Whether aligned 4-bit rows read their input vector reordered (:func:`_evens_then_odds`, :data:`LANE_GROUP`)."""
 
 
 @njit(cache=True, inline="always")
@@ -306,7 +299,7 @@ overload(_dot_rows)(_dot_rows_typed)
 def _prepare(x, xs):
     """xs = x in the aligned 4-bit decoder's order (a copy when that order is element order)."""
     if SPLIT_ORDER and x.shape[0] % 32 == 0:
-        _reorder(x, xs)
+        _evens_then_odds(x, xs, LANE_GROUP)
     else:
         xs[:] = x
 
@@ -315,7 +308,7 @@ def _prepare_typed(x, xs):
     if SPLIT_ORDER:
         def impl(x, xs):
             if x.shape[0] % 32 == 0:
-                _reorder(x, xs)
+                _evens_then_odds(x, xs, LANE_GROUP)
             else:
                 xs[:] = x
         return impl

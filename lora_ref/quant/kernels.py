@@ -464,11 +464,11 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
     """The same with the table in registers (:func:`lora_ref.kernels.jit.lut16_decode16`: ``vpermps`` with
     AVX-512, ``vpshufb`` on the table's byte planes with AVX2; 16 bytes per step, scaled per block), ``x``
     in the decoder's order (each group of 32 elements as 16 even-indexed then 16 odd-indexed ones,
-    :func:`_split_pairs`; for one row on AVX2 without AVX-512, :func:`_block_dot_pairs`). One input row
+    :func:`_evens_then_odds` with groups of 32; for one row on AVX2 without AVX-512, groups of 8). One input row
     (decoding): the decoded weights go straight into 32 running sums (:func:`lora_ref.kernels.jit.lut16_fma16`,
     ``acc``), added up at the end (:func:`lora_ref.kernels.jit.sum32`); on AVX2 CPUs without AVX-512 each
     block's codes are dotted with x unscaled and the partial sums scaled once per block
-    (:func:`lora_ref.kernels.jit.lut16_block_dot`, x in :func:`_block_dot_pairs` order). Several rows: the
+    (:func:`lora_ref.kernels.jit.lut16_block_dot`, x in groups of 8). Several rows: the
     buffer ``w`` holds the dequantized row and each row's dot product is one long vectorized sum."""
     nb = K // blocksize
     half = blocksize // 2                                          # bytes per block, a multiple of 16
@@ -477,7 +477,7 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
         x0 = x[0]
         for lane in range(32):
             acc[lane] = F32(0.0)
-        if BLOCK_DOT:   # AVX2: each block's partial sum scaled once, x in BLOCK_DOT_ORDER (_block_dot_pairs)
+        if BLOCK_DOT:   # AVX2: each block's partial sum scaled once, x in BLOCK_DOT_ORDER
             for b in range(nb):
                 lut16_block_dot(packed, byte0 + b * half, half, code, absmax[r * nb + b], x0, b * blocksize, acc)
         else:
@@ -505,18 +505,13 @@ _dot_rows = _dot_rows_permute if HAS_LUT16 else _dot_rows_gather
 _acc32 = stack_tile_f32(1, 32)
 
 
-def _block_dot_pairs(x: np.ndarray) -> np.ndarray:
-    """x (M, K), K a multiple of 8, with each group of 8 columns reordered as its 4 even then 4 odd ones: the
-    order in which :func:`lora_ref.kernels.jit.lut16_block_dot` reads x (``BLOCK_DOT_ORDER``)."""
+def _evens_then_odds(x: np.ndarray, group: int) -> np.ndarray:
+    """x (M, K), K a multiple of ``group``, with each group of columns reordered as its even-indexed then its
+    odd-indexed ones: groups of 32 are the order in which :func:`lora_ref.kernels.jit.lut16_decode16` writes a
+    decoded weight row (and :func:`lora_ref.kernels.jit.lut16_fma16` reads x), groups of 8 the order in which
+    :func:`lora_ref.kernels.jit.lut16_block_dot` reads x (``BLOCK_DOT_ORDER``)."""
     M, K = x.shape
-    return np.ascontiguousarray(x.reshape(M, K // 8, 4, 2).transpose(0, 1, 3, 2).reshape(M, K))
-
-
-def _split_pairs(x: np.ndarray) -> np.ndarray:
-    """x (M, K), K a multiple of 32, with each group of 32 columns reordered as its 16 even then 16 odd ones:
-    the order in which :func:`lora_ref.kernels.jit.lut16_decode16` writes a decoded weight row."""
-    M, K = x.shape
-    return np.ascontiguousarray(x.reshape(M, K // 32, 16, 2).transpose(0, 1, 3, 2).reshape(M, K))
+    return np.ascontiguousarray(x.reshape(M, K // group, group // 2, 2).transpose(0, 1, 3, 2).reshape(M, K))
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -609,7 +604,7 @@ def matmul_4bit(x: np.ndarray, packed: np.ndarray, state) -> np.ndarray:
     y = np.empty((x.shape[0], N), np.float32)                      # (M, N)
     if x.shape[0] <= ROW_KERNEL_MAX_M:
         if HAS_LUT16 and K % state.blocksize == 0:                 # the table decoder's element order
-            x = _block_dot_pairs(x) if BLOCK_DOT and x.shape[0] == 1 else _split_pairs(x)
+            x = _evens_then_odds(x, 8 if BLOCK_DOT and x.shape[0] == 1 else 32)
         _rows_kernel(x, flat_packed, absmax, pair_table(code), code, state.blocksize, N, K, y)
     else:
         _tiled_kernel(x, flat_packed, absmax, code, state.blocksize, N, K, False, y)

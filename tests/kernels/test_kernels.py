@@ -309,14 +309,10 @@ def test_lut16_fma16_adds_each_lanes_products_in_order():
 
     def run(packed, code, scales, x):
         acc = tile()[0]
-        for lane in range(32):
-            acc[lane] = np.float32(0.0)
+        acc[:] = np.float32(0.0)
         for b in range(scales.shape[0]):
             lut16_fma16(packed, 16 * b, code, scales[b], x, 32 * b, acc)
-        out = np.empty(32, np.float32)
-        for lane in range(32):
-            out[lane] = acc[lane]
-        return out
+        return acc.copy()
 
     rng = np.random.default_rng(4)
     blocks = 9
@@ -389,14 +385,10 @@ def test_lut16_block_dot_scales_each_blocks_partial_sums(nbytes):
 
     def run(packed, code, scales, x, nbytes):
         acc = tile()[0]
-        for lane in range(32):
-            acc[lane] = np.float32(0.0)
+        acc[:] = np.float32(0.0)
         for b in range(scales.shape[0]):
             lut16_block_dot(packed, 3 + nbytes * b, nbytes, code, scales[b], x, 2 * nbytes * b, acc)
-        out = np.empty(32, np.float32)
-        for lane in range(32):
-            out[lane] = acc[lane]
-        return out
+        return acc.copy()
 
     rng = np.random.default_rng(5)
     blocks = 4
@@ -429,17 +421,17 @@ def test_the_x_reorderings_are_the_lane_orders():
     """The one-row GEMV's and the decode step's reorderings of x put element BLOCK_DOT_ORDER[l] of each group of 32
     at position l (lut16_block_dot's lanes), or the 16 even then the 16 odd elements (lut16_fma16's split order)."""
     from lora_ref.kernels import decode
-    from lora_ref.kernels.jit import BLOCK_DOT_ORDER
+    from lora_ref.kernels.jit import BLOCK_DOT, BLOCK_DOT_ORDER
 
     split = np.r_[0:32:2, 1:32:2]
     x = np.random.default_rng(9).standard_normal(96).astype(np.float32)
-    for order, numpy_version, compiled in ((BLOCK_DOT_ORDER, kernels._block_dot_pairs, decode._block_dot_pairs),
-                                           (split, kernels._split_pairs, decode._split_pairs)):
+    for order, group in ((BLOCK_DOT_ORDER, 8), (split, 32)):
         in_order = np.concatenate([g[order] for g in x.reshape(3, 32)])
-        np.testing.assert_array_equal(numpy_version(x[None, :])[0], in_order)
+        np.testing.assert_array_equal(kernels._evens_then_odds(x[None, :], group)[0], in_order)
         xs = np.empty(96, np.float32)
-        compiled(x, xs)
+        decode._evens_then_odds(x, xs, group)
         np.testing.assert_array_equal(xs, in_order)
+    assert decode.LANE_GROUP == (8 if BLOCK_DOT else 32)
 
 
 @pytest.mark.parametrize("bs", [32, 64, 128, 256, 4096])
