@@ -298,7 +298,10 @@ def _check_rounding(rounding) -> str:
 
 
 def _as_flat_f32(x, what: str = "x") -> tuple[np.ndarray, tuple, np.dtype]:
-    """Validate a float32/float16/bfloat16 array and return its exact float32 flattening, shape and dtype."""
+    """Validate a float32/float16/bfloat16 array and return its exact float32 flattening, shape and dtype.
+
+    Finiteness is checked by :func:`_require_finite` on the block maxima, which every quantizer computes anyway:
+    a separate scan of the input took as long as the whole 4-bit encoding (4096 × 4096 float32, about 6 ms)."""
     arr = np.asarray(x)
     if arr.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
@@ -307,12 +310,19 @@ def _as_flat_f32(x, what: str = "x") -> tuple[np.ndarray, tuple, np.dtype]:
     if arr.size == 0:
         raise ValueError(f"{what} is empty (shape {arr.shape}); nothing to quantize")
     flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)  # exact: fp16/bf16 ⊂ fp32
-    bad = ~np.isfinite(flat)
-    if bad.any():
-        i = int(np.argmax(bad))
-        kind = "NaN" if np.isnan(flat[i]) else "inf"
-        raise ValueError(f"{what} contains {kind} (first at flat index {i}, {int(bad.sum())} non-finite in total)")
     return flat, tuple(int(d) for d in arr.shape), arr.dtype
+
+
+def _require_finite(flat: np.ndarray, absmax: np.ndarray, what: str = "x") -> None:
+    """Raise ValueError if ``flat`` holds a NaN or an infinity. A block's maximum |x| is non-finite exactly when
+    the block holds one (both twins of ``absmax_blocks`` propagate NaN, as ``np.max`` does), so only the small
+    array of maxima is scanned unless the error has to be reported."""
+    if np.isfinite(absmax).all():
+        return
+    bad = ~np.isfinite(flat)
+    i = int(np.argmax(bad))
+    kind = "NaN" if np.isnan(flat[i]) else "inf"
+    raise ValueError(f"{what} contains {kind} (first at flat index {i}, {int(bad.sum())} non-finite in total)")
 
 
 def quantize_blockwise(
@@ -344,6 +354,7 @@ def quantize_blockwise(
     if code.shape != (256,) or not np.all(np.diff(code) >= 0):
         raise ValueError(f"code must be a sorted float32 table of 256 entries, got shape {code.shape}")
     absmax = _impl("absmax_blocks", impl)(flat, blocksize)
+    _require_finite(flat, absmax)
     codes = _impl("encode_8bit", impl)(flat, absmax, blocksize, code, rounding)
     state = QuantState(absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, quant_type=None, code=code.copy())
     return codes.reshape(shape), state
@@ -410,6 +421,7 @@ def quantize_4bit(
     n = flat.shape[0]
 
     absmax = _impl("absmax_blocks", impl)(flat, blocksize)  # (nblocks,)
+    _require_finite(flat, absmax)
     codes = _impl("encode_4bit", impl)(flat, absmax, blocksize, quant_type, rounding)  # (n,)
     if n % 2:  # the padding nibble: a 0.0 in the last block, encoded like every other element
         pad = _impl("encode_4bit", impl)(np.zeros(1, np.float32), absmax[-1:], blocksize, quant_type, rounding)

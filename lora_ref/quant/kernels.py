@@ -123,12 +123,43 @@ def absmax_blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
 
 @njit(cache=True, inline="always")
 def _count_below(s, thresholds, count):
-    """Number of thresholds[:count] strictly below s (the code). ``count`` is a constant at each call site, so
-    LLVM unrolls this loop and vectorizes the loop over elements around it."""
-    c = 0
+    """Number of thresholds[:count] strictly below s (the code), as an int32. ``count`` is a constant at each call
+    site, so LLVM unrolls this loop and vectorizes the loop over elements around it: one compare and one 32-bit
+    subtraction of the mask per threshold and 8 elements (AVX2) or 16 (AVX-512)."""
+    c = np.int32(0)
     for t in range(count):
-        c += s > thresholds[t]
+        c += np.int32(s > thresholds[t])
     return c
+
+
+_ENCODE_CHUNK = 1 << 14
+"""Elements per parallel work item of the 4-bit encoders (whole blocks, at least one)."""
+
+
+@njit(cache=True, inline="always")
+def _chunk_blocks(blocksize, nblocks):
+    """(blocks per work item, work items) of the 4-bit encoders."""
+    per = max(1, _ENCODE_CHUNK // blocksize)
+    return per, (nblocks + per - 1) // per
+
+
+@njit(cache=True, inline="always")
+def _chunk_range(w, per, blocksize, nblocks, n):
+    """(first block, stop block, first element, stop element) of work item w."""
+    b0, b1 = w * per, min(nblocks, (w + 1) * per)
+    return b0, b1, U64(b0 * blocksize), U64(min(n, b1 * blocksize))
+
+
+@njit(cache=True, inline="always")
+def _narrow(counts, first, stop, out):
+    """out[first:stop] = the int32 codes of one work item as uint8.
+
+    The encoders count into an int32 buffer and narrow here, in a loop of their own. Written straight into the
+    uint8 output, the counts let LLVM shrink the whole count to bytes, and it then packs every comparison's 8-lane
+    mask to bytes before adding it (5 instructions per threshold instead of 2; 4096 × 4096 NF4 codes, 2 threads,
+    Zen 3: 10.4 ms that way, 6.0 ms this way)."""
+    for i in range(first, stop):
+        out[i] = np.uint8(counts[i - first])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -138,18 +169,23 @@ def _encode_cuda_kernel(flat, absmax, blocksize, thresholds, magnitude_codes, ou
     if s < 0 (not for −0.0 or NaN), then the magnitude code of |s| from 7 thresholds."""
     n = flat.shape[0]
     fp4 = magnitude_codes.shape[0] > 0
-    for b in prange(absmax.shape[0]):
+    per, items = _chunk_blocks(blocksize, absmax.shape[0])
+    for w in prange(items):
         prefer_wide_vectors()
-        first, stop = _block_range(b, blocksize, n)
-        inv = F32(1.0) / absmax[b]
-        if fp4:
-            for i in range(first, stop):
-                s = flat[i] * inv
-                sign = np.uint8(8) if s < 0 else np.uint8(0)
-                out[i] = magnitude_codes[_count_below(abs(s), thresholds, 7)] | sign
-        else:
-            for i in range(first, stop):
-                out[i] = _count_below(flat[i] * inv, thresholds, 15)
+        counts = np.empty(per * blocksize, np.int32)
+        b0, b1, item0, item1 = _chunk_range(w, per, blocksize, absmax.shape[0], n)
+        for b in range(b0, b1):
+            first, stop = _block_range(b, blocksize, n)
+            inv = F32(1.0) / absmax[b]
+            if fp4:
+                for i in range(first, stop):
+                    s = flat[i] * inv
+                    sign = np.int32(8) if s < 0 else np.int32(0)
+                    counts[i - item0] = np.int32(magnitude_codes[_count_below(abs(s), thresholds, 7)]) | sign
+            else:
+                for i in range(first, stop):
+                    counts[i - item0] = _count_below(flat[i] * inv, thresholds, 15)
+        _narrow(counts, item0, item1, out)
 
 
 @njit(cache=True, inline="always")
@@ -167,23 +203,28 @@ def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, order, out):
     rank = #{m : s > m} over the 15 midpoints of the sorted table. NF4's table is in code order (``order`` is
     empty, code = rank); for FP4 ``order`` (int32[16]) maps a rank to its code."""
     n = flat.shape[0]
-    for b in prange(absmax.shape[0]):
+    per, items = _chunk_blocks(blocksize, absmax.shape[0])
+    for w in prange(items):
         prefer_wide_vectors()
-        first, stop = _block_range(b, blocksize, n)
-        safe = max(absmax[b], _CPU_MIN_ABSMAX)
-        inv = F32(1.0) / safe
-        tail = stop - first < blocksize                            # the partial tail block divides
-        if order.shape[0] == 0:
-            if tail:
-                for i in range(first, stop):
-                    out[i] = _count_below(_clamp1(flat[i] / safe), midpoints, 15)
+        counts = np.empty(per * blocksize, np.int32)
+        b0, b1, item0, item1 = _chunk_range(w, per, blocksize, absmax.shape[0], n)
+        for b in range(b0, b1):
+            first, stop = _block_range(b, blocksize, n)
+            safe = max(absmax[b], _CPU_MIN_ABSMAX)
+            inv = F32(1.0) / safe
+            tail = stop - first < blocksize                        # the partial tail block divides
+            if order.shape[0] == 0:
+                if tail:
+                    for i in range(first, stop):
+                        counts[i - item0] = _count_below(_clamp1(flat[i] / safe), midpoints, 15)
+                else:
+                    for i in range(first, stop):
+                        counts[i - item0] = _count_below(_clamp1(flat[i] * inv), midpoints, 15)
             else:
                 for i in range(first, stop):
-                    out[i] = _count_below(_clamp1(flat[i] * inv), midpoints, 15)
-        else:
-            for i in range(first, stop):
-                s = flat[i] / safe if tail else flat[i] * inv
-                out[i] = order[_count_below(_clamp1(s), midpoints, 15)]
+                    s = flat[i] / safe if tail else flat[i] * inv
+                    counts[i - item0] = order[_count_below(_clamp1(s), midpoints, 15)]
+        _narrow(counts, item0, item1, out)
 
 
 def encode_4bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type: str, rounding: str) -> np.ndarray:

@@ -92,6 +92,23 @@ def test_encode_4bit(case, quant_type, rounding):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("blocksize, n", [(32, 2 * 16384 + 3 * 32 + 17), (64, 16384 + 1), (4096, 5 * 4096 + 1),
+                                          (4096, 3 * 4096), (256, 16384)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("rounding", ["cuda", "cpu"])
+def test_encode_4bit_across_work_items(blocksize, n, quant_type, rounding):
+    """The encoders split the blocks into work items of 16384 elements (or one block): several items, a short last
+    item, a partial last block, a zero block, and the same input at scales 1e-3 and 1e3."""
+    assert kernels._ENCODE_CHUNK == 16384
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    x[blocksize:2 * blocksize] = 0.0
+    for scale in (1e-3, 1e3):
+        xs = (x * np.float32(scale)).astype(np.float32)
+        absmax = ref.absmax_blocks(xs, blocksize)
+        np.testing.assert_array_equal(kernels.encode_4bit(xs, absmax, blocksize, quant_type, rounding),
+                                      ref.encode_4bit(xs, absmax, blocksize, quant_type, rounding))
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("rounding", ["cuda", "cpu"])
 def test_encode_4bit_threshold_probes(quant_type, rounding):

@@ -50,7 +50,8 @@ TWIN_TESTS = {
     },
     "lora_ref.quant.kernels": {
         "absmax_blocks": ("test_kernels", ["test_absmax_blocks"]),
-        "encode_4bit": ("test_kernels", ["test_encode_4bit", "test_encode_4bit_threshold_probes"]),
+        "encode_4bit": ("test_kernels", ["test_encode_4bit", "test_encode_4bit_threshold_probes",
+                                        "test_encode_4bit_across_work_items"]),
         "pack_nibbles": ("test_kernels", ["test_pack_and_unpack_nibbles"]),
         "unpack_nibbles": ("test_kernels", ["test_pack_and_unpack_nibbles"]),
         "decode_4bit": ("test_kernels", ["test_decode_4bit"]),

@@ -13,14 +13,26 @@ from lora_ref.quant import serialize as S
 X = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
 
 
-@pytest.mark.parametrize("bad, what", [(np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "inf")])
-def test_non_finite_input(bad, what):
+NEG_NAN = np.uint32(0xFFC00001).view(np.float32)  # a NaN with the sign bit set and a payload
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba"])
+@pytest.mark.parametrize("bad, what", [(np.nan, "NaN"), (NEG_NAN, "NaN"), (np.inf, "inf"), (-np.inf, "inf")])
+def test_non_finite_input(bad, what, impl):
+    # the check reads the block maxima, so each twin of absmax_blocks must carry the bad value through
     x = X.copy()
     x[3, 5] = bad
+    with pytest.raises(ValueError, match=rf"contains {what} \(first at flat index 197, 1 non-finite in total\)"):
+        quantize_4bit(x, impl=impl)
     with pytest.raises(ValueError, match=rf"contains {what} \(first at flat index 197"):
-        quantize_4bit(x)
-    with pytest.raises(ValueError, match=what):
-        quantize_blockwise(x)
+        quantize_blockwise(x, impl=impl)
+    tail = np.zeros(1000, np.float32)  # two bad values in a partial last block, in float32 and in float16
+    tail[[990, 999]] = bad
+    with pytest.raises(ValueError, match=rf"contains {what} \(first at flat index 990, 2 non-finite in total\)"):
+        quantize_4bit(tail, blocksize=64, impl=impl)
+    half = tail.astype(np.float16)
+    with pytest.raises(ValueError, match=rf"contains {what} \(first at flat index 990"):
+        quantize_4bit(half, blocksize=64, impl=impl)
 
 
 @pytest.mark.parametrize("blocksize", [0, 16, 48, 100, 8192, 64.0, True, "64"])
