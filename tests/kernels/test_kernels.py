@@ -110,6 +110,31 @@ def test_encode_4bit_across_work_items(blocksize, n, quant_type, rounding):
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_encode_4bit_cpu_tail_block_divides(quant_type):
+    """bitsandbytes' CPU path multiplies by 1/absmax but divides in a partial last block. Probes x whose x · (1/a)
+    and x / a fall on different sides of a midpoint, in a full block and again in a tail block: the readable twin
+    gives them different codes there, and the kernel must agree in both blocks."""
+    mids = nf4.midpoints_f32(nf4.NF4_CODE if quant_type == "nf4" else np.sort(nf4.FP4_CODE))
+    a = np.float32(3.0)
+    probes = []
+    for m in mids:
+        for direction in (np.float32(-np.inf), np.float32(np.inf)):
+            x = np.float32(m * a)
+            for _ in range(8):                                   # m · a and its float32 neighbours
+                if (np.float32(x * (np.float32(1) / a)) > m) != (np.float32(x / a) > m):
+                    probes.append(x)
+                x = np.nextafter(x, direction)
+    probes = list(np.unique(np.array(probes, np.float32)))
+    assert len(probes) >= 5
+    body = np.array(probes + [a], np.float32)                    # a is each block's absmax
+    flat = np.concatenate([body, np.zeros(64 - body.size, np.float32), body])   # a full block, then a tail block
+    absmax = ref.absmax_blocks(flat, 64)
+    expected = ref.encode_4bit(flat, absmax, 64, quant_type, "cpu")
+    assert np.any(expected[:len(probes)] != expected[64:64 + len(probes)])     # the probes tell x·(1/a) from x/a
+    np.testing.assert_array_equal(kernels.encode_4bit(flat, absmax, 64, quant_type, "cpu"), expected)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("rounding", ["cuda", "cpu"])
 def test_encode_4bit_threshold_probes(quant_type, rounding):
     """Values on, and one ulp either side of, every decision threshold and ±1, ±0, in a block with absmax 1."""

@@ -51,7 +51,8 @@ TWIN_TESTS = {
     "lora_ref.quant.kernels": {
         "absmax_blocks": ("test_kernels", ["test_absmax_blocks"]),
         "encode_4bit": ("test_kernels", ["test_encode_4bit", "test_encode_4bit_threshold_probes",
-                                        "test_encode_4bit_across_work_items"]),
+                                        "test_encode_4bit_across_work_items",
+                                        "test_encode_4bit_cpu_tail_block_divides"]),
         "pack_nibbles": ("test_kernels", ["test_pack_and_unpack_nibbles"]),
         "unpack_nibbles": ("test_kernels", ["test_pack_and_unpack_nibbles"]),
         "decode_4bit": ("test_kernels", ["test_decode_4bit"]),
