@@ -89,13 +89,13 @@ def test_layer_step_refuses_mixed_weights():
         decode.layer_step(x, norms, mixed, ck, cv, pos, cos, sin, eps, scale)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "nf4"])
-def test_head_step_twins(kind):
+@pytest.mark.parametrize("kind, D", [("fp32", 64), ("nf4", 64), ("nf4", 48)], ids=["fp32", "nf4", "nf4-unaligned"])
+def test_head_step_twins(kind, D):
     rng = np.random.default_rng(3)
-    w = (0.1 * rng.standard_normal((200, 64))).astype(np.float32)
+    w = (0.1 * rng.standard_normal((200, D))).astype(np.float32)
     weight = readonly(w) if kind == "fp32" else _weight4bit(w, 64, True)[0]
-    x = rng.standard_normal(64).astype(np.float32)
-    norm = (1 + 0.1 * rng.standard_normal(64)).astype(np.float32)
+    x = rng.standard_normal(D).astype(np.float32)
+    norm = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
     (o1,), (o2,) = _run_both("head_step", [x, norm, 1e-5, weight, np.zeros(200, np.float32)], [4])
     np.testing.assert_allclose(o1, o2, **TOL)
     # an independent check of the twin: the head's product with the dequantized weight
