@@ -42,8 +42,9 @@ The pools never nest: BLAS calls are made from Python between kernels, or by the
 chunks of a product to Numba's threads (:mod:`lora_ref.kernels.blas`), which calls the BLAS with its thread count set
 to one; so at any moment at most one pool's threads are busy and the thread count is each pool's own
 (``numba.set_num_threads`` and ``threadpoolctl`` for the BLAS; :func:`set_threads` sets both, which is what
-every compute command's ``--threads N`` does). Decoding runs its one-token steps on one thread
-(:func:`limited`).
+every compute command's ``--threads N`` does). :func:`lora_ref.modeling.generate.generate_tokens` runs its
+one-token steps on one thread unless given ``decode_threads`` (:func:`limited`); the ``generate`` and ``chat``
+commands give it their own thread count.
 
 Measured on 2 cores shared with other work (best of 4, 2 threads; "busy" = one competing ``while True: pass``
 process), before these defaults → after (with ``OMP_WAIT_POLICY`` and ``KMP_BLOCKTIME``, before the spin count was
@@ -191,9 +192,14 @@ def limited(n: int | None):
     layer), alternating in one process on 2 cores shared with other work (load average ~7): float32 76-82 ms per
     token on one thread against 75-105 on two, NF4 47-70 against 59-81. A second thread halves the rows each
     thread reads, but every loop then waits for the slower thread, and on a busy machine that is often one the
-    scheduler has parked; one thread stays the default. (Those figures predate the default spin count,
-    ``GOMP_SPINCOUNT=1000``, which cut the 2-thread NF4 step on a quiet 2-CPU machine from 17.0-17.7 to 14.6-15.4
-    ms; the one-thread default was not re-measured against it.)
+    scheduler has parked; one thread stays the default. Re-measured with the default spin count
+    (``GOMP_SPINCOUNT=1000``) on a 2-CPU AMD Zen 3, ``generate_tokens`` after a 128-token prompt, median step of
+    48, four alternations: on the quiet machine one thread took 38.8-40.9 ms per float32 token against 22.9-28.0
+    on two, NF4 23.5-32.0 against 16.1-20.8; with one busy loop on the other CPU one thread took 33.4-35.9 against
+    41.7-43.1, NF4 23.4-25.8 against 32.6-39.8. So the right count is the idle CPUs: the command line's
+    ``generate`` and ``chat`` decode on the threads they were given (``--threads``, else :func:`default_threads`,
+    the CPUs idle at the start), and a program calling ``generate`` can pass ``decode_threads=idle_cpus()``. The
+    compiled decoder gives the same bits on any thread count (each output row is one thread's sum).
     Numba's setting is per calling thread and restored on exit, as is the BLAS limit (``threadpoolctl``).
     """
     if n is None:

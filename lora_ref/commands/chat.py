@@ -18,7 +18,8 @@ chat. When the history no longer fits the model's context, the oldest turns are 
 Decoding is greedy unless --temperature T > 0 (with --top-k and --seed, as in 'lora-ref generate'); each answer
 stops at the end-of-sequence token or after --max-new-tokens (default 200), and ends with a newline. The
 prompt marker "> " is written only when the input is a terminal, so piped input gives just the answers.
---threads N sets the threads of Numba's kernels and of the BLAS (default: all CPUs)."""
+--threads N sets the threads of Numba's kernels and of the BLAS for the prompts and the answers (default:
+$LORA_REF_THREADS, else the CPUs idle when the chat starts)."""
 
 PROMPT = "> "
 
@@ -90,7 +91,8 @@ def run(args) -> int:
                              f"with room for {n_new} new ones; try a shorter one\n")
             continue
         answer_ids = stream_text(generate_tokens(model, ids, n_new, temperature=args.temperature, top_k=args.top_k,
-                                                 rng=rng, stop_ids=stops), tok, sys.stdout)
+                                                 rng=rng, stop_ids=stops, decode_threads=None),  # --threads
+                                 tok, sys.stdout)
         sys.stdout.write("\n")
         sys.stdout.flush()
         turns = kept + [{"role": "assistant", "content": tok.decode(answer_ids)}]

@@ -18,7 +18,8 @@ trained for another model is refused before the model is read.
 
 Prints one line; with --json, one JSON document: loss, perplexity, tokens (the number of predicted positions,
 the denominator of the mean: the text's tokens minus one per window), text_tokens, windows, seq and the inputs.
---threads N sets the threads of Numba's kernels and of the BLAS (default: all CPUs)."""
+--threads N sets the threads of Numba's kernels and of the BLAS (default: $LORA_REF_THREADS, else the CPUs idle
+when the command starts)."""
 
 DEFAULT_SEQ = 128
 

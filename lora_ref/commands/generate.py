@@ -31,7 +31,8 @@ config.json's, else the tokenizer's; the byte-level tutorial model has none) or 
 Tokens are printed as they are generated (after the prompt for --prompt). With --json nothing streams: stdout is
 one JSON document with text and token_ids (the generated tokens only, the end token excluded), the prompt's
 token count, why generation stopped ("eos" or "length") and the settings. --threads N sets the threads of
-Numba's kernels and of the BLAS (default: all CPUs)."""
+Numba's kernels and of the BLAS for the prompt and for every one-token step (default: $LORA_REF_THREADS, else the
+CPUs idle when the command starts)."""
 
 DEFAULT_NEW_TOKENS = 200
 
@@ -109,8 +110,10 @@ def run(args) -> int:
     if n_new is None:
         n_new = min(DEFAULT_NEW_TOKENS, limit - prompt_ids.size)
 
+    # decode on the threads the command was given (--threads, else the CPUs idle at the start), not on
+    # generate_tokens' default of one thread (see lora_ref.threads.limited)
     tokens = generate_tokens(model, prompt_ids, n_new, temperature=args.temperature, top_k=args.top_k,
-                             rng=sampling_rng(args), stop_ids=stop_token_ids(folder, tok))
+                             rng=sampling_rng(args), stop_ids=stop_token_ids(folder, tok), decode_threads=None)
     if args.json:
         ids = list(tokens)
         doc = {

@@ -93,7 +93,8 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, temperature: floa
     training flag is restored when the generator finishes or is closed.
 
     The prompt runs with the threads in force; the one-token steps with ``decode_threads`` threads in Numba and
-    the BLAS (default 1, see :func:`lora_ref.threads.limited`; ``None`` leaves the setting alone). A model the
+    the BLAS (default 1, see :func:`lora_ref.threads.limited`; ``None`` leaves the setting alone, as
+    ``lora-ref generate`` and ``lora-ref chat`` do with the threads they were given). A model the
     compiled decoder covers (:func:`lora_ref.modeling.decode.unsupported` is None: float32 or 4-bit projections
     without LoRA) takes its one-token steps through :class:`lora_ref.modeling.decode.Decoder`, one compiled call
     per token; any other model runs the module graph with a :class:`KVCache`. Both give the same tokens.

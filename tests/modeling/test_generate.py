@@ -8,6 +8,7 @@ import json
 import math
 import sys
 
+import numba
 import numpy as np
 import pytest
 
@@ -187,6 +188,29 @@ def test_chat_keeps_history_and_ends_on_exit_or_eof(chat_folder, capsys, monkeyp
     code, out, _ = _run(capsys, monkeypatch, "chat", "--model", folder, "--max-new-tokens", 4,
                         stdin="hello\n/reset\nhow are you")  # end of input without a newline, then EOF
     assert code == 0 and len(prompts) == 2 and prompts[1] == "<s>user\nhow are you</s>\n<s>assistant\n"
+
+
+@pytest.mark.parametrize("command, argv", [("generate", ["--prompt", "hello"]), ("chat", [])])
+@pytest.mark.parametrize("threads", [1, min(2, numba.config.NUMBA_NUM_THREADS)])
+def test_the_commands_decode_on_the_threads_they_were_given(chat_folder, capsys, monkeypatch, command, argv,
+                                                            threads):
+    """generate_tokens decodes on one thread unless told otherwise; the commands tell it to keep --threads (else
+    the CPUs idle at the start) for the one-token steps too: one thread is slower on an idle machine."""
+    import lora_ref.modeling.generate as G
+
+    seen = []
+    real = G.generate_tokens
+
+    def recording(model, ids, n, **kw):
+        for t in real(model, ids, n, **kw):
+            seen.append((kw.get("decode_threads", 1), numba.get_num_threads()))
+            yield t
+
+    monkeypatch.setattr(G, "generate_tokens", recording)
+    code, _, err = _run(capsys, monkeypatch, command, "--model", chat_folder[0], "--max-new-tokens", 3,
+                        "--threads", threads, *argv, stdin="hello\n" if command == "chat" else None)
+    assert code == 0, err
+    assert seen and set(seen) == {(None, threads)}
 
 
 def test_chat_drops_old_turns_when_the_context_is_full(chat_folder, capsys, monkeypatch):
