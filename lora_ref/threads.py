@@ -185,21 +185,21 @@ def thread_info() -> dict:
 def limited(n: int | None):
     """Run the block with at most ``n`` threads in Numba's kernels and in the BLAS (``None``: unchanged).
 
-    The decode loop of :mod:`lora_ref.modeling.generate` runs its one-token steps under ``limited(1)``: a step is
-    ~200 matrix-vector products and ~250 small kernels on one row each, too small for a second thread to pay
-    for its wake-up (measured on 2 cores, SmolLM2-135M: 16-22 tokens/s on one thread against 6-11 on two).
-    Re-measured with the compiled decoder (:class:`lora_ref.modeling.decode.Decoder`, five parallel loops per
-    layer), alternating in one process on 2 cores shared with other work (load average ~7): float32 76-82 ms per
-    token on one thread against 75-105 on two, NF4 47-70 against 59-81. A second thread halves the rows each
-    thread reads, but every loop then waits for the slower thread, and on a busy machine that is often one the
-    scheduler has parked; one thread stays the default. Re-measured with the default spin count
-    (``GOMP_SPINCOUNT=1000``) on a 2-CPU AMD Zen 3, ``generate_tokens`` after a 128-token prompt, median step of
-    48, four alternations: on the quiet machine one thread took 38.8-40.9 ms per float32 token against 22.9-28.0
-    on two, NF4 23.5-32.0 against 16.1-20.8; with one busy loop on the other CPU one thread took 33.4-35.9 against
-    41.7-43.1, NF4 23.4-25.8 against 32.6-39.8. So the right count is the idle CPUs: the command line's
-    ``generate`` and ``chat`` decode on the threads they were given (``--threads``, else :func:`default_threads`,
-    the CPUs idle at the start), and a program calling ``generate`` can pass ``decode_threads=idle_cpus()``. The
-    compiled decoder gives the same bits on any thread count (each output row is one thread's sum).
+    :func:`lora_ref.modeling.generate.generate_tokens` runs its one-token steps under ``limited(1)`` unless given
+    ``decode_threads``. A step is ~200 matrix-vector products and ~250 small kernels on one row each, and a second
+    thread helps only when it has a CPU to itself. Measured on 2 cores shared with other work, SmolLM2-135M: 16-22
+    tokens/s on one thread against 6-11 on two; with the compiled decoder (:class:`lora_ref.modeling.decode.Decoder`,
+    five parallel loops per layer), alternating in one process at load average ~7: float32 76-82 ms per token on
+    one thread against 75-105 on two, NF4 47-70 against 59-81 (every loop waits for the slower thread, often one
+    the scheduler has parked). Re-measured with the default spin count (``GOMP_SPINCOUNT=1000``) on a 2-CPU AMD
+    Zen 3, ``generate_tokens`` after a 128-token prompt, median step of 48, four alternations: on the quiet
+    machine one thread took 38.8-40.9 ms per float32 token against 22.9-28.0 on two, NF4 23.5-32.0 against
+    16.1-20.8; with one busy loop on the other CPU one thread took 33.4-35.9 against 41.7-43.1, NF4 23.4-25.8
+    against 32.6-39.8. So the right count is the idle CPUs. ``generate_tokens`` keeps one thread by default (a
+    library call cannot know what else the program runs); the command line's ``generate`` and ``chat`` decode on
+    the threads they were given (``--threads``, else :func:`default_threads`, the CPUs idle at the start), and a
+    program can pass ``decode_threads=idle_cpus()``. The compiled decoder gives the same bits on any thread count
+    (each output row is one thread's sum).
     Numba's setting is per calling thread and restored on exit, as is the BLAS limit (``threadpoolctl``).
     """
     if n is None:

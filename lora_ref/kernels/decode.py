@@ -63,8 +63,7 @@ vectorizing the loop (measured: a float32 GEMV over SmolLM2's head at 4.6 GB/s w
 FAST = {"reassoc", "contract"}
 """Fast-math flags: reorder float32 sums (vectorized reductions) and fuse multiply-adds, nothing else."""
 ROWS_PER_CHUNK = 16
-"""Output rows per parallel work item (an item whose rows are decoded into a buffer allocates its own:
-:func:`_needs_buffer`)."""
+"""Output rows per parallel work item (each item decodes a 4-bit row into its own buffer)."""
 
 
 def readonly(a: np.ndarray) -> np.ndarray:
@@ -239,13 +238,6 @@ def _dot_rows_f32(w, r0, r1, x, dst):
         dst[r - r0] = _dot_f32(w, r, x)
 
 
-@njit(cache=True, inline="always")
-def _aligned(K, bs):
-    """Whether a 4-bit weight's rows (K columns, blocks of bs) take the block decoder: each row starts on a block
-    boundary and each block is whole 16-byte steps."""
-    return K % bs == 0 and bs % 32 == 0
-
-
 @njit(cache=True, fastmath=FAST)
 def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
     """dst[i] = row r0 + i of a 4-bit W dotted with x. Rows on block boundaries take the block decoder (with
@@ -257,7 +249,7 @@ def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
     prefer_wide_vectors()
     acc = _acc32()[0]                                                  # (32,) running sums, on the stack
     K, bs = w.k, w.blocksize
-    aligned = _aligned(K, bs)
+    aligned = K % bs == 0 and bs % 32 == 0
     nb, half, kbytes, bs2 = K // bs, bs // 2, K // 2, w.blocksize2
     offset = F32(w.offset)
     for r in range(r0, r1):
@@ -344,36 +336,6 @@ def _rows_typed(w):
 overload(_rows)(_rows_typed)
 
 
-def _needs_buffer(w):
-    """Whether :func:`_dot_rows` decodes W's rows into the ``buf`` it is given: 4-bit rows that are not
-    :func:`_aligned`, or any 4-bit rows on a CPU without the register-table decoders. A float32 W, and aligned
-    4-bit rows on AVX2 and AVX-512 CPUs, use none, and their parallel loops then allocate none per work item."""
-    return isinstance(w, Weight4bit) and not (HAS_LUT16 and _aligned(w.k, w.blocksize))
-
-
-def _needs_buffer_typed(w):
-    if isinstance(w, types.BaseTuple):
-        return lambda w: not (HAS_LUT16 and _aligned(w.k, w.blocksize))
-    return lambda w: False
-
-
-overload(_needs_buffer)(_needs_buffer_typed)
-
-
-@njit(cache=True, inline="always")
-def _my_buffer(need, K, placeholder):
-    """A work item's row buffer: a fresh float32[K] if its loop needs one (:func:`_needs_buffer`), else the unused
-    ``placeholder``. A heap allocation per work item of 16 rows cost about 2.5 % of the 4-bit GEMVs of a decode
-    step (a copy of the five GEMV loops over SmolLM2-135M NF4's 30 layers, one thread, Zen 3: 16.66 ms with the
-    allocations, 16.25 ms without, in each of three rounds; the whole step moved less than the host's noise)."""
-    if need:
-        return np.empty(K, np.float32)
-    return placeholder
-
-
-_parts = stack_tile_f32(2, ROWS_PER_CHUNK)  # a work item's output rows (o, down: row 0; gate, up: rows 0, 1), on the stack
-
-
 @njit(cache=True, inline="always")
 def _chunks(n):
     return (n + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
@@ -446,11 +408,9 @@ def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, sc
     _prepare(h, hs)
     qkv = np.empty(NQ + 2 * NK, np.float32)
     cq, ckv = _chunks(NQ), _chunks(NK)
-    bufs = np.empty(1, np.float32)                                 # the placeholder of _my_buffer
-    need = _needs_buffer(wq) or _needs_buffer(wk) or _needs_buffer(wv)
     for c in prange(cq + 2 * ckv):                                 # q, k and v rows
         prefer_wide_vectors()
-        buf = _my_buffer(need, K_max, bufs)
+        buf = np.empty(K_max, np.float32)
         if c < cq:
             r0 = c * R
             r1 = min(NQ, r0 + R)
@@ -471,11 +431,10 @@ def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, sc
         _attend_head(qkv, hq, G, NQ, NK, Dh, ck, cv, pos, cos, sin, scale, attn)
     attn_s = np.empty(NQ, np.float32)
     _prepare(attn, attn_s)
-    need = _needs_buffer(wo)
     for c in prange(_chunks(D)):                                   # o rows, + residual
         prefer_wide_vectors()
-        buf = _my_buffer(need, K_max, bufs)
-        part = _parts()[0]
+        buf = np.empty(K_max, np.float32)
+        part = np.empty(R, np.float32)
         r0 = c * R
         r1 = min(D, r0 + R)
         _dot_rows(wo, r0, r1, attn, attn_s, buf, part)
@@ -484,12 +443,11 @@ def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, sc
     _rms_norm(x, n2, eps, h)
     _prepare(h, hs)
     act = np.empty(F, np.float32)
-    need = _needs_buffer(wg) or _needs_buffer(wu)
     for c in prange(_chunks(F)):                                   # gate and up rows: silu(g) · u
         prefer_wide_vectors()
-        buf = _my_buffer(need, K_max, bufs)
-        gu = _parts()
-        g, u = gu[0], gu[1]
+        buf = np.empty(K_max, np.float32)
+        g = np.empty(R, np.float32)
+        u = np.empty(R, np.float32)
         r0 = c * R
         r1 = min(F, r0 + R)
         _dot_rows(wg, r0, r1, h, hs, buf, g)
@@ -498,11 +456,10 @@ def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, sc
             act[r0 + i] = g[i] / (F32(1.0) + np.exp(-g[i])) * u[i]
     act_s = np.empty(F, np.float32)
     _prepare(act, act_s)
-    need = _needs_buffer(wd)
     for c in prange(_chunks(D)):                                   # down rows, + residual
         prefer_wide_vectors()
-        buf = _my_buffer(need, K_max, bufs)
-        part = _parts()[0]
+        buf = np.empty(K_max, np.float32)
+        part = np.empty(R, np.float32)
         r0 = c * R
         r1 = min(D, r0 + R)
         _dot_rows(wd, r0, r1, act, act_s, buf, part)
@@ -520,11 +477,9 @@ def _head(x, norm, eps, w, out):
     _prepare(h, hs)
     V = _rows(w)
     R = ROWS_PER_CHUNK
-    bufs = np.empty(1, np.float32)
-    need = _needs_buffer(w)
     for c in prange(_chunks(V)):
         prefer_wide_vectors()
-        buf = _my_buffer(need, D, bufs)
+        buf = np.empty(D, np.float32)
         r0 = c * R
         r1 = min(V, r0 + R)
         _dot_rows(w, r0, r1, h, hs, buf, out[r0:r1])

@@ -161,7 +161,8 @@ class Engine:
     ``prefill_budget`` prompt tokens have run (at least one request). ``rng`` draws the seeds of requests that
     give none. ``threads`` sets Numba's and the BLAS's thread counts in the compute thread (``None``: as they
     are); a decode step of a single row runs on one thread (:func:`lora_ref.threads.limited`), as
-    ``lora-ref generate`` does.
+    :func:`lora_ref.modeling.generate.generate_tokens` does by default (``lora-ref generate`` and ``chat`` keep
+    their ``--threads`` instead; measured figures in ``limited``'s docstring).
 
     Adapters already in ``adapters`` when the engine starts are resident but not registered (no folder to reload
     them from): :meth:`register_adapter` each one, or load them with :meth:`load_adapter`.

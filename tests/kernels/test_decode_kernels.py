@@ -54,16 +54,17 @@ def _run_both(fn_name, args, mutated):
     return outs
 
 
-@pytest.mark.parametrize("kind, blocksize, nested, D, F", [
-    ("fp32", 64, True, 64, 96),
-    ("fp32", 64, True, 48, 80),      # row lengths that leave a remainder after the dot's vectors
-    ("nf4", 64, True, 64, 96),       # rows on block boundaries: the fast decoder (vpermps on AVX-512)
-    ("nf4", 32, False, 64, 96),      # single-level scales
-    ("nf4", 64, True, 48, 80),       # rows off block boundaries: the element-by-element decoder
-], ids=["fp32", "fp32-odd", "nf4-dq", "nf4-bs32", "nf4-unaligned"])
-def test_layer_step_twins(kind, blocksize, nested, D, F):
+@pytest.mark.parametrize("kind, blocksize, nested, D, F, H, K", [
+    ("fp32", 64, True, 64, 96, 4, 2),
+    ("fp32", 64, True, 48, 80, 4, 2),      # row lengths that leave a remainder after the dot's vectors
+    ("nf4", 64, True, 64, 96, 4, 2),       # rows on block boundaries: the fast decoder (vpermps on AVX-512)
+    ("nf4", 32, False, 64, 96, 4, 2),      # single-level scales
+    ("nf4", 64, True, 48, 80, 4, 2),       # rows off block boundaries: the element-by-element decoder
+    ("nf4", 64, True, 64, 128, 3, 1),      # only o_proj's rows (3 heads x 16 = 48 long) off block boundaries
+], ids=["fp32", "fp32-odd", "nf4-dq", "nf4-bs32", "nf4-unaligned", "nf4-unaligned-o"])
+def test_layer_step_twins(kind, blocksize, nested, D, F, H, K):
     rng = np.random.default_rng(0)
-    args = _layer_case(rng, D=D, F=F, kind=kind, blocksize=blocksize, nested=nested)
+    args = _layer_case(rng, D=D, H=H, K=K, F=F, kind=kind, blocksize=blocksize, nested=nested)
     (x1, k1, v1), (x2, k2, v2) = _run_both("layer_step", args, [0, 3, 4])
     np.testing.assert_allclose(x1, x2, **TOL)
     np.testing.assert_allclose(k1, k2, **TOL)           # the rotated new key at pos, the rest untouched

@@ -195,22 +195,22 @@ def test_chat_keeps_history_and_ends_on_exit_or_eof(chat_folder, capsys, monkeyp
 def test_the_commands_decode_on_the_threads_they_were_given(chat_folder, capsys, monkeypatch, command, argv,
                                                             threads):
     """generate_tokens decodes on one thread unless told otherwise; the commands tell it to keep --threads (else
-    the CPUs idle at the start) for the one-token steps too: one thread is slower on an idle machine."""
-    import lora_ref.modeling.generate as G
+    the CPUs idle at the start) for the one-token steps too: one thread is slower on an idle machine. The thread
+    count is read inside each step, where generate_tokens' own limit would be in force."""
+    from lora_ref.modeling.decode import Decoder
 
     seen = []
-    real = G.generate_tokens
+    real = Decoder.step
 
-    def recording(model, ids, n, **kw):
-        for t in real(model, ids, n, **kw):
-            seen.append((kw.get("decode_threads", 1), numba.get_num_threads()))
-            yield t
+    def recording(self, token):
+        seen.append(numba.get_num_threads())
+        return real(self, token)
 
-    monkeypatch.setattr(G, "generate_tokens", recording)
+    monkeypatch.setattr(Decoder, "step", recording)
     code, _, err = _run(capsys, monkeypatch, command, "--model", chat_folder[0], "--max-new-tokens", 3,
                         "--threads", threads, *argv, stdin="hello\n" if command == "chat" else None)
     assert code == 0, err
-    assert seen and set(seen) == {(None, threads)}
+    assert seen and set(seen) == {threads}
 
 
 def test_chat_drops_old_turns_when_the_context_is_full(chat_folder, capsys, monkeypatch):
