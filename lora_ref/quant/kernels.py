@@ -124,8 +124,8 @@ def absmax_blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
 @njit(cache=True, inline="always")
 def _count_below(s, thresholds, count):
     """Number of thresholds[:count] strictly below s (the code), as an int32. ``count`` is a constant at each call
-    site, so LLVM unrolls this loop and vectorizes the loop over elements around it: one compare and one 32-bit
-    subtraction of the mask per threshold and 8 elements (AVX2) or 16 (AVX-512)."""
+    site, so LLVM unrolls this loop and vectorizes the loop over elements around it: on AVX2, one compare and one
+    32-bit subtraction of the mask per threshold and 8 elements (seen in the assembly on a Zen 3)."""
     c = np.int32(0)
     for t in range(count):
         c += np.int32(s > thresholds[t])
@@ -172,7 +172,7 @@ def _encode_cuda_kernel(flat, absmax, blocksize, thresholds, magnitude_codes, ou
     per, items = _chunk_blocks(blocksize, absmax.shape[0])
     for w in prange(items):
         prefer_wide_vectors()
-        counts = np.empty(per * blocksize, np.int32)
+        counts = np.empty(min(per * blocksize, n), np.int32)      # one item's codes (fewer if n is)
         b0, b1, item0, item1 = _chunk_range(w, per, blocksize, absmax.shape[0], n)
         for b in range(b0, b1):
             first, stop = _block_range(b, blocksize, n)
@@ -206,7 +206,7 @@ def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, order, out):
     per, items = _chunk_blocks(blocksize, absmax.shape[0])
     for w in prange(items):
         prefer_wide_vectors()
-        counts = np.empty(per * blocksize, np.int32)
+        counts = np.empty(min(per * blocksize, n), np.int32)      # one item's codes (fewer if n is)
         b0, b1, item0, item1 = _chunk_range(w, per, blocksize, absmax.shape[0], n)
         for b in range(b0, b1):
             first, stop = _block_range(b, blocksize, n)
