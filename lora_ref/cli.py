@@ -77,7 +77,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if name in THREADED and not any("--threads" in a.option_strings for a in p._actions):
             p.add_argument("--threads", type=int, default=None, metavar="N",
                            help="threads for Numba's kernels and the BLAS (default: $LORA_REF_THREADS, else the CPUs "
-                                "idle when the command starts)")
+                                "idle when the command starts; at most NUMBA_NUM_THREADS)")
     return parser
 
 

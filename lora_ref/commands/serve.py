@@ -26,8 +26,8 @@ for another registered adapter loads it again from its folder, evicting the leas
 The server listens on --host only (default 127.0.0.1, this machine alone); --port 0 picks a free port. Once it
 listens it prints "serving NAME ... on http://HOST:PORT". SIGTERM or Ctrl-C stops it: the socket closes, requests in
 flight get --shutdown-timeout seconds to finish and the rest are cancelled; the exit status is 0.
---threads N sets the threads of Numba's kernels and of the BLAS in the compute thread (default: the CPUs idle
-when the command starts)."""
+--threads N sets the threads of Numba's kernels and of the BLAS in the compute thread (default: $LORA_REF_THREADS,
+else the CPUs idle when the command starts; at most Numba's pool, NUMBA_NUM_THREADS)."""
 
 
 def add_arguments(p) -> None:

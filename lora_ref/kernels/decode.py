@@ -47,9 +47,11 @@ from lora_ref.kernels.jit import (
     BLOCK_DOT,
     HAS_AVX512,
     HAS_LUT16,
+    PREFETCH_AHEAD,
     lut16_block_dot,
     lut16_fma16,
     prefer_wide_vectors,
+    prefetch,
     stack_tile_f32,
     sum32,
 )
@@ -268,6 +270,8 @@ def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
                         j2 += 1
                 else:
                     s = w.absmax[blk + b]
+                for j in range(0, half, 64):                           # the codes PREFETCH_AHEAD bytes on
+                    prefetch(w.packed, r * kbytes + b * half + j + PREFETCH_AHEAD)
                 _add_block(w, r * kbytes + b * half, half, s, buf, b * bs, xs, acc)
             dst[r - r0] = _aligned_total(buf, xs, K, acc)
         else:

@@ -8,8 +8,12 @@ one place that decides which runs: ``quantize_4bit(..., impl="numba")`` asks it 
 through compiled loops. (``pair_table`` and ``decode_4bit_into`` are helpers of the kernels, not twins.) Integer outputs (codes, packed bytes) are bit for bit equal to the reference,
 and so are the float32 results of the decoders: every element is the one float32 product ``code[c] · absmax``.
 The quantization and dequantization kernels use strict IEEE float32 arithmetic (no ``fastmath``), because a
-fused or reordered multiply would move values that sit on a decision threshold; the matmuls use ``fastmath``
-only to reorder their sums.
+fused or reordered multiply would move values that sit on a decision threshold; the matmuls allow LLVM only to
+reorder their sums and fuse multiply-adds (``fastmath={"reassoc", "contract"}``). With all of its fast-math flags
+(``fastmath=True``, as they had before) the one-row product loaded from Numba's on-disk cache gave other bits (1-2
+ulp in about half its outputs) than the same kernel compiled in the process, on an Intel Xeon with AVX-512, so a
+fresh clone's first run and its later runs disagreed; ``tests/kernels/test_kernels.py`` compiles, reloads and
+compares.
 
 The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialise the dequantized weight:
 
@@ -20,7 +24,9 @@ The fused products (:func:`matmul_4bit`, :func:`matmul_4bit_t`) never materialis
   table's four byte planes), and for a single input row the decoded weights go
   straight into 32 running sums instead of the buffer (:func:`lora_ref.kernels.jit.lut16_fma16`: no store and
   reload per 16 weights; one row times a 4096 × 4096 NF4 weight, 2 threads, interleaved with the buffered
-  version in one process, five runs: best 9-25 % lower, median 12-24 % lower, e.g. 0.87 → 0.66 ms best). On
+  version in one process, five runs: best 9-25 % lower, median 12-24 % lower, e.g. 0.87 → 0.66 ms best), and
+  the codes :data:`lora_ref.kernels.jit.PREFETCH_AHEAD` bytes ahead are prefetched
+  (:func:`lora_ref.kernels.jit.prefetch`: with the hardware prefetchers alone, reading and decoding took turns). On
   AVX2 CPUs without AVX-512 a single input row goes through :func:`lora_ref.kernels.jit.lut16_block_dot`
   instead: each block's unscaled codes dotted with x, the partial sum multiplied by the absmax once, as the
   gather path does; elsewhere a pair-table gather decodes and each block's partial sum is multiplied by its
@@ -47,10 +53,12 @@ from lora_ref.kernels import switch
 from lora_ref.kernels.jit import (
     BLOCK_DOT,
     HAS_LUT16,
+    PREFETCH_AHEAD,
     lut16_block_dot,
     lut16_decode16,
     lut16_fma16,
     prefer_wide_vectors,
+    prefetch,
     stack_tile_f32,
     sum32,
 )
@@ -520,9 +528,13 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
             acc[lane] = F32(0.0)
         if BLOCK_DOT:   # AVX2: each block's partial sum scaled once, x in BLOCK_DOT_ORDER
             for b in range(nb):
+                for j in range(b * half, (b + 1) * half, 64):      # the codes PREFETCH_AHEAD bytes on
+                    prefetch(packed, byte0 + j + PREFETCH_AHEAD)
                 lut16_block_dot(packed, byte0 + b * half, half, code, absmax[r * nb + b], x0, b * blocksize, acc)
         else:
             for b in range(nb):
+                for j in range(b * half, (b + 1) * half, 64):
+                    prefetch(packed, byte0 + j + PREFETCH_AHEAD)
                 s = absmax[r * nb + b]
                 for j in range(b * half, (b + 1) * half, 16):
                     lut16_fma16(packed, byte0 + j, code, s, x0, 2 * j, acc)
@@ -555,7 +567,7 @@ def _evens_then_odds(x: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(M, K // group, group // 2, 2).transpose(0, 1, 3, 2).reshape(M, K))
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
     """y[m, r] = Σ_k x[m, k] · W[r, k] for few rows m: decode W row r into an L1 buffer, then dot products (on
     AVX-512 and AVX2 CPUs with one row m: decoded into running sums instead, :func:`_dot_rows_permute`).
@@ -583,7 +595,7 @@ def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
 _acc_tile = stack_tile_f32(MR, NR)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _tiled_kernel(x, packed, absmax, code, blocksize, _N_w, K_w, transpose, y):
     """y = x · Wᵀ (transpose=False: x (M, K_w), y (M, N_w)) or y = x · W (transpose=True: x (M, N_w),
     y (M, K_w)) with the register-blocked matmul; each B micro-panel is decoded straight from ``packed``."""

@@ -20,7 +20,8 @@ def test_kernel_tests_pass_without_jit():
              "test_matmul_equals_its_twin", "test_matmul_4bit_equals", "test_matmul_4bit_t_equals",
              "test_fused_weight_is", "test_twins_are_distinct", "test_micro_kernel_tile",
              "test_the_tile_fits_the_vector_registers", "test_sum32_adds_the_lanes_pairwise",
-             "test_the_x_reorderings_are_the_lane_orders", "test_matmul_4bit_one_row_on_block_boundaries"]
+             "test_the_x_reorderings_are_the_lane_orders", "test_matmul_4bit_one_row_on_block_boundaries",
+             "test_prefetch_changes_nothing"]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kernels.py",
          "-k", " or ".join(tests)],
