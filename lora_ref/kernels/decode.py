@@ -45,7 +45,6 @@ from lora_ref.kernels import decode_reference, switch
 from lora_ref.kernels.decode_reference import Weight4bit
 from lora_ref.kernels.jit import (
     BLOCK_DOT,
-    HAS_AVX512,
     HAS_LUT16,
     PREFETCH_AHEAD,
     lut16_block_dot,
@@ -124,40 +123,24 @@ order), in groups of 8 as 4 even then 4 odd by :func:`lora_ref.kernels.jit.lut16
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
-def _dot_f32_four_sums(w, r, x):
-    """Σ_k w[r, k] · x[k]: one row of a float32 matrix against x, in four interleaved sums (each a vector
-    register wide), so consecutive multiply-adds do not wait for each other. Used with AVX-512."""
-    prefer_wide_vectors()
-    row = w[r]
-    K = U64(row.shape[0])
-    K4 = K - K % U64(4)
-    a0 = a1 = a2 = a3 = F32(0.0)
-    for k in range(U64(0), K4, U64(4)):
-        a0 += row[k] * x[k]
-        a1 += row[k + U64(1)] * x[k + U64(1)]
-        a2 += row[k + U64(2)] * x[k + U64(2)]
-        a3 += row[k + U64(3)] * x[k + U64(3)]
-    for k in range(K4, K):
-        a0 += row[k] * x[k]
-    return (a0 + a1) + (a2 + a3)
-
-
-@njit(cache=True, inline="always", fastmath=FAST)
-def _dot_f32_one_sum(w, r, x):
+def _dot_f32(w, r, x):
     """Σ_k w[r, k] · x[k] as one running sum, which ``reassoc`` lets LLVM's vectorizer split into several vector
-    accumulators itself. Used without AVX-512: for the four-sum form LLVM's AVX2 code de-interleaves the four
-    strided sums with permutes and blends and spills to the stack. On an AMD Zen 3, 2 threads, best of 10-30 calls:
-    :func:`head_step` over SmolLM2's tied head (49,152 × 576, 113 MB) 10.0 ms with four sums, 4.4 ms with one
-    (11.3 → 25.7 GB/s; OpenBLAS's sgemv 4.2-4.8 ms); the bare row loop without the RMSNorm, 20.5 → 34.9 GB/s on
-    that matrix and 10.1 → 23.8 GB/s on a 576 × 1536 one."""
+    accumulators itself. A form with four interleaved sums (so that consecutive multiply-adds do not wait for each
+    other) was slower on both CPUs measured, 2 threads:
+
+    - AMD Zen 3 (AVX2; best of 10-30 calls): LLVM's AVX2 code de-interleaved the four strided sums with permutes
+      and blends and spilled to the stack; :func:`head_step` over SmolLM2's tied head (49,152 × 576, 113 MB)
+      10.0 ms with four sums, 4.4 ms with one (11.3 → 25.7 GB/s; OpenBLAS's sgemv 4.2-4.8 ms); the bare row loop
+      without the RMSNorm, 20.5 → 34.9 GB/s on that matrix and 10.1 → 23.8 GB/s on a 576 × 1536 one.
+    - Intel Xeon with AVX-512 (where the four sums had been kept; best of 16 calls over 8 copies of that head,
+      read from memory): the bare row loop 5.1-6.0 ms with four sums, 3.8-4.2 ms with one (NumPy's sgemv
+      3.9-4.0 ms); the float32 decode step of SmolLM2, median of 64 steps, best of 5 runs, 31.4-32.2 ms against
+      25.3-25.9 ms with one sum and :func:`_dot_rows` inlined."""
     row = w[r]
     acc = F32(0.0)
     for k in range(U64(row.shape[0])):
         acc += row[k] * x[k]
     return acc
-
-
-_dot_f32 = _dot_f32_four_sums if HAS_AVX512 else _dot_f32_one_sum
 
 
 @njit(cache=True, inline="always")
@@ -233,7 +216,7 @@ def _decode_row_any(w, r, buf):
         buf[p] = w.code[c] * _scale(w, i // w.blocksize)
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, inline="always", fastmath=FAST)
 def _dot_rows_f32(w, r0, r1, x, dst):
     """dst[i] = row r0 + i of a float32 W dotted with x."""
     for r in range(r0, r1):
@@ -284,7 +267,10 @@ def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
 
 def _dot_rows(w, r0, r1, x, xs, buf, dst):
     """dst[i] = row r0 + i of W (float32 matrix or :class:`Weight4bit`) dotted with x, rows r0 … r1 − 1: one call
-    per chunk of rows. The compiled version is chosen by the weight's Numba type."""
+    per chunk of rows. The compiled version is chosen by the weight's Numba type, and inlined into the calling
+    loop, as :func:`_dot_rows_f32` is into it: called across a function boundary, the float32 rows ran about a
+    quarter slower on an Intel Xeon with AVX-512 (SmolLM2's head, bare row loop 5.1 against 3.8 ms;
+    :func:`head_step` 5.4 against 4.6 ms)."""
     if isinstance(w, Weight4bit):
         _dot_rows_4bit(w, r0, r1, x, xs, buf, dst)
     else:
@@ -297,7 +283,7 @@ def _dot_rows_typed(w, r0, r1, x, xs, buf, dst):
     return lambda w, r0, r1, x, xs, buf, dst: _dot_rows_f32(w, r0, r1, x, dst)
 
 
-overload(_dot_rows)(_dot_rows_typed)
+overload(_dot_rows, inline="always")(_dot_rows_typed)
 
 
 def _prepare(x, xs):
