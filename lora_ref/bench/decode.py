@@ -33,7 +33,13 @@ codes, ~5 G weights/s on 2 threads, not the memory, is the limit), head 11.7 ms,
 NF4 step; the Python around the compiled call is under 0.1 ms per token. Later, on a quiet 2-CPU AMD Zen 3 virtual
 machine (AVX2, no AVX-512; ``Decoder.step`` timed directly, best of 15 × 32 steps, three processes): NF4
 13.2-14.6 ms per token, of which the float32 head 3.9-4.3 ms and the layers with attention the rest; float32
-22.3-23.5 ms. A roofline ratio below 1 means the probe the rows use, ``np.sum`` (pairwise summation, ~7 GB/s
+22.3-23.5 ms. On a quiet 2-CPU Intel Xeon with AVX-512 (median of 64 steps, best of 5 runs, alternating
+processes, each pair of figures from one session of alternating runs, since the host's speed moved between them):
+NF4 15.3-17.0 ms before commit 5bd4e46 against 10.9-12.4 ms at it (the 4-bit rows prefetch their codes); later,
+5bd4e46 against 8dab331, float32 32.6-32.9 → 25.0-26.1 ms and NF4 13.9-14.2 → 11.3-12.6 ms (the float32 rows one
+running sum, inlined into the parallel loops; the float32 head alone, :func:`lora_ref.kernels.decode.head_step`,
+5.4 → 4.6 ms, NumPy's sgemv 3.9-4.0 ms).
+A roofline ratio below 1 means the probe the rows use, ``np.sum`` (pairwise summation, ~7 GB/s
 on the first machine), reads more slowly than a GEMV's streaming loads: it is a conservative bandwidth, not the
 machine's peak.
 """
