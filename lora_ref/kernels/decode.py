@@ -133,9 +133,10 @@ def _dot_f32(w, r, x):
       10.0 ms with four sums, 4.4 ms with one (11.3 → 25.7 GB/s; OpenBLAS's sgemv 4.2-4.8 ms); the bare row loop
       without the RMSNorm, 20.5 → 34.9 GB/s on that matrix and 10.1 → 23.8 GB/s on a 576 × 1536 one.
     - Intel Xeon with AVX-512 (where the four sums had been kept; best of 16 calls over 8 copies of that head,
-      read from memory): the bare row loop 5.1-6.0 ms with four sums, 3.8-4.2 ms with one (NumPy's sgemv
-      3.9-4.0 ms); the float32 decode step of SmolLM2, median of 64 steps, best of 5 runs, 31.4-32.2 ms against
-      25.3-25.9 ms with one sum and :func:`_dot_rows` inlined."""
+      read from memory): the bare row loop, either form inlined into the same parallel loop, 5.1-6.0 ms with four
+      sums, 3.8-4.2 ms with one (NumPy's sgemv 3.9-4.0 ms); the float32 decode step of SmolLM2 with
+      :func:`_dot_rows` inlined (median of 64 steps, best of 5 runs, two alternations) 31.4-32.2 ms with four sums
+      against 25.3-25.9 ms with one."""
     row = w[r]
     acc = F32(0.0)
     for k in range(U64(row.shape[0])):
@@ -269,8 +270,9 @@ def _dot_rows(w, r0, r1, x, xs, buf, dst):
     """dst[i] = row r0 + i of W (float32 matrix or :class:`Weight4bit`) dotted with x, rows r0 … r1 − 1: one call
     per chunk of rows. The compiled version is chosen by the weight's Numba type, and inlined into the calling
     loop, as :func:`_dot_rows_f32` is into it: called across a function boundary, the float32 rows ran about a
-    quarter slower on an Intel Xeon with AVX-512 (SmolLM2's head, bare row loop 5.1 against 3.8 ms;
-    :func:`head_step` 5.4 against 4.6 ms)."""
+    quarter slower on an Intel Xeon with AVX-512, with one running sum in both cases (SmolLM2's head: a parallel
+    loop calling :func:`_dot_rows_f32` 5.1 ms when it was a separate function, 3.8 ms inlined; :func:`head_step`
+    5.4 ms with this overload not inlined, 4.6 ms inlined)."""
     if isinstance(w, Weight4bit):
         _dot_rows_4bit(w, r0, r1, x, xs, buf, dst)
     else:

@@ -105,8 +105,9 @@ def _prefetch(typingctx, arr, index):
         # integer arithmetic, not a getelementptr: the address may lie past the array's end, which a prefetch may
         # name (it never faults) but an in-bounds pointer may not
         address = builder.inttoptr(builder.add(builder.ptrtoint(data, i64), offset), ir.IntType(8).as_pointer())
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), "llvm.prefetch.p0")
+        # llvmlite names the intrinsic for its own pointer type (p0i8; LLVM renames it for opaque pointers)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [address.type],
+                                              ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]))
         builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
         return context.get_dummy_value()
 
@@ -124,17 +125,20 @@ array ``arr`` (counted flat, in elements) into its caches, and go on without wai
 ``NUMBA_DISABLE_JIT=1`` it does nothing.
 
 The one-row 4-bit GEMVs (:mod:`lora_ref.quant.kernels`, :mod:`lora_ref.kernels.decode`) name the packed codes
-:data:`PREFETCH_AHEAD` bytes ahead of the block they decode, one hint per 64 bytes. Their loop does more work per
-byte than a plain read, and on an Intel Xeon with AVX-512 (a 2-CPU virtual machine) the hardware prefetchers alone
-did not keep the data coming while it worked: reading and decoding took turns (the 4096² product took 0.56 ms
-with its codes in cache and a plain read of its 8 MiB there takes about 0.5 ms; from memory it took 1.15-1.32 ms,
-about the sum). Measured there, 2 threads,
-alternating processes with and without the hint: the NF4 decode step of SmolLM2-135M (median of 64 steps, best of
-5 runs) 15.3-17.0 ms without, 10.9-12.4 ms with (1024, 2048 and 4096 bytes ahead alike, 512 gave 14.4-14.6); one
-row times a 4096 × 4096 NF4 weight read from memory (best of 15 batches of 20 calls) 1.15-1.32 ms without,
-0.75-1.17 ms with. The same hint on the float32 rows (a whole row ahead, one per 16 floats) did not measurably
-change the float32 decode step (28-31 ms either way): that loop already reads as fast as the memory delivers.
-Not measured on an AVX2-only CPU, where the one-row GEMV was compute-bound (:func:`lut16_block_dot`)."""
+:data:`PREFETCH_AHEAD` bytes ahead of the block they decode: one hint per block, or per 64 bytes of a block longer
+than that (so at blocksize 64 two hints per cache line; a hint for a line already on its way costs little). Their
+loop does more work per byte than a plain read, and on an Intel Xeon with AVX-512 (a 2-CPU virtual machine) the
+hardware prefetchers alone did not keep the data coming while it worked: reading and decoding took turns (the 4096²
+product took 0.56 ms with its codes in cache, and a plain read of its 8 MiB there takes about 0.5 ms; from memory it
+took 1.15-1.32 ms, about the sum). Measured there, 2 threads, alternating processes with and without the hint
+(figures from one session of runs; the host's speed moved by 15-30 % between sessions, so other docstrings give
+other absolute times for the same code): the NF4 decode step of SmolLM2-135M (median of 64 steps, best of 5 runs)
+15.3-17.0 ms without, 10.9-12.4 ms with (1024, 2048 and 4096 bytes ahead alike, 512 gave 14.4-14.6); one row times a
+4096 × 4096 NF4 weight read from memory (best of 15 batches of 20 calls) 1.15-1.32 ms without, 0.75-1.17 ms with.
+The same hint on the float32 rows (a whole row ahead, one per 16 floats) did not measurably change the float32
+decode step (28-31 ms either way); what held those rows back was their own loop
+(:func:`lora_ref.kernels.decode._dot_f32`). Not measured on an AVX2-only CPU, where the one-row GEMV was
+compute-bound (:func:`lut16_block_dot`)."""
 
 PREFETCH_AHEAD = 2048
 """Bytes ahead of the current block at which the one-row 4-bit GEMVs prefetch their packed codes (see
