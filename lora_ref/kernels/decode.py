@@ -45,12 +45,12 @@ from lora_ref.kernels import decode_reference, switch
 from lora_ref.kernels.decode_reference import Weight4bit
 from lora_ref.kernels.jit import (
     BLOCK_DOT,
+    FAST_MATH,
     HAS_LUT16,
-    PREFETCH_AHEAD,
     lut16_block_dot,
     lut16_fma16,
     prefer_wide_vectors,
-    prefetch,
+    prefetch_codes,
     stack_tile_f32,
     sum32,
 )
@@ -61,8 +61,6 @@ F32 = np.float32
 U64 = np.uint64
 """Inner loops index with unsigned integers: Numba wraps a negative signed index, and that check stops LLVM from
 vectorizing the loop (measured: a float32 GEMV over SmolLM2's head at 4.6 GB/s with signed, 7.3 with unsigned)."""
-FAST = {"reassoc", "contract"}
-"""Fast-math flags: reorder float32 sums (vectorized reductions) and fuse multiply-adds, nothing else."""
 ROWS_PER_CHUNK = 16
 """Output rows per parallel work item (each item decodes a 4-bit row into its own buffer)."""
 
@@ -94,7 +92,7 @@ def weight_list(items):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always", fastmath=FAST)
+@njit(cache=True, inline="always", fastmath=FAST_MATH)
 def _rms_norm(x, w, eps, out):
     """out = x · (1/√(mean(x²) + ε)) ⊙ w over one vector."""
     n = x.shape[0]
@@ -122,7 +120,7 @@ LANE_GROUP = 8 if BLOCK_DOT else 32
 order), in groups of 8 as 4 even then 4 odd by :func:`lora_ref.kernels.jit.lut16_block_dot` (``BLOCK_DOT_ORDER``)."""
 
 
-@njit(cache=True, inline="always", fastmath=FAST)
+@njit(cache=True, inline="always", fastmath=FAST_MATH)
 def _dot_f32(w, r, x):
     """Σ_k w[r, k] · x[k] as one running sum, which ``reassoc`` lets LLVM's vectorizer split into several vector
     accumulators itself. A form with four interleaved sums (so that consecutive multiply-adds do not wait for each
@@ -217,14 +215,14 @@ def _decode_row_any(w, r, buf):
         buf[p] = w.code[c] * _scale(w, i // w.blocksize)
 
 
-@njit(cache=True, inline="always", fastmath=FAST)
+@njit(cache=True, inline="always", fastmath=FAST_MATH)
 def _dot_rows_f32(w, r0, r1, x, dst):
     """dst[i] = row r0 + i of a float32 W dotted with x."""
     for r in range(r0, r1):
         dst[r - r0] = _dot_f32(w, r, x)
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST_MATH)
 def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
     """dst[i] = row r0 + i of a 4-bit W dotted with x. Rows on block boundaries take the block decoder (with
     ``xs``, x in its order), with the per-weight constants computed once and the nested scales' index advanced
@@ -254,8 +252,7 @@ def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
                         j2 += 1
                 else:
                     s = w.absmax[blk + b]
-                for j in range(0, half, 64):                           # the codes PREFETCH_AHEAD bytes on
-                    prefetch(w.packed, r * kbytes + b * half + j + PREFETCH_AHEAD)
+                prefetch_codes(w.packed, r * kbytes + b * half, half)
                 _add_block(w, r * kbytes + b * half, half, s, buf, b * bs, xs, acc)
             dst[r - r0] = _aligned_total(buf, xs, K, acc)
         else:
@@ -333,7 +330,7 @@ def _chunks(n):
     return (n + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
 
 
-@njit(cache=True, inline="always", fastmath=FAST)
+@njit(cache=True, inline="always", fastmath=FAST_MATH)
 def _attend_head(qkv, hq, G, NQ, NK, Dh, ck, cv, pos, cos, sin, scale, out):
     """Query head hq at position pos: rotate it, softmax(q · K_{0..pos} · scale) V_{0..pos} into out[hq·Dh:]."""
     half = Dh // 2
@@ -386,7 +383,7 @@ def _store_kv(qkv, NQ, NK, Dh, ck, cv, pos, cos, sin):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=True, fastmath=FAST_MATH)
 def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, scale):
     """One decoder layer in five parallel loops (see the module docstring); x, ck, cv updated in place."""
     D = x.shape[0]
@@ -459,7 +456,7 @@ def _layer(x, n1, n2, wq, wk, wv, wo, wg, wu, wd, ck, cv, pos, cos, sin, eps, sc
             x[r0 + i] += part[i]
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
+@njit(cache=True, parallel=True, fastmath=FAST_MATH)
 def _head(x, norm, eps, w, out):
     """out = W · RMSNorm(x), parallel over the V rows of the head."""
     D = x.shape[0]

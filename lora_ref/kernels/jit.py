@@ -43,9 +43,15 @@ from numba import carray, config, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["stack_tile_f32", "prefer_wide_vectors", "prefetch", "PREFETCH_AHEAD", "HAS_AVX512", "HAS_AVX2",
-           "HAS_LUT16", "lut16_decode16", "lut16_fma16", "BLOCK_DOT", "BLOCK_DOT_ORDER", "lut16_block_dot", "sum32",
-           "outer_product_f32"]
+__all__ = ["FAST_MATH", "stack_tile_f32", "prefer_wide_vectors", "prefetch", "prefetch_codes", "PREFETCH_AHEAD",
+           "HAS_AVX512", "HAS_AVX2", "HAS_LUT16", "lut16_decode16", "lut16_fma16", "BLOCK_DOT", "BLOCK_DOT_ORDER",
+           "lut16_block_dot", "sum32", "outer_product_f32"]
+
+FAST_MATH = {"reassoc", "contract"}
+"""The fast-math flags of every compiled product and sum (``njit(fastmath=FAST_MATH)``): LLVM may reorder float32
+sums (vectorized reductions) and fuse multiply-adds, nothing else. With all of its flags (``fastmath=True``) the
+one-row 4-bit product loaded from Numba's on-disk cache gave other bits than the same kernel compiled in the
+process (:mod:`lora_ref.quant.kernels`). A set, as Numba requires; not to be changed in place."""
 
 
 def stack_tile_f32(rows: int, cols: int):
@@ -143,6 +149,14 @@ compute-bound (:func:`lut16_block_dot`)."""
 PREFETCH_AHEAD = 2048
 """Bytes ahead of the current block at which the one-row 4-bit GEMVs prefetch their packed codes (see
 :func:`prefetch`)."""
+
+
+@njit(inline="always")
+def prefetch_codes(packed, byte0, nbytes):
+    """Prefetch the packed codes :data:`PREFETCH_AHEAD` bytes past the ``nbytes`` bytes from ``byte0`` that a GEMV
+    is about to decode: one hint per 64 bytes, at least one."""
+    for j in range(0, nbytes, 64):
+        prefetch(packed, byte0 + j + PREFETCH_AHEAD)
 
 
 def _host_has(feature: str) -> bool:

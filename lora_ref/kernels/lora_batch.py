@@ -19,11 +19,12 @@ from numba import njit
 
 from lora_ref.kernels import lora_batch_reference as reference
 from lora_ref.kernels import switch
+from lora_ref.kernels.jit import FAST_MATH
 
 __all__ = ["bgmv_add", "pick", "PICK"]
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, fastmath=FAST_MATH)
 def _bgmv_rows(y, x, a_stacked, bt_stacked, scale, rank, index):
     """``reassoc`` lets LLVM split each dot product into vector lanes (an order fixed by the length ``in``, the same
     for every row); ``contract`` fuses multiply-adds. The padding beyond rank r_a is skipped."""

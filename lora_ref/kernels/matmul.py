@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from lora_ref.kernels import reference, switch
-from lora_ref.kernels.jit import HAS_AVX2, HAS_AVX512, outer_product_f32, prefer_wide_vectors, stack_tile_f32
+from lora_ref.kernels.jit import FAST_MATH, HAS_AVX2, HAS_AVX512, outer_product_f32, prefer_wide_vectors, stack_tile_f32
 from lora_ref.kernels.reference import KC, MR, NR
 from lora_ref.kernels.reference import check_matmul_operands as _check_operands
 
@@ -53,9 +53,8 @@ EXPLICIT_VECTORS = HAS_AVX2 and not HAS_AVX512
 """Whether :func:`micro_kernel` runs its steps as :func:`lora_ref.kernels.jit.outer_product_f32` (AVX2 without
 AVX-512) instead of the plain loops LLVM vectorizes itself. With the explicit step each element of the tile is the
 chain of fused multiply-adds over p in order (``tests/kernels/test_kernels.py`` checks it bit for bit); with the
-plain loops, fusing and order are LLVM's choice under ``fastmath={"reassoc", "contract"}``, the only fast-math
-flags the kernels allow (see :mod:`lora_ref.quant.kernels` for why not all of them; without JIT: separate products
-and sums)."""
+plain loops, fusing and order are LLVM's choice under :data:`lora_ref.kernels.jit.FAST_MATH` (without JIT:
+separate products and sums)."""
 
 _acc_tile = stack_tile_f32(MR, NR)
 _outer_step = outer_product_f32(MR, NR, KC)
@@ -80,7 +79,7 @@ def pack_a(a):
     return ap
 
 
-@njit(cache=True, inline="always", fastmath={"reassoc", "contract"})
+@njit(cache=True, inline="always", fastmath=FAST_MATH)
 def micro_kernel(ap, bp, kc, acc):
     """acc (MR, NR) = ap[:, :kc] @ bp[:kc, :] as kc outer products; ap (MR, KC), bp (KC, NR)."""
     for i in range(MR):
@@ -111,7 +110,7 @@ def store_tile(acc, c, i0, j0, accumulate):
                 c[i0 + i, j0 + j] = acc[i, j]
 
 
-@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, parallel=True, fastmath=FAST_MATH)
 def _matmul_kernel(a, b, c):
     M, K = a.shape
     N = b.shape[1]

@@ -9,7 +9,7 @@ through compiled loops. (``pair_table`` and ``decode_4bit_into`` are helpers of 
 and so are the float32 results of the decoders: every element is the one float32 product ``code[c] · absmax``.
 The quantization and dequantization kernels use strict IEEE float32 arithmetic (no ``fastmath``), because a
 fused or reordered multiply would move values that sit on a decision threshold; the matmuls allow LLVM only to
-reorder their sums and fuse multiply-adds (``fastmath={"reassoc", "contract"}``). With all of its fast-math flags
+reorder their sums and fuse multiply-adds (:data:`lora_ref.kernels.jit.FAST_MATH`). With all of its fast-math flags
 (``fastmath=True``, as they had before) the one-row product loaded from Numba's on-disk cache gave other bits
 (about 60 % of the outputs of a 256 × 576 case, by at most 2 ulp of the largest) than the same kernel compiled in
 the process, on an Intel Xeon with AVX-512, so a fresh clone's first run and its later runs disagreed;
@@ -52,13 +52,13 @@ from numba import njit, prange
 from lora_ref.kernels import switch
 from lora_ref.kernels.jit import (
     BLOCK_DOT,
+    FAST_MATH,
     HAS_LUT16,
-    PREFETCH_AHEAD,
     lut16_block_dot,
     lut16_decode16,
     lut16_fma16,
     prefer_wide_vectors,
-    prefetch,
+    prefetch_codes,
     stack_tile_f32,
     sum32,
 )
@@ -526,16 +526,12 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
         x0 = x[0]
         for lane in range(32):
             acc[lane] = F32(0.0)
-        if BLOCK_DOT:   # AVX2: each block's partial sum scaled once, x in BLOCK_DOT_ORDER
-            for b in range(nb):
-                for j in range(b * half, (b + 1) * half, 64):      # the codes PREFETCH_AHEAD bytes on
-                    prefetch(packed, byte0 + j + PREFETCH_AHEAD)
-                lut16_block_dot(packed, byte0 + b * half, half, code, absmax[r * nb + b], x0, b * blocksize, acc)
-        else:
-            for b in range(nb):
-                for j in range(b * half, (b + 1) * half, 64):
-                    prefetch(packed, byte0 + j + PREFETCH_AHEAD)
-                s = absmax[r * nb + b]
+        for b in range(nb):
+            prefetch_codes(packed, byte0 + b * half, half)
+            s = absmax[r * nb + b]
+            if BLOCK_DOT:   # AVX2: each block's partial sum scaled once, x in BLOCK_DOT_ORDER
+                lut16_block_dot(packed, byte0 + b * half, half, code, s, x0, b * blocksize, acc)
+            else:
                 for j in range(b * half, (b + 1) * half, 16):
                     lut16_fma16(packed, byte0 + j, code, s, x0, 2 * j, acc)
         y[0, r] = sum32(acc)
@@ -567,7 +563,7 @@ def _evens_then_odds(x: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(M, K // group, group // 2, 2).transpose(0, 1, 3, 2).reshape(M, K))
 
 
-@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, parallel=True, fastmath=FAST_MATH)
 def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
     """y[m, r] = Σ_k x[m, k] · W[r, k] for few rows m: decode W row r into an L1 buffer, then dot products (on
     AVX-512 and AVX2 CPUs with one row m: decoded into running sums instead, :func:`_dot_rows_permute`).
@@ -595,7 +591,7 @@ def _rows_kernel(x, packed, absmax, pairs, code, blocksize, N, K, y):
 _acc_tile = stack_tile_f32(MR, NR)
 
 
-@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, parallel=True, fastmath=FAST_MATH)
 def _tiled_kernel(x, packed, absmax, code, blocksize, _N_w, K_w, transpose, y):
     """y = x · Wᵀ (transpose=False: x (M, K_w), y (M, N_w)) or y = x · W (transpose=True: x (M, N_w),
     y (M, K_w)) with the register-blocked matmul; each B micro-panel is decoded straight from ``packed``."""
