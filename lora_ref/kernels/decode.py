@@ -47,8 +47,7 @@ from lora_ref.kernels.jit import (
     BLOCK_DOT,
     FAST_MATH,
     HAS_LUT16,
-    lut16_block_dot,
-    lut16_fma16,
+    block_fma,
     prefer_wide_vectors,
     prefetch_codes,
     stack_tile_f32,
@@ -160,17 +159,16 @@ def _add_block_permute(w, byte0, half, s, buf, out0, xs, acc):
     """The block's weights times xs (in :data:`LANE_GROUP` order) added into the 32 running sums ``acc``: decoded
     in registers (:func:`lora_ref.kernels.jit.lut16_fma16`), never written to ``buf``. On AVX2 CPUs without
     AVX-512 the block's unscaled codes are dotted with xs and the partial sums scaled once
-    (:func:`lora_ref.kernels.jit.lut16_block_dot`, xs in its order)."""
-    if BLOCK_DOT:
-        lut16_block_dot(w.packed, byte0, half, w.code, s, xs, out0, acc)
-    else:
-        for j in range(0, half, 16):
-            lut16_fma16(w.packed, byte0 + j, w.code, s, xs, out0 + 2 * j, acc)
+    (:func:`lora_ref.kernels.jit.lut16_block_dot`, xs in its order). Both through
+    :func:`lora_ref.kernels.jit.block_fma`, which first prefetches the codes ahead."""
+    block_fma(w.packed, byte0, half, w.code, s, xs, out0, acc)
 
 
 @njit(cache=True, inline="always")
 def _add_block_table(w, byte0, half, s, buf, out0, xs, acc):
-    """The block decoded into ``buf`` (its dot product with x follows in :func:`_aligned_total_table`)."""
+    """The block decoded into ``buf`` (its dot product with x follows in :func:`_aligned_total_table`), its codes
+    prefetched ahead first."""
+    prefetch_codes(w.packed, byte0, half)
     _decode_block_table(w, byte0, half, s, buf, out0)
 
 
@@ -222,6 +220,27 @@ def _dot_rows_f32(w, r0, r1, x, dst):
         dst[r - r0] = _dot_f32(w, r, x)
 
 
+@njit(cache=True, inline="always")
+def _add_row_blocks(w, r, half, buf, xs, acc):
+    """Every block of row r (on block boundaries, ``half`` bytes per block) into the running sums ``acc`` or
+    ``buf`` (:data:`_add_block`), the nested scales' index advanced without a division per block."""
+    nb, kbytes, bs2 = w.k // w.blocksize, w.k // 2, w.blocksize2
+    offset = F32(w.offset)
+    blk = r * nb
+    j2 = blk // bs2                                                    # the nested block of this row's first block
+    rem = blk - j2 * bs2
+    for b in range(nb):
+        if w.nested:
+            s = w.code2[w.qabsmax[blk + b]] * w.absmax2[j2] + offset
+            rem += 1
+            if rem == bs2:
+                rem = 0
+                j2 += 1
+        else:
+            s = w.absmax[blk + b]
+        _add_block(w, r * kbytes + b * half, half, s, buf, 2 * half * b, xs, acc)
+
+
 @njit(cache=True, fastmath=FAST_MATH)
 def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
     """dst[i] = row r0 + i of a 4-bit W dotted with x. Rows on block boundaries take the block decoder (with
@@ -234,26 +253,14 @@ def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
     acc = _acc32()[0]                                                  # (32,) running sums, on the stack
     K, bs = w.k, w.blocksize
     aligned = K % bs == 0 and bs % 32 == 0
-    nb, half, kbytes, bs2 = K // bs, bs // 2, K // 2, w.blocksize2
-    offset = F32(w.offset)
     for r in range(r0, r1):
         if aligned:
             for lane in range(32):
                 acc[lane] = F32(0.0)
-            blk = r * nb
-            j2 = blk // bs2                                            # the nested block of this row's first block
-            rem = blk - j2 * bs2
-            for b in range(nb):
-                if w.nested:
-                    s = w.code2[w.qabsmax[blk + b]] * w.absmax2[j2] + offset
-                    rem += 1
-                    if rem == bs2:
-                        rem = 0
-                        j2 += 1
-                else:
-                    s = w.absmax[blk + b]
-                prefetch_codes(w.packed, r * kbytes + b * half, half)
-                _add_block(w, r * kbytes + b * half, half, s, buf, b * bs, xs, acc)
+            if bs == 64:        # QLoRA's blocksize as a literal: each block straight-line code (block_fma)
+                _add_row_blocks(w, r, 32, buf, xs, acc)
+            else:
+                _add_row_blocks(w, r, bs // 2, buf, xs, acc)
             dst[r - r0] = _aligned_total(buf, xs, K, acc)
         else:
             _decode_row_any(w, r, buf)

@@ -54,11 +54,9 @@ from lora_ref.kernels.jit import (
     BLOCK_DOT,
     FAST_MATH,
     HAS_LUT16,
-    lut16_block_dot,
+    block_fma,
     lut16_decode16,
-    lut16_fma16,
     prefer_wide_vectors,
-    prefetch_codes,
     stack_tile_f32,
     sum32,
 )
@@ -517,7 +515,8 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
     (decoding): the decoded weights go straight into 32 running sums (:func:`lora_ref.kernels.jit.lut16_fma16`,
     ``acc``), added up at the end (:func:`lora_ref.kernels.jit.sum32`); on AVX2 CPUs without AVX-512 each
     block's codes are dotted with x unscaled and the partial sums scaled once per block
-    (:func:`lora_ref.kernels.jit.lut16_block_dot`, x in groups of 8). Several rows: the
+    (:func:`lora_ref.kernels.jit.lut16_block_dot`, x in groups of 8); both through
+    :func:`lora_ref.kernels.jit.block_fma`, with the block size a literal for blocksize 64. Several rows: the
     buffer ``w`` holds the dequantized row and each row's dot product is one long vectorized sum."""
     nb = K // blocksize
     half = blocksize // 2                                          # bytes per block, a multiple of 16
@@ -526,14 +525,12 @@ def _dot_rows_permute(x, packed, absmax, pairs64, code, blocksize, r, K, w64, w,
         x0 = x[0]
         for lane in range(32):
             acc[lane] = F32(0.0)
-        for b in range(nb):
-            prefetch_codes(packed, byte0 + b * half, half)
-            s = absmax[r * nb + b]
-            if BLOCK_DOT:   # AVX2: each block's partial sum scaled once, x in BLOCK_DOT_ORDER
-                lut16_block_dot(packed, byte0 + b * half, half, code, s, x0, b * blocksize, acc)
-            else:
-                for j in range(b * half, (b + 1) * half, 16):
-                    lut16_fma16(packed, byte0 + j, code, s, x0, 2 * j, acc)
+        if half == 32:              # blocksize 64 (QLoRA's) as a literal: each block straight-line code
+            for b in range(nb):
+                block_fma(packed, byte0 + 32 * b, 32, code, absmax[r * nb + b], x0, 64 * b, acc)
+        else:
+            for b in range(nb):
+                block_fma(packed, byte0 + half * b, half, code, absmax[r * nb + b], x0, blocksize * b, acc)
         y[0, r] = sum32(acc)
         return
     if half == 32:  # blocksize 64 (QLoRA's): the block's two 16-byte steps written out, no inner loop
