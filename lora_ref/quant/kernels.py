@@ -53,10 +53,13 @@ from lora_ref.kernels import switch
 from lora_ref.kernels.jit import (
     BLOCK_DOT,
     FAST_MATH,
+    HAS_AVX512,
     HAS_LUT16,
     block_fma,
     lut16_decode16,
     prefer_wide_vectors,
+    rank16,
+    rank_table,
     stack_tile_f32,
     sum32,
 )
@@ -168,10 +171,42 @@ def _narrow(counts, first, stop, out):
         out[i] = np.uint8(counts[i - first])
 
 
+@njit(cache=True, inline="always")
+def _nf4_codes_plain(flat, first, stop, inv, clamp, thresholds, ranks, counts, item0):
+    """counts[i − item0] = #{t : s > t} over the 15 thresholds for i in [first, stop), s = flat[i] · inv, clamped
+    to [−1, 1] when ``clamp`` (CPU rounding)."""
+    if clamp:
+        for i in range(first, stop):
+            counts[i - item0] = _count_below(_clamp1(flat[i] * inv), thresholds, 15)
+    else:
+        for i in range(first, stop):
+            counts[i - item0] = _count_below(flat[i] * inv, thresholds, 15)
+
+
+@njit(cache=True, inline="always")
+def _nf4_codes_rank16(flat, first, stop, inv, clamp, thresholds, ranks, counts, item0):
+    """The same counts, 16 at a time by binary search (:func:`lora_ref.kernels.jit.rank16`, AVX-512; ``ranks`` the
+    thresholds' :func:`lora_ref.kernels.jit.rank_table`). ``stop − first`` must be a multiple of 16 (a whole block:
+    the block sizes are powers of two from 32)."""
+    if clamp:
+        for i in range(first, stop, 16):
+            rank16(flat, i, inv, True, ranks, counts, i - item0)
+    else:
+        for i in range(first, stop, 16):
+            rank16(flat, i, inv, False, ranks, counts, i - item0)
+
+
+_nf4_codes = _nf4_codes_rank16 if HAS_AVX512 else _nf4_codes_plain
+_CPU_NF4_RANKS = rank_table(nf4.CPU_NF4_T)
+_CUDA_NF4_RANKS = rank_table(nf4.CUDA_NF4_T)
+_NO_RANKS = np.zeros(16, np.float32)  # FP4 in both encoders: its codes are not plain ranks, no binary search
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
-def _encode_cuda_kernel(flat, absmax, blocksize, thresholds, magnitude_codes, out):
+def _encode_cuda_kernel(flat, absmax, blocksize, thresholds, ranks, magnitude_codes, out):
     """CUDA rounding, s = x · (1/absmax). NF4 (``magnitude_codes`` empty): code = #{t : s > t} over 15
-    thresholds; a zero block gives 1/0 = inf, 0 · inf = NaN, and NaN compares false: code 0. FP4: sign bit 0b1000
+    thresholds (``ranks`` their :func:`lora_ref.kernels.jit.rank_table`, for :func:`_nf4_codes` on full blocks);
+    a zero block gives 1/0 = inf, 0 · inf = NaN, and NaN compares false: code 0. FP4: sign bit 0b1000
     if s < 0 (not for −0.0 or NaN), then the magnitude code of |s| from 7 thresholds."""
     n = flat.shape[0]
     fp4 = magnitude_codes.shape[0] > 0
@@ -188,9 +223,10 @@ def _encode_cuda_kernel(flat, absmax, blocksize, thresholds, magnitude_codes, ou
                     s = flat[i] * inv
                     sign = np.int32(8) if s < 0 else np.int32(0)
                     counts[i - item0] = np.int32(magnitude_codes[_count_below(abs(s), thresholds, 7)]) | sign
+            elif stop - first == blocksize:
+                _nf4_codes(flat, first, stop, inv, False, thresholds, ranks, counts, item0)
             else:
-                for i in range(first, stop):
-                    counts[i - item0] = _count_below(flat[i] * inv, thresholds, 15)
+                _nf4_codes_plain(flat, first, stop, inv, False, thresholds, ranks, counts, item0)
         _narrow(counts, item0, item1, out)
 
 
@@ -204,10 +240,11 @@ def _clamp1(s):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, order, out):
+def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, ranks, order, out):
     """CPU rounding: s = clamp(x · (1/max(absmax, 1e-38)), −1, 1), but x / absmax in a trailing partial block;
     rank = #{m : s > m} over the 15 midpoints of the sorted table. NF4's table is in code order (``order`` is
-    empty, code = rank); for FP4 ``order`` (int32[16]) maps a rank to its code."""
+    empty, code = rank; full blocks through :func:`_nf4_codes`, ``ranks`` the midpoints'
+    :func:`lora_ref.kernels.jit.rank_table`); for FP4 ``order`` (int32[16]) maps a rank to its code."""
     n = flat.shape[0]
     per, items = _chunk_blocks(blocksize, absmax.shape[0])
     for w in prange(items):
@@ -224,8 +261,7 @@ def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, order, out):
                     for i in range(first, stop):
                         counts[i - item0] = _count_below(_clamp1(flat[i] / safe), midpoints, 15)
                 else:
-                    for i in range(first, stop):
-                        counts[i - item0] = _count_below(_clamp1(flat[i] * inv), midpoints, 15)
+                    _nf4_codes(flat, first, stop, inv, True, midpoints, ranks, counts, item0)
             else:
                 for i in range(first, stop):
                     s = flat[i] / safe if tail else flat[i] * inv
@@ -244,14 +280,14 @@ def encode_4bit(flat: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type
     out = np.empty(flat.shape[0], np.uint8)
     if rounding == "cuda":
         if quant_type == "nf4":
-            _encode_cuda_kernel(flat, absmax, blocksize, nf4.CUDA_NF4_T, _NO_CODES, out)
+            _encode_cuda_kernel(flat, absmax, blocksize, nf4.CUDA_NF4_T, _CUDA_NF4_RANKS, _NO_CODES, out)
         else:
-            _encode_cuda_kernel(flat, absmax, blocksize, nf4.CUDA_FP4_T,
+            _encode_cuda_kernel(flat, absmax, blocksize, nf4.CUDA_FP4_T, _NO_RANKS,
                                 np.asarray(nf4.CUDA_FP4_MAGNITUDE_CODES, np.uint8), out)
     elif quant_type == "nf4":
-        _encode_cpu_kernel(flat, absmax, blocksize, nf4.CPU_NF4_T, _NO_ORDER, out)
+        _encode_cpu_kernel(flat, absmax, blocksize, nf4.CPU_NF4_T, _CPU_NF4_RANKS, _NO_ORDER, out)
     else:
-        _encode_cpu_kernel(flat, absmax, blocksize, nf4.CPU_FP4_T, _FP4_ORDER, out)
+        _encode_cpu_kernel(flat, absmax, blocksize, nf4.CPU_FP4_T, _NO_RANKS, _FP4_ORDER, out)
     return out
 
 

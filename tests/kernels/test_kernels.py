@@ -150,6 +150,53 @@ def test_encode_4bit_threshold_probes(quant_type, rounding):
                                   ref.encode_4bit(x, absmax, 64, quant_type, rounding))
 
 
+@pytest.mark.skipif(not HAS_AVX512, reason="rank16 is an AVX-512 instruction sequence; this CPU or mode has none")
+@pytest.mark.parametrize("thresholds", [nf4.CPU_NF4_T, nf4.CUDA_NF4_T], ids=["cpu-midpoints", "cuda-thresholds"])
+def test_rank16_counts_the_thresholds_below(thresholds):
+    """rank16's binary search gives #{t : s > t} over the 15 thresholds (counted here one comparison at a time),
+    s = x · scale, clamped to [-1, 1] or not: on values at, and one ulp either side of, every threshold, on ±1 and
+    beyond, ±0, ±inf and NaN, at scales 1, 0.5 and 3. The NF4 encoders use it on AVX-512 CPUs."""
+    from numba import njit
+
+    from lora_ref.kernels.jit import rank16, rank_table
+
+    @njit
+    def clamped(x, scale, table, out):
+        for i in range(0, x.shape[0], 16):
+            rank16(x, i, scale, True, table, out, i)
+
+    @njit
+    def unclamped(x, scale, table, out):
+        for i in range(0, x.shape[0], 16):
+            rank16(x, i, scale, False, table, out, i)
+
+    t = np.asarray(thresholds, np.float32)
+    specials = np.array([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, np.inf, -np.inf, np.nan], np.float32)
+    x = np.concatenate([t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2)), specials])
+    x = np.concatenate([x, np.zeros(-x.size % 16, np.float32)]).astype(np.float32)
+    table = rank_table(t)
+    assert kernels._nf4_codes is kernels._nf4_codes_rank16
+    for scale in (np.float32(1), np.float32(0.5), np.float32(3)):
+        for clamp, fn in ((True, clamped), (False, unclamped)):
+            s = x * scale
+            if clamp:
+                s = np.where(s > 1, np.float32(1), np.where(s < -1, np.float32(-1), s))
+            expected = np.array([sum(1 for tk in t if v > tk) for v in s], np.int32)
+            got = np.full(x.size, -1, np.int32)
+            fn(x, scale, table, got)
+            np.testing.assert_array_equal(got, expected, err_msg=f"scale {scale}, clamp {clamp}")
+
+
+def test_rank_table_wants_15_ascending_thresholds():
+    from lora_ref.kernels.jit import rank_table
+
+    assert rank_table(nf4.CPU_NF4_T)[-1] == np.inf and rank_table(nf4.CPU_NF4_T).dtype == np.float32
+    with pytest.raises(ValueError, match="15 ascending"):
+        rank_table(nf4.CPU_NF4_T[::-1])
+    with pytest.raises(ValueError, match="15 ascending"):
+        rank_table(nf4.CPU_NF4_T[:14])
+
+
 @given(st.integers(1, MAX_N), st.data())
 def test_pack_and_unpack_nibbles(n, data):
     codes = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).integers(0, 16, n, dtype=np.uint8)
