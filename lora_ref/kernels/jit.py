@@ -31,11 +31,11 @@ it unrolls the 16-column row completely before its loop vectorizer runs and then
 an AMD Zen 3: 275-300 ms for a 1024³ product, against about 20 ms with this step); so on CPUs with AVX2 and no
 AVX-512 the micro-kernel calls this step instead (:data:`lora_ref.kernels.matmul.EXPLICIT_VECTORS`).
 
-Numba's on-disk cache (``cache=True``) checks only the timestamp of the file that defines a cached function:
+Numba's on-disk cache (``cache=True``) checks only the timestamp of the file that defines a cached function, and
 the kernels of :mod:`lora_ref.quant.kernels` and :mod:`lora_ref.kernels.decode` inline these intrinsics and
-helpers, so after an edit to this file alone a checkout with a warm cache keeps running their old machine code.
-Delete ``lora_ref/**/__pycache__/*.nbi`` and ``*.nbc`` after changing this file (a fresh clone compiles
-everything).
+helpers: on its own, an edit to this file would leave them running their old machine code. :mod:`lora_ref.kernels.cache`
+keys the cache folder by the source of every module with compiled code, so after an edit here everything compiles
+afresh.
 """
 
 from __future__ import annotations
