@@ -40,7 +40,7 @@ from lora_ref.autograd import functional as F
 from lora_ref.autograd.tensor import Tensor, no_grad
 from lora_ref.files.outputs import require_dir
 from lora_ref.modeling.llama import KVCache, Llama, rope_cos_sin
-from lora_ref.serving.bgmv import IMPLS, StackedLora, bgmv_unchecked
+from lora_ref.serving.bgmv import IMPLS, StackedLora, base_product, bgmv_unchecked
 
 __all__ = ["AdapterSet", "BatchDecoder", "PROJECTIONS", "read_peft_lora", "write_random_adapter"]
 
@@ -344,11 +344,15 @@ class BatchDecoder:
         """bgmv of layer ``name`` on the step's tokens: each token's row → that row's adapter slot in this layer.
         ``seen`` holds the step's snapshot of the packed layers and the index arrays already made."""
         stack, slots = seen["snapshot"][name]
-        idx = seen.get(id(slots))  # the snapshot keeps every slot map alive, so ids are not reused in a step
-        if idx is None:  # computed once per step for each distinct slot map (usually one or two)
+        plan = seen.get(id(slots))  # the snapshot keeps every slot map alive, so ids are not reused in a step
+        if plan is None:  # computed once per step for each distinct slot map (usually one or two)
             per_row = np.asarray([slots.get(r.adapter, -1) for r in rows], dtype=np.int64)
-            idx = seen[id(slots)] = np.repeat(per_row, counts)
-        return bgmv_unchecked(np.ascontiguousarray(x, dtype=np.float32), self._modules[name], stack, idx, self.impl)
+            plan = seen[id(slots)] = (np.repeat(per_row, counts), bool(per_row.size) and bool(per_row.max() >= 0))
+        idx, any_adapter = plan
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not any_adapter:  # no row has an adapter in this layer: the base product alone
+            return base_product(x, self._modules[name])
+        return bgmv_unchecked(x, self._modules[name], stack, idx, self.impl)
 
     def _forward(self, ids: np.ndarray, rows: list[_Row], counts: list[int]) -> np.ndarray:
         """ids (N,) = the new tokens of every row one after the other (``counts[j]`` of row j) → logits of each
