@@ -221,53 +221,66 @@ def _dot_rows_f32(w, r0, r1, x, dst):
 
 
 @njit(cache=True, inline="always")
-def _add_row_blocks(w, r, half, buf, xs, acc):
-    """Every block of row r (on block boundaries, ``half`` bytes per block) into the running sums ``acc`` or
-    ``buf`` (:data:`_add_block`), the nested scales' index advanced without a division per block."""
-    nb, kbytes, bs2 = w.k // w.blocksize, w.k // 2, w.blocksize2
+def _aligned_rows(w, r0, r1, half, nested, buf, xs, acc, dst):
+    """dst[i] = row r0 + i dotted with x for rows on block boundaries (``half`` bytes per block): every block into
+    the running sums ``acc`` or ``buf`` (:data:`_add_block`), then the row's total (:data:`_aligned_total`).
+    ``half`` and ``nested`` (``w.nested``) are literals at the call sites, so the block loop holds neither branch;
+    the nested scales' index (block j2 of the second level, rem blocks into it) is found with one division per
+    call and then advanced block by block across the rows. Before, each row paid two integer divisions (SmolLM2's
+    rows have only 9 or 24 blocks of 64) and each block a test of ``nested`` and signed-index fix-ups: the NF4
+    decode step of SmolLM2-135M (Intel Xeon with AVX-512, 2 threads, median of 64 steps, best of 5, three
+    alternating processes each) 10.8-12.7 ms before, 9.6-10.3 ms after."""
+    nb, kbytes = U64(w.k // w.blocksize), U64(w.k // 2)
+    bs2 = U64(w.blocksize2) if nested else U64(1)
     offset = F32(w.offset)
-    blk = r * nb
-    j2 = blk // bs2                                                    # the nested block of this row's first block
+    blk = U64(r0) * nb                                                 # the first block of row r
+    j2 = blk // bs2
     rem = blk - j2 * bs2
-    for b in range(nb):
-        if w.nested:
-            s = w.code2[w.qabsmax[blk + b]] * w.absmax2[j2] + offset
-            rem += 1
-            if rem == bs2:
-                rem = 0
-                j2 += 1
-        else:
-            s = w.absmax[blk + b]
-        _add_block(w, r * kbytes + b * half, half, s, buf, 2 * half * b, xs, acc)
+    for r in range(r0, r1):
+        for lane in range(32):
+            acc[lane] = F32(0.0)
+        byte0 = U64(r) * kbytes
+        for b in range(nb):
+            if nested:
+                s = w.code2[w.qabsmax[blk + b]] * w.absmax2[j2] + offset
+                rem += U64(1)
+                if rem == bs2:
+                    rem = U64(0)
+                    j2 += U64(1)
+            else:
+                s = w.absmax[blk + b]
+            _add_block(w, byte0 + b * U64(half), U64(half), s, buf, U64(2 * half) * b, xs, acc)
+        dst[r - r0] = _aligned_total(buf, xs, w.k, acc)
+        blk += nb
 
 
 @njit(cache=True, fastmath=FAST_MATH)
 def _dot_rows_4bit(w, r0, r1, x, xs, buf, dst):
     """dst[i] = row r0 + i of a 4-bit W dotted with x. Rows on block boundaries take the block decoder (with
-    ``xs``, x in its order), with the per-weight constants computed once and the nested scales' index advanced
-    without a division per block: on AVX-512 and AVX2 CPUs each block goes straight into 32 running sums
-    (:func:`_add_block_permute`: its weights, or on AVX2 without AVX-512 its unscaled codes times x, scaled once),
-    elsewhere the row is decoded into ``buf`` (L1) and summed against x. Other
-    rows decode element by element into ``buf``, then one vectorized sum."""
+    ``xs``, x in its order, :func:`_aligned_rows`): on AVX-512 and AVX2 CPUs each block goes straight into 32
+    running sums (:func:`_add_block_permute`: its weights, or on AVX2 without AVX-512 its unscaled codes times x,
+    scaled once), elsewhere the row is decoded into ``buf`` (L1) and summed against x. Other rows decode element
+    by element into ``buf``, then one vectorized sum."""
     prefer_wide_vectors()
     acc = _acc32()[0]                                                  # (32,) running sums, on the stack
     K, bs = w.k, w.blocksize
-    aligned = K % bs == 0 and bs % 32 == 0
-    for r in range(r0, r1):
-        if aligned:
-            for lane in range(32):
-                acc[lane] = F32(0.0)
-            if bs == 64:        # QLoRA's blocksize as a literal: each block straight-line code (block_fma)
-                _add_row_blocks(w, r, 32, buf, xs, acc)
+    if K % bs == 0 and bs % 32 == 0:
+        if bs == 64:        # QLoRA's blocksize as a literal: each block straight-line code (block_fma)
+            if w.nested:
+                _aligned_rows(w, r0, r1, 32, True, buf, xs, acc, dst)
             else:
-                _add_row_blocks(w, r, bs // 2, buf, xs, acc)
-            dst[r - r0] = _aligned_total(buf, xs, K, acc)
+                _aligned_rows(w, r0, r1, 32, False, buf, xs, acc, dst)
+        elif w.nested:
+            _aligned_rows(w, r0, r1, bs // 2, True, buf, xs, acc, dst)
         else:
-            _decode_row_any(w, r, buf)
-            tot = F32(0.0)
-            for k in range(U64(K)):
-                tot += buf[k] * x[k]
-            dst[r - r0] = tot
+            _aligned_rows(w, r0, r1, bs // 2, False, buf, xs, acc, dst)
+        return
+    for r in range(r0, r1):
+        _decode_row_any(w, r, buf)
+        tot = F32(0.0)
+        for k in range(U64(K)):
+            tot += buf[k] * x[k]
+        dst[r - r0] = tot
 
 
 def _dot_rows(w, r0, r1, x, xs, buf, dst):

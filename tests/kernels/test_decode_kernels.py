@@ -105,6 +105,25 @@ def test_head_step_twins(kind, D):
     np.testing.assert_allclose(o2, dense.astype(np.float64) @ h, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("K, blocksize", [(576, 64), (128, 64), (512, 128)])
+@pytest.mark.parametrize("nested", [True, False])
+def test_4bit_rows_past_many_nested_blocks(K, blocksize, nested):
+    """The head's 4-bit rows over a weight of many second-level scale blocks (256 first-level blocks each, so 600
+    rows of 576 span 21 of them): the row chunks start at every kind of place in a nested block (on its boundary,
+    inside it), and the kernel carries the nested index from row to row. Rows grow in size by 4x from first to
+    last, so a scale taken from the wrong nested block shows. Checked against the product with the dequantized
+    weight, not the twin."""
+    rng = np.random.default_rng(6)
+    N = 600
+    w = (rng.standard_normal((N, K)) * np.linspace(0.05, 0.2, N)[:, None]).astype(np.float32)
+    weight, dense = _weight4bit(w, blocksize, nested)
+    x = rng.standard_normal(K).astype(np.float32)
+    out = np.zeros(N, np.float32)
+    decode.head_step(x, np.ones(K, np.float32), 1e-5, weight, out)
+    h = x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-5)
+    np.testing.assert_allclose(out, dense.astype(np.float64) @ h, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_the_twins_4bit_weight_is_dequantize_4bit(nested):
     rng = np.random.default_rng(4)
