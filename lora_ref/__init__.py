@@ -33,12 +33,10 @@ import importlib.util
 import sys
 
 from lora_ref.heap import keep_freed_memory as _keep_freed_memory
-from lora_ref.kernels.cache import use_keyed_cache as _use_keyed_cache
 from lora_ref.threads import apply_defaults as _apply_thread_defaults
 
 _apply_thread_defaults()  # idle thread pools sleep instead of spinning (lora_ref/threads.py); before any pool starts
 _keep_freed_memory()  # freed memory stays mapped for the next step's arrays (lora_ref/heap.py)
-_use_keyed_cache()  # compiled kernels cached per version of their source (lora_ref/kernels/cache.py)
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,6 @@
   and its twin :mod:`lora_ref.kernels.lora_batch_reference`.
 - :mod:`lora_ref.kernels.blas` — large BLAS products shared out in chunks between threads (twin: ``np.matmul``).
 - :mod:`lora_ref.kernels.jit` — Numba intrinsics the kernels build on (stack tiles, wide vectors, a register table).
-- :mod:`lora_ref.kernels.cache` — Numba's on-disk cache in a folder keyed by the kernels' source (an edited helper is
-  never loaded stale from its callers' cache entries).
+- :mod:`lora_ref.kernels.cache` — Numba's on-disk cache made stale by an edit to any module of the package (an edited
+  helper is never loaded stale from its callers' cache entries); installed by :mod:`lora_ref.kernels.jit`.
 """

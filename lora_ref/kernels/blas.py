@@ -69,6 +69,7 @@ from llvmlite import ir
 from numba import config, njit, prange, types
 from numba.extending import intrinsic
 
+from lora_ref.kernels import jit  # noqa: F401  (first: installs the source-keyed Numba cache, lora_ref/kernels/cache.py)
 from lora_ref.threads import _blas_libraries, one_blas_thread
 
 __all__ = ["matmul", "matmuls", "batched_matmul", "matmul_reference", "run_parallel", "regular_product", "MIN_WORK",

@@ -33,9 +33,9 @@ AVX-512 the micro-kernel calls this step instead (:data:`lora_ref.kernels.matmul
 
 Numba's on-disk cache (``cache=True``) checks only the timestamp of the file that defines a cached function, and
 the kernels of :mod:`lora_ref.quant.kernels` and :mod:`lora_ref.kernels.decode` inline these intrinsics and
-helpers: on its own, an edit to this file would leave them running their old machine code. :mod:`lora_ref.kernels.cache`
-keys the cache folder by the source of every module with compiled code, so after an edit here everything compiles
-afresh.
+helpers: on its own, an edit to this file would leave them running their old machine code. Importing this module
+installs :mod:`lora_ref.kernels.cache`, which adds a hash of the whole package's source to every cached kernel's
+stamp, so after an edit here (or anywhere in the package) everything compiles afresh.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ import numpy as np
 from numba import carray, config, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from lora_ref.kernels import cache
+
+cache.install()  # before any kernel is defined: every module with cached kernels imports this one first
 
 __all__ = ["FAST_MATH", "stack_tile_f32", "prefer_wide_vectors", "prefetch", "prefetch_codes", "PREFETCH_AHEAD",
            "HAS_AVX512", "HAS_AVX2", "HAS_LUT16", "lut16_decode16", "lut16_fma16", "BLOCK_DOT", "BLOCK_DOT_ORDER",
@@ -517,7 +521,8 @@ def rank_table(thresholds: np.ndarray) -> np.ndarray:
     ValueError if there are not 15 of them or they are not in ascending order."""
     t = np.asarray(thresholds, np.float32)
     if t.shape != (15,) or not np.all(t[1:] >= t[:-1]):
-        raise ValueError(f"rank_table: expected 15 ascending float32 thresholds, got shape {t.shape}")
+        raise ValueError(f"rank_table: expected 15 ascending float32 thresholds, got shape {t.shape}"
+                         + ("" if t.shape != (15,) else ", not in ascending order"))
     return np.append(t, RANK_PAD).astype(np.float32)
 
 
@@ -563,7 +568,7 @@ def rank16(typingctx, x, i, scale, clamp, table, out, o):
         out_d = context.make_array(signature.args[5])(context, builder, out_v).data
         values = builder.load(builder.bitcast(builder.gep(x_d, [i_v]), v16f.as_pointer()), align=4)
         s = builder.fmul(values, _splat(builder, scale_v, 16))
-        if do_clamp:        # s > 1 → 1, s < −1 → −1, as the plain loop's two comparisons (no NaN reaches here)
+        if do_clamp:        # s > 1 → 1, s < −1 → −1, as the plain loop's two comparisons (a NaN stays NaN)
             one = ir.Constant(v16f, [1.0] * 16)
             minus_one = ir.Constant(v16f, [-1.0] * 16)
             s = builder.select(builder.fcmp_ordered(">", s, one), one, s)
@@ -596,8 +601,8 @@ def block_fma(packed, byte0, nbytes, table, scale, x, x0, acc):
     Callers pass ``nbytes`` as the literal 32 for QLoRA's blocksize of 64: inlined, the block is then straight-line
     code (one prefetch, two steps), where a block size known only at run time costs a loop for the prefetches, a
     loop for the steps and their branches on every block of 64 codes. One row times a 4096 × 4096 NF4 weight, AVX-512,
-    2 threads: 0.91-0.94 ms with the run-time size, 0.69-0.74 ms with the literal (weights read from memory;
-    0.80-0.99 against 0.55-0.63 ms with the weight in cache)."""
+    2 threads, alternating processes: 0.79-0.94 ms with the run-time size, 0.67-0.74 ms with the literal (weights
+    read from memory)."""
     prefetch_codes(packed, byte0, nbytes)
     if BLOCK_DOT:
         lut16_block_dot(packed, byte0, nbytes, table, scale, x, x0, acc)

@@ -186,8 +186,8 @@ def _nf4_codes_plain(flat, first, stop, inv, clamp, thresholds, ranks, counts, i
 @njit(cache=True, inline="always")
 def _nf4_codes_rank16(flat, first, stop, inv, clamp, thresholds, ranks, counts, item0):
     """The same counts, 16 at a time by binary search (:func:`lora_ref.kernels.jit.rank16`, AVX-512; ``ranks`` the
-    thresholds' :func:`lora_ref.kernels.jit.rank_table`). ``stop − first`` must be a multiple of 16 (a whole block:
-    the block sizes are powers of two from 32)."""
+    thresholds' :func:`lora_ref.kernels.jit.rank_table`). ``stop − first`` must be a multiple of 16 (a whole block
+    of a block size that is one; the encoders take the plain loop for other sizes, which the twins accept)."""
     if clamp:
         for i in range(first, stop, 16):
             rank16(flat, i, inv, True, ranks, counts, i - item0)
@@ -223,7 +223,7 @@ def _encode_cuda_kernel(flat, absmax, blocksize, thresholds, ranks, magnitude_co
                     s = flat[i] * inv
                     sign = np.int32(8) if s < 0 else np.int32(0)
                     counts[i - item0] = np.int32(magnitude_codes[_count_below(abs(s), thresholds, 7)]) | sign
-            elif stop - first == blocksize:
+            elif stop - first == blocksize and blocksize % 16 == 0:
                 _nf4_codes(flat, first, stop, inv, False, thresholds, ranks, counts, item0)
             else:
                 _nf4_codes_plain(flat, first, stop, inv, False, thresholds, ranks, counts, item0)
@@ -260,8 +260,10 @@ def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, ranks, order, out):
                 if tail:
                     for i in range(first, stop):
                         counts[i - item0] = _count_below(_clamp1(flat[i] / safe), midpoints, 15)
-                else:
+                elif blocksize % 16 == 0:
                     _nf4_codes(flat, first, stop, inv, True, midpoints, ranks, counts, item0)
+                else:
+                    _nf4_codes_plain(flat, first, stop, inv, True, midpoints, ranks, counts, item0)
             else:
                 for i in range(first, stop):
                     s = flat[i] / safe if tail else flat[i] * inv

@@ -109,7 +109,7 @@ def test_head_step_twins(kind, D):
 @pytest.mark.parametrize("nested", [True, False])
 def test_4bit_rows_past_many_nested_blocks(K, blocksize, nested):
     """The head's 4-bit rows over a weight of many second-level scale blocks (256 first-level blocks each, so 600
-    rows of 576 span 21 of them): the row chunks start at every kind of place in a nested block (on its boundary,
+    rows of 576 span 22 of them): the row chunks start at every kind of place in a nested block (on its boundary,
     inside it), and the kernel carries the nested index from row to row. Rows grow in size by 4x from first to
     last, so a scale taken from the wrong nested block shows. Checked against the product with the dequantized
     weight, not the twin."""

@@ -1,6 +1,9 @@
 """The Numba kernels equal their NumPy twins: bit for bit on codes, bytes and decoded floats; within the float32
 rounding bound on matmuls. The same tests run with NUMBA_DISABLE_JIT=1 (tests/kernels/test_kernels_nojit.py)."""
 
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -185,6 +188,35 @@ def test_rank16_counts_the_thresholds_below(thresholds):
             got = np.full(x.size, -1, np.int32)
             fn(x, scale, table, got)
             np.testing.assert_array_equal(got, expected, err_msg=f"scale {scale}, clamp {clamp}")
+
+
+_GUARDED_ENCODE = r"""
+import ctypes, mmap, numpy as np
+from lora_ref.quant import blockwise as ref, kernels
+libc = ctypes.CDLL(None, use_errno=True)
+page = mmap.PAGESIZE
+for bs in (8, 24, 40, 64):
+    n = 4 * bs                                                       # whole blocks only
+    buf = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(ctypes.c_void_p(addr + page), ctypes.c_size_t(page), 0) == 0   # no access past here
+    flat = np.frombuffer(buf, np.float32, count=n, offset=page - 4 * n)                 # ends at the guard page
+    flat[:] = np.random.default_rng(bs).standard_normal(n)
+    for rounding in ("cpu", "cuda"):
+        absmax = ref.absmax_blocks(flat, bs)
+        got = kernels.encode_4bit(flat, absmax, bs, "nf4", rounding)
+        assert np.array_equal(got, ref.encode_4bit(flat, absmax, bs, "nf4", rounding)), (bs, rounding)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "PROT_READ"), reason="needs POSIX mmap protections")
+def test_encode_4bit_never_reads_past_the_input_whatever_the_blocksize():
+    """The twins take any block size, not only quantize_4bit's: the NF4 encoders must not read (or write) past a
+    block whose size is no multiple of 16 (the binary search takes 16 values at a time). The input ends where a
+    page with no access begins, so a read past it kills the process; blocksizes 8, 24, 40 and 64, both roundings."""
+    run = subprocess.run([sys.executable, "-c", _GUARDED_ENCODE], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
 
 
 def test_rank_table_wants_15_ascending_thresholds():

@@ -1,9 +1,14 @@
-"""Numba's cache folder is keyed by the source of every module with compiled code (lora_ref/kernels/cache.py)."""
+"""Numba's cache goes stale when any module of the package changes (lora_ref/kernels/cache.py)."""
 
+import importlib
+import inspect
 import os
-import shutil
+import subprocess
+import sys
+import textwrap
 
 import numba
+import pytest
 
 from lora_ref.kernels import cache
 
@@ -12,62 +17,101 @@ def _tree(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "kernels").mkdir(parents=True)
     (pkg / "kernels" / "jit.py").write_text("from numba import njit\n\n@njit\ndef helper(x):\n    return x + 1\n")
-    (pkg / "kernels" / "user.py").write_text("from numba import njit\nfrom .jit import helper\n")
     (pkg / "cli.py").write_text("print('no compiled code here')\n")
     (pkg / "__pycache__").mkdir()
-    (pkg / "__pycache__" / "stale.py").write_text("import numba  # not source: skipped\n")
+    (pkg / "__pycache__" / "stale.py").write_text("# not source\n")
     return pkg
 
 
-def test_the_key_follows_every_file_that_mentions_numba_and_only_those(tmp_path):
+def test_the_key_follows_every_module_and_only_modules(tmp_path):
     pkg = _tree(tmp_path)
     key = cache.source_key(pkg)
     assert len(key) == 16 and key == cache.source_key(pkg)
 
-    (pkg / "cli.py").write_text("print('edited, still no compiled code')\n")
-    (pkg / "__pycache__" / "stale.py").write_text("import numba  # edited\n")
-    assert cache.source_key(pkg) == key                     # neither holds compiled code
+    (pkg / "__pycache__" / "stale.py").write_text("# edited, still not source\n")
+    (pkg / "notes.txt").write_text("not a module\n")
+    assert cache.source_key(pkg) == key
 
-    (pkg / "kernels" / "jit.py").write_text("from numba import njit\n\n@njit\ndef helper(x):\n    return x + 2\n")
+    (pkg / "cli.py").write_text("print('edited')\n")              # constants of any module can be compiled in
     edited = cache.source_key(pkg)
-    assert edited != key                                     # the helper another module inlines
+    assert edited != key
+    (pkg / "kernels" / "jit.py").rename(pkg / "kernels" / "intrinsics.py")
+    assert cache.source_key(pkg) != edited
 
-    shutil.move(pkg / "kernels" / "user.py", pkg / "kernels" / "caller.py")
-    assert cache.source_key(pkg) != edited                   # a renamed module too
 
-
-def test_the_folder_is_keyed_and_a_users_choice_wins(tmp_path, monkeypatch):
+def test_an_unreadable_file_does_not_stop_the_key(tmp_path):
+    """An editor's lock file (a dangling symbolic link named .#x.py) or a file removed during the walk."""
     pkg = _tree(tmp_path)
-    assert cache.cache_dir(pkg, "0123456789abcdef") == pkg / "__pycache__" / "numba-0123456789abcdef"
-    monkeypatch.setattr(cache, "cache_dir", lambda: tmp_path / "keyed" / "numba-k")
-    env = {"NUMBA_CACHE_DIR": "/somewhere/else"}
-    assert cache.use_keyed_cache(env) is None and env == {"NUMBA_CACHE_DIR": "/somewhere/else"}
-    env = {}
-    monkeypatch.setattr(numba.core.config, "CACHE_DIR", numba.core.config.CACHE_DIR)   # restored afterwards
-    monkeypatch.setattr(cache, "FOLDER", cache.FOLDER)
-    assert cache.use_keyed_cache(env) == tmp_path / "keyed" / "numba-k"
-    assert env["NUMBA_CACHE_DIR"] == str(tmp_path / "keyed" / "numba-k") == numba.core.config.CACHE_DIR
+    os.symlink(tmp_path / "nowhere", pkg / "kernels" / ".#jit.py")
+    assert len(cache.source_key(pkg)) == 16
 
 
-def test_old_folders_beyond_the_newest_few_are_removed(tmp_path):
-    parent = tmp_path / "__pycache__"
-    olds = []
-    for i in range(cache.KEEP + 2):
-        d = parent / f"numba-old{i}"
-        d.mkdir(parents=True)
-        os.utime(d, (1000 + i, 1000 + i))
-        olds.append(d)
-    current = parent / "numba-current"
-    current.mkdir()
-    cache._prune(current)
-    assert sorted(p.name for p in parent.iterdir()) == sorted(
-        ["numba-current"] + [d.name for d in olds[-cache.KEEP:]])
+def _cached_dispatchers():
+    """Every cached Numba function of every lora_ref module that defines one."""
+    found = []
+    for path in sorted(cache.PACKAGE.rglob("*.py")):
+        if "__pycache__" in path.parts or "cache=True" not in path.read_text(encoding="utf-8"):
+            continue
+        name = ".".join(path.relative_to(cache.PACKAGE.parent).with_suffix("").parts)
+        module = importlib.import_module(name)
+        found += [(name, attr, obj) for attr, obj in vars(module).items()
+                  if hasattr(getattr(obj, "_cache", None), "_impl") and inspect.getmodule(obj.py_func) is module]
+    return found
 
 
-def test_this_session_compiles_into_the_keyed_folder_or_the_users():
-    """The test session itself caches in the keyed folder of the sources it runs (make test and CI start without
-    NUMBA_CACHE_DIR), so an edited kernel helper is never loaded stale from its callers' cache entries; a folder
-    the user chose is used as it is."""
-    assert numba.core.config.CACHE_DIR == os.environ["NUMBA_CACHE_DIR"]
-    if cache.FOLDER is not None:
-        assert cache.FOLDER == cache.cache_dir() and os.environ["NUMBA_CACHE_DIR"] == str(cache.FOLDER)
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="no cache without the JIT")
+def test_every_cached_kernel_of_the_package_is_keyed():
+    dispatchers = _cached_dispatchers()                               # imports them, and so lora_ref.kernels.jit
+    assert cache.installed()
+    assert len(dispatchers) >= 20
+    key = cache.source_key()
+    for name, attr, d in dispatchers:
+        locator = d._cache._impl.locator
+        assert type(locator).__name__.startswith("LoraRefKeyed"), f"{name}.{attr}: {type(locator).__name__}"
+        assert locator.get_source_stamp()[-1] == key
+
+
+_STALE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from lora_ref.kernels import cache
+if {keyed}:
+    cache.PACKAGE = Path({root!r}) / "pkg"
+    cache._process_key.cache_clear()
+    cache.install()
+import pkg.user
+print(pkg.user.f(1))
+"""
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="no cache without the JIT")
+def test_an_edited_helper_in_another_file_is_not_loaded_stale(tmp_path):
+    """A cached function that inlines a helper from another file: after an edit to the helper's file alone, a new
+    process must run the new helper. Two runs in a package the keyed locators serve; the first compiles and saves,
+    the helper changes, the second must print the new value. (With Numba's own locators, keyed=False, the second
+    run printed the old 20.)"""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("from numba import njit\n\n@njit(inline='always')\ndef h(x):\n    return x + 1\n")
+    (pkg / "user.py").write_text(textwrap.dedent("""
+        from numba import njit
+        from pkg.helper import h
+
+        @njit(cache=True)
+        def f(x):
+            return h(x) * 10
+    """))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _STALE.format(root=str(tmp_path), keyed=True)],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-1]
+
+    assert run() == "20"
+    assert any((pkg / "__pycache__").glob("user.f-*.nbi"))           # saved in Numba's usual place
+    (pkg / "helper.py").write_text("from numba import njit\n\n@njit(inline='always')\ndef h(x):\n    return x + 2\n")
+    assert run() == "30"
