@@ -12,15 +12,18 @@ different file" and "Global variables are treated as constants" (the notes on ``
 happens, that is a trap: the tests then run the old code and pass (seen here: a deliberately wrong
 :func:`lora_ref.kernels.jit.rank16` left every encoder test green until the cache files were deleted).
 
-:func:`install` (run when ``lora_ref`` is imported, before any kernel module is) puts, in front of Numba's own cache
+:func:`install` (run when :mod:`lora_ref.kernels.jit` is imported, which every module with cached kernels imports
+before defining any) puts, in front of Numba's own cache
 locators, a keyed twin of each that takes only functions defined in this package and adds :func:`source_key` (a
 hash of every ``.py`` file of the package) to their source stamp. The cache stays where Numba puts it (the
 ``__pycache__`` beside each module, ``NUMBA_CACHE_DIR`` when set); after an edit to any module of the package the
 stamps no longer match, and every kernel compiles once more (the test suite then spends a few minutes compiling, as
 on a fresh clone). Other packages' functions and child processes are untouched: nothing goes through the
-environment. The locators are Numba's internals (``CacheImpl._locator_classes``, named ``_CacheImpl`` before 0.68):
-if they are not found nothing is installed and ``tests/kernels/test_numba_cache.py`` fails, so a Numba upgrade that
-moves them is noticed.
+environment. The list of locators is Numba's internals (``numba.core.caching.CacheImpl._locator_classes``; the
+classes in it are named with a leading underscore before Numba 0.68, which the twins' names drop): if it is not found
+nothing is installed and ``tests/kernels/test_numba_cache.py`` fails, so a Numba upgrade that moves it is noticed.
+Numba's ``NUMBA_CACHE_LOCATOR_CLASSES`` setting replaces the list altogether, and then the twins are not asked. A
+package run from a zip file has no ``.py`` files to hash, so there the key never changes.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def _keyed(locator: type) -> type:
 def _cache_impl():
     from numba.core import caching
 
-    return getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    return getattr(caching, "CacheImpl", None)
 
 
 def installed() -> bool:

@@ -31,7 +31,7 @@ it unrolls the 16-column row completely before its loop vectorizer runs and then
 an AMD Zen 3: 275-300 ms for a 1024³ product, against about 20 ms with this step); so on CPUs with AVX2 and no
 AVX-512 the micro-kernel calls this step instead (:data:`lora_ref.kernels.matmul.EXPLICIT_VECTORS`).
 
-Numba's on-disk cache (``cache=True``) checks only the timestamp of the file that defines a cached function, and
+Numba's on-disk cache (``cache=True``) checks only the source stamp of the file that defines a cached function, and
 the kernels of :mod:`lora_ref.quant.kernels` and :mod:`lora_ref.kernels.decode` inline these intrinsics and
 helpers: on its own, an edit to this file would leave them running their old machine code. Importing this module
 installs :mod:`lora_ref.kernels.cache`, which adds a hash of the whole package's source to every cached kernel's

@@ -3,6 +3,7 @@ rounding bound on matmuls. The same tests run with NUMBA_DISABLE_JIT=1 (tests/ke
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -215,7 +216,8 @@ def test_encode_4bit_never_reads_past_the_input_whatever_the_blocksize():
     """The twins take any block size, not only quantize_4bit's: the NF4 encoders must not read (or write) past a
     block whose size is no multiple of 16 (the binary search takes 16 values at a time). The input ends where a
     page with no access begins, so a read past it kills the process; blocksizes 8, 24, 40 and 64, both roundings."""
-    run = subprocess.run([sys.executable, "-c", _GUARDED_ENCODE], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _GUARDED_ENCODE], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
 
 

@@ -59,16 +59,35 @@ def _cached_dispatchers():
     return found
 
 
+_KEYED_IN_A_FRESH_PROCESS = """
+import importlib, inspect, json, sys
+module = importlib.import_module(sys.argv[1])           # the first lora_ref kernel module this process imports
+found = [(attr, type(obj._cache._impl.locator).__name__, obj._cache._impl.locator.get_source_stamp()[-1])
+         for attr, obj in vars(module).items()
+         if hasattr(getattr(obj, "_cache", None), "_impl") and inspect.getmodule(obj.py_func) is module]
+print(json.dumps(found))
+"""
+
+
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="no cache without the JIT")
 def test_every_cached_kernel_of_the_package_is_keyed():
-    dispatchers = _cached_dispatchers()                               # imports them, and so lora_ref.kernels.jit
-    assert cache.installed()
-    assert len(dispatchers) >= 20
+    """Each module with cached kernels, imported first in a fresh process (so no other module has installed the
+    keyed locators for it), gives every one of its cached kernels a keyed locator, stamped with the package's key."""
+    import json
+
+    modules = sorted({name for name, _, _ in _cached_dispatchers()})
+    assert cache.installed() and len(modules) >= 6
     key = cache.source_key()
-    for name, attr, d in dispatchers:
-        locator = d._cache._impl.locator
-        assert type(locator).__name__.startswith("LoraRefKeyed"), f"{name}.{attr}: {type(locator).__name__}"
-        assert locator.get_source_stamp()[-1] == key
+    total = 0
+    for name in modules:
+        run = subprocess.run([sys.executable, "-c", _KEYED_IN_A_FRESH_PROCESS, name], capture_output=True, text=True,
+                             cwd=cache.PACKAGE.parent, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        for attr, locator, stamp_key in json.loads(run.stdout.strip().splitlines()[-1]):
+            assert locator.startswith("LoraRefKeyed"), f"{name}.{attr}: {locator}"
+            assert stamp_key == key, f"{name}.{attr}"
+            total += 1
+    assert total >= 20
 
 
 _STALE = """
@@ -90,7 +109,7 @@ def test_an_edited_helper_in_another_file_is_not_loaded_stale(tmp_path):
     """A cached function that inlines a helper from another file: after an edit to the helper's file alone, a new
     process must run the new helper. Two runs in a package the keyed locators serve; the first compiles and saves,
     the helper changes, the second must print the new value. (With Numba's own locators, keyed=False, the second
-    run printed the old 20.)"""
+    run printed the old 20 in place of 230.)"""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -104,6 +123,7 @@ def test_an_edited_helper_in_another_file_is_not_loaded_stale(tmp_path):
             return h(x) * 10
     """))
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"      # Python's own .pyc of the helper would be as stale within a second
 
     def run():
         out = subprocess.run([sys.executable, "-c", _STALE.format(root=str(tmp_path), keyed=True)],
@@ -113,5 +133,5 @@ def test_an_edited_helper_in_another_file_is_not_loaded_stale(tmp_path):
 
     assert run() == "20"
     assert any((pkg / "__pycache__").glob("user.f-*.nbi"))           # saved in Numba's usual place
-    (pkg / "helper.py").write_text("from numba import njit\n\n@njit(inline='always')\ndef h(x):\n    return x + 2\n")
-    assert run() == "30"
+    (pkg / "helper.py").write_text("from numba import njit\n\n@njit(inline='always')\ndef h(x):\n    return x + 22\n")
+    assert run() == "230"
