@@ -529,12 +529,13 @@ def rank_table(thresholds: np.ndarray) -> np.ndarray:
 @intrinsic
 def rank16(typingctx, x, i, scale, clamp, table, out, o):
     """Sixteen 4-bit codes by binary search in a register (AVX-512): for j < 16, with ``s = x[i + j] · scale``
-    (one float32 product; clamped to [−1, 1] when the literal ``clamp`` is True)::
+    (one float32 product)::
 
         out[o + j] = #{k : s > table[k]}        (an int32 from 0 to 15)
 
-    for a :func:`rank_table` (15 ascending thresholds and +inf), so a NaN counts 0 (it compares false) and +inf 15,
-    as the 15 comparisons of the encoders' plain loop count them.
+    for a :func:`rank_table` (15 ascending thresholds and +inf), so +inf counts 15 and a NaN 0 (it compares false),
+    as the 15 comparisons of the CUDA rounding's plain loop count them. With the literal ``clamp`` True (bitsandbytes'
+    CPU rounding) s is first clamped to [−1, 1], and a NaN counts 15, as ``torch.bucketize`` ranks it.
 
     The plain loop compares each value with all 15 thresholds. On AVX-512, LLVM makes each comparison a compare into
     a mask register, a move of the mask into a vector and a subtraction: two of the three run only on one execution
@@ -583,6 +584,8 @@ def rank16(typingctx, x, i, scale, clamp, table, out, o):
             probe = builder.add(idx, ir.Constant(v16i, [step - 1] * 16))
             above = builder.fcmp_ordered(">", s, builder.call(permute, [table16, probe]))
             idx = builder.add(idx, builder.select(above, ir.Constant(v16i, [step] * 16), zero))
+        if do_clamp:        # torch.bucketize puts a NaN after every boundary
+            idx = builder.select(builder.fcmp_unordered("uno", s, s), ir.Constant(v16i, [15] * 16), idx)
         builder.store(idx, builder.bitcast(builder.gep(out_d, [o_v]), v16i.as_pointer()), align=4)
         return context.get_dummy_value()
 

@@ -175,11 +175,11 @@ def _narrow(counts, first, stop, out):
 
 @njit(cache=True, inline="always")
 def _nf4_codes_plain(flat, first, stop, inv, clamp, thresholds, ranks, counts, item0):
-    """counts[i − item0] = #{t : s > t} over the 15 thresholds for i in [first, stop), s = flat[i] · inv, clamped
-    to [−1, 1] when ``clamp`` (CPU rounding)."""
+    """counts[i − item0] = #{t : s > t} over the 15 thresholds for i in [first, stop), s = flat[i] · inv; with
+    ``clamp`` (CPU rounding) s is clamped to [−1, 1] and a NaN counts 15 (:func:`_count_below_cpu`), else 0."""
     if clamp:
         for i in range(first, stop):
-            counts[i - item0] = _count_below(_clamp1(flat[i] * inv), thresholds, 15)
+            counts[i - item0] = _count_below_cpu(flat[i] * inv, thresholds)
     else:
         for i in range(first, stop):
             counts[i - item0] = _count_below(flat[i] * inv, thresholds, 15)
@@ -233,6 +233,16 @@ def _encode_cuda_kernel(flat, absmax, blocksize, thresholds, ranks, magnitude_co
 
 
 @njit(cache=True, inline="always")
+def _count_below_cpu(s, midpoints):
+    """The CPU rounding's code of a scaled value s: clamped to [−1, 1], then #{m : s > m} over the 15 midpoints,
+    and 15 for a NaN (``torch.bucketize``, which bitsandbytes' CPU path calls, sorts NaN after every boundary; a NaN
+    anywhere in a block makes its absmax, and so the whole block, NaN)."""
+    if s != s:
+        return np.int32(15)
+    return _count_below(_clamp1(s), midpoints, 15)
+
+
+@njit(cache=True, inline="always")
 def _clamp1(s):
     if s > F32(1.0):
         return F32(1.0)
@@ -244,7 +254,7 @@ def _clamp1(s):
 @njit(cache=True, parallel=True, error_model="numpy")
 def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, ranks, order, out):
     """CPU rounding: s = clamp(x · (1/max(absmax, 1e-38)), −1, 1), but x / absmax in a trailing partial block;
-    rank = #{m : s > m} over the 15 midpoints of the sorted table. NF4's table is in code order (``order`` is
+    rank = #{m : s > m} over the 15 midpoints of the sorted table, 15 for a NaN (``torch.bucketize``). NF4's table is in code order (``order`` is
     empty, code = rank; full blocks through :func:`_nf4_codes`, ``ranks`` the midpoints'
     :func:`lora_ref.kernels.jit.rank_table`); for FP4 ``order`` (int32[16]) maps a rank to its code."""
     n = flat.shape[0]
@@ -255,13 +265,14 @@ def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, ranks, order, out):
         b0, b1, item0, item1 = _chunk_range(w, per, blocksize, absmax.shape[0], n)
         for b in range(b0, b1):
             first, stop = _block_range(b, blocksize, n)
-            safe = max(absmax[b], _CPU_MIN_ABSMAX)
+            # max(absmax, 1e-38) as np.maximum: a NaN absmax stays NaN (Python's max would depend on the order)
+            safe = _CPU_MIN_ABSMAX if absmax[b] < _CPU_MIN_ABSMAX else absmax[b]
             inv = F32(1.0) / safe
             tail = stop - first < blocksize                        # the partial tail block divides
             if order.shape[0] == 0:
                 if tail:
                     for i in range(first, stop):
-                        counts[i - item0] = _count_below(_clamp1(flat[i] / safe), midpoints, 15)
+                        counts[i - item0] = _count_below_cpu(flat[i] / safe, midpoints)
                 elif blocksize % 16 == 0:
                     _nf4_codes(flat, first, stop, inv, True, midpoints, ranks, counts, item0)
                 else:
@@ -269,7 +280,7 @@ def _encode_cpu_kernel(flat, absmax, blocksize, midpoints, ranks, order, out):
             else:
                 for i in range(first, stop):
                     s = flat[i] / safe if tail else flat[i] * inv
-                    counts[i - item0] = order[_count_below(_clamp1(s), midpoints, 15)]
+                    counts[i - item0] = order[_count_below_cpu(s, midpoints)]
         _narrow(counts, item0, item1, out)
 
 

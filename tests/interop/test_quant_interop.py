@@ -95,6 +95,25 @@ def test_quantize_4bit_matches_bitsandbytes_cpu(seed):
         assert np.array_equal(ours32, cpp)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_blocks_holding_nan_encode_as_bitsandbytes_cpu(quant_type):
+    """quantize_4bit refuses NaN, but its steps take it: the encoder twins (readable and compiled) must give a block
+    that holds a NaN the codes bitsandbytes' CPU path gives it (its absmax is NaN, torch.bucketize ranks every value
+    of the block last), in a full block and in the partial tail, and leave the clean blocks alone."""
+    from lora_ref.quant import kernels, steps
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(64 * 3 + 40).astype(np.float32)
+    x[70] = np.nan
+    x[64 * 3 + 5] = np.nan
+    pk, st = F.quantize_4bit(torch.from_numpy(x.copy()), blocksize=64, quant_type=quant_type)
+    absmax = steps.absmax_blocks(x, 64)
+    assert np.array_equal(np.isnan(absmax), np.isnan(st.absmax.numpy()))
+    for twin in (steps, kernels):
+        codes = twin.encode_4bit(x, absmax, 64, quant_type, "cpu")
+        assert np.array_equal(steps.pack_nibbles(codes), pk.numpy().reshape(-1)), twin.__name__
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_double_quant_matches_bitsandbytes_cpu(seed):
     x, blocksize, quant_type = random_case(100 + seed)

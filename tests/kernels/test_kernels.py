@@ -154,12 +154,32 @@ def test_encode_4bit_threshold_probes(quant_type, rounding):
                                   ref.encode_4bit(x, absmax, 64, quant_type, rounding))
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("rounding", ["cuda", "cpu"])
+def test_encode_4bit_blocks_holding_nan_match_the_twin(quant_type, rounding):
+    """A NaN makes its block's absmax NaN. bitsandbytes' CPU path then ranks every value of the block after the last
+    midpoint (torch.bucketize sorts NaN last: every code 15 for NF4, bytes 0xFF); its CUDA path compares, and NaN
+    compares false (code 0). The kernels must give the twin's codes in full blocks, in the partial tail block and
+    in a clean block beside them."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(64 * 3 + 40).astype(np.float32)      # three full blocks and a tail of 40
+    x[70] = np.nan                                               # block 1
+    x[64 * 3 + 5] = np.nan                                       # the tail block
+    absmax = ref.absmax_blocks(x, 64)
+    assert np.isnan(absmax[1]) and np.isnan(absmax[3]) and np.isfinite(absmax[[0, 2]]).all()
+    expected = ref.encode_4bit(x, absmax, 64, quant_type, rounding)
+    np.testing.assert_array_equal(kernels.encode_4bit(x, absmax, 64, quant_type, rounding), expected)
+    if rounding == "cpu" and quant_type == "nf4":
+        assert (expected[64:128] == 15).all() and (expected[192:] == 15).all()
+
+
 @pytest.mark.skipif(not HAS_AVX512, reason="rank16 is an AVX-512 instruction sequence; this CPU or mode has none")
 @pytest.mark.parametrize("thresholds", [nf4.CPU_NF4_T, nf4.CUDA_NF4_T], ids=["cpu-midpoints", "cuda-thresholds"])
 def test_rank16_counts_the_thresholds_below(thresholds):
     """rank16's binary search gives #{t : s > t} over the 15 thresholds (counted here one comparison at a time),
     s = x · scale, clamped to [-1, 1] or not: on values at, and one ulp either side of, every threshold, on ±1 and
-    beyond, ±0, ±inf and NaN, at scales 1, 0.5 and 3. The NF4 encoders use it on AVX-512 CPUs."""
+    beyond, ±0, ±inf and NaN (15 when clamped, as torch.bucketize ranks it; 0 otherwise), at scales 1, 0.5 and 3.
+    The NF4 encoders use it on AVX-512 CPUs."""
     from numba import njit
 
     from lora_ref.kernels.jit import rank16, rank_table
@@ -185,7 +205,8 @@ def test_rank16_counts_the_thresholds_below(thresholds):
             s = x * scale
             if clamp:
                 s = np.where(s > 1, np.float32(1), np.where(s < -1, np.float32(-1), s))
-            expected = np.array([sum(1 for tk in t if v > tk) for v in s], np.int32)
+            expected = np.array([15 if clamp and np.isnan(v) else sum(1 for tk in t if v > tk) for v in s],
+                                np.int32)
             got = np.full(x.size, -1, np.int32)
             fn(x, scale, table, got)
             np.testing.assert_array_equal(got, expected, err_msg=f"scale {scale}, clamp {clamp}")
