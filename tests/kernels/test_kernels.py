@@ -154,23 +154,28 @@ def test_encode_4bit_threshold_probes(quant_type, rounding):
                                   ref.encode_4bit(x, absmax, 64, quant_type, rounding))
 
 
+@pytest.mark.parametrize("blocksize", [64, 40])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("rounding", ["cuda", "cpu"])
-def test_encode_4bit_blocks_holding_nan_match_the_twin(quant_type, rounding):
+def test_encode_4bit_blocks_holding_nan_or_inf_match_the_twin(blocksize, quant_type, rounding):
     """A NaN makes its block's absmax NaN. bitsandbytes' CPU path then ranks every value of the block after the last
     midpoint (torch.bucketize sorts NaN last: every code 15 for NF4, bytes 0xFF); its CUDA path compares, and NaN
-    compares false (code 0). The kernels must give the twin's codes in full blocks, in the partial tail block and
-    in a clean block beside them."""
+    compares false (code 0). An inf makes the absmax inf: the other values scale to 0, the inf itself to inf · 0 =
+    NaN (or inf / inf in the tail). The kernels must give the twin's codes in full blocks, in the partial tail block
+    and in clean blocks beside them; blocksize 64 takes the binary search on AVX-512 CPUs, 40 the plain loop."""
     rng = np.random.default_rng(9)
-    x = rng.standard_normal(64 * 3 + 40).astype(np.float32)      # three full blocks and a tail of 40
-    x[70] = np.nan                                               # block 1
-    x[64 * 3 + 5] = np.nan                                       # the tail block
-    absmax = ref.absmax_blocks(x, 64)
-    assert np.isnan(absmax[1]) and np.isnan(absmax[3]) and np.isfinite(absmax[[0, 2]]).all()
-    expected = ref.encode_4bit(x, absmax, 64, quant_type, rounding)
-    np.testing.assert_array_equal(kernels.encode_4bit(x, absmax, 64, quant_type, rounding), expected)
+    bs = blocksize
+    x = rng.standard_normal(bs * 4 + 24).astype(np.float32)      # four full blocks and a tail of 24
+    x[bs + 6] = np.nan                                           # block 1
+    x[3 * bs + 2] = -np.inf                                      # block 3
+    x[4 * bs + 5] = np.nan                                       # the tail block
+    x[4 * bs + 7] = np.inf
+    absmax = ref.absmax_blocks(x, bs)
+    assert np.isnan(absmax[[1, 4]]).all() and np.isinf(absmax[3]) and np.isfinite(absmax[[0, 2]]).all()
+    expected = ref.encode_4bit(x, absmax, bs, quant_type, rounding)
+    np.testing.assert_array_equal(kernels.encode_4bit(x, absmax, bs, quant_type, rounding), expected)
     if rounding == "cpu" and quant_type == "nf4":
-        assert (expected[64:128] == 15).all() and (expected[192:] == 15).all()
+        assert (expected[bs:2 * bs] == 15).all() and (expected[4 * bs:] == 15).all() and expected[3 * bs + 2] == 15
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="rank16 is an AVX-512 instruction sequence; this CPU or mode has none")
